@@ -1,0 +1,232 @@
+"""One env-driven settings module.
+
+With no environment the system runs on SQLite in ./var with the ORM broker; every
+knob below has an environment variable (README, "Configuration"). Bad values fail
+at start with ImproperlyConfigured naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+from config.env import (
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+    parse_database_url,
+    sqlite_database,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("VAR_DIR", str(BASE_DIR / "var")))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_key() -> str:
+    key = env_str("DJANGO_SECRET_KEY")
+    if key:
+        if len(key) < 32:
+            raise ImproperlyConfigured("DJANGO_SECRET_KEY must be at least 32 characters")
+        return key
+    # Out of the box: one generated key shared by every process of this checkout
+    # (web, supervisor and django-q2 workers must agree: jobs are signed with it).
+    path = VAR_DIR / "secret_key"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(secrets.token_urlsafe(50))
+        os.replace(tmp, path)
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("DJANGO_DEBUG", False)
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
+
+# Key for secrets at rest (instance passwords, provider tokens). Any string; it is
+# stretched into a Fernet key. Defaults to SECRET_KEY so a demo works out of the box;
+# production sets its own and keeps it when rotating SECRET_KEY.
+SECRETS_KEY = env_str("SECRETS_KEY") or SECRET_KEY
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.humanize",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "django_filters",
+    "drf_spectacular",
+    "django_q",
+    "tasks",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- database -------------------------------------------------------------------
+_database_url = env_str("DATABASE_URL")
+if _database_url:
+    DATABASES = {"default": parse_database_url(_database_url, BASE_DIR)}
+else:
+    DATABASES = {"default": sqlite_database(str(VAR_DIR / "db.sqlite3"))}
+IS_MYSQL = DATABASES["default"]["ENGINE"].endswith("mysql")
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+LOGIN_URL = "/admin/login/"
+
+# --- REST framework ---------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_FILTER_BACKENDS": [
+        "django_filters.rest_framework.DjangoFilterBackend",
+        "rest_framework.filters.OrderingFilter",
+    ],
+    "DEFAULT_PAGINATION_CLASS": "tasks.api.pagination.PageNumberPagination",
+    "PAGE_SIZE": 20,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "tasks.api.errors.exception_handler",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Cloud-host task system API",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+# --- task system ------------------------------------------------------------------
+# Lease: a running task's worker renews it every TASK_HEARTBEAT_SECONDS; recovery
+# acts only once it is TASK_LEASE_SECONDS old. Worst-case detection of a dead
+# worker: TASK_LEASE_SECONDS + TASK_SWEEP_SECONDS.
+TASK_LEASE_SECONDS = env_float("TASK_LEASE_SECONDS", 15.0, minimum=1.0)
+TASK_HEARTBEAT_SECONDS = env_float("TASK_HEARTBEAT_SECONDS", 3.0, minimum=0.1)
+TASK_CANCEL_POLL_SECONDS = env_float("TASK_CANCEL_POLL_SECONDS", 0.5, minimum=0.05, maximum=5.0)
+TASK_DISPATCH_TIMEOUT_SECONDS = env_float("TASK_DISPATCH_TIMEOUT_SECONDS", 30.0, minimum=1.0)
+TASK_HARD_KILL_GRACE_SECONDS = env_int("TASK_HARD_KILL_GRACE_SECONDS", 10, minimum=1)
+TASK_SWEEP_SECONDS = env_float("TASK_SWEEP_SECONDS", 1.0, minimum=0.1)
+TASK_SHUTDOWN_GRACE_SECONDS = env_float("TASK_SHUTDOWN_GRACE_SECONDS", 5.0, minimum=0.0)
+TASK_PROGRESS_MIN_INTERVAL = env_float("TASK_PROGRESS_MIN_INTERVAL", 0.25, minimum=0.0)
+TASK_MAX_TIMEOUT_SECONDS = env_int("TASK_MAX_TIMEOUT_SECONDS", 86400, minimum=60)
+if TASK_HEARTBEAT_SECONDS * 2 > TASK_LEASE_SECONDS:
+    raise ImproperlyConfigured(
+        "TASK_HEARTBEAT_SECONDS must be at most half of TASK_LEASE_SECONDS, "
+        f"got {TASK_HEARTBEAT_SECONDS} and {TASK_LEASE_SECONDS}"
+    )
+# Scale of the simulated provider's delays: 1.0 is realistic (create ~30 s), tests use ~0.01.
+SIMULATED_SPEED = env_float("SIMULATED_SPEED", 1.0, minimum=0.0)
+# Name of this worker machine (several machines: give each its own).
+WORKER_NODE = env_str("WORKER_NODE") or os.uname().nodename
+# Which providers this machine's worker tier serves: empty = all; else names or ids.
+WORKER_PROVIDERS = env_list("WORKER_PROVIDERS")
+
+# --- django-q2 ----------------------------------------------------------------------
+# A queue is a django-q2 cluster name. The run_workers supervisor starts one
+# qcluster per provider with Q_CLUSTER_NAME=provider-<id> and Q_CLUSTER_WORKERS=<n>;
+# ALT_CLUSTERS is built for that one name here because django-q2 reads it at import.
+Q_BROKER = env_choice("Q_BROKER", "orm", ("orm", "redis"))
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+_q_cluster_name = env_str("Q_CLUSTER_NAME")
+_q_workers = env_int("Q_CLUSTER_WORKERS", 1, minimum=1, maximum=256)
+Q_CLUSTER = {
+    "name": "cloudhost",
+    "workers": _q_workers,
+    "recycle": 500,
+    # Per job: the task's own timeout + TASK_HARD_KILL_GRACE_SECONDS; this is the ceiling.
+    "timeout": TASK_MAX_TIMEOUT_SECONDS + TASK_HARD_KILL_GRACE_SECONDS,
+    # Re-delivery of an unacknowledged job must come after any hard timeout, or a
+    # running job would be handed out twice (a no-op for us, but wasted).
+    "retry": TASK_MAX_TIMEOUT_SECONDS + 2 * TASK_HARD_KILL_GRACE_SECONDS + 60,
+    "max_attempts": 1,
+    "ack_failures": True,
+    "save_limit": -1 if env_bool("Q_SAVE_RESULTS", False) is False else 100,
+    "queue_limit": max(2, _q_workers),
+    "poll": env_float("Q_POLL_SECONDS", 0.05, minimum=0.01),
+    "catch_up": False,
+    "label": "Background jobs",
+    "ALT_CLUSTERS": {},
+}
+if _q_cluster_name:
+    Q_CLUSTER["ALT_CLUSTERS"][_q_cluster_name] = {"workers": _q_workers, "queue_limit": max(2, _q_workers)}
+if Q_BROKER == "orm":
+    Q_CLUSTER["orm"] = "default"
+else:
+    Q_CLUSTER["redis"] = REDIS_URL
+
+# --- caches ---------------------------------------------------------------------------
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+SILENCED_SYSTEM_CHECKS = ["models.W037"]  # MariaDB: django_q's partial index is created plain
+
+# --- logging -----------------------------------------------------------------------------
+LOG_LEVEL = env_choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+        "django-q": {"level": env_choice("Q_LOG_LEVEL", "warning", ("debug", "info", "warning", "error")).upper()},
+    },
+}
+
+# --- quotas -------------------------------------------------------------------------------
+DEFAULT_QUOTA_INSTANCES = env_int("DEFAULT_QUOTA_INSTANCES", 10, minimum=0)
+DEFAULT_QUOTA_CPU = env_int("DEFAULT_QUOTA_CPU", 16, minimum=0)
+DEFAULT_QUOTA_MEMORY_MB = env_int("DEFAULT_QUOTA_MEMORY_MB", 32768, minimum=0)
+DEFAULT_QUOTA_DISK_MB = env_int("DEFAULT_QUOTA_DISK_MB", 512000, minimum=0)
+# How long a new password stays readable (once) through the API.
+PASSWORD_READ_WINDOW_SECONDS = env_int("PASSWORD_READ_WINDOW_SECONDS", 3600, minimum=60)

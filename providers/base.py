@@ -1,0 +1,277 @@
+"""The driver contract: one method per operation, a cancel token, a progress
+callback and typed errors. Drivers do I/O only: no ORM imports in providers/.
+
+Every method is idempotent ("ensure"): asking for the state the guest is already
+in is success, so a step repeated after a crash or a retry converges.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+# --------------------------------------------------------------------------- errors
+
+
+class ProviderError(Exception):
+    """Base of every driver error. ``retryable`` tells the task layer whether to try again."""
+
+    retryable = False
+    ambiguous = False
+
+    def __init__(self, message: str, *, op: str = "", remote_status: int | None = None, remote_message: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.op = op
+        self.remote_status = remote_status
+        self.remote_message = remote_message
+
+
+class RetryableError(ProviderError):
+    """Transient: connection reset, timeouts, 502/503/504, a lock held on the host."""
+
+    retryable = True
+
+
+class PermanentError(ProviderError):
+    """Will fail again the same way: bad request, auth, unsupported, not enough space."""
+
+
+class AuthError(PermanentError):
+    pass
+
+
+class NotFoundError(PermanentError):
+    """The guest (or other object) does not exist. Success for delete."""
+
+
+class ConflictError(PermanentError):
+    """Exists with a different definition; a port already bound."""
+
+
+class UnsupportedError(PermanentError):
+    pass
+
+
+class AmbiguousOutcome(ProviderError):
+    """A mutation may or may not have happened (transport error after sending it).
+
+    The task layer reconciles with ``get_state`` before deciding.
+    """
+
+    ambiguous = True
+    retryable = True
+
+
+class OperationCancelled(Exception):
+    """Raised at a safe point when the cancel token is set. ``reason`` says why."""
+
+    def __init__(self, reason: str = "cancelled"):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------- cancel token
+
+CANCEL_USER = "cancelled"
+CANCEL_TIMEOUT = "timeout"
+CANCEL_LEASE_LOST = "lease_lost"
+CANCEL_SHUTDOWN = "shutdown"
+
+
+class CancelToken:
+    """Thread-safe cancel flag shared by the worker's heartbeat and the operation.
+
+    The operation calls ``raise_if_cancelled()`` at safe points and uses
+    ``sleep()`` (which wakes at once on cancel) instead of ``time.sleep``.
+    """
+
+    def __init__(self, deadline: float | None = None):
+        self._event = threading.Event()
+        self.reason = ""
+        self.deadline = deadline  # time.monotonic() value, or None
+
+    def cancel(self, reason: str = CANCEL_USER) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        if not self._event.is_set() and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.cancel(CANCEL_TIMEOUT)
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancelled:
+            raise OperationCancelled(self.reason)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep up to ``seconds``; return early (and raise) when cancelled."""
+        if seconds > 0:
+            limit = seconds
+            if self.deadline is not None:
+                limit = max(0.0, min(limit, self.deadline - time.monotonic()))
+            self._event.wait(limit)
+        self.raise_if_cancelled()
+
+    def remaining(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+
+ProgressCallback = Callable[[int, str], None]
+
+
+def no_progress(percent: int, message: str) -> None:
+    return None
+
+
+# ------------------------------------------------------------------ value types
+
+
+@dataclass
+class GuestSpec:
+    """What to create. ``name`` is deterministic (vps-<uuid>), so a retry finds it."""
+
+    name: str
+    instance_type: str  # container | vm
+    image: str
+    cpu: int
+    memory_mb: int
+    disk_mb: int
+    bandwidth_mbps: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    ref: dict[str, Any] = field(default_factory=dict)  # pre-reserved native handle (e.g. Proxmox vmid)
+
+
+@dataclass
+class PortSpec:
+    """A host -> guest mapping. ``handle`` names it on the provider (deterministic)."""
+
+    protocol: str  # tcp | udp (callers split "both" into two specs)
+    host_port_start: int
+    host_port_end: int
+    guest_port_start: int
+    guest_port_end: int
+    listen_ip: str = "0.0.0.0"
+
+    @property
+    def handle(self) -> str:
+        if self.host_port_start == self.host_port_end:
+            return f"pm-{self.protocol}-{self.host_port_start}"
+        return f"pm-{self.protocol}-{self.host_port_start}-{self.host_port_end}"
+
+
+@dataclass
+class GuestState:
+    """What the provider says about a guest. ``status`` uses tasks.states.InstanceStatus values."""
+
+    exists: bool
+    status: str = "unknown"  # running | stopped | unknown (and creating/deleting while busy)
+    addresses: list[str] = field(default_factory=list)
+    ref: dict[str, Any] = field(default_factory=dict)
+    ports: list[PortSpec] = field(default_factory=list)
+
+
+@dataclass
+class Capabilities:
+    instance_types: tuple[str, ...] = ("container",)
+    live_port_mapping: bool = True
+    password_methods: tuple[str, ...] = ()
+    native_rebuild: bool = False
+    remote_cancel: bool = False
+
+
+@dataclass
+class ServerInfo:
+    version: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------- contract
+
+
+class Driver(Protocol):
+    """One per provider, built from its connection settings and decrypted secrets.
+
+    ``guest`` arguments are the GuestSpec (create/reset) or the ref dict returned
+    by create (everything else; name included), so drivers stay stateless.
+    """
+
+    def server_info(self) -> ServerInfo: ...
+
+    def capabilities(self) -> Capabilities: ...
+
+    def create(self, spec: GuestSpec, cancel: CancelToken, progress: ProgressCallback) -> dict[str, Any]:
+        """Ensure the guest exists (created, not necessarily started); return its ref."""
+
+    def start(self, ref: dict[str, Any], cancel: CancelToken, progress: ProgressCallback) -> None: ...
+
+    def stop(
+        self, ref: dict[str, Any], cancel: CancelToken, progress: ProgressCallback, graceful_timeout: int = 30
+    ) -> None:
+        """Graceful shutdown for up to graceful_timeout seconds, then force."""
+
+    def restart(self, ref: dict[str, Any], cancel: CancelToken, progress: ProgressCallback) -> None: ...
+
+    def delete(self, ref: dict[str, Any], cancel: CancelToken, progress: ProgressCallback) -> None:
+        """Ensure the guest is gone (stopping it first). Not found is success."""
+
+    def rebuild(self, ref: dict[str, Any], spec: GuestSpec, cancel: CancelToken, progress: ProgressCallback) -> dict:
+        """Reinstall from spec.image keeping the guest's identity; return its (maybe new) ref."""
+
+    def set_password(self, ref: dict[str, Any], password: str, cancel: CancelToken, progress: ProgressCallback) -> None:
+        """Set the root password. The password never goes into argv or logs."""
+
+    def add_port(
+        self, ref: dict[str, Any], port: PortSpec, cancel: CancelToken, progress: ProgressCallback
+    ) -> None: ...
+
+    def remove_port(
+        self, ref: dict[str, Any], port: PortSpec, cancel: CancelToken, progress: ProgressCallback
+    ) -> None: ...
+
+    def get_state(self, ref: dict[str, Any]) -> GuestState:
+        """Read the guest; exists=False when it is not there."""
+
+
+@dataclass
+class ProviderConfig:
+    """What a driver is built from: the Provider row's settings, secrets decrypted."""
+
+    provider_id: int
+    name: str
+    provider_type: str
+    connection: dict[str, Any]
+    secrets: dict[str, Any]
+
+
+def build_driver(config: ProviderConfig) -> Driver:
+    """Instantiate the driver for ``config.provider_type``."""
+    kind = config.provider_type
+    if kind == "simulated":
+        from providers.simulated import SimulatedDriver
+
+        return SimulatedDriver(config)
+    if kind == "lxd":
+        from providers.lxd import LXDDriver
+
+        return LXDDriver(config)
+    if kind == "incus":
+        from providers.incus import IncusDriver
+
+        return IncusDriver(config)
+    if kind == "proxmox":
+        from providers.proxmox import ProxmoxDriver
+
+        return ProxmoxDriver(config)
+    if kind == "docker":
+        from providers.docker import DockerDriver
+
+        return DockerDriver(config)
+    raise UnsupportedError(f"unknown provider type {kind!r}")

@@ -1,0 +1,192 @@
+"""Admission: pending tasks become runnable only when their provider has a slot.
+
+The limit holds across every process and machine because it is enforced here,
+in the database: lock the provider row, count the tasks holding a slot
+(running, cancelling, or admitted and not yet claimed), and admit the oldest
+pending ones into the free slots (FIFO per provider). Each admitted task gets a
+lease token; the job sent to the provider's django-q2 queue carries only
+(task id, token), and the worker's claim is a compare-and-set on both, so a
+lost, duplicated or late job never changes the outcome.
+
+Admission runs on every event that can free or create work (task created, task
+finished, limit raised, provider enabled) and from the periodic sweep, so a lost
+wake-up only delays.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Avg, F
+from django.utils import timezone
+
+from tasks.models import Provider, Task
+from tasks.states import COMPLETED, EXECUTING, PENDING
+from tasks.transitions import new_token, retry_on_deadlock
+
+logger = logging.getLogger(__name__)
+
+JOB_FUNC = "tasks.worker.execute"
+_brokers: dict[str, object] = {}
+
+
+def _broker(queue: str):
+    # async_task builds a new broker (a new Redis connection) per call unless given one.
+    broker = _brokers.get(queue)
+    if broker is None:
+        from django_q.brokers import get_broker
+
+        broker = _brokers[queue] = get_broker(queue)
+    return broker
+
+
+def enqueue_job(task_id: int, token: str, queue: str, timeout_seconds: int) -> None:
+    """Send the job for an admitted task. Failure here only delays: the sweep re-sends."""
+    from django_q.tasks import async_task
+
+    try:
+        async_task(
+            JOB_FUNC,
+            task_id,
+            token,
+            cluster=queue,
+            broker=_broker(queue),
+            # The hard backstop: django-q2 kills the worker this long after start.
+            timeout=timeout_seconds + settings.TASK_HARD_KILL_GRACE_SECONDS,
+            task_name=f"task-{task_id}-{token[:8]}",
+            save=False,
+        )
+    except Exception:
+        _brokers.pop(queue, None)
+        logger.exception("task %s: could not enqueue its job on %s; the sweep will retry", task_id, queue)
+
+
+def slots_in_use(provider_id: int) -> int:
+    return (
+        Task.objects.filter(provider_id=provider_id, status__in=EXECUTING).count()
+        + Task.objects.filter(provider_id=provider_id, status=PENDING, admitted_at__isnull=False).count()
+    )
+
+
+@retry_on_deadlock
+def admit(provider_id: int) -> list[int]:
+    """Admit as many pending tasks of the provider as it has free slots; return their ids."""
+    jobs: list[tuple[int, str, int]] = []
+    with transaction.atomic():
+        provider = Provider.objects.select_for_update().filter(pk=provider_id).first()
+        if provider is None or not provider.enabled:
+            return []
+        free = provider.concurrency_limit - slots_in_use(provider_id)
+        if free <= 0:
+            return []
+        candidates = list(
+            Task.objects.filter(provider_id=provider_id, status=PENDING, admitted_at__isnull=True)
+            .order_by("created_at", "id")
+            .values_list("id", "timeout_seconds", "task_type")[:free]
+        )
+        now = timezone.now()
+        for task_id, timeout_seconds, task_type in candidates:
+            token = new_token()
+            rows = Task.objects.filter(pk=task_id, status=PENDING, admitted_at__isnull=True).update(
+                admitted_at=now,
+                lease_token=token,
+                dispatch_count=F("dispatch_count") + 1,
+                status_message="waiting for a worker",
+            )
+            if rows == 1:
+                jobs.append((task_id, token, timeout_seconds or Task(task_type=task_type).effective_timeout))
+        queue = provider.queue_name
+        if jobs:
+            transaction.on_commit(lambda: [enqueue_job(tid, tok, queue, tmo) for tid, tok, tmo in jobs])
+    if jobs:
+        logger.debug("provider %s: admitted %s", provider_id, [j[0] for j in jobs])
+    return [j[0] for j in jobs]
+
+
+def admit_soon(provider_id: int) -> None:
+    """Event-driven admission (after a commit). Errors only delay: the sweep retries."""
+    try:
+        admit(provider_id)
+    except Exception:
+        logger.exception("provider %s: admission failed; the sweep will retry", provider_id)
+
+
+def redispatch_stale(now=None) -> list[int]:
+    """Re-send jobs of tasks admitted but never claimed (the broker lost the job).
+
+    The token stays the same: whichever copy arrives first claims the task, the
+    other finds it no longer pending and does nothing.
+    """
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.TASK_DISPATCH_TIMEOUT_SECONDS)
+    sent = []
+    stale = Task.objects.filter(status=PENDING, admitted_at__lt=cutoff).select_related("provider")
+    for task in stale.only("id", "lease_token", "timeout_seconds", "task_type", "provider__id", "admitted_at")[:500]:
+        rows = Task.objects.filter(
+            pk=task.pk, status=PENDING, lease_token=task.lease_token, admitted_at=task.admitted_at
+        ).update(admitted_at=now, dispatch_count=F("dispatch_count") + 1)
+        if rows == 1:
+            logger.warning(
+                "task %s: admitted %s ago but never claimed; job sent again", task.pk, now - task.admitted_at
+            )
+            enqueue_job(task.pk, task.lease_token, f"provider-{task.provider_id}", task.effective_timeout)
+            sent.append(task.pk)
+    return sent
+
+
+def queue_info(task: Task, provider: Provider | None = None) -> dict:
+    """blocked_reason, queue_position and estimated_wait_seconds of a pending task."""
+    if task.status != PENDING:
+        return {"blocked_reason": None, "queue_position": None, "estimated_wait_seconds": None}
+    provider = provider or task.provider
+    position = (
+        Task.objects.filter(provider_id=task.provider_id, status=PENDING, admitted_at__isnull=True)
+        .filter(created_at__lt=task.created_at)
+        .count()
+        + Task.objects.filter(
+            provider_id=task.provider_id,
+            status=PENDING,
+            admitted_at__isnull=True,
+            created_at=task.created_at,
+            id__lt=task.id,
+        ).count()
+    )
+    limit = provider.concurrency_limit
+    in_use = slots_in_use(task.provider_id)
+    if task.admitted_at is not None:
+        reason = "admitted, waiting for a worker of the provider's queue"
+        position = 0
+    elif not provider.enabled:
+        reason = "provider disabled"
+    elif in_use >= limit:
+        reason = f"provider at its limit {in_use}/{limit}"
+    elif position > 0:
+        reason = f"waiting behind {position} earlier task(s) of this provider"
+    else:
+        reason = "waiting for admission"
+    if task.admitted_at is not None or (in_use < limit and position == 0):
+        wait = 0.0
+    else:
+        # Everything ahead of it drains `limit` at a time, each round taking about `avg`.
+        wait = math.ceil((position + 1) / max(1, limit)) * average_duration(task.provider_id)
+    return {"blocked_reason": reason, "queue_position": position, "estimated_wait_seconds": round(wait, 1)}
+
+
+def average_duration(provider_id: int) -> float:
+    """Mean run time of the provider's last 50 completed tasks (seconds); 30 s when unknown."""
+    recent = (
+        Task.objects.filter(provider_id=provider_id, status=COMPLETED, started_at__isnull=False)
+        .order_by("-completed_at")
+        .values_list("id", flat=True)[:50]
+    )
+    ids = list(recent)
+    if not ids:
+        return 30.0
+    avg = Task.objects.filter(id__in=ids).aggregate(d=Avg(F("completed_at") - F("started_at")))["d"]
+    if avg is None:
+        return 30.0
+    return avg.total_seconds() if hasattr(avg, "total_seconds") else float(avg) / 1e6

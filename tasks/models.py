@@ -1,0 +1,443 @@
+"""The task system's data model.
+
+The Task row is the only authority on a task's state (DESIGN.md section 1). Its
+state only changes through tasks.transitions, each change a compare-and-set
+UPDATE that also writes a TaskEvent and changes the instance in the same
+transaction. See tasks.states for the state machine.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from tasks import crypto
+from tasks.states import (
+    DEFAULT_TIMEOUTS,
+    ErrorCode,
+    InstanceStatus,
+    TaskStatus,
+    TaskType,
+)
+
+
+class ProviderType(models.TextChoices):
+    SIMULATED = "simulated", "Simulated"
+    LXD = "lxd", "LXD"
+    INCUS = "incus", "Incus"
+    PROXMOX = "proxmox", "Proxmox VE"
+    DOCKER = "docker", "Docker"
+
+
+class InstanceType(models.TextChoices):
+    CONTAINER = "container", "Container"
+    VM = "vm", "Virtual machine"
+
+
+class Protocol(models.TextChoices):
+    TCP = "tcp", "TCP"
+    UDP = "udp", "UDP"
+    BOTH = "both", "TCP and UDP"
+
+
+class Provider(models.Model):
+    """A host (LXD, Incus, Proxmox VE, Docker or simulated) with its own task queue."""
+
+    name = models.CharField(max_length=100, unique=True)
+    provider_type = models.CharField(max_length=20, choices=ProviderType.choices, default=ProviderType.SIMULATED)
+    enabled = models.BooleanField(default=True)
+    # Connection settings that are not secret (endpoint, node, socket path, TLS
+    # fingerprints); secrets (tokens, client keys, passwords) live encrypted in
+    # secrets_encrypted and are decrypted only when a driver is built.
+    connection = models.JSONField(default=dict, blank=True)
+    secrets_encrypted = models.TextField(blank=True, default="", editable=False)
+
+    # Concurrency: serial unless allow_concurrent_tasks; read at every admission.
+    allow_concurrent_tasks = models.BooleanField(default=False)
+    max_concurrent_tasks = models.PositiveIntegerField(
+        default=1, validators=[MinValueValidator(1), MaxValueValidator(256)]
+    )
+    task_poll_interval = models.PositiveIntegerField(
+        default=5,
+        validators=[MinValueValidator(1), MaxValueValidator(3600)],
+        help_text="seconds between admission sweeps",
+    )
+    enable_task_polling = models.BooleanField(default=True)
+
+    # Capacity: totals set by the operator, *_used kept by reservations.
+    cpu_total = models.PositiveIntegerField(default=64)
+    memory_total_mb = models.PositiveBigIntegerField(default=256 * 1024)
+    disk_total_mb = models.PositiveBigIntegerField(default=4 * 1024 * 1024)
+    max_containers = models.PositiveIntegerField(default=200)
+    max_vms = models.PositiveIntegerField(default=100)
+    cpu_used = models.PositiveIntegerField(default=0, editable=False)
+    memory_used_mb = models.PositiveBigIntegerField(default=0, editable=False)
+    disk_used_mb = models.PositiveBigIntegerField(default=0, editable=False)
+    containers_used = models.PositiveIntegerField(default=0, editable=False)
+    vms_used = models.PositiveIntegerField(default=0, editable=False)
+
+    # Host ports available for mappings, and the block every new instance gets.
+    port_range_start = models.PositiveIntegerField(
+        default=20000, validators=[MinValueValidator(1), MaxValueValidator(65535)]
+    )
+    port_range_end = models.PositiveIntegerField(
+        default=29999, validators=[MinValueValidator(1), MaxValueValidator(65535)]
+    )
+    default_port_block = models.PositiveIntegerField(
+        default=5,
+        validators=[MaxValueValidator(100)],
+        help_text="host ports given to each new instance; the first maps SSH",
+    )
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def concurrency_limit(self) -> int:
+        return max(1, self.max_concurrent_tasks) if self.allow_concurrent_tasks else 1
+
+    @property
+    def queue_name(self) -> str:
+        """The django-q2 cluster name that serves this provider."""
+        return f"provider-{self.pk}"
+
+    def get_secrets(self) -> dict:
+        return crypto.decrypt_json(self.secrets_encrypted)
+
+    def set_secrets(self, data: dict) -> None:
+        self.secrets_encrypted = crypto.encrypt_json(data)
+
+
+class UserQuota(models.Model):
+    """Per-user limits and what the user's live instances and pending creates hold."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="quota")
+    max_instances = models.PositiveIntegerField(default=10)
+    max_cpu = models.PositiveIntegerField(default=16)
+    max_memory_mb = models.PositiveBigIntegerField(default=32 * 1024)
+    max_disk_mb = models.PositiveBigIntegerField(default=500 * 1024)
+    used_instances = models.PositiveIntegerField(default=0, editable=False)
+    used_cpu = models.PositiveIntegerField(default=0, editable=False)
+    used_memory_mb = models.PositiveBigIntegerField(default=0, editable=False)
+    used_disk_mb = models.PositiveBigIntegerField(default=0, editable=False)
+
+    def __str__(self) -> str:
+        return f"quota of {self.user}"
+
+
+class Instance(models.Model):
+    """A container or VM on a provider. Rows are never deleted: status=deleted."""
+
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="instances")
+    provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="instances")
+    name = models.CharField(max_length=63)
+    # name while the instance lives, NULL once deleted or failed: unique per
+    # provider so a deleted instance's name can be reused (NULLs never collide).
+    live_name = models.CharField(max_length=63, null=True, blank=True, editable=False)
+    instance_type = models.CharField(max_length=10, choices=InstanceType.choices, default=InstanceType.CONTAINER)
+    image = models.CharField(max_length=200)
+    status = models.CharField(max_length=20, choices=InstanceStatus.choices, default=InstanceStatus.CREATING)
+    cpu = models.PositiveIntegerField(default=1)
+    memory_mb = models.PositiveIntegerField(default=512)
+    disk_mb = models.PositiveIntegerField(default=10240)
+    bandwidth_mbps = models.PositiveIntegerField(default=100)
+    addresses = models.JSONField(default=list, blank=True)
+    ssh_port = models.PositiveIntegerField(null=True, blank=True)
+    # Provider-native handle (LXD name, Proxmox node/vmid, Docker id), set by create.
+    provider_ref = models.JSONField(default=dict, blank=True)
+    # The one pending or running task: a unique column, so the database itself
+    # refuses a second active task (set by compare-and-set where it is NULL).
+    active_task = models.OneToOneField(
+        "Task", null=True, blank=True, on_delete=models.SET_NULL, related_name="active_for", editable=False
+    )
+    # True while the instance's quota and provider capacity are counted.
+    holds_resources = models.BooleanField(default=False, editable=False)
+    # Set when a task ended without a trustworthy final state (worker lost, force-stop).
+    needs_reconcile = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "live_name"], name="instance_unique_live_name"),
+        ]
+        indexes = [
+            # user instance list: WHERE owner_id=? ORDER BY created_at DESC
+            models.Index(fields=["owner", "-created_at"], name="instance_owner_created"),
+            # admin/provider views and capacity checks: WHERE provider_id=? AND status IN (...)
+            models.Index(fields=["provider", "status"], name="instance_provider_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.provider_id})"
+
+    @property
+    def guest_name(self) -> str:
+        """Deterministic name of the guest on the provider: retries converge on it."""
+        return f"vps-{self.uuid.hex[:12]}"
+
+
+class Task(models.Model):
+    """One operation on one instance.
+
+    State machine (tasks/states.py)::
+
+        pending ──► running ──► completed | failed | timeout
+           │           └──► cancelling ──► cancelled | completed | failed | timeout
+           └──► cancelled | failed
+
+    Admission (tasks.dispatch) gives a pending task a lease token and an
+    ``admitted_at`` when its provider has a free slot, then sends a job carrying
+    (task id, token). The worker's claim is pending+token -> running; its later
+    writes name the token too, so a revoked lease (force-stop, recovery) fences
+    off a late worker.
+    """
+
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    task_type = models.CharField(max_length=20, choices=TaskType.choices)
+    status = models.CharField(max_length=12, choices=TaskStatus.choices, default=TaskStatus.PENDING, editable=False)
+    progress = models.PositiveSmallIntegerField(default=0, editable=False)
+    status_message = models.CharField(max_length=255, blank=True, default="", editable=False)
+    error_code = models.CharField(max_length=40, choices=ErrorCode.choices, blank=True, default="", editable=False)
+    error_message = models.TextField(blank=True, default="", editable=False)
+    cancel_reason = models.CharField(max_length=500, blank=True, default="", editable=False)
+    # Operation parameters and results; never secrets.
+    task_data = models.JSONField(default=dict, blank=True, editable=False)
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="tasks")
+    initiator = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="initiated_tasks"
+    )
+    provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="tasks")
+    instance = models.ForeignKey(Instance, on_delete=models.PROTECT, null=True, blank=True, related_name="tasks")
+    port_mapping = models.ForeignKey(
+        "PortMapping", on_delete=models.SET_NULL, null=True, blank=True, related_name="tasks", editable=False
+    )
+    timeout_seconds = models.PositiveIntegerField(default=0)
+
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    admitted_at = models.DateTimeField(null=True, blank=True, editable=False)
+    started_at = models.DateTimeField(null=True, blank=True, editable=False)
+    completed_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    # Lease: who runs it, the fencing token, and until when the claim holds.
+    lease_token = models.CharField(max_length=32, blank=True, default="", editable=False)
+    lease_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
+    heartbeat_at = models.DateTimeField(null=True, blank=True, editable=False)
+    worker = models.CharField(max_length=200, blank=True, default="", editable=False)
+    attempt_count = models.PositiveIntegerField(default=0, editable=False)
+    dispatch_count = models.PositiveIntegerField(default=0, editable=False)
+
+    class Meta:
+        indexes = [
+            # user task list: WHERE owner_id=? [AND status IN ..] ORDER BY created_at DESC, id DESC
+            models.Index(fields=["owner", "-created_at", "-id"], name="task_owner_created"),
+            # admission FIFO and slot count: WHERE provider_id=? AND status=? ORDER BY created_at, id;
+            # admin list filtered by provider+status, ordered by created_at
+            models.Index(fields=["provider", "status", "created_at", "id"], name="task_provider_status_created"),
+            # admin list filtered by status: WHERE status IN (..) ORDER BY created_at DESC
+            models.Index(fields=["status", "-created_at", "-id"], name="task_status_created"),
+            # admin list default ordering: ORDER BY created_at DESC, id DESC
+            models.Index(fields=["-created_at", "-id"], name="task_created"),
+            # recovery sweep: WHERE status IN (running, cancelling) AND lease_expires_at < now
+            models.Index(fields=["status", "lease_expires_at"], name="task_status_lease"),
+            # instance filter and instance history: WHERE instance_id=? ORDER BY created_at DESC
+            models.Index(fields=["instance", "-created_at"], name="task_instance_created"),
+            # stats: durations and error rate of finished tasks: WHERE completed_at >= ? GROUP BY task_type, status
+            models.Index(fields=["completed_at", "task_type", "status"], name="task_completed_type_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"task {self.pk} {self.task_type} [{self.status}]"
+
+    @property
+    def effective_timeout(self) -> int:
+        return self.timeout_seconds or DEFAULT_TIMEOUTS.get(self.task_type, 600)
+
+    @property
+    def is_final(self) -> bool:
+        from tasks.states import FINAL
+
+        return self.status in FINAL
+
+    @property
+    def deadline(self):
+        if self.started_at is None:
+            return None
+        return self.started_at + timezone.timedelta(seconds=self.effective_timeout)
+
+    # Guarded state changes, named for their target (each one compare-and-set in
+    # tasks.transitions; False means another actor got there first).
+    def set_running(self, token: str, worker: str) -> bool:
+        from tasks import transitions
+
+        return transitions.claim(self.pk, token=token, worker=worker)
+
+    def set_cancelling(self, actor: str, reason: str = "", by_admin: bool = False) -> bool:
+        from tasks import transitions
+
+        return transitions.request_cancel(self.pk, actor=actor, reason=reason, by_admin=by_admin)
+
+    def set_completed(self, token: str | None, actor: str, **kwargs) -> bool:
+        from tasks import transitions
+
+        return transitions.finish(self.pk, TaskStatus.COMPLETED, token=token, actor=actor, **kwargs)
+
+    def set_failed(self, token: str | None, actor: str, error_code: str, error_message: str = "", **kwargs) -> bool:
+        from tasks import transitions
+
+        return transitions.finish(
+            self.pk,
+            TaskStatus.FAILED,
+            token=token,
+            actor=actor,
+            error_code=error_code,
+            error_message=error_message,
+            **kwargs,
+        )
+
+    def set_timeout(self, token: str | None, actor: str, **kwargs) -> bool:
+        from tasks import transitions
+
+        return transitions.finish(self.pk, TaskStatus.TIMEOUT, token=token, actor=actor, **kwargs)
+
+    def set_cancelled(self, token: str | None, actor: str, **kwargs) -> bool:
+        from tasks import transitions
+
+        return transitions.finish(self.pk, TaskStatus.CANCELLED, token=token, actor=actor, **kwargs)
+
+
+class TaskEvent(models.Model):
+    """Audit trail: one row per transition (kind=transition) or operation step (kind=step)."""
+
+    KIND_TRANSITION = "transition"
+    KIND_STEP = "step"
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="events")
+    kind = models.CharField(max_length=12, default=KIND_TRANSITION)
+    from_status = models.CharField(max_length=12, blank=True, default="")
+    to_status = models.CharField(max_length=12)
+    actor = models.CharField(max_length=200)
+    reason = models.CharField(max_length=500, blank=True, default="")
+    progress = models.PositiveSmallIntegerField(default=0)
+    message = models.TextField(blank=True, default="")
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["at", "id"]
+        indexes = [
+            # task timeline: WHERE task_id=? ORDER BY at, id
+            models.Index(fields=["task", "at", "id"], name="taskevent_task_at"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_id}: {self.from_status or '-'} -> {self.to_status} by {self.actor}"
+
+
+class PortMapping(models.Model):
+    """Host port(s) on a provider forwarded to guest port(s) of an instance.
+
+    No two live mappings of one provider overlap on host ports for a protocol
+    ("both" counts as tcp and udp); creation checks it under the provider row lock.
+    """
+
+    STATUS_PENDING = "pending"
+    STATUS_ACTIVE = "active"
+    STATUS_DELETING = "deleting"
+    STATUS_DELETED = "deleted"
+    STATUS_FAILED = "failed"
+    STATUS_CHOICES = [
+        (STATUS_PENDING, "Pending"),
+        (STATUS_ACTIVE, "Active"),
+        (STATUS_DELETING, "Deleting"),
+        (STATUS_DELETED, "Deleted"),
+        (STATUS_FAILED, "Failed"),
+    ]
+    LIVE_STATUSES = (STATUS_PENDING, STATUS_ACTIVE, STATUS_DELETING)
+
+    instance = models.ForeignKey(Instance, on_delete=models.PROTECT, related_name="port_mappings")
+    provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="port_mappings")
+    protocol = models.CharField(max_length=4, choices=Protocol.choices, default=Protocol.TCP)
+    host_port_start = models.PositiveIntegerField(validators=[MinValueValidator(1), MaxValueValidator(65535)])
+    host_port_end = models.PositiveIntegerField(validators=[MinValueValidator(1), MaxValueValidator(65535)])
+    guest_port_start = models.PositiveIntegerField(validators=[MinValueValidator(1), MaxValueValidator(65535)])
+    guest_port_end = models.PositiveIntegerField(validators=[MinValueValidator(1), MaxValueValidator(65535)])
+    is_ssh = models.BooleanField(default=False)
+    description = models.CharField(max_length=100, blank=True, default="")
+    status = models.CharField(max_length=10, choices=STATUS_CHOICES, default=STATUS_PENDING)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        indexes = [
+            # overlap check: WHERE provider_id=? AND status IN (live) AND host_port_start<=? AND host_port_end>=?
+            models.Index(fields=["provider", "status", "host_port_start"], name="port_provider_status_start"),
+            # instance's mappings: WHERE instance_id=?
+            models.Index(fields=["instance", "status"], name="port_instance_status"),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(host_port_end__gte=models.F("host_port_start")), name="port_host_range"),
+            models.CheckConstraint(
+                condition=Q(guest_port_end__gte=models.F("guest_port_start")), name="port_guest_range"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        if self.host_port_start == self.host_port_end:
+            return f"{self.protocol} {self.host_port_start}->{self.guest_port_start}"
+        return f"{self.protocol} {self.host_port_start}-{self.host_port_end}->{self.guest_port_start}-{self.guest_port_end}"
+
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        return ("tcp", "udp") if self.protocol == Protocol.BOTH else (self.protocol,)
+
+
+class TaskSecret(models.Model):
+    """A password produced by a task, encrypted, readable once by the task's owner."""
+
+    task = models.OneToOneField(Task, on_delete=models.CASCADE, related_name="secret")
+    ciphertext = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+    read_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"secret of task {self.task_id}"
+
+
+class Worker(models.Model):
+    """A live worker process (one django-q2 worker of one queue, or a supervisor)."""
+
+    name = models.CharField(max_length=200, unique=True)  # node:pid
+    node = models.CharField(max_length=100)
+    host = models.CharField(max_length=200)
+    pid = models.PositiveIntegerField()
+    queue = models.CharField(max_length=100)
+    role = models.CharField(max_length=20, default="worker")  # worker | supervisor
+    started_at = models.DateTimeField(default=timezone.now)
+    last_heartbeat = models.DateTimeField(default=timezone.now)
+    current_task = models.ForeignKey(Task, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    tasks_run = models.PositiveIntegerField(default=0)
+    draining = models.BooleanField(default=False)
+
+    class Meta:
+        indexes = [
+            # live workers: WHERE last_heartbeat >= ?
+            models.Index(fields=["last_heartbeat"], name="worker_heartbeat"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name

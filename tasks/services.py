@@ -1,0 +1,366 @@
+"""The services every surface calls (API, admin, commands): create tasks, cancel, force-stop.
+
+They validate, take the locks in the system's order (quota -> provider ->
+instance -> task), write the rows and the first TaskEvent in one transaction,
+and wake admission only after commit (a rolled-back request never starts work).
+They raise tasks.errors.ServiceError subclasses; the API maps them to 400/404/409.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from tasks import ports, resources, transitions
+from tasks.dispatch import admit_soon
+from tasks.errors import (
+    InstanceBusy,
+    InvalidInput,
+    InvalidState,
+    NameTaken,
+    NotCancellable,
+    NotFound,
+    ProviderUnavailable,
+)
+from tasks.models import Instance, InstanceType, PortMapping, Provider, Task, TaskEvent, UserQuota
+from tasks.states import (
+    ALLOWED_INSTANCE_STATUS,
+    CANCELLABLE,
+    FINAL,
+    PENDING,
+    RUNNING,
+    InstanceStatus,
+    TaskType,
+)
+
+logger = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def actor_of(user, *, admin: bool = False) -> str:
+    if user is None:
+        return "system"
+    return f"{'admin' if admin else 'user'}:{user.get_username()}"
+
+
+def validate_timeout(timeout_seconds) -> int:
+    if timeout_seconds in (None, ""):
+        return 0
+    try:
+        value = int(timeout_seconds)
+    except (TypeError, ValueError):
+        raise InvalidInput("timeout_seconds must be an integer", field="timeout_seconds") from None
+    if value < 0 or value > settings.TASK_MAX_TIMEOUT_SECONDS:
+        raise InvalidInput(
+            f"timeout_seconds must be between 0 (type default) and {settings.TASK_MAX_TIMEOUT_SECONDS}",
+            field="timeout_seconds",
+        )
+    return value
+
+
+def _new_task(
+    *, task_type: str, instance: Instance, initiator, timeout_seconds: int, task_data: dict | None, port_mapping=None
+) -> Task:
+    task = Task.objects.create(
+        task_type=task_type,
+        owner_id=instance.owner_id,
+        initiator=initiator,
+        provider_id=instance.provider_id,
+        instance=instance,
+        port_mapping=port_mapping,
+        timeout_seconds=timeout_seconds,
+        task_data=task_data or {},
+        status_message="queued",
+    )
+    # The database refuses a second active task: compare-and-set on a unique column.
+    try:
+        with transaction.atomic():
+            won = Instance.objects.filter(pk=instance.pk, active_task__isnull=True).update(active_task=task)
+    except IntegrityError:
+        won = 0
+    if won != 1:
+        current = Instance.objects.filter(pk=instance.pk).values_list("active_task_id", flat=True).first()
+        raise InstanceBusy(current)
+    instance.active_task = task
+    TaskEvent.objects.create(
+        task=task,
+        from_status="",
+        to_status=PENDING,
+        actor=actor_of(initiator, admin=_is_admin_request(initiator, instance)),
+    )
+    provider_id = instance.provider_id
+    transaction.on_commit(lambda: admit_soon(provider_id))
+    logger.info("task %s: %s of instance %s queued by %s", task.pk, task_type, instance.pk, initiator)
+    return task
+
+
+def _is_admin_request(user, instance: Instance) -> bool:
+    return bool(user is not None and user.is_staff and user.pk != instance.owner_id)
+
+
+def visible_instances(user, *, admin: bool = False):
+    qs = Instance.objects.all()
+    return qs if admin else qs.filter(owner=user)
+
+
+def get_instance_for(user, instance_id, *, admin: bool = False, lock: bool = False) -> Instance:
+    qs = visible_instances(user, admin=admin)
+    if lock:
+        qs = qs.select_for_update()
+    instance = qs.filter(pk=instance_id).first()
+    if instance is None:
+        raise NotFound("no such instance")
+    return instance
+
+
+def _lock_for_new_task(user, instance_id, *, admin: bool) -> tuple[Provider, Instance]:
+    """Lock provider then instance (the system's order) for a new task on the instance.
+
+    The provider comes first also because inserting the task makes InnoDB take a
+    shared lock on the provider row (foreign key check): taking the instance
+    first would invert the order a terminal transition uses.
+    """
+    head = get_instance_for(user, instance_id, admin=admin)
+    provider = Provider.objects.select_for_update().get(pk=head.provider_id)
+    instance = get_instance_for(user, instance_id, admin=admin, lock=True)
+    return provider, instance
+
+
+def create_instance(
+    owner,
+    *,
+    provider: Provider | int,
+    image: str,
+    instance_type: str = InstanceType.CONTAINER,
+    cpu: int = 1,
+    memory_mb: int = 512,
+    disk_mb: int = 10240,
+    name: str | None = None,
+    bandwidth_mbps: int = 100,
+    timeout_seconds=None,
+    initiator=None,
+) -> tuple[Instance, Task]:
+    """Reserve quota, capacity and the default port block, and queue the create task."""
+    initiator = initiator or owner
+    timeout = validate_timeout(timeout_seconds)
+    if instance_type not in InstanceType.values:
+        raise InvalidInput("instance_type must be container or vm", field="instance_type")
+    for field, value, low in (("cpu", cpu, 1), ("memory_mb", memory_mb, 64), ("disk_mb", disk_mb, 512)):
+        if not isinstance(value, int) or value < low:
+            raise InvalidInput(f"{field} must be an integer of at least {low}", field=field)
+    if not image or len(image) > 200:
+        raise InvalidInput("image is required (at most 200 characters)", field="image")
+    if name:
+        name = name.strip().lower()
+        if not NAME_RE.match(name):
+            raise InvalidInput("name: lowercase letters, digits and hyphens, at most 63 characters", field="name")
+    else:
+        name = f"vps-{secrets.token_hex(4)}"
+    provider_id = provider.pk if isinstance(provider, Provider) else provider
+    resources.ensure_quota(owner)
+    with transaction.atomic():
+        quota = UserQuota.objects.select_for_update().get(user=owner)
+        provider_row = Provider.objects.select_for_update().filter(pk=provider_id).first()
+        if provider_row is None:
+            raise InvalidInput("no such provider", field="provider")
+        if not provider_row.enabled:
+            raise ProviderUnavailable(f"provider {provider_row.name} is disabled", field="provider")
+        if instance_type == InstanceType.VM and provider_row.provider_type == "docker":
+            raise InvalidInput("a Docker provider runs containers only", field="instance_type")
+        if Instance.objects.filter(provider=provider_row, live_name=name).exists():
+            raise NameTaken(f"an instance named {name} already exists on {provider_row.name}", field="name")
+        resources.check_and_reserve(
+            quota, provider_row, instance_type=instance_type, cpu=cpu, memory_mb=memory_mb, disk_mb=disk_mb
+        )
+        instance = Instance.objects.create(
+            owner=owner,
+            provider=provider_row,
+            name=name,
+            live_name=name,
+            instance_type=instance_type,
+            image=image,
+            status=InstanceStatus.CREATING,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            disk_mb=disk_mb,
+            bandwidth_mbps=bandwidth_mbps,
+            holds_resources=True,
+        )
+        block = ports.reserve_default_block(provider_row, instance)
+        if block:
+            instance.ssh_port = block[0].host_port_start
+            instance.save(update_fields=["ssh_port"])
+        task = _new_task(
+            task_type=TaskType.CREATE,
+            instance=instance,
+            initiator=initiator,
+            timeout_seconds=timeout,
+            task_data={
+                "image": image,
+                "instance_type": instance_type,
+                "cpu": cpu,
+                "memory_mb": memory_mb,
+                "disk_mb": disk_mb,
+            },
+        )
+    return instance, task
+
+
+def request_operation(
+    user, instance_id, task_type: str, *, admin: bool = False, timeout_seconds=None, task_data: dict | None = None
+) -> Task:
+    """Queue start/stop/restart/reset/reset-password/delete on an instance.
+
+    409 instance_busy (with the active task's id) when it already has a pending
+    or running task; 409 invalid_state when its status forbids the operation.
+    """
+    if task_type not in ALLOWED_INSTANCE_STATUS or task_type in (TaskType.CREATE_PORT, TaskType.DELETE_PORT):
+        raise InvalidInput(f"unknown operation {task_type!r}", field="task_type")
+    timeout = validate_timeout(timeout_seconds)
+    with transaction.atomic():
+        _, instance = _lock_for_new_task(user, instance_id, admin=admin)
+        if instance.active_task_id is not None:
+            raise InstanceBusy(instance.active_task_id)
+        if instance.status not in ALLOWED_INSTANCE_STATUS[task_type]:
+            raise InvalidState(f"cannot {task_type} an instance that is {instance.status}", status=instance.status)
+        return _new_task(
+            task_type=task_type, instance=instance, initiator=user, timeout_seconds=timeout, task_data=task_data
+        )
+
+
+def create_port(
+    user,
+    instance_id,
+    *,
+    protocol: str,
+    guest_port: int,
+    host_port: int | None = None,
+    count: int = 1,
+    admin: bool = False,
+    timeout_seconds=None,
+    description: str = "",
+) -> tuple[Task, PortMapping]:
+    timeout = validate_timeout(timeout_seconds)
+    ports.validate_request(protocol, guest_port, host_port, count)
+    with transaction.atomic():
+        # The provider lock also serialises port choices on that provider.
+        provider, instance = _lock_for_new_task(user, instance_id, admin=admin)
+        if instance.active_task_id is not None:
+            raise InstanceBusy(instance.active_task_id)
+        if instance.status not in ALLOWED_INSTANCE_STATUS[TaskType.CREATE_PORT]:
+            raise InvalidState(f"cannot add a port to an instance that is {instance.status}", status=instance.status)
+        mapping = ports.reserve(
+            provider,
+            instance,
+            protocol=protocol,
+            guest_port=guest_port,
+            host_port=host_port,
+            count=count,
+            description=description,
+            restrict_to_range=not admin,
+        )
+        task = _new_task(
+            task_type=TaskType.CREATE_PORT,
+            instance=instance,
+            initiator=user,
+            timeout_seconds=timeout,
+            task_data={"port_mapping": mapping.pk},
+            port_mapping=mapping,
+        )
+    return task, mapping
+
+
+def delete_port(user, instance_id, port_id, *, admin: bool = False, timeout_seconds=None) -> Task:
+    timeout = validate_timeout(timeout_seconds)
+    with transaction.atomic():
+        _, instance = _lock_for_new_task(user, instance_id, admin=admin)
+        mapping = PortMapping.objects.filter(pk=port_id, instance=instance).first()
+        if mapping is None or mapping.status not in (PortMapping.STATUS_ACTIVE, PortMapping.STATUS_FAILED):
+            raise NotFound("no such port mapping")
+        if instance.active_task_id is not None:
+            raise InstanceBusy(instance.active_task_id)
+        if instance.status not in ALLOWED_INSTANCE_STATUS[TaskType.DELETE_PORT]:
+            raise InvalidState(f"cannot remove a port of an instance that is {instance.status}", status=instance.status)
+        return _new_task(
+            task_type=TaskType.DELETE_PORT,
+            instance=instance,
+            initiator=user,
+            timeout_seconds=timeout,
+            task_data={"port_mapping": mapping.pk},
+            port_mapping=mapping,
+        )
+
+
+def visible_tasks(user, *, admin: bool = False):
+    qs = Task.objects.all()
+    return qs if admin else qs.filter(owner=user)
+
+
+def user_may_cancel(task: Task) -> bool:
+    """Users cancel their own pending tasks, and running ones except a delete in flight."""
+    if task.status == PENDING:
+        return True
+    return task.status == RUNNING and task.task_type != TaskType.DELETE
+
+
+def cancel_task(user, task_id, *, admin: bool = False, reason: str = "") -> Task:
+    task = visible_tasks(user, admin=admin).filter(pk=task_id).first()
+    if task is None:
+        raise NotFound("no such task")
+    if task.status not in CANCELLABLE or (not admin and not user_may_cancel(task)):
+        raise NotCancellable(f"a {task.status} {task.task_type} task cannot be cancelled", status=task.status)
+    reason = (reason or "").strip()
+    if admin and not reason and user.pk != task.owner_id:
+        raise InvalidInput("an administrator's cancel needs a reason", field="reason")
+    by_admin = admin and user.pk != task.owner_id
+    if not transitions.request_cancel(task.pk, actor=actor_of(user, admin=by_admin), reason=reason, by_admin=by_admin):
+        task.refresh_from_db()
+        raise NotCancellable(f"the task is {task.status} and can no longer be cancelled", status=task.status)
+    task.refresh_from_db()
+    return task
+
+
+def force_stop_task(user, task_id, *, reason: str) -> Task:
+    reason = (reason or "").strip()
+    if not reason:
+        raise InvalidInput("force-stop needs a reason", field="reason")
+    task = Task.objects.filter(pk=task_id).first()
+    if task is None:
+        raise NotFound("no such task")
+    if task.status in FINAL or not transitions.force_stop(task.pk, actor=actor_of(user, admin=True), reason=reason):
+        task.refresh_from_db()
+        raise NotCancellable(f"the task is {task.status}; nothing to stop", status=task.status)
+    task.refresh_from_db()
+    return task
+
+
+def read_password_once(user, task_id) -> str:
+    """The password a create/reset-password task produced, to its owner, once."""
+    from tasks import crypto
+    from tasks.errors import Gone
+    from tasks.models import TaskSecret
+
+    task = Task.objects.filter(pk=task_id, owner=user).first()
+    if task is None:
+        raise NotFound("no such task")
+    secret = TaskSecret.objects.filter(task=task).first()
+    now = timezone.now()
+    if secret is None:
+        if task.status in FINAL:
+            raise Gone("this task produced no password")
+        raise InvalidState("the task has not finished yet", status=task.status)
+    if not secret.ciphertext or secret.expires_at <= now:
+        raise Gone("the password was already read or has expired")
+    # Compare-and-set: of two concurrent reads only one gets the password.
+    won = TaskSecret.objects.filter(pk=secret.pk, read_at__isnull=True, ciphertext=secret.ciphertext).update(
+        ciphertext="", read_at=now
+    )
+    if won != 1:
+        raise Gone("the password was already read")
+    return crypto.decrypt(secret.ciphertext)

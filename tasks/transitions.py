@@ -1,0 +1,378 @@
+"""Every change of a task's state, each one compare-and-set in one transaction.
+
+Lock order, everywhere in the system (so two transactions never wait on each
+other in a circle): user quota -> provider -> instance -> task. Admission takes
+provider -> tasks; creating a task takes quota -> provider -> instance; a
+terminal transition takes the whole chain because it may release quota and
+capacity; a non-terminal one takes instance -> task.
+
+A transition that loses (the task moved on, the lease was revoked) returns
+False and changes nothing. Nothing here raises for a lost race.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import time
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import OperationalError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from tasks.models import Instance, Provider, Task, TaskEvent, UserQuota
+from tasks.operations import get_operation
+from tasks.operations.base import Outcome
+from tasks.states import (
+    CANCELLED,
+    CANCELLING,
+    COMPLETED,
+    EXECUTING,
+    FAILED,
+    FINAL,
+    PENDING,
+    RUNNING,
+    TIMEOUT,
+    ErrorCode,
+    allowed_sources,
+)
+
+logger = logging.getLogger(__name__)
+
+# MySQL/MariaDB: 1213 deadlock, 1205 lock wait timeout. The lock order makes the
+# first rare; both are safe to retry because the whole transaction rolled back.
+RETRYABLE_DB_ERRORS = {1213, 1205}
+
+
+def retry_on_deadlock(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        for attempt in range(5):
+            try:
+                return func(*args, **kwargs)
+            except OperationalError as exc:
+                code = exc.args[0] if exc.args else None
+                if code not in RETRYABLE_DB_ERRORS or attempt == 4 or transaction.get_connection().in_atomic_block:
+                    raise
+                logger.warning("%s: database error %s, retrying (attempt %d)", func.__name__, code, attempt + 1)
+                time.sleep(0.05 * (attempt + 1))
+        return None
+
+    return wrapper
+
+
+def new_token() -> str:
+    return secrets.token_hex(16)
+
+
+def lease_deadline(now=None):
+    return (now or timezone.now()) + timedelta(seconds=settings.TASK_LEASE_SECONDS)
+
+
+def _event(task: Task, from_status: str, to_status: str, actor: str, reason: str = "", message: str = "", at=None):
+    TaskEvent.objects.create(
+        task=task,
+        from_status=from_status,
+        to_status=to_status,
+        actor=actor[:200],
+        reason=reason[:500],
+        progress=task.progress,
+        message=message,
+        at=at or timezone.now(),
+    )
+
+
+def _lock_instance(instance_id: int | None) -> Instance | None:
+    if instance_id is None:
+        return None
+    return Instance.objects.select_for_update().filter(pk=instance_id).first()
+
+
+def _wake_admission(provider_id: int) -> None:
+    from tasks import dispatch
+
+    transaction.on_commit(lambda: dispatch.admit_soon(provider_id))
+
+
+@retry_on_deadlock
+def claim(task_id: int, *, token: str, worker: str) -> bool:
+    """pending (admitted, with this token) -> running: the worker starts the task."""
+    with transaction.atomic():
+        head = Task.objects.filter(pk=task_id).values("instance_id").first()
+        if head is None:
+            return False
+        instance = _lock_instance(head["instance_id"])
+        task = Task.objects.select_for_update().filter(pk=task_id).first()
+        if task is None or task.status != PENDING or not token or task.lease_token != token or task.admitted_at is None:
+            return False
+        now = timezone.now()
+        rows = Task.objects.filter(pk=task_id, status=PENDING, lease_token=token).update(
+            status=RUNNING,
+            started_at=now,
+            heartbeat_at=now,
+            lease_expires_at=lease_deadline(now),
+            worker=worker[:200],
+            attempt_count=F("attempt_count") + 1,
+            status_message="started",
+        )
+        if rows != 1:
+            return False
+        task.status, task.started_at, task.worker = RUNNING, now, worker
+        _event(task, PENDING, RUNNING, f"worker:{worker}", at=now)
+        if instance is not None:
+            get_operation(task.task_type).on_running(task, instance)
+            instance.save(update_fields=["status", "updated_at"])
+        return True
+
+
+@retry_on_deadlock
+def request_cancel(task_id: int, *, actor: str, reason: str = "", by_admin: bool = False) -> bool:
+    """User or admin cancel: pending ends cancelled at once, running goes cancelling."""
+    code = ErrorCode.CANCELLED_BY_ADMIN if by_admin else ErrorCode.CANCELLED_BY_USER
+    status = Task.objects.filter(pk=task_id).values_list("status", flat=True).first()
+    if status == PENDING:
+        if finish(
+            task_id, CANCELLED, token=None, actor=actor, sources={PENDING}, error_code=code, cancel_reason=reason
+        ):
+            return True
+        status = Task.objects.filter(pk=task_id).values_list("status", flat=True).first()
+    if status != RUNNING:
+        return False
+    return set_cancelling(task_id, actor=actor, reason=reason, error_code=code)
+
+
+@retry_on_deadlock
+def set_cancelling(
+    task_id: int, *, actor: str, reason: str = "", error_code: str = ErrorCode.CANCELLED_BY_USER
+) -> bool:
+    """running -> cancelling: the worker sees it at its next cancel check."""
+    with transaction.atomic():
+        head = Task.objects.filter(pk=task_id).values("instance_id").first()
+        if head is None:
+            return False
+        _lock_instance(head["instance_id"])
+        task = Task.objects.select_for_update().filter(pk=task_id).first()
+        if task is None or task.status not in allowed_sources(CANCELLING):
+            return False
+        rows = Task.objects.filter(pk=task_id, status=task.status).update(
+            status=CANCELLING, cancel_reason=reason[:500], error_code=error_code, status_message="cancel requested"
+        )
+        if rows != 1:
+            return False
+        _event(task, task.status, CANCELLING, actor, reason=reason)
+        return True
+
+
+@retry_on_deadlock
+def finish(
+    task_id: int,
+    target: str,
+    *,
+    token: str | None,
+    actor: str,
+    sources: set[str] | frozenset[str] | None = None,
+    error_code: str = "",
+    error_message: str = "",
+    cancel_reason: str | None = None,
+    message: str = "",
+    instance_status: str | None = None,
+    instance_updates: dict[str, Any] | None = None,
+    task_data_update: dict[str, Any] | None = None,
+    progress: int | None = None,
+    require_lease_expired: bool = False,
+    revoke_lease: bool = False,
+    needs_reconcile: bool = False,
+) -> bool:
+    """Move a task to a terminal state and apply the outcome to its instance.
+
+    ``token``: the worker's lease token (its writes are fenced by it); None for
+    users, admins and recovery, which name their sources instead.
+    ``require_lease_expired``: recovery acts only on a lease that has run out.
+    """
+    if target not in FINAL:
+        raise ValueError(f"{target} is not a terminal state")
+    allowed = frozenset(sources) & allowed_sources(target) if sources else allowed_sources(target)
+    with transaction.atomic():
+        head = Task.objects.filter(pk=task_id).values("owner_id", "provider_id", "instance_id", "status").first()
+        if head is None or head["status"] not in allowed:
+            return False
+        # Lock order: quota -> provider -> instance -> task.
+        UserQuota.objects.select_for_update().filter(user_id=head["owner_id"]).first()
+        Provider.objects.select_for_update().filter(pk=head["provider_id"]).first()
+        instance = _lock_instance(head["instance_id"])
+        task = Task.objects.select_for_update().filter(pk=task_id).first()
+        if task is None or task.status not in allowed:
+            return False
+        if token is not None and task.lease_token != token:
+            return False
+        now = timezone.now()
+        if require_lease_expired and (task.lease_expires_at is None or task.lease_expires_at >= now):
+            return False
+        source = task.status
+        ran = source in EXECUTING
+        fields: dict[str, Any] = {"status": target, "completed_at": now}
+        if target == COMPLETED:
+            fields.update(error_code="", error_message="", progress=100)
+        else:
+            if error_code or not task.error_code:
+                fields["error_code"] = (
+                    error_code
+                    or {
+                        FAILED: ErrorCode.PROVIDER_ERROR,
+                        TIMEOUT: ErrorCode.TIMEOUT,
+                        CANCELLED: ErrorCode.CANCELLED_BY_USER,
+                    }[target]
+                )
+            if error_message:
+                fields["error_message"] = error_message
+        if progress is not None:
+            fields["progress"] = max(0, min(100, progress))
+        if cancel_reason is not None:
+            fields["cancel_reason"] = cancel_reason[:500]
+        if message:
+            fields["status_message"] = message[:255]
+        if task_data_update:
+            fields["task_data"] = {**task.task_data, **task_data_update}
+        if revoke_lease or token is None:
+            # Nobody may write for this task any more: a late worker is fenced off.
+            fields.update(lease_token="", lease_expires_at=None)
+        match = Task.objects.filter(pk=task_id, status=source)
+        if token is not None:
+            match = match.filter(lease_token=token)
+        if match.update(**fields) != 1:
+            return False
+        for name, value in fields.items():
+            setattr(task, name, value)
+        reason = fields.get("error_code", "") or ""
+        if cancel_reason:
+            reason = f"{reason}: {cancel_reason}" if reason else cancel_reason
+        _event(task, source, target, actor, reason=reason, message=error_message or message, at=now)
+        if instance is not None:
+            outcome = Outcome(
+                status=target,
+                ran=ran,
+                instance_status=instance_status,
+                instance_updates=instance_updates or {},
+                reason=task.error_code,
+            )
+            get_operation(task.task_type).on_finished(task, instance, outcome)
+            if needs_reconcile and ran:
+                instance.needs_reconcile = True
+            if instance.active_task_id == task.pk:
+                instance.active_task = None
+            instance.save()
+        if ran or task.admitted_at is not None:
+            _wake_admission(task.provider_id)
+        logger.info("task %s: %s -> %s by %s %s", task_id, source, target, actor, reason)
+        return True
+
+
+def report_progress(task_id: int, *, token: str, progress: int, message: str, step: bool = False) -> bool:
+    """The worker's progress write; False when its lease is gone (stop working)."""
+    fields: dict[str, Any] = {"progress": max(0, min(100, int(progress)))}
+    if message:
+        fields["status_message"] = message[:255]
+    rows = Task.objects.filter(pk=task_id, lease_token=token, status__in=EXECUTING).update(**fields)
+    if rows and step and message:
+        status = Task.objects.filter(pk=task_id).values_list("status", flat=True).first() or RUNNING
+        TaskEvent.objects.create(
+            task_id=task_id,
+            kind=TaskEvent.KIND_STEP,
+            from_status=status,
+            to_status=status,
+            actor="worker",
+            progress=fields["progress"],
+            message=message,
+        )
+    return rows == 1
+
+
+def renew_lease(task_id: int, *, token: str) -> str | None:
+    """Extend the lease; return the task's status (cancelling means: stop), None if lost."""
+    now = timezone.now()
+    rows = Task.objects.filter(pk=task_id, lease_token=token, status__in=EXECUTING).update(
+        heartbeat_at=now, lease_expires_at=lease_deadline(now)
+    )
+    if rows != 1:
+        return None
+    return Task.objects.filter(pk=task_id).values_list("status", flat=True).first()
+
+
+def read_status(task_id: int, *, token: str) -> str | None:
+    """Cheap cancel check: the status if this token still holds the task, else None."""
+    row = Task.objects.filter(pk=task_id).values_list("status", "lease_token").first()
+    if row is None or row[1] != token or row[0] not in EXECUTING:
+        return None
+    return row[0]
+
+
+def force_stop(task_id: int, *, actor: str, reason: str) -> bool:
+    """Admin: end any non-terminal task at once as cancelled, revoke its lease."""
+    return finish(
+        task_id,
+        CANCELLED,
+        token=None,
+        actor=actor,
+        sources={PENDING, RUNNING, CANCELLING},
+        error_code=ErrorCode.FORCE_STOPPED,
+        cancel_reason=reason,
+        message="force-stopped",
+        revoke_lease=True,
+        needs_reconcile=True,
+    )
+
+
+def recover_lost(task_id: int, *, actor: str = "system:recovery") -> bool:
+    """A running task whose lease expired: its worker is gone.
+
+    Past its deadline it ends ``timeout`` (the hard backstop killed it), else
+    ``failed``/worker_lost. The instance is marked for reconciliation.
+    """
+    task = Task.objects.filter(pk=task_id).only("started_at", "timeout_seconds", "task_type").first()
+    if task is None:
+        return False
+    deadline = task.deadline
+    if deadline is not None and deadline <= timezone.now():
+        return finish(
+            task_id,
+            TIMEOUT,
+            token=None,
+            actor=actor,
+            sources=EXECUTING,
+            error_code=ErrorCode.TIMEOUT,
+            error_message=f"timed out after {task.effective_timeout} s; the worker did not stop and was killed",
+            require_lease_expired=True,
+            needs_reconcile=True,
+        )
+    return finish(
+        task_id,
+        FAILED,
+        token=None,
+        actor=actor,
+        sources=EXECUTING,
+        error_code=ErrorCode.WORKER_LOST,
+        error_message="the worker running this task stopped renewing its lease",
+        require_lease_expired=True,
+        needs_reconcile=True,
+    )
+
+
+def release_lease(task_id: int, *, token: str) -> bool:
+    """Graceful shutdown: give the lease up at once so recovery acts without waiting."""
+    past = timezone.now() - timedelta(seconds=1)
+    return bool(Task.objects.filter(pk=task_id, lease_token=token, status__in=EXECUTING).update(lease_expires_at=past))
+
+
+def apply(task_id: int, target: str, *, actor: str, token: str | None = None, worker: str = "") -> bool:
+    """Route a requested target state to its guarded transition (admin tools, tests)."""
+    if target == RUNNING:
+        return claim(task_id, token=token or "", worker=worker or actor)
+    if target == CANCELLING:
+        return set_cancelling(task_id, actor=actor)
+    if target in FINAL:
+        return finish(task_id, target, token=token, actor=actor)
+    return False  # nothing ever goes back to pending

@@ -1,0 +1,88 @@
+"""Races with real threads on MariaDB, where row locks are real."""
+
+from __future__ import annotations
+
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from tasks import services, transitions
+from tasks.errors import InstanceBusy
+from tasks.models import Task, TaskEvent
+from tasks.states import FINAL, TRANSITIONS
+from tests.conftest import make_task
+
+pytestmark = [pytest.mark.mariadb, pytest.mark.django_db(transaction=True)]
+
+THREADS = 8
+
+
+def _close(_=None):
+    connection.close()
+
+
+def test_cancel_start_complete_race_ends_in_one_legal_terminal_state(running_instance):
+    rng = random.Random(20261128)
+    actions = [
+        lambda t: transitions.claim(t, token="tok", worker="w1"),
+        lambda t: transitions.claim(t, token="tok", worker="w2"),
+        lambda t: transitions.request_cancel(t, actor="user:alice", reason="race"),
+        lambda t: transitions.request_cancel(t, actor="admin:root", reason="race", by_admin=True),
+        lambda t: transitions.finish(t, "completed", token="tok", actor="w1"),
+        lambda t: transitions.finish(t, "failed", token="tok", actor="w1", error_code="provider_error"),
+        lambda t: transitions.finish(t, "timeout", token="tok", actor="w1"),
+        lambda t: transitions.force_stop(t, actor="admin:root", reason="race"),
+        lambda t: transitions.finish(t, "cancelled", token="tok", actor="w1"),
+    ]
+    with ThreadPoolExecutor(THREADS) as pool:
+        for _ in range(200):
+            task = make_task(running_instance, lease_token="tok", admitted_at=timezone.now())
+            barrier = threading.Barrier(THREADS)
+            chosen = [rng.choice(actions) for _ in range(THREADS)]
+
+            def run(action, task_id=task.pk, barrier=barrier):
+                barrier.wait()
+                return action(task_id)
+
+            wins = sum(bool(r) for r in pool.map(run, chosen))
+            task.refresh_from_db()
+            if task.status not in FINAL:  # nobody ended it: the worker finishes
+                wins += transitions.finish(task.pk, "completed", token=None, actor="driver")
+                task.refresh_from_db()
+            assert task.status in FINAL
+            path = list(
+                TaskEvent.objects.filter(task=task, kind="transition")
+                .order_by("id")
+                .values_list("from_status", "to_status")
+            )
+            assert len(path) == wins, "every successful transition wrote exactly one event"
+            assert path[0][0] == "pending" and path[-1][1] == task.status
+            for (a, b), (c, _) in zip(path, path[1:]):
+                assert b == c, f"broken path {path}"
+            for a, b in path:
+                assert a in TRANSITIONS[b], f"illegal step {a}->{b}"
+        list(pool.map(_close, range(THREADS)))
+
+
+def test_concurrent_requests_on_one_instance_create_exactly_one_task(alice, running_instance):
+    barrier = threading.Barrier(THREADS)
+
+    def request(_):
+        barrier.wait()
+        try:
+            return services.request_operation(alice, running_instance.pk, "stop").pk
+        except InstanceBusy as exc:
+            return ("busy", exc.extra["active_task"])
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        results = list(pool.map(request, range(THREADS)))
+    created = [r for r in results if not isinstance(r, tuple)]
+    assert len(created) == 1
+    assert all(r == ("busy", created[0]) for r in results if isinstance(r, tuple))
+    assert Task.objects.filter(instance=running_instance).count() == 1
