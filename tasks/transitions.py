@@ -24,7 +24,8 @@ from django.db import OperationalError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from tasks.models import Instance, Provider, Task, TaskEvent, UserQuota
+from tasks import crypto
+from tasks.models import Instance, Provider, Task, TaskEvent, TaskSecret, UserQuota
 from tasks.operations import get_operation
 from tasks.operations.base import Outcome
 from tasks.states import (
@@ -186,6 +187,7 @@ def finish(
     require_lease_expired: bool = False,
     revoke_lease: bool = False,
     needs_reconcile: bool = False,
+    secret: str | None = None,
 ) -> bool:
     """Move a task to a terminal state and apply the outcome to its instance.
 
@@ -251,6 +253,12 @@ def finish(
         if cancel_reason:
             reason = f"{reason}: {cancel_reason}" if reason else cancel_reason
         _event(task, source, target, actor, reason=reason, message=error_message or message, at=now)
+        if secret and target == COMPLETED:
+            TaskSecret.objects.create(
+                task=task,
+                ciphertext=crypto.encrypt(secret),
+                expires_at=now + timedelta(seconds=settings.PASSWORD_READ_WINDOW_SECONDS),
+            )
         if instance is not None:
             outcome = Outcome(
                 status=target,

@@ -49,6 +49,8 @@ class ExecutionContext:
     result: dict[str, Any] = field(default_factory=dict)
     # Status read back from the provider after a failure, so the instance shows the truth.
     instance_status: str | None = None
+    # A password to hand to the owner once (stored encrypted with the completed task).
+    secret: str | None = None
 
 
 class Operation:

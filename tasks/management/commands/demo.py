@@ -46,7 +46,7 @@ class Command(BaseCommand):
                 demo, provider=provider, image="debian/12", name=f"demo-{i + 1}", cpu=1, memory_mb=1024, disk_mb=10240
             )
         for username, password, env in created:
-            shown = "(from $%s)" % env if os.environ.get(env) else password
+            shown = f"(from ${env})" if os.environ.get(env) else password
             self.stdout.write(f"created user {username!r} password: {shown}")
         self.stdout.write(
             f"provider {provider.name!r} ({'created' if new else 'exists'}), "

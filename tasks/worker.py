@@ -1,0 +1,309 @@
+"""The django-q2 entry point: claim, heartbeat, run, finish. Safe to run twice.
+
+A job carries (task id, lease token) and nothing else. ``execute`` claims the
+task with a compare-and-set on both; a duplicate, late or revoked job finds
+nothing to claim and returns. While the operation runs, a heartbeat thread
+renews the lease, watches for a cancel request (within
+TASK_CANCEL_POLL_SECONDS), and enforces the deadline by setting the cancel
+token; the operation stops at its next safe point. If it ignores the token,
+django-q2's per-job timeout (the task's timeout + TASK_HARD_KILL_GRACE_SECONDS)
+raises in it or kills the process, and recovery records ``timeout``.
+
+A worker that cannot renew its lease (database gone, lease revoked) cancels its
+own operation; its writes are fenced by the token anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from django.conf import settings
+from django.db import close_old_connections, connection
+from django.utils import timezone
+
+from providers.base import (
+    CANCEL_LEASE_LOST,
+    CANCEL_SHUTDOWN,
+    CANCEL_TIMEOUT,
+    CANCEL_USER,
+    CancelToken,
+    OperationCancelled,
+    ProviderConfig,
+    ProviderError,
+    build_driver,
+)
+from tasks import transitions
+from tasks.models import Task, Worker
+from tasks.operations import get_operation
+from tasks.operations.base import ExecutionContext
+from tasks.states import CANCELLED, CANCELLING, COMPLETED, FAILED, TIMEOUT, ErrorCode
+
+logger = logging.getLogger(__name__)
+
+# Set by the worker process's SIGTERM handling (graceful shutdown): running
+# operations are cancelled with CANCEL_SHUTDOWN after the grace period.
+_shutdown = threading.Event()
+_current: dict[int, CancelToken] = {}
+
+
+def worker_name() -> str:
+    return f"{settings.WORKER_NODE}:{os.getpid()}"
+
+
+def provider_config(provider) -> ProviderConfig:
+    return ProviderConfig(
+        provider_id=provider.pk,
+        name=provider.name,
+        provider_type=provider.provider_type,
+        connection=dict(provider.connection or {}),
+        secrets=provider.get_secrets(),
+    )
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease, carries the cancel check, fences the worker when the lease is lost."""
+
+    def __init__(self, task_id: int, token: str, cancel: CancelToken, worker: str):
+        super().__init__(name=f"heartbeat-{task_id}", daemon=True)
+        self.task_id, self.token, self.cancel, self.worker = task_id, token, cancel, worker
+        self._halt = threading.Event()
+        self.last_renewed = time.monotonic()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+
+    def run(self) -> None:
+        poll = settings.TASK_CANCEL_POLL_SECONDS
+        beat = settings.TASK_HEARTBEAT_SECONDS
+        next_beat = time.monotonic() + beat
+        try:
+            while not self._halt.wait(poll):
+                self._tick(next_beat)
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + beat
+        finally:
+            connection.close()
+
+    def _tick(self, next_beat: float) -> None:
+        now = time.monotonic()
+        # Reading the flag fires the deadline even while the operation is stuck in a
+        # call; the lease keeps being renewed while it winds down, so nobody recovers it.
+        _ = self.cancel.cancelled
+        try:
+            if now >= next_beat:
+                status = transitions.renew_lease(self.task_id, token=self.token)
+                if status is not None:
+                    self.last_renewed = now
+                    Worker.objects.filter(name=self.worker).update(last_heartbeat=timezone.now())
+            else:
+                status = transitions.read_status(self.task_id, token=self.token)
+        except Exception as exc:  # database unreachable: self-fence once the lease must have run out
+            connection.close()
+            if now - self.last_renewed >= settings.TASK_LEASE_SECONDS - settings.TASK_HEARTBEAT_SECONDS:
+                logger.error("task %s: cannot renew the lease (%s); stopping the operation", self.task_id, exc)
+                self.cancel.cancel(CANCEL_LEASE_LOST)
+            return
+        if status is None:
+            logger.warning("task %s: lease lost (force-stopped or recovered); stopping the operation", self.task_id)
+            self.cancel.cancel(CANCEL_LEASE_LOST)
+        elif status == CANCELLING:
+            self.cancel.cancel(CANCEL_USER)
+        if _shutdown.is_set():
+            self.cancel.cancel(CANCEL_SHUTDOWN)
+
+
+class ProgressReporter:
+    """Progress writes, throttled to a few a second; a new message is always written."""
+
+    def __init__(self, task_id: int, token: str, cancel: CancelToken):
+        self.task_id, self.token, self.cancel = task_id, token, cancel
+        self.last_at = 0.0
+        self.last = (-1, "")
+
+    def __call__(self, percent: int, message: str) -> None:
+        percent = max(0, min(100, int(percent)))
+        now = time.monotonic()
+        step = message != self.last[1]
+        if not step and (percent == self.last[0] or now - self.last_at < settings.TASK_PROGRESS_MIN_INTERVAL):
+            return
+        self.last_at, self.last = now, (percent, message)
+        try:
+            ok = transitions.report_progress(
+                self.task_id, token=self.token, progress=percent, message=message, step=step
+            )
+        except Exception:
+            logger.warning("task %s: progress write failed", self.task_id, exc_info=True)
+            return
+        if not ok:
+            self.cancel.cancel(CANCEL_LEASE_LOST)
+
+
+def _register(name: str, task_id: int) -> None:
+    now = timezone.now()
+    updated = Worker.objects.filter(name=name).update(current_task_id=task_id, last_heartbeat=now)
+    if not updated:
+        Worker.objects.get_or_create(
+            name=name,
+            defaults={
+                "node": settings.WORKER_NODE,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "queue": os.environ.get("Q_CLUSTER_NAME", "default"),
+                "current_task_id": task_id,
+                "last_heartbeat": now,
+            },
+        )
+
+
+def _unregister(name: str) -> None:
+    from django.db.models import F
+
+    try:
+        Worker.objects.filter(name=name).update(
+            current_task=None, last_heartbeat=timezone.now(), tasks_run=F("tasks_run") + 1
+        )
+    except Exception:
+        logger.warning("worker %s: could not update its registry row", name, exc_info=True)
+
+
+def execute(task_id: int, token: str) -> str:
+    """Run one admitted task. Returns what happened (for logs and tests)."""
+    close_old_connections()
+    name = worker_name()
+    if not transitions.claim(task_id, token=token, worker=name):
+        logger.info("task %s: job not claimable (duplicate, late or revoked); dropped", task_id)
+        return "dropped"
+    task = Task.objects.select_related("provider", "instance").get(pk=task_id)
+    elapsed = (timezone.now() - task.started_at).total_seconds()
+    cancel = CancelToken(deadline=time.monotonic() + task.effective_timeout - elapsed)
+    _current[task_id] = cancel
+    _register(name, task_id)
+    heartbeat = Heartbeat(task_id, token, cancel, name)
+    heartbeat.start()
+    logger.info("task %s: %s started on %s (timeout %s s)", task_id, task.task_type, name, task.effective_timeout)
+    ctx = None
+    result: tuple[str, dict] = (FAILED, {"error_code": ErrorCode.INTERNAL_ERROR, "error_message": "not run"})
+    try:
+        op = get_operation(task.task_type)
+        driver = build_driver(provider_config(task.provider))
+        ctx = ExecutionContext(
+            task=task,
+            instance=task.instance,
+            provider=task.provider,
+            driver=driver,
+            cancel=cancel,
+            progress=ProgressReporter(task_id, token, cancel),
+            data=dict(task.task_data),
+        )
+        op.run(ctx)
+        result = (COMPLETED, {})
+    except OperationCancelled as exc:
+        result = _cancelled_outcome(exc.reason or cancel.reason, task)
+    except ProviderError as exc:
+        if cancel.cancelled and cancel.reason in (CANCEL_TIMEOUT, CANCEL_USER):
+            result = _cancelled_outcome(cancel.reason, task)
+        else:
+            code = getattr(exc, "error_code", "") or ErrorCode.PROVIDER_ERROR
+            result = (FAILED, {"error_code": code, "error_message": str(exc)[:2000]})
+    except Exception as exc:
+        logger.exception("task %s: operation crashed", task_id)
+        result = (
+            FAILED,
+            {"error_code": ErrorCode.INTERNAL_ERROR, "error_message": f"{type(exc).__name__}: {exc}"[:2000]},
+        )
+    except BaseException:
+        # django-q2's hard timeout (TimeoutException is a SystemExit) or an interrupt:
+        # record the truth while we still can, then let it kill the process.
+        heartbeat.stop()
+        _finish(
+            task_id,
+            token,
+            TIMEOUT,
+            ctx,
+            {"error_code": ErrorCode.TIMEOUT, "error_message": "killed at the hard timeout"},
+        )
+        _current.pop(task_id, None)
+        _unregister(name)
+        raise
+    finally:
+        if heartbeat.is_alive():
+            heartbeat.stop()
+    _current.pop(task_id, None)
+    status, fields = result
+    outcome = "fenced"
+    if status == "released":
+        transitions.release_lease(task_id, token=token)
+        outcome = "released"
+    elif status != "fenced":
+        outcome = status if _finish(task_id, token, status, ctx, fields) else "fenced"
+    if outcome == "fenced":
+        logger.warning("task %s: result (%s) not recorded: the lease is no longer ours", task_id, status)
+    _unregister(name)
+    return outcome
+
+
+def _cancelled_outcome(reason: str, task: Task) -> tuple[str, dict]:
+    if reason == CANCEL_TIMEOUT:
+        return TIMEOUT, {
+            "error_code": ErrorCode.TIMEOUT,
+            "error_message": f"timed out after {task.effective_timeout} s",
+        }
+    if reason == CANCEL_USER:
+        return CANCELLED, {}
+    if reason == CANCEL_SHUTDOWN:
+        return "released", {}
+    return "fenced", {}
+
+
+def _finish(task_id: int, token: str, status: str, ctx: ExecutionContext | None, fields: dict) -> bool:
+    kwargs = dict(fields)
+    if ctx is not None:
+        kwargs["instance_updates"] = ctx.result
+        kwargs["instance_status"] = ctx.instance_status
+        kwargs["secret"] = ctx.secret if status == COMPLETED else None
+    for attempt in range(5):
+        try:
+            return transitions.finish(task_id, status, token=token, actor=f"worker:{worker_name()}", **kwargs)
+        except Exception:
+            # The database may be briefly away: retry the final write; the lease
+            # rules decide if we are too late.
+            logger.warning("task %s: final write failed (attempt %d)", task_id, attempt + 1, exc_info=True)
+            connection.close()
+            time.sleep(min(0.5 * 2**attempt, 4))
+    return False
+
+
+def request_shutdown() -> None:
+    """Graceful shutdown of this process: cancel running operations (they release their lease)."""
+    _shutdown.set()
+    for cancel in list(_current.values()):
+        cancel.cancel(CANCEL_SHUTDOWN)
+
+
+def run_admitted_inline(provider_id: int | None = None, max_tasks: int = 10_000) -> int:
+    """Admit and run pending tasks in this process, FIFO, until none is left (tests, demos)."""
+    from tasks import dispatch
+    from tasks.models import Provider
+    from tasks.states import PENDING
+
+    done = 0
+    providers = [provider_id] if provider_id else list(Provider.objects.values_list("pk", flat=True))
+    while done < max_tasks:
+        for pid in providers:
+            dispatch.admit(pid)
+        ready = list(
+            Task.objects.filter(status=PENDING, admitted_at__isnull=False, provider_id__in=providers)
+            .order_by("admitted_at", "id")
+            .values_list("pk", "lease_token")[:100]
+        )
+        if not ready:
+            return done
+        for pk, token in ready:
+            execute(pk, token)
+            done += 1
+    return done

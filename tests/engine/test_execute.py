@@ -1,0 +1,58 @@
+"""The worker entry point, run in-process: claim, run, finish; duplicates do nothing."""
+
+from __future__ import annotations
+
+from tasks import dispatch, services, transitions
+from tasks.models import Task
+from tasks.worker import execute, run_admitted_inline
+
+
+def test_create_then_stop_runs_to_completion(alice, provider):
+    instance, task = services.create_instance(alice, provider=provider, image="debian/12")
+    assert run_admitted_inline(provider.pk) == 1
+    task.refresh_from_db()
+    instance.refresh_from_db()
+    assert (task.status, task.progress, instance.status, instance.active_task_id) == ("completed", 100, "running", None)
+    stop = services.request_operation(alice, instance.pk, "stop")
+    run_admitted_inline(provider.pk)
+    stop.refresh_from_db()
+    instance.refresh_from_db()
+    assert (stop.status, instance.status) == ("completed", "stopped")
+    statuses = list(stop.events.filter(kind="transition").values_list("to_status", flat=True))
+    assert statuses == ["pending", "running", "completed"]
+
+
+def test_duplicate_and_stale_jobs_change_nothing(alice, running_instance):
+    task = services.request_operation(alice, running_instance.pk, "stop")
+    dispatch.admit(running_instance.provider_id)
+    task.refresh_from_db()
+    token = task.lease_token
+    assert execute(task.pk, token) == "completed"
+    assert execute(task.pk, token) == "dropped"  # delivered twice
+    events = task.events.count()
+    # A stale job after a force-stop does nothing either.
+    running_instance.refresh_from_db()
+    second = services.request_operation(alice, running_instance.pk, "start")
+    dispatch.admit(running_instance.provider_id)
+    second.refresh_from_db()
+    old_token = second.lease_token
+    transitions.force_stop(second.pk, actor="admin:root", reason="test")
+    assert execute(second.pk, old_token) == "dropped"
+    second.refresh_from_db()
+    assert second.status == "cancelled" and task.events.count() == events
+    assert Task.objects.get(pk=task.pk).status == "completed"
+
+
+def test_admission_respects_the_limit_and_fifo(alice, provider, make_instance, django_capture_on_commit_callbacks):
+    provider.allow_concurrent_tasks, provider.max_concurrent_tasks = True, 2
+    provider.save()
+    instances = [make_instance(alice, provider) for _ in range(5)]
+    with django_capture_on_commit_callbacks(execute=True):  # the wake-up after each commit
+        tasks = [services.request_operation(alice, i.pk, "stop") for i in instances]
+    admitted = Task.objects.filter(admitted_at__isnull=False).order_by("id").values_list("id", flat=True)
+    assert list(admitted) == [tasks[0].pk, tasks[1].pk]
+    info = dispatch.queue_info(Task.objects.get(pk=tasks[3].pk))
+    assert info["blocked_reason"] == "provider at its limit 2/2" and info["queue_position"] == 1
+    provider.max_concurrent_tasks = 3
+    provider.save()
+    assert dispatch.admit(provider.pk) == [tasks[2].pk]
