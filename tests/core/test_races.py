@@ -61,7 +61,7 @@ def test_cancel_start_complete_race_ends_in_one_legal_terminal_state(running_ins
             )
             assert len(path) == wins, "every successful transition wrote exactly one event"
             assert path[0][0] == "pending" and path[-1][1] == task.status
-            for (a, b), (c, _) in zip(path, path[1:], strict=False):
+            for (_a, b), (c, _) in zip(path, path[1:], strict=False):
                 assert b == c, f"broken path {path}"
             for a, b in path:
                 assert a in TRANSITIONS[b], f"illegal step {a}->{b}"
