@@ -168,6 +168,8 @@ if TASK_HEARTBEAT_SECONDS * 2 > TASK_LEASE_SECONDS:
 SIMULATED_SPEED = env_float("SIMULATED_SPEED", 1.0, minimum=0.0)
 # Name of this worker machine (several machines: give each its own).
 WORKER_NODE = env_str("WORKER_NODE") or os.uname().nodename
+# Extra operation modules imported after the built-in ones (they may override a type).
+TASK_EXTRA_OPERATIONS = env_list("TASK_EXTRA_OPERATIONS")
 # Which providers this machine's worker tier serves: empty = all; else names or ids.
 WORKER_PROVIDERS = env_list("WORKER_PROVIDERS")
 

@@ -115,17 +115,20 @@ def admit_soon(provider_id: int) -> None:
         logger.exception("provider %s: admission failed; the sweep will retry", provider_id)
 
 
-def redispatch_stale(now=None) -> list[int]:
-    """Re-send jobs of tasks admitted but never claimed (the broker lost the job).
+def redispatch_stale(cutoff=None, provider_ids=None) -> list[int]:
+    """Re-send jobs of tasks admitted before ``cutoff`` but never claimed (the broker lost the job).
 
     The token stays the same: whichever copy arrives first claims the task, the
     other finds it no longer pending and does nothing.
     """
-    now = now or timezone.now()
-    cutoff = now - timedelta(seconds=settings.TASK_DISPATCH_TIMEOUT_SECONDS)
+    now = timezone.now()
+    if cutoff is None:
+        cutoff = now - timedelta(seconds=settings.TASK_DISPATCH_TIMEOUT_SECONDS)
     sent = []
-    stale = Task.objects.filter(status=PENDING, admitted_at__lt=cutoff).select_related("provider")
-    for task in stale.only("id", "lease_token", "timeout_seconds", "task_type", "provider__id", "admitted_at")[:500]:
+    stale = Task.objects.filter(status=PENDING, admitted_at__lt=cutoff)
+    if provider_ids is not None:
+        stale = stale.filter(provider_id__in=provider_ids)
+    for task in stale.only("id", "lease_token", "timeout_seconds", "task_type", "provider_id", "admitted_at")[:500]:
         rows = Task.objects.filter(
             pk=task.pk, status=PENDING, lease_token=task.lease_token, admitted_at=task.admitted_at
         ).update(admitted_at=now, dispatch_count=F("dispatch_count") + 1)

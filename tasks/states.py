@@ -135,7 +135,9 @@ INSTANCE_BUSY_STATUS: dict[str, str | None] = {
 ALLOWED_INSTANCE_STATUS: dict[str, frozenset[str]] = {
     TaskType.START: frozenset({InstanceStatus.STOPPED, InstanceStatus.ERROR, InstanceStatus.UNKNOWN}),
     TaskType.STOP: frozenset({InstanceStatus.RUNNING, InstanceStatus.ERROR, InstanceStatus.UNKNOWN}),
-    TaskType.RESTART: frozenset({InstanceStatus.RUNNING, InstanceStatus.STOPPED, InstanceStatus.ERROR}),
+    TaskType.RESTART: frozenset(
+        {InstanceStatus.RUNNING, InstanceStatus.STOPPED, InstanceStatus.ERROR, InstanceStatus.UNKNOWN}
+    ),
     TaskType.DELETE: frozenset(
         {
             InstanceStatus.RUNNING,

@@ -50,6 +50,17 @@ _shutdown = threading.Event()
 _current: dict[int, CancelToken] = {}
 
 
+def draining_since() -> float | None:
+    """When this machine's supervisor started draining (its drain file's mtime), or None."""
+    path = os.environ.get("WORKER_DRAIN_FILE")
+    if not path:
+        return None
+    try:
+        return os.stat(path).st_mtime
+    except FileNotFoundError:
+        return None
+
+
 def worker_name() -> str:
     return f"{settings.WORKER_NODE}:{os.getpid()}"
 
@@ -113,7 +124,8 @@ class Heartbeat(threading.Thread):
             self.cancel.cancel(CANCEL_LEASE_LOST)
         elif status == CANCELLING:
             self.cancel.cancel(CANCEL_USER)
-        if _shutdown.is_set():
+        since = draining_since()
+        if _shutdown.is_set() or (since is not None and time.time() - since >= settings.TASK_SHUTDOWN_GRACE_SECONDS):
             self.cancel.cancel(CANCEL_SHUTDOWN)
 
 
@@ -175,6 +187,10 @@ def execute(task_id: int, token: str) -> str:
     """Run one admitted task. Returns what happened (for logs and tests)."""
     close_old_connections()
     name = worker_name()
+    if draining_since() is not None:
+        # This machine is shutting down: claim nothing; the supervisor re-sends the job.
+        logger.info("task %s: worker draining; job left for others", task_id)
+        return "draining"
     if not transitions.claim(task_id, token=token, worker=name):
         logger.info("task %s: job not claimable (duplicate, late or revoked); dropped", task_id)
         return "dropped"

@@ -22,4 +22,13 @@ def get_operation(task_type: str) -> Operation:
 
 
 def _load() -> None:
+    import importlib
+
+    from django.conf import settings
+
     from tasks.operations import noop  # noqa: F401  (fallback until the real modules exist)
+
+    # Site-specific operation modules (TASK_EXTRA_OPERATIONS): imported last, they
+    # may register new implementations for task types.
+    for module in getattr(settings, "TASK_EXTRA_OPERATIONS", []):
+        importlib.import_module(module)

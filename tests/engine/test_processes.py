@@ -1,0 +1,223 @@
+"""The execution engine with real worker-tier processes on MariaDB.
+
+Each test starts `manage.py run_workers` subprocesses (one per simulated
+machine) against the test database, with short leases (tests/engine/harness.py)
+and the sleep operations of tests/engine/ops_for_tests.py.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+import uuid
+from collections import Counter, defaultdict
+
+import pytest
+from django.db import connection
+
+from tasks import services
+from tasks.errors import NotCancellable
+from tasks.models import Instance, Provider, Task
+from tasks.states import FINAL
+from tests.engine.harness import WorkerTier, read_exec_log, wait_until
+
+pytestmark = [pytest.mark.mariadb, pytest.mark.processes, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def node():
+    return f"t{uuid.uuid4().hex[:6]}"
+
+
+def make_provider(name: str, limit: int) -> Provider:
+    return Provider.objects.create(
+        name=name, allow_concurrent_tasks=limit > 1, max_concurrent_tasks=limit, task_poll_interval=1
+    )
+
+
+def make_instances(owner, provider: Provider, n: int) -> list[Instance]:
+    return Instance.objects.bulk_create(
+        Instance(
+            owner=owner,
+            provider=provider,
+            name=f"{provider.name}-{i}",
+            live_name=f"{provider.name}-{i}",
+            image="debian/12",
+            status="running",
+        )
+        for i in range(n)
+    )
+
+
+def queue(owner, instance: Instance, **data) -> Task:
+    timeout = data.pop("timeout_seconds", None)
+    return services.request_operation(owner, instance.pk, "restart", task_data=data, timeout_seconds=timeout)
+
+
+def all_final(ids) -> bool:
+    return not Task.objects.filter(pk__in=ids).exclude(status__in=FINAL).exists()
+
+
+def max_concurrency(tasks: list[Task]) -> list[tuple[float, int]]:
+    """(time, running count) after each start, from the recorded start/end times."""
+    points = []
+    for t in tasks:
+        points.append((t.started_at.timestamp(), 1))
+        points.append((t.completed_at.timestamp(), -1))
+    points.sort(key=lambda p: (p[0], p[1]))  # an end at the same instant frees first
+    running, out = 0, []
+    for at, delta in points:
+        running += delta
+        out.append((at, running))
+    return out
+
+
+def test_limits_hold_globally_fifo_and_all_complete(alice, tmp_path, node):
+    rng = random.Random(7)
+    providers = [make_provider(f"p{limit}", limit) for limit in (1, 2, 3)]
+    instances = {p.pk: make_instances(alice, p, 100) for p in providers}
+    log = tmp_path / "exec.log"
+    tiers = [WorkerTier(tmp_path, f"{node}{i}", exec_log=log).start() for i in range(2)]
+    try:
+        ids = []
+        for i in range(100):
+            for p in providers:
+                ids.append(queue(alice, instances[p.pk][i], sleep=rng.uniform(0, 0.05)).pk)
+            if i == 50:
+                # Raise p1's limit mid-run: it applies at the next admission.
+                Provider.objects.filter(pk=providers[0].pk).update(allow_concurrent_tasks=True, max_concurrent_tasks=2)
+                changed_at = time.time()
+        wait_until(lambda: all_final(ids), 180, 0.5, "300 tasks to finish")
+    finally:
+        for tier in tiers:
+            tier.stop()
+    tasks = list(Task.objects.filter(pk__in=ids).order_by("created_at", "id"))
+    assert Counter(t.status for t in tasks) == {"completed": 300}
+    runs = Counter(row[0] for row in read_exec_log(log))
+    assert all(runs[t.pk] == 1 for t in tasks), "every task ran exactly once"
+    assert {t.attempt_count for t in tasks} == {1}
+    by_provider = defaultdict(list)
+    for t in tasks:
+        by_provider[t.provider_id].append(t)
+    limits = {providers[0].pk: (1, 2), providers[1].pk: (2, 2), providers[2].pk: (3, 3)}
+    for pid, group in by_provider.items():
+        before, after = limits[pid]
+        for at, running in max_concurrency(group):
+            assert running <= (after if at >= changed_at else before), f"provider {pid}: {running} running at {at}"
+        admitted = [t.admitted_at for t in group]
+        assert admitted == sorted(admitted), f"provider {pid}: admission not FIFO"
+    serial = [t for t in by_provider[providers[0].pk] if t.completed_at.timestamp() < changed_at]
+    assert [t.started_at for t in serial] == sorted(t.started_at for t in serial)
+    assert max(running for _, running in max_concurrency(by_provider[providers[2].pk])) >= 2, "p3 did run in parallel"
+
+
+def test_a_hung_provider_does_not_delay_another(alice, tmp_path, node):
+    slow, fast = make_provider("slow", 1), make_provider("fast", 1)
+    hung = [queue(alice, inst, sleep=60) for inst in make_instances(alice, slow, 20)]
+    with WorkerTier(tmp_path, node):
+        wait_until(lambda: Task.objects.filter(pk=hung[0].pk, status="running").exists(), 20, message="hang to start")
+        task = queue(alice, make_instances(alice, fast, 1)[0], sleep=0)
+        started = wait_until(lambda: Task.objects.filter(pk=task.pk, started_at__isnull=False).first(), 5)
+        assert (started.started_at - started.created_at).total_seconds() < 1.0
+        for t in hung:
+            services.force_stop_task(_root(), t.pk, reason="test over")
+
+
+def _root():
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.get_or_create(username="root-admin", defaults={"is_staff": True})[0]
+
+
+def test_cancel_pending_running_and_terminal(alice, tmp_path, node):
+    provider = make_provider("c", 1)
+    first, second = make_instances(alice, provider, 2)
+    with WorkerTier(tmp_path, node):
+        running = queue(alice, first, sleep=30)
+        pending = queue(alice, second, sleep=0)
+        wait_until(lambda: Task.objects.filter(pk=running.pk, status="running").exists(), 20, message="start")
+        # Pending: cancelled at once.
+        assert services.cancel_task(alice, pending.pk).status == "cancelled"
+        # Running: cancelling, then cancelled within 2 s.
+        asked = time.monotonic()
+        assert services.cancel_task(alice, running.pk).status == "cancelling"
+        wait_until(lambda: Task.objects.filter(pk=running.pk, status="cancelled").exists(), 2.0, message="cancelled")
+        assert time.monotonic() - asked < 2.0
+        with pytest.raises(NotCancellable):
+            services.cancel_task(alice, running.pk)
+        # The instance and the slot are free again.
+        after = queue(alice, first, sleep=0)
+        wait_until(lambda: Task.objects.filter(pk=after.pk, status="completed").exists(), 10, message="next task")
+
+
+def test_timeouts_end_timeout_and_free_the_slot(alice, tmp_path, node):
+    provider = make_provider("tmo", 3)
+    polite, stubborn, deaf, after = make_instances(alice, provider, 4)
+    with WorkerTier(tmp_path, node) as tier:
+        t1 = queue(alice, polite, sleep=30, timeout_seconds=2)
+        t2 = queue(alice, stubborn, sleep=30, ignore_cancel=True, timeout_seconds=2)
+        t3 = queue(alice, deaf, sleep=30, ignore_cancel=True, block_sigalrm=True, timeout_seconds=2)
+        wait_until(lambda: Task.objects.filter(pk=t1.pk, status="timeout").exists(), 7, message="polite timeout")
+        t1.refresh_from_db()
+        assert (t1.completed_at - t1.started_at).total_seconds() < 5
+        # Ignores the cancel token: django-q2's hard timeout interrupts it (timeout + 1 s grace).
+        wait_until(lambda: Task.objects.filter(pk=t2.pk, status="timeout").exists(), 10, message="stubborn timeout")
+        # Blocks even that: the process is killed, recovery records timeout once the lease runs out.
+        wait_until(lambda: Task.objects.filter(pk=t3.pk, status="timeout").exists(), 25, message="deaf timeout")
+        t3.refresh_from_db()
+        assert t3.error_code == "timeout"
+        nxt = queue(alice, after, sleep=0)
+        wait_until(lambda: Task.objects.filter(pk=nxt.pk, status="completed").exists(), 15, message="slot free")
+        again = queue(alice, polite, sleep=0)
+        wait_until(lambda: Task.objects.filter(pk=again.pk, status="completed").exists(), 15, message="instance free")
+        assert "Traceback" not in tier.log() or "TimeoutException" in tier.log()
+
+
+def test_a_killed_worker_is_recovered_and_others_are_untouched(alice, tmp_path, node):
+    victim_provider, other_provider = make_provider("victim", 1), make_provider("other", 1)
+    victim_inst = make_instances(alice, victim_provider, 1)[0]
+    other_inst = make_instances(alice, other_provider, 1)[0]
+    with WorkerTier(tmp_path, node):
+        doomed = queue(alice, victim_inst, sleep=60)
+        healthy = queue(alice, other_inst, sleep=6)
+        wait_until(lambda: Task.objects.filter(pk__in=[doomed.pk, healthy.pk], status="running").count() == 2, 20)
+        doomed.refresh_from_db()
+        pid = int(doomed.worker.rsplit(":", 1)[1])
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_until(lambda: Task.objects.filter(pk=doomed.pk, status="failed").exists(), 10, message="worker_lost")
+        bound = time.monotonic() - killed_at
+        doomed.refresh_from_db()
+        assert doomed.error_code == "worker_lost"
+        assert bound < 3 + 0.5 + 2, f"recovered in {bound:.1f} s"
+        victim_inst.refresh_from_db()
+        assert victim_inst.needs_reconcile and victim_inst.active_task_id is None
+        # The next task on that provider and instance runs.
+        nxt = queue(alice, victim_inst, sleep=0)
+        wait_until(lambda: Task.objects.filter(pk=nxt.pk, status="completed").exists(), 15, message="next task")
+        # The task on the other worker was never touched.
+        wait_until(lambda: Task.objects.filter(pk=healthy.pk, status="completed").exists(), 15)
+        healthy.refresh_from_db()
+        assert healthy.attempt_count == 1 and healthy.error_code == ""
+
+
+def test_restart_loses_nothing_and_runs_nothing_twice(alice, tmp_path, node):
+    provider = make_provider("rs", 1)
+    log = tmp_path / "exec.log"
+    tasks = [queue(alice, inst, sleep=0.2) for inst in make_instances(alice, provider, 25)]
+    ids = [t.pk for t in tasks]
+    tier = WorkerTier(tmp_path, node, exec_log=log).start()
+    wait_until(lambda: Task.objects.filter(pk__in=ids, status="completed").count() >= 3, 30, message="some done")
+    assert tier.stop() == 0
+    done_before = Task.objects.filter(pk__in=ids, status__in=FINAL).count()
+    assert done_before < 25
+    with WorkerTier(tmp_path, node + "b", exec_log=log):
+        wait_until(lambda: all_final(ids), 60, 0.2, "all tasks after restart")
+    statuses = Counter(Task.objects.filter(pk__in=ids).values_list("status", flat=True))
+    assert statuses["completed"] >= 24 and sum(statuses.values()) == 25
+    runs = Counter(row[0] for row in read_exec_log(log))
+    assert max(runs.values()) == 1, "no task ran twice"
+    assert all(runs[pk] == 1 for pk in Task.objects.filter(pk__in=ids, status="completed").values_list("pk", flat=True))
+    connection.close()
