@@ -1,0 +1,16 @@
+"""The operators' console: the Django admin for tasks, instances, providers, workers.
+
+Modules: task_admin (tasks, cancel and force-stop), instance_admin (instances,
+ports, the instance actions), provider_admin (live concurrency settings,
+connectivity check, write-only secrets), other_admin (quotas, workers, the
+event log), common (badges, bars, redaction, bulk reports), permissions (the
+force-stop permission). The dashboard and the progress JSON view live in
+tasks.admin_views, routed through TaskAdmin.get_urls. See docs/admin.md.
+"""
+
+from __future__ import annotations
+
+from tasks.admin import instance_admin, other_admin, provider_admin, task_admin  # noqa: F401  (registrations)
+from tasks.admin.permissions import connect as _connect_permissions
+
+_connect_permissions()

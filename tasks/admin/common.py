@@ -1,0 +1,262 @@
+"""Shared pieces of the console: badges, progress bars, redaction, bulk-action reports.
+
+Every bulk action calls the same services as the API, one object at a time, and
+reports "N done, M skipped": a skip is a service refusal (the task finished
+meanwhile, the instance is busy), never an error, and it changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.db import models
+from django.http import HttpRequest
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+from tasks.errors import ServiceError
+from tasks.states import FINAL, InstanceStatus, TaskStatus
+
+logger = logging.getLogger(__name__)
+
+# Keys whose values never leave the server: matched as substrings, case-insensitive.
+SECRET_MARKERS = ("password", "secret", "token", "key")
+REDACTED = "•••••• (redacted)"
+# A confirmation page lists the objects it acts on; beyond this, narrow the selection.
+MAX_BULK = 500
+STYLES = ("tasks/admin.css",)
+SCRIPTS = ("tasks/progress.js",)
+
+
+def progress_url() -> str:
+    return reverse("admin:tasks_task_progress")
+
+
+def status_badge(task_id: int | None, status: str, label: str | None = None) -> SafeString:
+    """A coloured badge; with a task id the progress poller keeps it current."""
+    if label is None:
+        label = TaskStatus(status).label if status in TaskStatus.values else status
+    if task_id is None:
+        return format_html('<span class="tc-badge tc-badge--{}">{}</span>', status, label)
+    return format_html(
+        '<span class="tc-badge tc-badge--{}" data-task-id="{}" data-role="badge" data-status="{}" '
+        'data-progress-url="{}">{}</span>',
+        status,
+        task_id,
+        status,
+        progress_url(),
+        label,
+    )
+
+
+def instance_badge(instance_id: int, status: str) -> SafeString:
+    label = InstanceStatus(status).label if status in InstanceStatus.values else status
+    return format_html(
+        '<span class="tc-badge tc-badge--i-{}" data-instance-id="{}" data-role="instance-badge">{}</span>',
+        status,
+        instance_id,
+        label,
+    )
+
+
+def progress_bar(task_id: int, status: str, progress: int, message: str = "", *, wide: bool = False) -> SafeString:
+    """A bar the poller updates in place (data-task-id); its colour follows the status."""
+    return format_html(
+        '<div class="tc-progress tc-progress--{status}{wide}" data-task-id="{id}" data-role="progress" '
+        'data-status="{status}" data-progress-url="{url}" role="progressbar" aria-valuemin="0" '
+        'aria-valuemax="100" aria-valuenow="{progress}">'
+        '<div class="tc-progress__bar" style="width: {progress}%"></div>'
+        '<span class="tc-progress__label">{progress}%<span class="tc-progress__msg">{sep}{message}</span></span>'
+        "</div>",
+        status=status,
+        wide=" tc-progress--wide" if wide else "",
+        id=task_id,
+        url=progress_url(),
+        progress=int(progress),
+        sep=" · " if message else "",
+        message=message,
+    )
+
+
+def human_duration(delta: timedelta | float | None) -> str:
+    """Compact durations an operator reads at a glance: 850 ms, 42 s, 3 min 05 s, 2 h 10 min."""
+    if delta is None:
+        return "—"
+    seconds = delta.total_seconds() if isinstance(delta, timedelta) else float(delta)
+    seconds = max(0.0, seconds)
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes, sec = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {sec:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes:02d} min"
+    return f"{hours // 24} d {hours % 24} h"
+
+
+def age(moment: datetime | None, now: datetime | None = None) -> str:
+    if moment is None:
+        return "—"
+    return f"{human_duration((now or timezone.now()) - moment)} ago"
+
+
+def redact(value: Any) -> Any:
+    """A copy of JSON-like data with the values of secret-looking keys replaced."""
+    if isinstance(value, dict):
+        return {
+            key: (REDACTED if any(m in str(key).lower() for m in SECRET_MARKERS) else redact(item))
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(item) for item in value]
+    return value
+
+
+def admin_link(obj: models.Model | None, text: str | None = None) -> SafeString | str:
+    if obj is None:
+        return "—"
+    opts = obj._meta
+    url = reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk])
+    return format_html('<a href="{}">{}</a>', url, text if text is not None else str(obj))
+
+
+def is_final(status: str) -> bool:
+    return status in FINAL
+
+
+# ------------------------------------------------------------------ bulk actions
+
+
+@dataclass
+class BulkResult:
+    """What one bulk action did: objects acted on, and the ones skipped with why."""
+
+    verb: str
+    done: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"{self.verb}: {len(self.done)} done, {len(self.skipped)} skipped"
+        if self.failed:
+            text += f", {len(self.failed)} failed"
+        details = [f"{label}: {why}" for label, why in (self.skipped + self.failed)[:10]]
+        if len(self.skipped) + len(self.failed) > 10:
+            details.append("…")
+        return text + (" (" + "; ".join(details) + ")" if details else "") + "."
+
+    def report(self, modeladmin: admin.ModelAdmin, request: HttpRequest) -> None:
+        if self.failed:
+            level = messages.ERROR
+        elif self.skipped:
+            level = messages.WARNING
+        else:
+            level = messages.SUCCESS
+        modeladmin.message_user(request, self.summary(), level)
+
+
+def run_bulk(
+    verb: str,
+    objects: Iterable[models.Model],
+    perform: Callable[[models.Model], Any],
+    *,
+    label: Callable[[models.Model], str] = str,
+) -> BulkResult:
+    """Call ``perform`` per object, each in its own transaction (inside the service).
+
+    A ServiceError is the service saying no (lost race, busy, wrong state): a skip.
+    Anything else is a bug or an outage: logged and counted as failed, and the
+    remaining objects are still tried.
+    """
+    result = BulkResult(verb)
+    for obj in objects:
+        try:
+            perform(obj)
+        except ServiceError as exc:
+            result.skipped.append((label(obj), exc.detail))
+        except Exception as exc:
+            logger.exception("%s of %s failed in the console", verb, label(obj))
+            result.failed.append((label(obj), f"{type(exc).__name__}: {exc}"))
+        else:
+            result.done.append(label(obj))
+    return result
+
+
+class ReasonForm(forms.Form):
+    reason = forms.CharField(
+        max_length=500,
+        required=True,
+        strip=True,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60, "autofocus": True}),
+        help_text="Recorded in each task's timeline and shown to its owner.",
+    )
+
+
+class ConfirmForm(forms.Form):
+    """A confirmation without a reason (destructive instance actions)."""
+
+
+def confirm_action(
+    modeladmin: admin.ModelAdmin,
+    request: HttpRequest,
+    queryset: models.QuerySet,
+    *,
+    action: str,
+    title: str,
+    explanation: str,
+    perform: Callable[[dict], BulkResult],
+    form_class: type[forms.Form] = ReasonForm,
+    danger: bool = False,
+    button: str = "Confirm",
+    post_url: str = "",
+) -> TemplateResponse | None:
+    """The intermediate page of an action: ask (a reason), then act and report.
+
+    The page posts back the action name and the selected ids, so the second POST
+    arrives at the changelist like the first, with ``confirm`` set. Returning None
+    sends the operator back to the changelist with the report.
+    """
+    confirmed = request.method == "POST" and request.POST.get("confirm") == action
+    form = form_class(request.POST if confirmed else None)
+    if confirmed and form.is_valid():
+        perform(form.cleaned_data).report(modeladmin, request)
+        return None
+    count = queryset.count()
+    if count > MAX_BULK:
+        modeladmin.message_user(
+            request,
+            f"{count} objects selected; act on at most {MAX_BULK} at a time (narrow the filter).",
+            messages.ERROR,
+        )
+        return None
+    opts = modeladmin.model._meta
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": title,
+        "subtitle": None,
+        "opts": opts,
+        "objects": list(queryset),
+        "action": action,
+        "explanation": explanation,
+        "form": form,
+        "danger": danger,
+        "button": button,
+        "post_url": post_url,
+        "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+        "changelist_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist"),
+        "media": forms.Media(css={"all": STYLES}),
+    }
+    return TemplateResponse(request, "admin/tasks/confirm_action.html", context)

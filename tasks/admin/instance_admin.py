@@ -1,0 +1,307 @@
+"""Instances and port mappings in the console.
+
+Instances are read-only here: their status, resources and ports change only
+through tasks, and their quota/capacity counters must match what live instances
+hold. The actions (start, stop, restart, reset, delete) queue tasks through
+tasks.services.request_operation, exactly as the API does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html, format_html_join
+
+from tasks import services
+from tasks.admin.common import (
+    SCRIPTS,
+    STYLES,
+    BulkResult,
+    ConfirmForm,
+    admin_link,
+    age,
+    confirm_action,
+    instance_badge,
+    progress_bar,
+    run_bulk,
+    status_badge,
+)
+from tasks.admin.task_admin import search_by_identity
+from tasks.models import Instance, PortMapping, Task
+from tasks.states import TaskType
+
+logger = logging.getLogger(__name__)
+
+
+class PortMappingInline(admin.TabularInline):
+    model = PortMapping
+    extra = 0
+    can_delete = False
+    show_change_link = False
+    fields = ("protocol", "host_ports", "guest_ports", "is_ssh", "status", "description")
+    readonly_fields = fields
+
+    @admin.display(description="host ports")
+    def host_ports(self, mapping: PortMapping) -> str:
+        return _port_range(mapping.host_port_start, mapping.host_port_end)
+
+    @admin.display(description="guest ports")
+    def guest_ports(self, mapping: PortMapping) -> str:
+        return _port_range(mapping.guest_port_start, mapping.guest_port_end)
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+def _port_range(start: int, end: int) -> str:
+    return str(start) if start == end else f"{start}-{end}"
+
+
+def _memory(mb: int) -> str:
+    return f"{mb / 1024:g} GB" if mb >= 1024 and mb % 256 == 0 else f"{mb} MB"
+
+
+@admin.register(Instance)
+class InstanceAdmin(admin.ModelAdmin):
+    list_display = (
+        "name",
+        "id",
+        "owner",
+        "provider",
+        "instance_type",
+        "status_col",
+        "resources",
+        "ssh_port",
+        "active_task_col",
+        "needs_reconcile",
+        "created_at",
+    )
+    list_filter = ("status", "instance_type", "provider", "needs_reconcile")
+    search_fields = ("name", "owner__username")
+    search_help_text = "Instance name, owner's username, instance id or uuid."
+    list_select_related = ("owner", "provider", "active_task")
+    ordering = ("-created_at", "-id")
+    list_per_page = 50
+    show_full_result_count = False
+    actions = ("start_instances", "stop_instances", "restart_instances", "reset_instances", "delete_instances")
+    inlines = (PortMappingInline,)
+    readonly_fields = (
+        "uuid",
+        "name",
+        "owner",
+        "provider",
+        "instance_type",
+        "image",
+        "status_col",
+        "resources",
+        "bandwidth_mbps",
+        "addresses",
+        "ssh_port",
+        "provider_ref",
+        "guest_name",
+        "active_task_detail",
+        "recent_tasks",
+        "needs_reconcile",
+        "holds_resources",
+        "created_at",
+        "updated_at",
+        "deleted_at",
+    )
+    fieldsets = (
+        (None, {"fields": ("uuid", "name", "owner", "provider", "instance_type", "image", "status_col")}),
+        ("Resources", {"fields": ("resources", "bandwidth_mbps", "holds_resources")}),
+        ("Network", {"fields": ("addresses", "ssh_port")}),
+        ("Provider", {"fields": ("guest_name", "provider_ref", "needs_reconcile")}),
+        ("Tasks", {"fields": ("active_task_detail", "recent_tasks")}),
+        ("Dates", {"fields": ("created_at", "updated_at", "deleted_at")}),
+    )
+
+    class Media:
+        css = {"all": STYLES}
+        js = SCRIPTS
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Creation reserves quota, capacity and ports: only through the API's create.
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Instance | None = None) -> bool:
+        # List level: gates the actions. The instance page itself is read-only.
+        if obj is not None:
+            return False
+        return super().has_change_permission(request)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Instance | None = None) -> bool:
+        # Rows are never deleted (status=deleted); the delete action queues a delete task.
+        return False
+
+    def get_actions(self, request: HttpRequest):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra = dict(extra_context or {})
+        if self.has_change_permission(request):
+            extra["has_instance_actions"] = True
+            extra["instance_actions"] = [
+                ("start_instances", "Start"),
+                ("stop_instances", "Stop"),
+                ("restart_instances", "Restart"),
+                ("reset_instances", "Reset…"),
+                ("delete_instances", "Delete…"),
+            ]
+        return super().change_view(request, object_id, form_url, extra_context=extra)
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
+        found, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        exact = search_by_identity(search_term) if search_term else None
+        if exact is not None:
+            found = found | queryset.filter(exact)
+        return found, may_have_duplicates
+
+    # ------------------------------------------------------------ columns
+
+    @admin.display(description="status", ordering="status")
+    def status_col(self, instance: Instance):
+        return instance_badge(instance.pk, instance.status)
+
+    @admin.display(description="resources")
+    def resources(self, instance: Instance) -> str:
+        return f"{instance.cpu} CPU · {_memory(instance.memory_mb)} RAM · {_memory(instance.disk_mb)} disk"
+
+    @admin.display(description="active task")
+    def active_task_col(self, instance: Instance):
+        task = instance.active_task
+        if task is None:
+            return "—"
+        return format_html(
+            '<div class="tc-active">{} {} {}</div>',
+            admin_link(task, f"#{task.pk} {task.task_type}"),
+            status_badge(task.pk, task.status, task.get_status_display()),
+            progress_bar(task.pk, task.status, task.progress, task.status_message),
+        )
+
+    @admin.display(description="active task")
+    def active_task_detail(self, instance: Instance):
+        return self.active_task_col(instance)
+
+    @admin.display(description="recent tasks")
+    def recent_tasks(self, instance: Instance):
+        tasks = list(Task.objects.filter(instance=instance).order_by("-created_at", "-id")[:10])
+        if not tasks:
+            return "—"
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    admin_link(t, f"#{t.pk}"),
+                    t.task_type,
+                    status_badge(t.pk, t.status, t.get_status_display()),
+                    t.error_code or "",
+                    age(t.created_at),
+                )
+                for t in tasks
+            ),
+        )
+        return format_html('<table class="tc-table"><tbody>{}</tbody></table>', rows)
+
+    # ------------------------------------------------------------ actions
+
+    def _queue(self, request: HttpRequest, queryset: QuerySet, task_type: str, verb: str) -> BulkResult:
+        def queue(instance: Instance) -> None:
+            task = services.request_operation(request.user, instance.pk, task_type, admin=True)
+            logger.info(
+                "task %s: %s of instance %s queued by %s in the console", task.pk, task_type, instance.pk, request.user
+            )
+
+        return run_bulk(verb, queryset.order_by("pk"), queue, label=lambda i: i.name)
+
+    def _queue_now(self, request: HttpRequest, queryset: QuerySet, task_type: str, verb: str) -> None:
+        self._queue(request, queryset, task_type, verb).report(self, request)
+
+    @admin.action(description="Start selected instances", permissions=["change"])
+    def start_instances(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._queue_now(request, queryset, TaskType.START, "Start")
+
+    @admin.action(description="Stop selected instances", permissions=["change"])
+    def stop_instances(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._queue_now(request, queryset, TaskType.STOP, "Stop")
+
+    @admin.action(description="Restart selected instances", permissions=["change"])
+    def restart_instances(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._queue_now(request, queryset, TaskType.RESTART, "Restart")
+
+    @admin.action(description="Reset selected instances (reinstall; asks to confirm)", permissions=["change"])
+    def reset_instances(self, request: HttpRequest, queryset: QuerySet):
+        return confirm_action(
+            self,
+            request,
+            queryset,
+            action="reset_instances",
+            title="Reset instances",
+            explanation=(
+                "Reset reinstalls each instance from its image: everything on its disk is lost. The "
+                "instance keeps its name, resources and ports. Busy instances are skipped."
+            ),
+            perform=lambda data: self._queue(request, queryset, TaskType.RESET, "Reset"),
+            form_class=ConfirmForm,
+            danger=True,
+            button="Reset these instances",
+        )
+
+    @admin.action(description="Delete selected instances (asks to confirm)", permissions=["change"])
+    def delete_instances(self, request: HttpRequest, queryset: QuerySet):
+        return confirm_action(
+            self,
+            request,
+            queryset,
+            action="delete_instances",
+            title="Delete instances",
+            explanation=(
+                "Delete removes each guest from its provider, frees its ports, quota and capacity. "
+                "It cannot be undone. Busy instances are skipped."
+            ),
+            perform=lambda data: self._queue(request, queryset, TaskType.DELETE, "Delete"),
+            form_class=ConfirmForm,
+            danger=True,
+            button="Delete these instances",
+        )
+
+
+@admin.register(PortMapping)
+class PortMappingAdmin(admin.ModelAdmin):
+    list_display = ("id", "instance_link", "provider", "protocol", "host_ports", "guest_ports", "is_ssh", "status")
+    list_filter = ("status", "protocol", "provider", "is_ssh")
+    search_fields = ("instance__name", "host_port_start__exact")
+    list_select_related = ("instance", "provider")
+    readonly_fields = [f.name for f in PortMapping._meta.fields]
+
+    @admin.display(description="instance", ordering="instance__name")
+    def instance_link(self, mapping: PortMapping):
+        return admin_link(mapping.instance, mapping.instance.name)
+
+    @admin.display(description="host ports", ordering="host_port_start")
+    def host_ports(self, mapping: PortMapping) -> str:
+        return _port_range(mapping.host_port_start, mapping.host_port_end)
+
+    @admin.display(description="guest ports")
+    def guest_ports(self, mapping: PortMapping) -> str:
+        return _port_range(mapping.guest_port_start, mapping.guest_port_end)
+
+    # Mappings change only through create-port / delete-port tasks (overlap checks,
+    # provider-side rules); the console shows them.
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

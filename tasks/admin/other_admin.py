@@ -1,0 +1,171 @@
+"""Quotas, workers and the raw event log in the console."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from django import forms
+from django.conf import settings
+from django.contrib import admin
+from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.html import format_html
+
+from tasks.admin.common import SCRIPTS, STYLES, admin_link, age, status_badge
+from tasks.models import TaskEvent, UserQuota, Worker
+
+logger = logging.getLogger(__name__)
+
+
+def worker_alive_cutoff():
+    """A worker whose last heartbeat is older than this is presumed gone."""
+    return timezone.now() - timedelta(seconds=max(60.0, 4 * settings.TASK_LEASE_SECONDS))
+
+
+@admin.register(UserQuota)
+class UserQuotaAdmin(admin.ModelAdmin):
+    list_display = (
+        "user",
+        "instances",
+        "cpu",
+        "memory",
+        "disk",
+    )
+    search_fields = ("user__username",)
+    list_select_related = ("user",)
+    readonly_fields = ("used_instances", "used_cpu", "used_memory_mb", "used_disk_mb")
+    raw_id_fields = ("user",)
+
+    @admin.display(description="instances")
+    def instances(self, q: UserQuota) -> str:
+        return f"{q.used_instances} / {q.max_instances}"
+
+    @admin.display(description="CPU")
+    def cpu(self, q: UserQuota) -> str:
+        return f"{q.used_cpu} / {q.max_cpu}"
+
+    @admin.display(description="memory (MB)")
+    def memory(self, q: UserQuota) -> str:
+        return f"{q.used_memory_mb} / {q.max_memory_mb}"
+
+    @admin.display(description="disk (MB)")
+    def disk(self, q: UserQuota) -> str:
+        return f"{q.used_disk_mb} / {q.max_disk_mb}"
+
+    def save_model(self, request: HttpRequest, obj: UserQuota, form: forms.ModelForm, change: bool) -> None:
+        if not change:
+            obj.save()
+            return
+        # The used_* counters move under the quota row lock while the form is open:
+        # write back only the limits the operator changed.
+        fields = [name for name in form.changed_data if name.startswith("max_")]
+        if fields:
+            obj.save(update_fields=fields)
+            logger.info("quota of user %s: %s changed by %s", obj.user_id, ", ".join(fields), request.user)
+
+
+class AliveFilter(admin.SimpleListFilter):
+    title = "liveness"
+    parameter_name = "alive"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Alive (recent heartbeat)"), ("no", "Stale")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.filter(last_heartbeat__gte=worker_alive_cutoff())
+        if self.value() == "no":
+            return queryset.filter(last_heartbeat__lt=worker_alive_cutoff())
+        return queryset
+
+
+@admin.register(Worker)
+class WorkerAdmin(admin.ModelAdmin):
+    list_display = (
+        "name",
+        "alive",
+        "node",
+        "queue",
+        "role",
+        "heartbeat",
+        "current",
+        "tasks_run",
+        "draining",
+    )
+    list_filter = (AliveFilter, "role", "queue", "draining")
+    search_fields = ("name", "node", "host", "queue")
+    list_select_related = ("current_task",)
+    ordering = ("-last_heartbeat",)
+
+    class Media:
+        css = {"all": STYLES}
+        js = SCRIPTS
+
+    @admin.display(description="alive", boolean=True)
+    def alive(self, worker: Worker) -> bool:
+        return worker.last_heartbeat >= worker_alive_cutoff()
+
+    @admin.display(description="last heartbeat", ordering="last_heartbeat")
+    def heartbeat(self, worker: Worker) -> str:
+        return age(worker.last_heartbeat)
+
+    @admin.display(description="current task")
+    def current(self, worker: Worker):
+        task = worker.current_task
+        if task is None:
+            return "idle"
+        return format_html(
+            "{} {}", admin_link(task, f"#{task.pk} {task.task_type}"), status_badge(task.pk, task.status)
+        )
+
+    # Workers write their own rows; a stale row may be removed, nothing else.
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        if obj is not None and obj.last_heartbeat >= worker_alive_cutoff():
+            return False
+        return super().has_delete_permission(request, obj)
+
+
+@admin.register(TaskEvent)
+class TaskEventAdmin(admin.ModelAdmin):
+    """The audit trail across tasks (each task's page shows its own timeline)."""
+
+    list_display = ("at", "task_link", "kind", "transition", "actor", "reason", "progress", "message")
+    list_filter = ("kind", "to_status", ("at", admin.DateFieldListFilter))
+    search_fields = ("actor", "reason", "message")
+    search_help_text = "Actor (e.g. admin:root), reason or message."
+    list_select_related = ("task",)
+    ordering = ("-at", "-id")
+    show_full_result_count = False
+    readonly_fields = [f.name for f in TaskEvent._meta.fields]
+
+    class Media:
+        css = {"all": STYLES}
+
+    @admin.display(description="task", ordering="task_id")
+    def task_link(self, event: TaskEvent):
+        return admin_link(event.task, f"#{event.task_id} {event.task.task_type}")
+
+    @admin.display(description="transition")
+    def transition(self, event: TaskEvent):
+        if event.kind == TaskEvent.KIND_STEP:
+            return "step"
+        if not event.from_status:
+            return format_html("→ {}", status_badge(None, event.to_status))
+        return format_html("{} → {}", status_badge(None, event.from_status), status_badge(None, event.to_status))
+
+    # The audit trail is append-only.
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

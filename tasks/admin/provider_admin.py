@@ -1,0 +1,267 @@
+"""Providers in the console: concurrency settings edited live, load against the limit,
+a connectivity check, and secrets that can be replaced but never shown.
+
+A save writes only the fields the operator changed (``update_fields``): the
+capacity counters on the same row move under the provider lock while the form
+is open, and a full save would write their stale values back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from django import forms
+from django.contrib import admin, messages
+from django.db import transaction
+from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce
+from django.http import HttpRequest
+from django.utils.html import format_html
+
+from tasks import dispatch
+from tasks.admin.common import SCRIPTS, STYLES
+from tasks.models import Provider, Task
+from tasks.states import EXECUTING, PENDING
+
+logger = logging.getLogger(__name__)
+
+CONCURRENCY_FIELDS = (
+    "enabled",
+    "allow_concurrent_tasks",
+    "max_concurrent_tasks",
+    "enable_task_polling",
+    "task_poll_interval",
+)
+
+
+def _task_count(statuses) -> Coalesce:
+    counts = (
+        Task.objects.filter(provider=OuterRef("pk"), status__in=statuses)
+        .order_by()
+        .values("provider")
+        .annotate(n=Count("pk"))
+        .values("n")[:1]
+    )
+    return Coalesce(Subquery(counts, output_field=IntegerField()), Value(0))
+
+
+class ProviderForm(forms.ModelForm):
+    new_secrets = forms.CharField(
+        required=False,
+        label="Set secrets",
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60, "autocomplete": "off", "spellcheck": "false"}),
+        help_text=(
+            'Write-only. A JSON object, e.g. {"token": "..."}; it REPLACES the stored secrets, '
+            "which are encrypted and never shown. Leave empty to keep them."
+        ),
+    )
+    clear_secrets = forms.BooleanField(required=False, label="Remove all stored secrets")
+
+    class Meta:
+        model = Provider
+        fields = "__all__"
+
+    def clean_new_secrets(self) -> dict | None:
+        raw = self.cleaned_data.get("new_secrets", "").strip()
+        if not raw:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            # The message must not echo the input: it is a secret.
+            raise forms.ValidationError(f"not valid JSON (line {getattr(exc, 'lineno', '?')})") from None
+        if not isinstance(value, dict) or not value:
+            raise forms.ValidationError('a non-empty JSON object is required, e.g. {"token": "..."}')
+        return value
+
+    def clean(self):
+        data = super().clean()
+        start, end = data.get("port_range_start"), data.get("port_range_end")
+        if start is not None and end is not None and start > end:
+            self.add_error("port_range_end", "must not be below the start of the port range")
+        if data.get("new_secrets") and data.get("clear_secrets"):
+            self.add_error("clear_secrets", "either set new secrets or remove them, not both")
+        return data
+
+
+@admin.register(Provider)
+class ProviderAdmin(admin.ModelAdmin):
+    form = ProviderForm
+    list_display = (
+        "name",
+        "provider_type",
+        "load",
+        "enabled",
+        "allow_concurrent_tasks",
+        "max_concurrent_tasks",
+        "enable_task_polling",
+        "task_poll_interval",
+        "capacity",
+    )
+    list_editable = CONCURRENCY_FIELDS
+    list_filter = ("provider_type", "enabled")
+    search_fields = ("name",)
+    actions = ("check_connectivity",)
+    readonly_fields = (
+        "load",
+        "capacity",
+        "secrets_state",
+        "cpu_used",
+        "memory_used_mb",
+        "disk_used_mb",
+        "containers_used",
+        "vms_used",
+        "created_at",
+        "updated_at",
+    )
+    fieldsets = (
+        (None, {"fields": ("name", "provider_type", "enabled", "connection")}),
+        ("Secrets", {"fields": ("secrets_state", "new_secrets", "clear_secrets")}),
+        (
+            "Concurrency (applied at the next admission, within a second or two)",
+            {
+                "fields": (
+                    "load",
+                    "allow_concurrent_tasks",
+                    "max_concurrent_tasks",
+                    "enable_task_polling",
+                    "task_poll_interval",
+                )
+            },
+        ),
+        (
+            "Capacity",
+            {
+                "fields": (
+                    "capacity",
+                    ("cpu_total", "cpu_used"),
+                    ("memory_total_mb", "memory_used_mb"),
+                    ("disk_total_mb", "disk_used_mb"),
+                    ("max_containers", "containers_used"),
+                    ("max_vms", "vms_used"),
+                )
+            },
+        ),
+        ("Ports", {"fields": ("port_range_start", "port_range_end", "default_port_block")}),
+        ("Dates", {"fields": ("created_at", "updated_at")}),
+    )
+
+    class Media:
+        css = {"all": STYLES}
+        js = SCRIPTS
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        # Correlated counts per provider row use the (provider, status, ...) index;
+        # a JOIN + GROUP BY over all tasks would not.
+        return (
+            super().get_queryset(request).annotate(n_running=_task_count(EXECUTING), n_pending=_task_count([PENDING]))
+        )
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Provider | None = None):
+        fields = list(super().get_readonly_fields(request, obj))
+        if obj is not None and obj.instances.exists():
+            # Its instances were made by this kind of driver; switching would orphan them.
+            fields.append("provider_type")
+        return fields
+
+    # ------------------------------------------------------------ columns
+
+    @admin.display(description="running / limit · pending", ordering="n_running")
+    def load(self, provider: Provider):
+        running = getattr(provider, "n_running", None)
+        pending = getattr(provider, "n_pending", None)
+        if running is None:  # the add form: no annotation
+            return "—"
+        limit = provider.concurrency_limit
+        full = running >= limit
+        percent = min(100, round(100 * running / limit)) if limit else 100
+        return format_html(
+            '<div class="tc-gauge{}" title="{} running of {} allowed; {} pending">'
+            '<div class="tc-gauge__bar" style="width: {}%"></div>'
+            '<span class="tc-gauge__label">{} / {} · {} pending</span></div>',
+            " tc-gauge--full" if full else "",
+            running,
+            limit,
+            pending,
+            percent,
+            running,
+            limit,
+            pending,
+        )
+
+    @admin.display(description="capacity used")
+    def capacity(self, provider: Provider) -> str:
+        return (
+            f"CPU {provider.cpu_used}/{provider.cpu_total} · "
+            f"RAM {provider.memory_used_mb}/{provider.memory_total_mb} MB · "
+            f"containers {provider.containers_used}/{provider.max_containers} · "
+            f"VMs {provider.vms_used}/{provider.max_vms}"
+        )
+
+    @admin.display(description="stored secrets")
+    def secrets_state(self, provider: Provider) -> str:
+        if not provider.secrets_encrypted:
+            return "none"
+        try:
+            names = sorted(provider.get_secrets())
+        except Exception:
+            return "set, but cannot be decrypted with the current SECRETS_KEY"
+        # The names are configuration ("token", "password"); the values never leave the server.
+        return f"set, encrypted ({', '.join(names)})"
+
+    # ------------------------------------------------------------ saving
+
+    def save_model(self, request: HttpRequest, obj: Provider, form: forms.ModelForm, change: bool) -> None:
+        secrets = form.cleaned_data.get("new_secrets")
+        if secrets:
+            obj.set_secrets(secrets)
+        elif form.cleaned_data.get("clear_secrets"):
+            obj.secrets_encrypted = ""
+        if not change:
+            obj.save()
+        else:
+            model_fields = {f.name for f in Provider._meta.concrete_fields}
+            fields = [name for name in form.changed_data if name in model_fields]
+            if secrets or form.cleaned_data.get("clear_secrets"):
+                fields.append("secrets_encrypted")
+            if not fields:
+                return
+            obj.save(update_fields=[*fields, "updated_at"])
+            # Never log secrets: only the names of the changed fields.
+            logger.info("provider %s: %s changed by %s in the console", obj.pk, ", ".join(fields), request.user)
+        provider_id = obj.pk
+        # Applied at once: a raised limit or a re-enabled provider admits its queue now.
+        transaction.on_commit(lambda: dispatch.admit_soon(provider_id))
+
+    # ------------------------------------------------------------ actions
+
+    @admin.action(description="Check connectivity (asks each provider for its version)")
+    def check_connectivity(self, request: HttpRequest, queryset: QuerySet) -> None:
+        from providers.base import build_driver
+        from tasks.worker import provider_config
+
+        ok = failed = 0
+        for provider in queryset.order_by("name"):
+            started = time.monotonic()
+            try:
+                info = build_driver(provider_config(provider)).server_info()
+            except Exception as exc:
+                failed += 1
+                logger.warning("provider %s: connectivity check failed: %s", provider.pk, exc)
+                self.message_user(
+                    request,
+                    f"{provider.name}: unreachable or refused ({type(exc).__name__}: {exc})",
+                    messages.ERROR,
+                )
+                continue
+            ok += 1
+            elapsed = time.monotonic() - started
+            self.message_user(
+                request,
+                f"{provider.name}: OK, version {info.version} ({elapsed * 1000:.0f} ms)",
+                messages.SUCCESS,
+            )
+        if ok + failed > 1:
+            self.message_user(request, f"Connectivity: {ok} reachable, {failed} failed.", messages.INFO)

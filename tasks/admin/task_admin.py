@@ -1,0 +1,421 @@
+"""Tasks in the console: the list with live badges and bars, the detail page with the
+timeline and the lease, and the cancel / force-stop actions.
+
+Nothing here writes a task's state: every change goes through tasks.services
+(the same calls the API makes), and the detail page is read-only, so a form
+save can never write back a stale status over a worker's update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid as uuid_lib
+
+from django.contrib import admin
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied
+from django.db.models import Q, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+
+from tasks import admin_views, dispatch, services
+from tasks.admin.common import (
+    SCRIPTS,
+    STYLES,
+    BulkResult,
+    admin_link,
+    age,
+    confirm_action,
+    human_duration,
+    progress_bar,
+    redact,
+    run_bulk,
+    status_badge,
+)
+from tasks.admin.permissions import FORCE_STOP_PERMISSION
+from tasks.models import Task, TaskEvent
+from tasks.states import ACTIVE, CANCELLABLE, EXECUTING, FAILED, FINAL, PENDING, TIMEOUT
+
+logger = logging.getLogger(__name__)
+
+TIMELINE_LIMIT = 500
+
+
+def search_by_identity(term: str) -> Q | None:
+    """A task/instance id ("42" or "#42") or a uuid (with or without dashes), exactly."""
+    term = term.strip()
+    if term.lstrip("#").isdigit():
+        return Q(pk=int(term.lstrip("#")))
+    try:
+        return Q(uuid=uuid_lib.UUID(term))
+    except ValueError:
+        return None
+
+
+class StateGroupFilter(admin.SimpleListFilter):
+    title = "state group"
+    parameter_name = "state"
+
+    GROUPS = {
+        "active": ("Active (pending, running, cancelling)", ACTIVE),
+        "finished": ("Finished", FINAL),
+        "problem": ("Failed or timed out", frozenset({FAILED, TIMEOUT})),
+    }
+
+    def lookups(self, request, model_admin):
+        return [(key, label) for key, (label, _) in self.GROUPS.items()]
+
+    def queryset(self, request, queryset):
+        group = self.GROUPS.get(self.value() or "")
+        return queryset.filter(status__in=group[1]) if group else queryset
+
+
+@admin.register(Task)
+class TaskAdmin(admin.ModelAdmin):
+    list_display = (
+        "id",
+        "task_type",
+        "status_col",
+        "progress_col",
+        "provider",
+        "instance_col",
+        "owner",
+        "initiator",
+        "age_col",
+        "duration_col",
+    )
+    list_display_links = ("id", "task_type")
+    list_filter = (
+        StateGroupFilter,
+        "status",
+        "task_type",
+        "provider",
+        ("instance__instance_type", admin.ChoicesFieldListFilter),
+        ("created_at", admin.DateFieldListFilter),
+    )
+    search_fields = ("owner__username", "initiator__username", "instance__name")
+    search_help_text = "Username, instance name, task id or task uuid."
+    list_select_related = ("provider", "instance", "owner", "initiator")
+    ordering = ("-created_at", "-id")
+    list_per_page = 50
+    # COUNT(*) over millions of rows on every page is the slowest thing an admin does.
+    show_full_result_count = False
+    actions = ("cancel_selected", "force_stop_selected", "delete_finished")
+    readonly_fields = (
+        "uuid",
+        "task_type",
+        "status_detail",
+        "progress_detail",
+        "provider",
+        "instance_detail",
+        "owner",
+        "initiator",
+        "timeout_detail",
+        "queue_detail",
+        "created_at",
+        "admitted_at",
+        "started_at",
+        "completed_at",
+        "duration_col",
+        "error_code",
+        "error_message",
+        "cancel_reason",
+        "worker",
+        "heartbeat_at",
+        "lease_expires_at",
+        "lease_detail",
+        "attempt_count",
+        "dispatch_count",
+        "task_data_redacted",
+    )
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "uuid",
+                    "task_type",
+                    "status_detail",
+                    "progress_detail",
+                    "provider",
+                    "instance_detail",
+                    "owner",
+                    "initiator",
+                    "timeout_detail",
+                    "queue_detail",
+                )
+            },
+        ),
+        ("Timing", {"fields": ("created_at", "admitted_at", "started_at", "completed_at", "duration_col")}),
+        ("Error", {"fields": ("error_code", "error_message", "cancel_reason")}),
+        (
+            "Lease",
+            {
+                "fields": (
+                    "worker",
+                    "heartbeat_at",
+                    "lease_expires_at",
+                    "lease_detail",
+                    "attempt_count",
+                    "dispatch_count",
+                )
+            },
+        ),
+        ("Task data (secrets redacted)", {"fields": ("task_data_redacted",)}),
+    )
+
+    class Media:
+        css = {"all": STYLES}
+        js = SCRIPTS
+
+    # ------------------------------------------------------------ permissions
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Tasks are created by the services (instance actions, the API), never by hand.
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Task | None = None) -> bool:
+        # The list-level "change" permission gates the cancel action; a task's own
+        # page stays read-only (its state changes only through transitions).
+        if obj is not None:
+            return False
+        return super().has_change_permission(request)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Task | None = None) -> bool:
+        if obj is not None and obj.status not in FINAL:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def has_force_stop_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(FORCE_STOP_PERMISSION)
+
+    def get_actions(self, request: HttpRequest):
+        actions = super().get_actions(request)
+        # The stock bulk delete would delete running tasks; delete_finished replaces it.
+        actions.pop("delete_selected", None)
+        return actions
+
+    # ------------------------------------------------------------ list columns
+
+    @admin.display(description="status", ordering="status")
+    def status_col(self, task: Task):
+        return status_badge(task.pk, task.status, task.get_status_display())
+
+    @admin.display(description="progress", ordering="progress")
+    def progress_col(self, task: Task):
+        return progress_bar(task.pk, task.status, task.progress, task.status_message)
+
+    @admin.display(description="instance", ordering="instance__name")
+    def instance_col(self, task: Task):
+        if task.instance is None:
+            return "—"
+        return format_html(
+            '{} <span class="tc-muted">{}</span>',
+            admin_link(task.instance, task.instance.name),
+            task.instance.instance_type,
+        )
+
+    @admin.display(description="age", ordering="created_at")
+    def age_col(self, task: Task) -> str:
+        return age(task.created_at)
+
+    @admin.display(description="duration")
+    def duration_col(self, task: Task) -> str:
+        if task.started_at is None:
+            if task.status == PENDING:
+                return f"queued {human_duration(timezone.now() - task.created_at)}"
+            return "never ran"
+        end = task.completed_at or timezone.now()
+        text = human_duration(end - task.started_at)
+        return text if task.completed_at else f"{text} so far"
+
+    # ------------------------------------------------------------ detail fields
+
+    @admin.display(description="status")
+    def status_detail(self, task: Task):
+        return status_badge(task.pk, task.status, task.get_status_display())
+
+    @admin.display(description="progress")
+    def progress_detail(self, task: Task):
+        return progress_bar(task.pk, task.status, task.progress, task.status_message, wide=True)
+
+    @admin.display(description="instance")
+    def instance_detail(self, task: Task):
+        if task.instance is None:
+            return "—"
+        inst = task.instance
+        return format_html(
+            "{} · {} · {}", admin_link(inst, inst.name), inst.get_instance_type_display(), inst.get_status_display()
+        )
+
+    @admin.display(description="timeout")
+    def timeout_detail(self, task: Task) -> str:
+        text = f"{task.effective_timeout} s" + ("" if task.timeout_seconds else " (type default)")
+        if task.status in EXECUTING and task.deadline is not None:
+            left = (task.deadline - timezone.now()).total_seconds()
+            text += f"; {human_duration(left)} left" if left > 0 else "; past its deadline"
+        return text
+
+    @admin.display(description="queue")
+    def queue_detail(self, task: Task) -> str:
+        if task.status != PENDING:
+            return "—"
+        info = dispatch.queue_info(task)
+        return (
+            f"{info['blocked_reason']}; position {info['queue_position']}, "
+            f"about {human_duration(info['estimated_wait_seconds'])} to wait"
+        )
+
+    @admin.display(description="lease")
+    def lease_detail(self, task: Task) -> str:
+        # The token itself is a fencing credential: say whether one exists, not what it is.
+        if task.status in FINAL:
+            return "none: the task has finished"
+        if not task.lease_token:
+            return "none: waiting for admission"
+        if task.lease_expires_at is None:
+            return "granted at admission, waiting for a worker to claim it"
+        left = (task.lease_expires_at - timezone.now()).total_seconds()
+        if left >= 0:
+            return f"held, expires in {human_duration(left)}"
+        return f"EXPIRED {human_duration(-left)} ago: recovery will act"
+
+    @admin.display(description="task data")
+    def task_data_redacted(self, task: Task):
+        if not task.task_data:
+            return "—"
+        return format_html(
+            '<pre class="tc-json">{}</pre>', json.dumps(redact(task.task_data), indent=2, sort_keys=True, default=str)
+        )
+
+    # ------------------------------------------------------------ search
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
+        found, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        exact = search_by_identity(search_term) if search_term else None
+        if exact is not None:
+            found = found | queryset.filter(exact)
+        return found, may_have_duplicates
+
+    # ------------------------------------------------------------ pages
+
+    def get_urls(self):
+        prefix = f"{self.opts.app_label}_{self.opts.model_name}"
+        wrap = self.admin_site.admin_view
+        return [
+            path("dashboard/", wrap(self.dashboard_view), name=f"{prefix}_dashboard"),
+            # Not wrapped by admin_view: a script gets a JSON 403, not a login page.
+            path("progress/", admin_views.progress_json, name=f"{prefix}_progress"),
+            path("<path:object_id>/cancel/", wrap(self.cancel_view), name=f"{prefix}_cancel"),
+            path("<path:object_id>/force-stop/", wrap(self.force_stop_view), name=f"{prefix}_force_stop"),
+            *super().get_urls(),
+        ]
+
+    def dashboard_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        return admin_views.dashboard(request, self)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        task = self.get_object(request, unquote(object_id))
+        extra = dict(extra_context or {})
+        if task is not None:
+            events = list(TaskEvent.objects.filter(task=task).order_by("at", "id")[: TIMELINE_LIMIT + 1])
+            extra.update(
+                timeline=[(e, human_duration(e.at - task.created_at)) for e in events[:TIMELINE_LIMIT]],
+                timeline_truncated=len(events) > TIMELINE_LIMIT,
+                can_cancel=task.status in CANCELLABLE and self.has_change_permission(request),
+                can_force_stop=task.status not in FINAL and self.has_force_stop_permission(request),
+                cancel_url=reverse("admin:tasks_task_cancel", args=[task.pk]),
+                force_stop_url=reverse("admin:tasks_task_force_stop", args=[task.pk]),
+            )
+        return super().change_view(request, object_id, form_url, extra_context=extra)
+
+    def _single_task_view(self, request: HttpRequest, object_id: str, action) -> HttpResponse:
+        task = self.get_object(request, unquote(object_id))
+        if task is None:
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+        response = action(request, Task.objects.filter(pk=task.pk))
+        if response is None:
+            return HttpResponseRedirect(reverse("admin:tasks_task_change", args=[task.pk]))
+        return response
+
+    def cancel_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        return self._single_task_view(request, object_id, self.cancel_selected)
+
+    def force_stop_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        if not self.has_force_stop_permission(request):
+            raise PermissionDenied
+        return self._single_task_view(request, object_id, self.force_stop_selected)
+
+    # ------------------------------------------------------------ actions
+
+    @admin.action(description="Cancel selected tasks (asks for a reason)", permissions=["change"])
+    def cancel_selected(self, request: HttpRequest, queryset: QuerySet):
+        def perform(data: dict) -> BulkResult:
+            reason = data["reason"]
+
+            def cancel(task: Task) -> None:
+                services.cancel_task(request.user, task.pk, admin=True, reason=reason)
+                logger.info("task %s: cancel requested by %s in the console: %s", task.pk, request.user, reason)
+
+            return run_bulk("Cancel", queryset.order_by("pk"), cancel, label=lambda t: f"task {t.pk}")
+
+        return confirm_action(
+            self,
+            request,
+            queryset,
+            action="cancel_selected",
+            title="Cancel tasks",
+            explanation=(
+                "Pending tasks end cancelled at once. Running tasks are asked to stop: their worker "
+                "sees the request within about a second and stops at its next safe point. Tasks "
+                "that have already finished (or are already cancelling) are skipped and left as they are."
+            ),
+            perform=perform,
+            button="Cancel these tasks",
+        )
+
+    @admin.action(description="Force-stop selected tasks: DANGEROUS (asks for a reason)", permissions=["force_stop"])
+    def force_stop_selected(self, request: HttpRequest, queryset: QuerySet):
+        def perform(data: dict) -> BulkResult:
+            reason = data["reason"]
+
+            def force_stop(task: Task) -> None:
+                services.force_stop_task(request.user, task.pk, reason=reason)
+                logger.warning("task %s: force-stopped by %s in the console: %s", task.pk, request.user, reason)
+
+            return run_bulk("Force-stop", queryset.order_by("pk"), force_stop, label=lambda t: f"task {t.pk}")
+
+        return confirm_action(
+            self,
+            request,
+            queryset,
+            action="force_stop_selected",
+            title="Force-stop tasks",
+            explanation=(
+                "Force-stop ends each task NOW as cancelled (reason force_stopped) without waiting for "
+                "its worker: the lease is revoked, the provider slot freed, and the instance marked "
+                "for reconciliation. The operation may still be running on the provider; its late "
+                "writes are ignored. Use it only for a task that is stuck. Finished tasks are skipped."
+            ),
+            perform=perform,
+            danger=True,
+            button="Force-stop these tasks",
+        )
+
+    @admin.action(description="Delete selected finished tasks", permissions=["delete"])
+    def delete_finished(self, request: HttpRequest, queryset: QuerySet):
+        result = BulkResult("Delete")
+        for task in queryset.order_by("pk"):
+            # Guarded delete: a task that is still active (or became active) stays.
+            if Task.objects.filter(pk=task.pk, status__in=FINAL).delete()[0]:
+                result.done.append(f"task {task.pk}")
+            else:
+                result.skipped.append((f"task {task.pk}", f"{task.status}, not finished"))
+        result.report(self, request)

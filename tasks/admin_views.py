@@ -1,0 +1,364 @@
+"""Console pages beyond the model admins: the dashboard and the progress JSON view.
+
+Both are routed through TaskAdmin.get_urls (tasks/admin/task_admin.py):
+``/admin/tasks/task/dashboard/`` and ``/admin/tasks/task/progress/?ids=1,2,3``.
+
+The time series are computed here with portable ORM queries: finished tasks are
+grouped per minute in the database (at most 360 rows per status over 6 hours,
+whatever the volume) and folded into 5-minute buckets in Python, so no
+database-specific date arithmetic or time-zone tables are needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from django import forms
+from django.contrib.admin import ModelAdmin
+from django.db.models import Count
+from django.db.models.functions import TruncMinute
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.template.response import TemplateResponse
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+
+from tasks.admin import charts
+from tasks.admin.common import SCRIPTS, STYLES, human_duration, progress_bar, status_badge
+from tasks.admin.other_admin import worker_alive_cutoff
+from tasks.models import Provider, Task, Worker
+from tasks.states import (
+    ACTIVE,
+    ALL_STATES,
+    CANCELLED,
+    COMPLETED,
+    EXECUTING,
+    FAILED,
+    FINAL,
+    PENDING,
+    TIMEOUT,
+    TaskStatus,
+    TaskType,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_PROGRESS_IDS = 200
+BUCKET_MINUTES = 5
+WINDOW_HOURS = 6
+DURATION_WINDOW_HOURS = 24
+DURATION_SAMPLE = 20_000
+
+
+# ------------------------------------------------------------------- progress JSON
+
+
+def _may_view_tasks(user) -> bool:
+    return bool(
+        user.is_active and user.is_staff and (user.has_perm("tasks.view_task") or user.has_perm("tasks.change_task"))
+    )
+
+
+@never_cache
+@require_GET
+def progress_json(request: HttpRequest) -> JsonResponse:
+    """``{id: {status, progress, status_message, ...}}`` for the task ids asked (staff only)."""
+    if not _may_view_tasks(request.user):
+        return JsonResponse({"code": "forbidden", "detail": "staff with task view permission only"}, status=403)
+    raw = request.GET.get("ids", "")
+    parts = [p for p in raw.split(",") if p.strip()]
+    if not parts or not all(p.strip().isdigit() for p in parts):
+        return JsonResponse(
+            {"code": "invalid", "field": "ids", "detail": "ids: a comma-separated list of task ids"}, status=400
+        )
+    if len(parts) > MAX_PROGRESS_IDS:
+        return JsonResponse(
+            {"code": "invalid", "field": "ids", "detail": f"ids: at most {MAX_PROGRESS_IDS} per request"}, status=400
+        )
+    ids = {int(p) for p in parts}
+    rows = Task.objects.filter(pk__in=ids).values_list(
+        "pk", "status", "progress", "status_message", "instance_id", "instance__status"
+    )
+    return JsonResponse(
+        {
+            str(pk): {
+                "status": status,
+                "status_display": TaskStatus(status).label if status in TaskStatus.values else status,
+                "progress": progress,
+                "status_message": message,
+                "final": status in FINAL,
+                "instance_id": instance_id,
+                "instance_status": instance_status,
+            }
+            for pk, status, progress, message, instance_id, instance_status in rows
+        }
+    )
+
+
+# ------------------------------------------------------------------- statistics
+
+
+@dataclass
+class ProviderQueue:
+    id: int
+    name: str
+    enabled: bool
+    running: int
+    pending: int
+    admitted: int
+    limit: int
+
+
+def status_counts() -> dict[str, int]:
+    counts = dict.fromkeys(ALL_STATES, 0)
+    for status, n in Task.objects.order_by().values_list("status").annotate(n=Count("pk")):
+        counts[status] = n
+    return counts
+
+
+def provider_queues() -> list[ProviderQueue]:
+    per: dict[int, dict[str, int]] = defaultdict(lambda: {"running": 0, "pending": 0, "admitted": 0})
+    rows = (
+        Task.objects.filter(status__in=ACTIVE)
+        .order_by()
+        .values_list("provider_id", "status")
+        .annotate(n=Count("pk"), admitted=Count("admitted_at"))
+    )
+    for provider_id, status, n, admitted in rows:
+        if status in EXECUTING:
+            per[provider_id]["running"] += n
+        else:
+            per[provider_id]["pending"] += n
+            per[provider_id]["admitted"] += admitted
+    return [
+        ProviderQueue(p.pk, p.name, p.enabled, limit=p.concurrency_limit, **per[p.pk])
+        for p in Provider.objects.order_by("name")
+    ]
+
+
+def _bucket_start(now: datetime, minutes: int, count: int) -> datetime:
+    now = now.astimezone(UTC)
+    floor = now.replace(second=0, microsecond=0) - timedelta(minutes=now.minute % minutes)
+    return floor - timedelta(minutes=minutes * (count - 1))
+
+
+def throughput(now: datetime | None = None, hours: int = WINDOW_HOURS, minutes: int = BUCKET_MINUTES) -> list[dict]:
+    """Per bucket: tasks created, and tasks finished by final status, plus the error rate.
+
+    The error rate is the share of failed + timed-out among finished tasks (the
+    API's definition); None when nothing finished in the bucket.
+    """
+    now = now or timezone.now()
+    count = hours * 60 // minutes
+    start = _bucket_start(now, minutes, count)
+    buckets = [
+        {"start": start + timedelta(minutes=minutes * i), "created": 0, **dict.fromkeys(FINAL, 0)} for i in range(count)
+    ]
+
+    def index(moment: datetime) -> int | None:
+        i = int((moment - start).total_seconds() // (minutes * 60))
+        return i if 0 <= i < count else None
+
+    finished = (
+        Task.objects.filter(completed_at__gte=start, status__in=FINAL)
+        .order_by()
+        .annotate(minute=TruncMinute("completed_at", tzinfo=UTC))
+        .values_list("minute", "status")
+        .annotate(n=Count("pk"))
+    )
+    for minute, status, n in finished:
+        i = index(minute)
+        if i is not None:
+            buckets[i][status] += n
+    created = (
+        Task.objects.filter(created_at__gte=start)
+        .order_by()
+        .annotate(minute=TruncMinute("created_at", tzinfo=UTC))
+        .values_list("minute")
+        .annotate(n=Count("pk"))
+    )
+    for minute, n in created:
+        i = index(minute)
+        if i is not None:
+            buckets[i]["created"] += n
+    for b in buckets:
+        done = sum(b[s] for s in FINAL)
+        b["finished"] = done
+        b["error_rate"] = round(100 * (b[FAILED] + b[TIMEOUT]) / done, 1) if done else None
+        b["label"] = f"{b['start']:%H:%M}–{b['start'] + timedelta(minutes=minutes):%H:%M} UTC"
+    return buckets
+
+
+def error_rate(since: datetime) -> float | None:
+    rows = dict(
+        Task.objects.filter(completed_at__gte=since, status__in=FINAL)
+        .order_by()
+        .values_list("status")
+        .annotate(n=Count("pk"))
+    )
+    done = sum(rows.values())
+    return round(100 * (rows.get(FAILED, 0) + rows.get(TIMEOUT, 0)) / done, 1) if done else None
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    k = (len(sorted_values) - 1) * q
+    low = int(k)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (k - low)
+
+
+def durations(now: datetime | None = None, hours: int = DURATION_WINDOW_HOURS) -> list[dict]:
+    """avg, p50, p95 and max run time (started -> completed) of completed tasks per type."""
+    since = (now or timezone.now()) - timedelta(hours=hours)
+    samples: dict[str, list[float]] = defaultdict(list)
+    rows = (
+        Task.objects.filter(status=COMPLETED, completed_at__gte=since, started_at__isnull=False)
+        .order_by("-completed_at")
+        .values_list("task_type", "started_at", "completed_at")[:DURATION_SAMPLE]
+    )
+    for task_type, started, completed in rows:
+        samples[task_type].append(max(0.0, (completed - started).total_seconds()))
+    out = []
+    for task_type in TaskType.values:
+        values = sorted(samples.get(task_type, []))
+        if not values:
+            continue
+        out.append(
+            {
+                "task_type": task_type,
+                "count": len(values),
+                "avg": sum(values) / len(values),
+                "p50": _percentile(values, 0.5),
+                "p95": _percentile(values, 0.95),
+                "max": values[-1],
+            }
+        )
+    return out
+
+
+def live_workers() -> list[Worker]:
+    return list(
+        Worker.objects.filter(last_heartbeat__gte=worker_alive_cutoff())
+        .select_related("current_task")
+        .order_by("queue", "name")
+    )
+
+
+def external_stats() -> dict | None:
+    """The API's task_stats() (tasks/stats.py), when that module exists: one source of truth."""
+    try:
+        from tasks.stats import task_stats  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    try:
+        return task_stats()
+    except Exception:
+        logger.exception("task_stats() failed; the dashboard uses its own figures")
+        return None
+
+
+# ------------------------------------------------------------------- dashboard
+
+FINISHED_SERIES = [
+    charts.Series(COMPLETED, "Completed", "tc-s-completed"),
+    charts.Series(FAILED, "Failed", "tc-s-failed"),
+    charts.Series(TIMEOUT, "Timed out", "tc-s-timeout"),
+    charts.Series(CANCELLED, "Cancelled", "tc-s-cancelled"),
+]
+
+
+def dashboard_context(now: datetime | None = None) -> dict:
+    now = now or timezone.now()
+    counts = status_counts()
+    queues = provider_queues()
+    series = throughput(now)
+    per_type = durations(now)
+    workers = live_workers()
+    # An x label every hour, on the bucket that starts the hour.
+    x_labels = {i: f"{b['start']:%H:%M}" for i, b in enumerate(series) if b["start"].minute == 0}
+    status_bars = [
+        charts.Bar(TaskStatus(s).label, counts[s], css=f"tc-s-{s}", title=f"{counts[s]} {s}") for s in ALL_STATES
+    ]
+    duration_bars = []
+    for d in per_type:
+        duration_bars.append(
+            charts.Bar(
+                d["task_type"],
+                d["p95"],
+                css="tc-s-running",
+                title=(
+                    f"{d['task_type']}: {d['count']} completed; avg {human_duration(d['avg'])}, "
+                    f"p50 {human_duration(d['p50'])}, p95 {human_duration(d['p95'])}, max {human_duration(d['max'])}"
+                ),
+                text=f"p95 {human_duration(d['p95'])} · p50 {human_duration(d['p50'])}",
+            )
+        )
+    finished_6h = sum(b["finished"] for b in series)
+    return {
+        "now": now,
+        "counts": counts,
+        "total": sum(counts.values()),
+        "active": sum(counts[s] for s in ACTIVE),
+        "queues": queues,
+        "queue_length": sum(q.pending for q in queues),
+        "series": series,
+        "per_type": per_type,
+        "workers": workers,
+        "busy_workers": sum(1 for w in workers if w.current_task_id),
+        "finished_6h": finished_6h,
+        "error_rate_1h": error_rate(now - timedelta(hours=1)),
+        "error_rate_24h": error_rate(now - timedelta(hours=24)),
+        "running_tasks": [
+            (t, status_badge(t.pk, t.status), progress_bar(t.pk, t.status, t.progress, t.status_message))
+            for t in Task.objects.filter(status__in=ACTIVE)
+            .select_related("provider", "instance", "owner")
+            .order_by("created_at", "id")[:20]
+        ],
+        "pending_count": counts[PENDING],
+        "external": external_stats(),
+        "chart_status": charts.hbars(status_bars, label="Tasks by status"),
+        "chart_queues": charts.queues(
+            [charts.QueueRow(q.name, q.running, q.pending, q.limit, q.enabled) for q in queues],
+            label="Running and pending tasks per provider against its limit",
+        )
+        if queues
+        else None,
+        "chart_throughput": charts.columns(
+            series,
+            FINISHED_SERIES,
+            label=f"Tasks finished per {BUCKET_MINUTES} minutes over the last {WINDOW_HOURS} hours",
+            x_labels=x_labels,
+        ),
+        "chart_errors": charts.line(
+            [b["error_rate"] for b in series],
+            label=f"Error rate per {BUCKET_MINUTES} minutes over the last {WINDOW_HOURS} hours",
+            x_labels=x_labels,
+            tips=[
+                f"{b['label']}: " + ("no task finished" if b["error_rate"] is None else f"{b['error_rate']}% failed")
+                for b in series
+            ],
+        ),
+        "chart_durations": charts.hbars(duration_bars, label="Run time per task type (p95)", label_width=120)
+        if duration_bars
+        else None,
+        "bucket_minutes": BUCKET_MINUTES,
+        "window_hours": WINDOW_HOURS,
+        "duration_hours": DURATION_WINDOW_HOURS,
+    }
+
+
+def dashboard(request: HttpRequest, model_admin: ModelAdmin) -> HttpResponse:
+    context = {
+        **model_admin.admin_site.each_context(request),
+        **dashboard_context(),
+        "title": "Task dashboard",
+        "subtitle": None,
+        "opts": model_admin.model._meta,
+        "media": forms.Media(css={"all": STYLES}, js=(*SCRIPTS, "tasks/dashboard.js")),
+    }
+    return TemplateResponse(request, "admin/tasks/dashboard.html", context)
