@@ -153,7 +153,7 @@ SPECTACULAR_SETTINGS = {
 TASK_LEASE_SECONDS = env_float("TASK_LEASE_SECONDS", 15.0, minimum=1.0)
 TASK_HEARTBEAT_SECONDS = env_float("TASK_HEARTBEAT_SECONDS", 3.0, minimum=0.1)
 TASK_CANCEL_POLL_SECONDS = env_float("TASK_CANCEL_POLL_SECONDS", 0.5, minimum=0.05, maximum=5.0)
-TASK_DISPATCH_TIMEOUT_SECONDS = env_float("TASK_DISPATCH_TIMEOUT_SECONDS", 30.0, minimum=1.0)
+TASK_DISPATCH_TIMEOUT_SECONDS = env_float("TASK_DISPATCH_TIMEOUT_SECONDS", 10.0, minimum=1.0)
 TASK_HARD_KILL_GRACE_SECONDS = env_int("TASK_HARD_KILL_GRACE_SECONDS", 10, minimum=1)
 TASK_SWEEP_SECONDS = env_float("TASK_SWEEP_SECONDS", 1.0, minimum=0.1)
 TASK_SHUTDOWN_GRACE_SECONDS = env_float("TASK_SHUTDOWN_GRACE_SECONDS", 5.0, minimum=0.0)
@@ -193,14 +193,17 @@ Q_CLUSTER = {
     "max_attempts": 1,
     "ack_failures": True,
     "save_limit": -1 if env_bool("Q_SAVE_RESULTS", False) is False else 100,
-    "queue_limit": max(2, _q_workers),
+    # Prefetch as little as django-q2 allows: a job held by a busy cluster waits
+    # (until re-sent) while another cluster of the same queue may be idle.
+    "queue_limit": 1,
+    "bulk": 1,
     "poll": env_float("Q_POLL_SECONDS", 0.05, minimum=0.01),
     "catch_up": False,
     "label": "Background jobs",
     "ALT_CLUSTERS": {},
 }
 if _q_cluster_name:
-    Q_CLUSTER["ALT_CLUSTERS"][_q_cluster_name] = {"workers": _q_workers, "queue_limit": max(2, _q_workers)}
+    Q_CLUSTER["ALT_CLUSTERS"][_q_cluster_name] = {"workers": _q_workers, "queue_limit": 1, "scheduler": False}
 if Q_BROKER == "orm":
     Q_CLUSTER["orm"] = "default"
 else:

@@ -142,6 +142,10 @@ class Supervisor:
                 if have < want:
                     # Never restart a cluster to resize it: that would touch running tasks.
                     self._spawn(queue, want - have, provider.pk)
+                    if have:
+                        # A busy cluster's pusher may hold jobs its workers cannot run yet;
+                        # send copies now so the new workers take them (first claim wins).
+                        dispatch.redispatch_stale(cutoff=timezone.now(), provider_ids=[provider.pk])
             elif (
                 queue in self.clusters
                 and not Task.objects.filter(provider_id=provider.pk, status__in=EXECUTING).exists()

@@ -86,7 +86,8 @@ class Heartbeat(threading.Thread):
 
     def stop(self) -> None:
         self._halt.set()
-        self.join(timeout=5)
+        if self.is_alive():
+            self.join(timeout=5)
 
     def run(self) -> None:
         poll = settings.TASK_CANCEL_POLL_SECONDS
@@ -183,9 +184,15 @@ def _unregister(name: str) -> None:
         logger.warning("worker %s: could not update its registry row", name, exc_info=True)
 
 
-def execute(task_id: int, token: str) -> str:
-    """Run one admitted task. Returns what happened (for logs and tests)."""
-    close_old_connections()
+def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
+    """Run one admitted task. Returns what happened (for logs and tests).
+
+    ``heartbeat=False`` only for in-process runs inside an open transaction (tests):
+    the heartbeat thread's own connection could not see the uncommitted task and
+    would take that for a lost lease. The deadline still holds (the cancel token).
+    """
+    if not connection.in_atomic_block:  # (in-process test runs sit inside a transaction)
+        close_old_connections()
     name = worker_name()
     if draining_since() is not None:
         # This machine is shutting down: claim nothing; the supervisor re-sends the job.
@@ -199,8 +206,9 @@ def execute(task_id: int, token: str) -> str:
     cancel = CancelToken(deadline=time.monotonic() + task.effective_timeout - elapsed)
     _current[task_id] = cancel
     _register(name, task_id)
-    heartbeat = Heartbeat(task_id, token, cancel, name)
-    heartbeat.start()
+    beat = Heartbeat(task_id, token, cancel, name)
+    if heartbeat:
+        beat.start()
     logger.info("task %s: %s started on %s (timeout %s s)", task_id, task.task_type, name, task.effective_timeout)
     ctx = None
     result: tuple[str, dict] = (FAILED, {"error_code": ErrorCode.INTERNAL_ERROR, "error_message": "not run"})
@@ -247,8 +255,8 @@ def execute(task_id: int, token: str) -> str:
         _unregister(name)
         raise
     finally:
-        if heartbeat.is_alive():
-            heartbeat.stop()
+        if beat.is_alive():
+            beat.stop()
     _current.pop(task_id, None)
     status, fields = result
     outcome = "fenced"
@@ -289,6 +297,8 @@ def _finish(task_id: int, token: str, status: str, ctx: ExecutionContext | None,
             # The database may be briefly away: retry the final write; the lease
             # rules decide if we are too late.
             logger.warning("task %s: final write failed (attempt %d)", task_id, attempt + 1, exc_info=True)
+            if connection.in_atomic_block:
+                raise
             connection.close()
             time.sleep(min(0.5 * 2**attempt, 4))
     return False
@@ -320,6 +330,6 @@ def run_admitted_inline(provider_id: int | None = None, max_tasks: int = 10_000)
         if not ready:
             return done
         for pk, token in ready:
-            execute(pk, token)
+            execute(pk, token, heartbeat=not connection.in_atomic_block)
             done += 1
     return done
