@@ -163,11 +163,14 @@ class LXDDriver:
         name: str,
         body: dict[str, Any],
         *,
-        target: str,
+        target: str | None,
         op: str,
         cancel: CancelToken,
     ) -> None:
-        """PUT the state and wait. "Already running/stopped" is success once the state confirms it."""
+        """PUT the state and wait. "Already running/stopped" is success once the state confirms it.
+
+        ``target`` None (restart): a failure is a failure, whatever state the guest is in.
+        """
         cancel.raise_if_cancelled()
         try:
             started = self.api.request("PUT", f"/1.0/instances/{name}/state", op=op, json_body=body, cancel=cancel)
@@ -175,6 +178,8 @@ class LXDDriver:
         except (AuthError, NotFoundError, RetryableError):
             raise
         except PermanentError as exc:
+            if target is None:
+                raise
             current = self._get(name, op=op)
             if current is not None and self._status(current.metadata) == target:
                 logger.info("%s %s %s: already %s (%s)", self.config.name, op, name, target, exc.remote_message)
@@ -300,13 +305,20 @@ class LXDDriver:
         progress(10, f"restarting {name}")
         body = {"action": "restart", "timeout": self.restart_timeout, "force": False}
         try:
-            self._state(name, body, target="running", op="restart", cancel=cancel)
+            self._state(name, body, target=None, op="restart", cancel=cancel)
         except (AuthError, NotFoundError, RetryableError):
             raise
         except PermanentError as exc:
+            if (
+                "running" in exc.remote_message.lower()
+                and self._status(self._require(name, op="restart").metadata) != "running"
+            ):
+                # Stopped in between ("The instance isn't running"): starting it keeps the promise.
+                self.start(ref, cancel, progress)
+                return
             logger.info("%s restart %s: graceful restart failed (%s); forcing", self.config.name, name, exc.message)
             progress(60, "graceful restart failed; forcing")
-            self._state(name, {"action": "restart", "force": True}, target="running", op="restart", cancel=cancel)
+            self._state(name, {"action": "restart", "force": True}, target=None, op="restart", cancel=cancel)
         progress(100, "running")
 
     def delete(self, ref: dict[str, Any], cancel: CancelToken, progress: ProgressCallback) -> None:
