@@ -6,6 +6,7 @@ import pytest
 from django.conf import settings as dj_settings
 from django.contrib.auth import get_user_model
 
+from providers.simulated import SimulatedStore
 from tasks.models import Instance, Provider, Task
 from tasks.states import InstanceStatus
 
@@ -41,14 +42,37 @@ def provider(db):
     return Provider.objects.create(name="sim-a", provider_type="simulated")
 
 
+@pytest.fixture(autouse=True)
+def _simulated_sandbox(tmp_path, settings, monkeypatch):
+    """Each test gets its own simulated host (state file), short delays and retry waits."""
+    monkeypatch.setenv("SIMULATED_STATE_DIR", str(tmp_path / "simulated"))
+    settings.SIMULATED_SPEED = min(settings.SIMULATED_SPEED, 0.01)
+    settings.TASK_RETRY_BASE_SECONDS = 0.01
+
+
+# Instance status -> the guest a simulated host holds for it (none for the others).
+_GUEST_STATUS = {
+    InstanceStatus.RUNNING: "running",
+    InstanceStatus.STOPPED: "stopped",
+    InstanceStatus.ERROR: "stopped",
+    InstanceStatus.UNKNOWN: "stopped",
+}
+
+
 @pytest.fixture
 def make_instance(db):
     def make(owner, provider, *, status=InstanceStatus.RUNNING, name=None, **fields):
         n = Instance.objects.count() + 1
         name = name or f"vm-{n}"
-        return Instance.objects.create(
+        instance = Instance.objects.create(
             owner=owner, provider=provider, name=name, live_name=name, image="debian/12", status=status, **fields
         )
+        if provider.provider_type == "simulated" and status in _GUEST_STATUS:
+            # The instance's guest exists on the simulated host, as it would on a real one.
+            SimulatedStore.for_provider(provider.pk, provider.connection).put_guest(
+                instance.guest_name, status=_GUEST_STATUS[status], instance_type=instance.instance_type
+            )
+        return instance
 
     return make
 

@@ -5,6 +5,20 @@ from __future__ import annotations
 from tasks.operations.base import Operation
 
 _REGISTRY: dict[str, Operation] = {}
+_loaded = False
+
+# One module per task type; each registers its Operation when imported.
+MODULES = (
+    "tasks.operations.create",
+    "tasks.operations.start",
+    "tasks.operations.stop",
+    "tasks.operations.restart",
+    "tasks.operations.delete",
+    "tasks.operations.reset",
+    "tasks.operations.reset_password",
+    "tasks.operations.create_port",
+    "tasks.operations.delete_port",
+)
 
 
 def register(op: Operation) -> Operation:
@@ -13,7 +27,7 @@ def register(op: Operation) -> Operation:
 
 
 def get_operation(task_type: str) -> Operation:
-    if not _REGISTRY:
+    if not _loaded:
         _load()
     try:
         return _REGISTRY[task_type]
@@ -22,13 +36,18 @@ def get_operation(task_type: str) -> Operation:
 
 
 def _load() -> None:
+    # A flag, not "registry empty": importing one operation module directly
+    # (a test) must not keep the others from loading.
+    global _loaded
     import importlib
 
     from django.conf import settings
 
-    from tasks.operations import noop  # noqa: F401  (fallback until the real modules exist)
+    for module in MODULES:
+        importlib.import_module(module)
 
     # Site-specific operation modules (TASK_EXTRA_OPERATIONS): imported last, they
     # may register new implementations for task types.
     for module in getattr(settings, "TASK_EXTRA_OPERATIONS", []):
         importlib.import_module(module)
+    _loaded = True

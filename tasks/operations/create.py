@@ -1,0 +1,177 @@
+"""create: the guest, its root password, its default port block, its addresses.
+
+Quota, provider capacity and the default port block (first port -> SSH 22) were
+reserved by services.create_instance in the transaction that queued this task.
+
+Steps (progress): create the guest 5-55, start it 55-65, set the root password
+65-72, map the default ports 72-85, read the addresses 88, traffic counters 95.
+
+Success: the ports turn active, the instance runs with its addresses and
+provider ref, the password is stored encrypted for one read by the owner.
+Failure or cancel: the guest is deleted again (bounded, with a fresh token) and
+verified gone; then everything is released and the instance ends ``failed``.
+If the guest cannot be verified gone, nothing is released (it may still use
+the host), the instance shows ``error`` with needs_reconcile, and the error
+message says so; reconciliation or a delete settles it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.utils import timezone
+
+from providers.base import OperationCancelled, ProviderError, no_progress
+from tasks import crypto, resources, traffic
+from tasks.models import PortMapping
+from tasks.operations import register
+from tasks.operations.base import ExecutionContext, Operation, Outcome
+from tasks.operations.steps import (
+    Steps,
+    cleanup_token,
+    guest_ref,
+    guest_spec,
+    port_specs,
+    record_addresses,
+    retry_base_seconds,
+)
+from tasks.states import CANCELLED, COMPLETED, InstanceStatus, TaskType
+
+logger = logging.getLogger("tasks.operations")
+
+ADDRESS_POLLS = 10  # a booting guest may need a few seconds to report addresses
+
+
+class CreateOperation(Operation):
+    task_type = TaskType.CREATE
+    success_status = InstanceStatus.RUNNING
+
+    def run(self, ctx: ExecutionContext) -> None:
+        steps = Steps(ctx)
+        try:
+            self._create(ctx, steps)
+        except Exception as exc:
+            problem = self._undo(ctx, steps)
+            if problem:
+                # Say so where the operator looks: the task's error message.
+                message = f"{exc}; and the guest could not be removed again: {problem}"
+                exc.args = (message,)
+                if isinstance(exc, ProviderError):
+                    exc.message = message
+            raise
+
+    def _create(self, ctx: ExecutionContext, steps: Steps) -> None:
+        instance = ctx.instance
+        driver = ctx.driver
+        password = crypto.generate_password()
+        mappings = list(
+            PortMapping.objects.filter(instance=instance, status=PortMapping.STATUS_PENDING).order_by(
+                "host_port_start", "pk"
+            )
+        )
+        steps.step(2, "preparing")
+        spec = guest_spec(instance)
+        ref = steps.call("creating the guest", lambda p: driver.create(spec, ctx.cancel, p), 5, 55)
+        ref = {**ref, "name": ref.get("name") or spec.name}
+        # From here on every later step (and the undo) addresses the guest by its ref.
+        ctx.result["provider_ref"] = ref
+        instance.provider_ref = ref
+        steps.call("starting the guest", lambda p: driver.start(ref, ctx.cancel, p), 55, 65)
+        steps.call("setting the root password", lambda p: driver.set_password(ref, password, ctx.cancel, p), 65, 72)
+        specs = [spec for mapping in mappings for spec in port_specs(mapping)]
+        for i, port in enumerate(specs):
+            lo = 72 + 13 * i // max(1, len(specs))
+            hi = 72 + 13 * (i + 1) // max(1, len(specs))
+            steps.call(
+                f"mapping host port {port.handle}",
+                lambda p, port=port: driver.add_port(ref, port, ctx.cancel, p),
+                lo,
+                hi,
+            )
+        steps.step(88, "reading the addresses")
+        state = steps.read_state()
+        polls = 0
+        while state.exists and not state.addresses and polls < ADDRESS_POLLS:
+            polls += 1
+            ctx.cancel.sleep(min(1.0, retry_base_seconds()))
+            state = steps.read_state()
+        if not state.exists:
+            raise ProviderError(f"guest {spec.name} vanished right after it was created", op="create")
+        record_addresses(ctx, state)
+        steps.sync_traffic(traffic.AFTER_CREATE, 95)
+        ctx.result["ssh_port"] = instance.ssh_port
+        ctx.instance_status = InstanceStatus.RUNNING if state.status == InstanceStatus.RUNNING else None
+        ctx.secret = password
+        steps.step(100, "created")
+
+    def _undo(self, ctx: ExecutionContext, steps: Steps) -> str:
+        """Remove whatever part of the guest exists; '' when verified gone, else why not."""
+        # Keep only the ref: reconciliation needs it to find a guest left behind.
+        ref_result = ctx.result.get("provider_ref")
+        ctx.result.clear()
+        if ref_result:
+            ctx.result["provider_ref"] = ref_result
+        ctx.secret = None
+        token = cleanup_token(ctx)
+        ref = guest_ref(ctx.instance)
+        reason = ctx.cancel.reason if ctx.cancel.cancelled else "failure"
+        logger.info("task %s: create stopped (%s); removing guest %s", ctx.task.pk, reason, ref["name"])
+        ctx.progress(steps.percent, "removing the partly created guest")
+        problem = ""
+        for attempt in range(3):
+            try:
+                ctx.driver.delete(ref, token, no_progress)
+                state = ctx.driver.get_state(ref)
+                if not state.exists:
+                    ctx.instance_status = InstanceStatus.FAILED
+                    return ""
+                problem = f"guest {ref['name']} still exists after delete"
+            except OperationCancelled:
+                problem = "out of time while removing it"
+                break
+            except ProviderError as exc:
+                problem = str(exc)
+                if not exc.retryable:
+                    break
+            except Exception as exc:  # never let the undo hide the original error
+                logger.exception("task %s: undo of create crashed", ctx.task.pk)
+                problem = f"{type(exc).__name__}: {exc}"
+                break
+            try:
+                token.sleep(retry_base_seconds() * 2**attempt)
+            except OperationCancelled:
+                break
+        logger.error("task %s: guest %s may be left on the provider: %s", ctx.task.pk, ref["name"], problem)
+        ctx.instance_status = InstanceStatus.ERROR
+        return problem
+
+    def on_finished(self, task, instance, outcome: Outcome) -> None:
+        if instance is None:
+            return
+        if outcome.status == COMPLETED:
+            super().on_finished(task, instance, outcome)
+            PortMapping.objects.filter(instance=instance, status=PortMapping.STATUS_PENDING).update(
+                status=PortMapping.STATUS_ACTIVE
+            )
+            return
+        if not outcome.ran or outcome.instance_status == InstanceStatus.FAILED:
+            # Nothing exists on the provider (never started, or verified removed).
+            resources.release(instance)
+            if not outcome.ran and outcome.status == CANCELLED:
+                instance.status = InstanceStatus.DELETED
+                instance.deleted_at = timezone.now()
+            else:
+                instance.status = InstanceStatus.FAILED
+            instance.live_name = None
+            instance.needs_reconcile = False
+            instance.addresses = []
+            return
+        # A guest may be left behind (undo failed, force-stopped, worker lost):
+        # keep holding its resources until reconciliation or a delete proves it gone.
+        super().on_finished(task, instance, outcome)
+        if outcome.instance_status is None:
+            instance.status = InstanceStatus.UNKNOWN
+        instance.needs_reconcile = True
+
+
+register(CreateOperation())

@@ -1,0 +1,55 @@
+"""delete-port: unmap host port(s) from the guest (one driver call per protocol).
+
+Steps (progress): 10-90.
+Success: the mapping turns ``deleted`` (its host ports are free); removing the
+SSH mapping clears the instance's ssh_port.
+Failure or cancel: the mapping keeps its status (``active``): until the host
+says it is gone, its ports stay taken.
+"""
+
+from __future__ import annotations
+
+from tasks.models import PortMapping
+from tasks.operations import register
+from tasks.operations.base import ExecutionContext, Outcome
+from tasks.operations.create_port import task_mapping
+from tasks.operations.steps import GuestOperation, Steps, guest_ref, port_specs, status_of, truth_after_failure
+from tasks.states import COMPLETED, TaskType
+
+
+class DeletePortOperation(GuestOperation):
+    task_type = TaskType.DELETE_PORT
+    success_status = None
+
+    def steps(self, ctx: ExecutionContext, steps: Steps) -> None:
+        mapping = task_mapping(ctx)
+        ref = guest_ref(ctx.instance)
+        specs = port_specs(mapping)
+        for i, port in enumerate(specs):
+            lo = 10 + 80 * i // len(specs)
+            hi = 10 + 80 * (i + 1) // len(specs)
+            steps.call(
+                f"unmapping {port.handle}",
+                lambda p, port=port: ctx.driver.remove_port(ref, port, ctx.cancel, p),
+                lo,
+                hi,
+            )
+        steps.step(100, f"unmapped {mapping}")
+
+    def after_failure(self, ctx: ExecutionContext, steps: Steps, exc: Exception) -> bool:
+        ctx.instance_status = status_of(truth_after_failure(ctx)) or ctx.instance.status
+        return False
+
+    def on_finished(self, task, instance, outcome: Outcome) -> None:
+        super().on_finished(task, instance, outcome)
+        if not task.port_mapping_id or outcome.status != COMPLETED:
+            return
+        mapping = PortMapping.objects.filter(pk=task.port_mapping_id).first()
+        if mapping is None:
+            return
+        PortMapping.objects.filter(pk=mapping.pk).update(status=PortMapping.STATUS_DELETED)
+        if instance is not None and mapping.is_ssh and instance.ssh_port == mapping.host_port_start:
+            instance.ssh_port = None
+
+
+register(DeletePortOperation())
