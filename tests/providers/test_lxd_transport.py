@@ -8,6 +8,7 @@ import hashlib
 import time
 
 import pytest
+import trustme
 
 from providers._lxdapi import classify_http, parse_progress
 from providers.base import (
@@ -44,6 +45,19 @@ def test_https_pinned_by_fingerprint_with_colons(lxd_env):
     pretty = ":".join(fp[i : i + 2] for i in range(0, 64, 2)).upper()
     driver = lxd_env.driver("https", server_cert=None, server_fingerprint=pretty)
     assert driver.server_info().details["server"] == lxd_env.flavour
+
+
+def test_https_with_a_ca_signed_server_checks_the_chain(lxd_env):
+    ca_pem = lxd_env.tls.ca.cert_pem.bytes().decode()
+    driver = lxd_env.driver("https", server_cert=None, server_ca=ca_pem)
+    assert driver.server_info().details["server"] == lxd_env.flavour
+    driver.create(spec(), CancelToken(), no_progress)
+    driver.start(REF, CancelToken(), no_progress)
+    driver.set_password(REF, "ca-checked-secret", CancelToken(), no_progress)
+    assert lxd_env.fake.instances[NAME]["password"] == "ca-checked-secret"
+    other_ca = trustme.CA().cert_pem.bytes().decode()
+    with pytest.raises(AuthError):
+        lxd_env.driver("https", server_cert=None, server_ca=other_ca).server_info()
 
 
 def test_https_to_a_server_with_another_certificate_is_refused(lxd_env):
