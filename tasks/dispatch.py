@@ -75,35 +75,45 @@ def slots_in_use(provider_id: int) -> int:
 @retry_on_deadlock
 def admit(provider_id: int) -> list[int]:
     """Admit as many pending tasks of the provider as it has free slots; return their ids."""
-    jobs: list[tuple[int, str, int]] = []
     with transaction.atomic():
         provider = Provider.objects.select_for_update().filter(pk=provider_id).first()
-        if provider is None or not provider.enabled:
+        if provider is None:
             return []
-        free = provider.concurrency_limit - slots_in_use(provider_id)
-        if free <= 0:
-            return []
-        candidates = list(
-            Task.objects.filter(provider_id=provider_id, status=PENDING, admitted_at__isnull=True)
-            .order_by("created_at", "id")
-            .values_list("id", "timeout_seconds", "task_type")[:free]
+        return admit_locked(provider)
+
+
+def admit_locked(provider: Provider) -> list[int]:
+    """Admission with the provider row already locked by the caller's transaction.
+
+    Creating a task and finishing one hold that lock anyway, so they admit in
+    the same transaction (one commit less per task); the jobs go out on commit.
+    """
+    if not provider.enabled:
+        return []
+    free = provider.concurrency_limit - slots_in_use(provider.pk)
+    if free <= 0:
+        return []
+    candidates = list(
+        Task.objects.filter(provider_id=provider.pk, status=PENDING, admitted_at__isnull=True)
+        .order_by("created_at", "id")
+        .values_list("id", "timeout_seconds", "task_type")[:free]
+    )
+    now = timezone.now()
+    jobs: list[tuple[int, str, int]] = []
+    for task_id, timeout_seconds, task_type in candidates:
+        token = new_token()
+        rows = Task.objects.filter(pk=task_id, status=PENDING, admitted_at__isnull=True).update(
+            admitted_at=now,
+            lease_token=token,
+            dispatch_count=F("dispatch_count") + 1,
+            status_message="waiting for a worker",
         )
-        now = timezone.now()
-        for task_id, timeout_seconds, task_type in candidates:
-            token = new_token()
-            rows = Task.objects.filter(pk=task_id, status=PENDING, admitted_at__isnull=True).update(
-                admitted_at=now,
-                lease_token=token,
-                dispatch_count=F("dispatch_count") + 1,
-                status_message="waiting for a worker",
-            )
-            if rows == 1:
-                jobs.append((task_id, token, timeout_seconds or Task(task_type=task_type).effective_timeout))
-        queue = provider.queue_name
-        if jobs:
-            transaction.on_commit(lambda: [enqueue_job(tid, tok, queue, tmo) for tid, tok, tmo in jobs])
+        if rows == 1:
+            jobs.append((task_id, token, timeout_seconds or Task(task_type=task_type).effective_timeout))
     if jobs:
-        logger.debug("provider %s: admitted %s", provider_id, [j[0] for j in jobs])
+        queue = provider.queue_name
+        transaction.on_commit(lambda: [enqueue_job(tid, tok, queue, tmo) for tid, tok, tmo in jobs])
+        logger.debug("provider %s: admitted %s", provider.pk, [j[0] for j in jobs])
     return [j[0] for j in jobs]
 
 

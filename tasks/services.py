@@ -17,7 +17,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from tasks import ports, resources, transitions
-from tasks.dispatch import admit_soon
+from tasks.dispatch import admit_locked
 from tasks.errors import (
     InstanceBusy,
     InvalidInput,
@@ -65,7 +65,14 @@ def validate_timeout(timeout_seconds) -> int:
 
 
 def _new_task(
-    *, task_type: str, instance: Instance, initiator, timeout_seconds: int, task_data: dict | None, port_mapping=None
+    *,
+    provider: Provider,
+    task_type: str,
+    instance: Instance,
+    initiator,
+    timeout_seconds: int,
+    task_data: dict | None,
+    port_mapping=None,
 ) -> Task:
     task = Task.objects.create(
         task_type=task_type,
@@ -94,8 +101,8 @@ def _new_task(
         to_status=PENDING,
         actor=actor_of(initiator, admin=_is_admin_request(initiator, instance)),
     )
-    provider_id = instance.provider_id
-    transaction.on_commit(lambda: admit_soon(provider_id))
+    # The provider row is locked by the caller: admit now, in this transaction.
+    admit_locked(provider)
     logger.info("task %s: %s of instance %s queued by %s", task.pk, task_type, instance.pk, initiator)
     return task
 
@@ -197,6 +204,7 @@ def create_instance(
             instance.ssh_port = block[0].host_port_start
             instance.save(update_fields=["ssh_port"])
         task = _new_task(
+            provider=provider_row,
             task_type=TaskType.CREATE,
             instance=instance,
             initiator=initiator,
@@ -224,13 +232,18 @@ def request_operation(
         raise InvalidInput(f"unknown operation {task_type!r}", field="task_type")
     timeout = validate_timeout(timeout_seconds)
     with transaction.atomic():
-        _, instance = _lock_for_new_task(user, instance_id, admin=admin)
+        provider, instance = _lock_for_new_task(user, instance_id, admin=admin)
         if instance.active_task_id is not None:
             raise InstanceBusy(instance.active_task_id)
         if instance.status not in ALLOWED_INSTANCE_STATUS[task_type]:
             raise InvalidState(f"cannot {task_type} an instance that is {instance.status}", status=instance.status)
         return _new_task(
-            task_type=task_type, instance=instance, initiator=user, timeout_seconds=timeout, task_data=task_data
+            provider=provider,
+            task_type=task_type,
+            instance=instance,
+            initiator=user,
+            timeout_seconds=timeout,
+            task_data=task_data,
         )
 
 
@@ -266,6 +279,7 @@ def create_port(
             restrict_to_range=not admin,
         )
         task = _new_task(
+            provider=provider,
             task_type=TaskType.CREATE_PORT,
             instance=instance,
             initiator=user,
@@ -279,7 +293,7 @@ def create_port(
 def delete_port(user, instance_id, port_id, *, admin: bool = False, timeout_seconds=None) -> Task:
     timeout = validate_timeout(timeout_seconds)
     with transaction.atomic():
-        _, instance = _lock_for_new_task(user, instance_id, admin=admin)
+        provider, instance = _lock_for_new_task(user, instance_id, admin=admin)
         mapping = PortMapping.objects.filter(pk=port_id, instance=instance).first()
         if mapping is None or mapping.status not in (PortMapping.STATUS_ACTIVE, PortMapping.STATUS_FAILED):
             raise NotFound("no such port mapping")
@@ -288,6 +302,7 @@ def delete_port(user, instance_id, port_id, *, admin: bool = False, timeout_seco
         if instance.status not in ALLOWED_INSTANCE_STATUS[TaskType.DELETE_PORT]:
             raise InvalidState(f"cannot remove a port of an instance that is {instance.status}", status=instance.status)
         return _new_task(
+            provider=provider,
             task_type=TaskType.DELETE_PORT,
             instance=instance,
             initiator=user,

@@ -93,12 +93,6 @@ def _lock_instance(instance_id: int | None) -> Instance | None:
     return Instance.objects.select_for_update().filter(pk=instance_id).first()
 
 
-def _wake_admission(provider_id: int) -> None:
-    from tasks import dispatch
-
-    transaction.on_commit(lambda: dispatch.admit_soon(provider_id))
-
-
 @retry_on_deadlock
 def claim(task_id: int, *, token: str, worker: str) -> bool:
     """pending (admitted, with this token) -> running: the worker starts the task."""
@@ -204,7 +198,7 @@ def finish(
             return False
         # Lock order: quota -> provider -> instance -> task.
         UserQuota.objects.select_for_update().filter(user_id=head["owner_id"]).first()
-        Provider.objects.select_for_update().filter(pk=head["provider_id"]).first()
+        provider = Provider.objects.select_for_update().filter(pk=head["provider_id"]).first()
         instance = _lock_instance(head["instance_id"])
         task = Task.objects.select_for_update().filter(pk=task_id).first()
         if task is None or task.status not in allowed:
@@ -273,8 +267,12 @@ def finish(
             if instance.active_task_id == task.pk:
                 instance.active_task = None
             instance.save()
-        if ran or task.admitted_at is not None:
-            _wake_admission(task.provider_id)
+        if (ran or task.admitted_at is not None) and provider is not None:
+            # The slot is free: admit the next task in this same transaction (the
+            # provider row is locked already).
+            from tasks.dispatch import admit_locked
+
+            admit_locked(provider)
         logger.info("task %s: %s -> %s by %s %s", task_id, source, target, actor, reason)
         return True
 
