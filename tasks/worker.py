@@ -157,29 +157,31 @@ class ProgressReporter:
 
 
 def _register(name: str, task_id: int) -> None:
-    now = timezone.now()
-    updated = Worker.objects.filter(name=name).update(current_task_id=task_id, last_heartbeat=now)
-    if not updated:
-        Worker.objects.get_or_create(
-            name=name,
-            defaults={
-                "node": settings.WORKER_NODE,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "queue": os.environ.get("Q_CLUSTER_NAME", "default"),
-                "current_task_id": task_id,
-                "last_heartbeat": now,
-            },
-        )
+    """One write per job: this process's registry row names its current task.
 
-
-def _unregister(name: str) -> None:
+    The row is not cleared at the end (one commit less per task): readers treat
+    current_task as current only while that task is still executing.
+    """
     from django.db.models import F
 
+    now = timezone.now()
     try:
-        Worker.objects.filter(name=name).update(
-            current_task=None, last_heartbeat=timezone.now(), tasks_run=F("tasks_run") + 1
+        updated = Worker.objects.filter(name=name).update(
+            current_task_id=task_id, last_heartbeat=now, tasks_run=F("tasks_run") + 1
         )
+        if not updated:
+            Worker.objects.get_or_create(
+                name=name,
+                defaults={
+                    "node": settings.WORKER_NODE,
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "queue": os.environ.get("Q_CLUSTER_NAME", "default"),
+                    "current_task_id": task_id,
+                    "last_heartbeat": now,
+                    "tasks_run": 1,
+                },
+            )
     except Exception:
         logger.warning("worker %s: could not update its registry row", name, exc_info=True)
 
@@ -252,7 +254,6 @@ def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
             {"error_code": ErrorCode.TIMEOUT, "error_message": "killed at the hard timeout"},
         )
         _current.pop(task_id, None)
-        _unregister(name)
         raise
     finally:
         if beat.is_alive():
@@ -267,7 +268,6 @@ def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
         outcome = status if _finish(task_id, token, status, ctx, fields) else "fenced"
     if outcome == "fenced":
         logger.warning("task %s: result (%s) not recorded: the lease is no longer ours", task_id, status)
-    _unregister(name)
     return outcome
 
 

@@ -1,0 +1,257 @@
+"""Pipeline benchmark: our whole task pipeline vs plain django-q2, same no-op, same broker.
+
+    .venv/bin/python bench/pipeline/run.py [--tasks 2000] [--providers 4] [--limit 2]
+        [--broker redis|orm] [--database mysql://root@127.0.0.1:3306/cloudhost_bench]
+
+Pipeline: services.request_operation (create + admit) -> job on the provider's
+queue -> worker claim -> no-op -> guarded finish (+ admission of the next).
+Baseline: async_task(no-op) on one django-q2 cluster with as many workers as
+the sum of the provider limits. Throughput: N tasks created by 4 producer
+threads, from the first create to the last completion. Latency: created (or
+enqueued) to running, one task at a time on an idle system, 200 samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tasks", type=int, default=2000)
+    p.add_argument("--providers", type=int, default=4)
+    p.add_argument("--limit", type=int, default=2)
+    p.add_argument("--broker", choices=("redis", "orm"), default="redis")
+    p.add_argument("--database", default="mysql://root@127.0.0.1:3306/cloudhost_bench")
+    p.add_argument("--latency-samples", type=int, default=200)
+    p.add_argument("--producers", type=int, default=4)
+    return p.parse_args()
+
+
+ARGS = parse()
+ENV = {
+    "DATABASE_URL": ARGS.database,
+    "Q_BROKER": ARGS.broker,
+    "TASK_EXTRA_OPERATIONS": "bench.pipeline.noop_ops",
+    "LOG_LEVEL": "warning",
+    "Q_POLL_SECONDS": "0.02",
+    "WORKER_NODE": "bench",
+    "DJANGO_SETTINGS_MODULE": "config.settings",
+}
+os.environ.update(ENV)
+
+
+def ensure_database(url: str) -> None:
+    if not url.startswith("mysql"):
+        return
+    import MySQLdb
+
+    from config.env import parse_database_url
+
+    d = parse_database_url(url, ROOT)
+    conn = MySQLdb.connect(host=d["HOST"], user=d["USER"], passwd=d["PASSWORD"], port=int(d["PORT"]))
+    conn.cursor().execute(f"CREATE DATABASE IF NOT EXISTS `{d['NAME']}` CHARACTER SET utf8mb4")
+    conn.close()
+
+
+ensure_database(ARGS.database)
+import django  # noqa: E402
+
+django.setup()
+
+from django.contrib.auth import get_user_model  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.db import connection  # noqa: E402
+from django_q.models import OrmQ  # noqa: E402
+
+from tasks import services  # noqa: E402
+from tasks.models import Instance, PortMapping, Provider, Task, TaskEvent, TaskSecret, UserQuota, Worker  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, int(round(q * len(values) + 0.5)) - 1))]
+
+
+def reset_data():
+    for model in (TaskEvent, TaskSecret, PortMapping):
+        model.objects.all().delete()
+    Instance.objects.update(active_task=None)
+    Worker.objects.all().delete()
+    Task.objects.all().delete()
+    Instance.objects.all().delete()
+    Provider.objects.all().delete()
+    UserQuota.objects.all().delete()
+    OrmQ.objects.all().delete()
+    if ARGS.broker == "redis":
+        import redis
+
+        redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")).flushdb()
+
+
+def spawn(cmd: list[str], **env) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), *cmd],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=open(Path(tempfile.gettempdir()) / "bench-pipeline.log", "ab"),
+    )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    from tests.engine.harness import kill_node_processes
+
+    kill_node_processes("bench")
+
+
+def in_threads(n: int, items: list, fn) -> None:
+    chunks = [items[i::n] for i in range(n)]
+
+    def run(chunk):
+        for item in chunk:
+            fn(item)
+        connection.close()
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in chunks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def wait_all_done(ids: list[int], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while Task.objects.filter(pk__in=ids).exclude(status="completed").exists():
+        if time.monotonic() > deadline:
+            raise SystemExit("pipeline did not finish")
+        time.sleep(0.05)
+
+
+def pipeline(user) -> dict:
+    providers = [
+        Provider.objects.create(name=f"bench-{i}", allow_concurrent_tasks=True, max_concurrent_tasks=ARGS.limit)
+        for i in range(ARGS.providers)
+    ]
+    per = ARGS.tasks // ARGS.providers + 1
+    instances = []
+    for p in providers:
+        names = [f"b{p.pk}-{i}" for i in range(per)]
+        instances += Instance.objects.bulk_create(
+            Instance(owner=user, provider=p, name=n, live_name=n, image="noop", status="running") for n in names
+        )
+    tier = spawn(["run_workers", "--no-maintenance"])
+    try:
+        # Warm up: one task per provider through the whole path.
+        warm = [services.request_operation(user, instances[i * per].pk, "restart").pk for i in range(len(providers))]
+        wait_all_done(warm, 60)
+        targets = [inst for i, inst in enumerate(instances) if i % per != 0][: ARGS.tasks]
+        ids: list[int] = []
+        lock = threading.Lock()
+
+        def create(inst):
+            pk = services.request_operation(user, inst.pk, "restart").pk
+            with lock:
+                ids.append(pk)
+
+        t0 = time.time()
+        in_threads(ARGS.producers, targets, create)
+        wait_all_done(ids)
+        last = max(t.completed_at.timestamp() for t in Task.objects.filter(pk__in=ids).only("completed_at"))
+        tps = len(ids) / (last - t0)
+        # Latency on an idle system: one at a time.
+        lat = []
+        for i in range(ARGS.latency_samples):
+            inst = instances[(i % len(providers)) * per]
+            task = services.request_operation(user, inst.pk, "restart")
+            wait_all_done([task.pk], 30)
+            task.refresh_from_db()
+            lat.append((task.started_at - task.created_at).total_seconds() * 1000)
+            time.sleep(random.uniform(0.02, 0.1))
+    finally:
+        stop(tier)
+    return {"tps": tps, "p50": pct(lat, 0.5), "p95": pct(lat, 0.95), "n": len(ids)}
+
+
+def baseline() -> dict:
+    from django_q.brokers import get_broker
+    from django_q.tasks import async_task
+
+    log = Path(tempfile.mkstemp(prefix="bench-baseline-")[1])
+    queue = "bench-baseline"
+    workers = ARGS.providers * ARGS.limit
+    cluster = spawn(["qcluster"], Q_CLUSTER_NAME=queue, Q_CLUSTER_WORKERS=str(workers), BENCH_BASELINE_LOG=str(log))
+    broker_local = threading.local()
+
+    def enqueue(_=None):
+        broker = getattr(broker_local, "b", None) or get_broker(queue)
+        broker_local.b = broker
+        async_task("bench.pipeline.noop_ops.baseline_noop", time.time(), cluster=queue, broker=broker, save=False)
+
+    def lines() -> list[str]:
+        return log.read_text().splitlines()
+
+    try:
+        enqueue()
+        deadline = time.monotonic() + 60
+        while len(lines()) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log.write_text("")
+        t0 = time.time()
+        in_threads(ARGS.producers, list(range(ARGS.tasks)), enqueue)
+        deadline = time.monotonic() + 600
+        while len(lines()) < ARGS.tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        last = max(float(line.split()[1]) for line in lines())
+        tps = ARGS.tasks / (last - t0)
+        log.write_text("")
+        for _ in range(ARGS.latency_samples):
+            before = len(lines())
+            enqueue()
+            while len(lines()) <= before:
+                time.sleep(0.001)
+            time.sleep(random.uniform(0.02, 0.1))
+        lat = [(float(b) - float(a)) * 1000 for a, b in (line.split() for line in lines())]
+    finally:
+        stop(cluster)
+        log.unlink(missing_ok=True)
+    return {"tps": tps, "p50": pct(lat, 0.5), "p95": pct(lat, 0.95), "n": ARGS.tasks}
+
+
+def main() -> None:
+    call_command("migrate", verbosity=0)
+    reset_data()
+    user = get_user_model().objects.get_or_create(username="bench")[0]
+    ours = pipeline(user)
+    reset_data()
+    base = baseline()
+    print(
+        f"\npipeline benchmark: {ARGS.tasks} no-op tasks, {ARGS.providers} providers x limit {ARGS.limit}, "
+        f"broker={ARGS.broker}, database={connection.vendor}, {ARGS.producers} producer threads"
+    )
+    print(f"{'':28}{'tasks/s':>10}{'latency p50 ms':>17}{'latency p95 ms':>17}")
+    print(f"{'task pipeline':28}{ours['tps']:>10.1f}{ours['p50']:>17.1f}{ours['p95']:>17.1f}")
+    print(f"{'plain django-q2':28}{base['tps']:>10.1f}{base['p50']:>17.1f}{base['p95']:>17.1f}")
+    print(f"ratio (pipeline / django-q2 tasks/s): {ours['tps'] / base['tps']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
