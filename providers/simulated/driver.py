@@ -249,8 +249,7 @@ class SimulatedDriver:
             self.store.record(op, name, applied=state.get("applied", False), outcome="cancelled")
             raise
         except (PermanentError, RetryableError) as exc:
-            if not getattr(exc, "_recorded", False):
-                self.store.record(op, name, applied=state.get("applied", False), outcome=f"failed:{type(exc).__name__}")
+            self.store.record(op, name, applied=state.get("applied", False), outcome=f"failed:{type(exc).__name__}")
             raise
 
     # --- contract: operations ---
@@ -430,34 +429,25 @@ class SimulatedDriver:
         self._require(name, op)
         with self._recording(op, name, {}):
             self._spend(op, name, cancel, progress, DELAYS["port"], 0, 100, f"mapping {port.handle}")
+            conflict = ""
             with self.store.transaction() as db:
                 same = db.execute("SELECT * FROM ports WHERE guest = ? AND handle = ?", (name, port.handle)).fetchone()
-                if same is not None:
-                    if (same["guest_start"], same["guest_end"]) != (port.guest_port_start, port.guest_port_end):
-                        raise _recorded(
-                            ConflictError(f"{port.handle} exists with other guest ports", op=op, remote_status=409),
-                            self.store,
-                            op,
-                            name,
-                        )
-                    applied = False
-                else:
-                    clash = db.execute(
-                        "SELECT guest, handle FROM ports WHERE protocol = ? AND host_start <= ? AND host_end >= ?",
-                        (port.protocol, port.host_port_end, port.host_port_start),
-                    ).fetchone()
-                    if clash is not None:
-                        raise _recorded(
-                            ConflictError(
-                                f"host port(s) {port.host_port_start}-{port.host_port_end}/{port.protocol} already"
-                                f" bound by {clash['guest']} ({clash['handle']})",
-                                op=op,
-                                remote_status=409,
-                            ),
-                            self.store,
-                            op,
-                            name,
-                        )
+                clash = db.execute(
+                    "SELECT guest, handle FROM ports WHERE protocol = ? AND host_start <= ? AND host_end >= ?"
+                    " AND NOT (guest = ? AND handle = ?)",
+                    (port.protocol, port.host_port_end, port.host_port_start, name, port.handle),
+                ).fetchone()
+                if same is not None and (same["guest_start"], same["guest_end"]) != (
+                    port.guest_port_start,
+                    port.guest_port_end,
+                ):
+                    conflict = f"{port.handle} exists with other guest ports"
+                elif clash is not None:
+                    conflict = (
+                        f"host port(s) {port.host_port_start}-{port.host_port_end}/{port.protocol} already"
+                        f" bound by {clash['guest']} ({clash['handle']})"
+                    )
+                elif same is None:
                     db.execute(
                         "INSERT INTO ports (guest, handle, protocol, host_start, host_end, guest_start, guest_end,"
                         " listen_ip) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -472,7 +462,10 @@ class SimulatedDriver:
                             port.listen_ip,
                         ),
                     )
-                    applied = True
+            if conflict:
+                # Raised outside the store transaction: recording it opens its own.
+                raise ConflictError(conflict, op=op, remote_status=409)
+            applied = same is None
         self._finish(op, name, applied=applied, ambiguous=ambiguous)
 
     def remove_port(self, ref: dict[str, Any], port: PortSpec, cancel: CancelToken, progress: ProgressCallback) -> None:
@@ -518,12 +511,6 @@ class SimulatedDriver:
             raise PermanentError(
                 f"guest {guest['name']} is unusable: its {what} did not finish", op=op, remote_status=409
             )
-
-
-def _recorded(exc: Exception, store: SimulatedStore, op: str, name: str) -> Exception:
-    store.record(op, name, applied=False, outcome=f"failed:{type(exc).__name__}")
-    exc._recorded = True  # type: ignore[attr-defined]
-    return exc
 
 
 def _check_port(port: PortSpec, op: str) -> None:
