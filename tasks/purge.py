@@ -1,0 +1,63 @@
+"""Retention: delete finished tasks and their events in bounded batches.
+
+Each batch is its own short transaction touching only terminal tasks (rows
+admission never reads for update), so purging never blocks admission for long.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+
+from django.db import transaction
+from django.utils import timezone
+
+from tasks.models import Instance, Task, TaskEvent, TaskSecret
+from tasks.states import FINAL
+
+logger = logging.getLogger(__name__)
+
+
+def purge_queryset(older_than_days: float, statuses: list[str] | None = None):
+    cutoff = timezone.now() - timedelta(days=older_than_days)
+    wanted = [s for s in (statuses or FINAL) if s in FINAL]
+    return Task.objects.filter(status__in=wanted, completed_at__lt=cutoff)
+
+
+def purge(
+    older_than_days: float,
+    statuses: list[str] | None = None,
+    *,
+    batch_size: int = 1000,
+    dry_run: bool = False,
+    pause: float = 0.0,
+) -> int:
+    """Delete matching tasks; return how many (or would be, with dry_run)."""
+    qs = purge_queryset(older_than_days, statuses)
+    if dry_run:
+        return qs.count()
+    total = 0
+    while True:
+        ids = list(qs.order_by("completed_at", "id").values_list("id", flat=True)[:batch_size])
+        if not ids:
+            return total
+        with transaction.atomic():
+            # A terminal task is never an instance's active task, but be certain.
+            keep = set(Instance.objects.filter(active_task_id__in=ids).values_list("active_task_id", flat=True))
+            ids = [i for i in ids if i not in keep]
+            TaskEvent.objects.filter(task_id__in=ids).delete()
+            TaskSecret.objects.filter(task_id__in=ids).delete()
+            deleted = Task.objects.filter(pk__in=ids, status__in=FINAL).delete()[1].get("tasks.Task", 0)
+        total += deleted
+        logger.info("purge: deleted %d task(s), %d so far", deleted, total)
+        if not ids:
+            return total
+        if pause:
+            time.sleep(pause)
+
+
+def purge_job(older_than_days: float = 30, statuses: str = "") -> str:
+    """django-q2 schedule entry point, e.g. args "90" for tasks finished over 90 days ago."""
+    n = purge(float(older_than_days), [s for s in statuses.split(",") if s] or None)
+    return f"purged {n} task(s)"
