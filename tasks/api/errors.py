@@ -1,39 +1,105 @@
-"""Every API error is JSON ``{"code", "detail", ...}`` with a stable code."""
+"""Every API error is JSON ``{"code", "detail", ...}`` with a stable code.
+
+- tasks.errors.ServiceError: its own code, status and extra fields (``field``,
+  ``active_task``, ``status``).
+- Validation errors (serializers, filters, pagination): 400 ``invalid`` with
+  ``field`` (the first offending input, dotted for nested ones), a readable
+  ``detail`` and all messages under ``errors``.
+- Everything DRF raises (401, 403, 404, 405, 406, 415, 429, parse errors): the
+  exception's default code.
+- A database DataError that validation missed (a value the column cannot hold)
+  is a 400 too: input must never produce a 500.
+
+``not_found`` and ``server_error`` below are the Django-level handlers for
+paths that no view matched, or a crash outside DRF: JSON under /api/, Django's
+pages elsewhere.
+"""
 
 from __future__ import annotations
 
+import logging
+
+from django.db import DataError
+from django.http import Http404, JsonResponse
+from django.views import defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from tasks.errors import ServiceError
 
+logger = logging.getLogger(__name__)
+
+CODES = {
+    exceptions.NotAuthenticated: "not_authenticated",
+    exceptions.AuthenticationFailed: "authentication_failed",
+    exceptions.PermissionDenied: "permission_denied",
+    exceptions.NotFound: "not_found",
+    exceptions.MethodNotAllowed: "method_not_allowed",
+    exceptions.NotAcceptable: "not_acceptable",
+    exceptions.UnsupportedMediaType: "unsupported_media_type",
+    exceptions.ParseError: "parse_error",
+    exceptions.Throttled: "throttled",
+}
+
+
+def _first_error(data, prefix: str = "") -> tuple[str | None, str]:
+    """The dotted name and first message of the first error in a DRF error structure."""
+    if isinstance(data, dict) and data:
+        key = next(iter(data))
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if name == "non_field_errors":
+            name = None
+        field, message = _first_error(data[key], name or "")
+        return (field or name), message
+    if isinstance(data, list) and data:
+        return _first_error(data[0], prefix)
+    return (prefix or None), str(data)
+
+
+def validation_body(data) -> dict:
+    body: dict = {"code": "invalid", "detail": "invalid input", "errors": data}
+    field, message = _first_error(data)
+    if field:
+        body["field"] = field
+        body["detail"] = f"{field}: {message}"
+    elif message:
+        body["detail"] = message
+    return body
+
 
 def exception_handler(exc, context):
     if isinstance(exc, ServiceError):
         return Response(exc.as_dict(), status=exc.http_status)
+    if isinstance(exc, DataError):
+        view = context.get("view")
+        logger.warning("%s: input the database refused: %s", type(view).__name__, exc)
+        return Response(
+            {"code": "invalid", "detail": "a value is out of range for its field"}, status=status.HTTP_400_BAD_REQUEST
+        )
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound(str(exc) or None)
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
-    data = response.data
     if isinstance(exc, exceptions.ValidationError):
-        body = {"code": "invalid", "detail": "invalid input", "errors": data}
-        if isinstance(data, dict) and data:
-            field = next(iter(data))
-            body["field"] = field
-            first = data[field]
-            if isinstance(first, list) and first:
-                body["detail"] = f"{field}: {first[0]}"
-        response.data = body
+        response.data = validation_body(response.data)
         response.status_code = status.HTTP_400_BAD_REQUEST
         return response
-    code = getattr(exc, "default_code", "error")
-    if isinstance(exc, exceptions.NotAuthenticated):
-        code = "not_authenticated"
-    elif isinstance(exc, exceptions.PermissionDenied):
-        code = "permission_denied"
-    elif isinstance(exc, exceptions.NotFound):
-        code = "not_found"
+    code = next((c for cls, c in CODES.items() if isinstance(exc, cls)), None) or getattr(exc, "default_code", "error")
+    data = response.data
     detail = data.get("detail", data) if isinstance(data, dict) else data
     response.data = {"code": code, "detail": str(detail)}
     return response
+
+
+def not_found(request, exception=None):
+    if request.path.startswith("/api/"):
+        return JsonResponse({"code": "not_found", "detail": "no such endpoint or object"}, status=404)
+    return defaults.page_not_found(request, exception)
+
+
+def server_error(request):
+    if request.path.startswith("/api/"):
+        return JsonResponse({"code": "internal_error", "detail": "internal error; it has been logged"}, status=500)
+    return defaults.server_error(request)

@@ -1,6 +1,27 @@
-from django.urls import path
+"""/api/v1/ routes (API.md)."""
+
+from __future__ import annotations
+
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 from rest_framework.authtoken.views import obtain_auth_token
+from rest_framework.routers import DefaultRouter
+
+from tasks.api import views
+
+router = DefaultRouter()
+router.register("tasks", views.TaskViewSet, basename="task")
+router.register("instances", views.InstanceViewSet, basename="instance")
+router.register("providers", views.ProviderViewSet, basename="provider")
+router.register("admin/tasks", views.AdminTaskViewSet, basename="admin-task")
+router.register("admin/instances", views.AdminInstanceViewSet, basename="admin-instance")
+router.register("admin/providers", views.AdminProviderViewSet, basename="admin-provider")
+router.register("admin/workers", views.AdminWorkerViewSet, basename="admin-worker")
 
 urlpatterns = [
     path("auth/token/", obtain_auth_token, name="api-token"),
+    path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("redoc/", SpectacularRedocView.as_view(url_name="api-schema"), name="api-redoc"),
+    path("", include(router.urls)),
 ]

@@ -1,0 +1,527 @@
+"""Representations of tasks, instances, port mappings, providers and workers (API.md).
+
+Serializers only shape data. Who may see a row is decided in the views'
+get_queryset, every state change goes through tasks.services, and the
+per-request context carries ``admin`` (which view family asks) and ``queue``
+(a tasks.api.queueinfo.QueueInfo shared by the rows of one response).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from tasks.api.queueinfo import EMPTY as NO_QUEUE_INFO
+from tasks.api.queueinfo import QueueInfo
+from tasks.models import Instance, InstanceType, PortMapping, Protocol, Provider, Task, TaskEvent, Worker
+from tasks.ports import MAX_RANGE
+from tasks.services import user_may_cancel
+from tasks.states import CANCELLABLE, FINAL, RUNNING
+
+MAX_ID = 2**63 - 1
+MAX_INT32 = 2**31 - 1
+REDACTED = "[redacted]"
+SECRET_MARKERS = ("password", "secret", "token", "key")
+
+
+def redact(value: Any) -> Any:
+    """A copy of task data with the value of every secret-looking key replaced."""
+    if isinstance(value, dict):
+        return {
+            k: (REDACTED if any(m in str(k).lower() for m in SECRET_MARKERS) else redact(v)) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+# --- small references ---------------------------------------------------------------
+
+
+class UserRefSerializer(serializers.Serializer):
+    id = serializers.IntegerField(allow_null=True)
+    username = serializers.CharField(allow_null=True)
+
+
+class ProviderRefSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    type = serializers.CharField(source="provider_type")
+
+
+class InstanceRefSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    instance_type = serializers.CharField()
+
+
+class TaskEventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = TaskEvent
+        fields = ["from_status", "to_status", "actor", "reason", "progress", "message", "at", "kind"]
+
+
+# --- tasks ----------------------------------------------------------------------------
+
+
+class TaskSerializer(serializers.ModelSerializer):
+    """A task as its owner sees it (list rows)."""
+
+    provider = ProviderRefSerializer(read_only=True)
+    instance = InstanceRefSerializer(read_only=True, allow_null=True)
+    user = UserRefSerializer(source="owner", read_only=True)
+    initiator = serializers.SerializerMethodField()
+    timeout_seconds = serializers.IntegerField(source="effective_timeout", read_only=True)
+    remaining_seconds = serializers.SerializerMethodField()
+    can_cancel = serializers.SerializerMethodField()
+    queue_position = serializers.SerializerMethodField()
+    estimated_wait_seconds = serializers.SerializerMethodField()
+    blocked_reason = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Task
+        fields = [
+            "id",
+            "uuid",
+            "task_type",
+            "status",
+            "progress",
+            "status_message",
+            "error_code",
+            "error_message",
+            "cancel_reason",
+            "provider",
+            "instance",
+            "user",
+            "initiator",
+            "created_at",
+            "started_at",
+            "completed_at",
+            "timeout_seconds",
+            "remaining_seconds",
+            "can_cancel",
+            "queue_position",
+            "estimated_wait_seconds",
+            "blocked_reason",
+        ]
+        read_only_fields = fields
+
+    def _queue(self, task: Task) -> dict:
+        if task.status in FINAL:
+            return NO_QUEUE_INFO
+        queue = self.context.get("queue")
+        if queue is None:
+            queue = self.context["queue"] = QueueInfo()
+        return queue.for_task(task)
+
+    @extend_schema_field(UserRefSerializer(allow_null=True))
+    def get_initiator(self, task: Task) -> dict | None:
+        if task.initiator_id is None:
+            return None
+        if self.context.get("admin") or task.initiator_id == task.owner_id:
+            return {"id": task.initiator_id, "username": task.initiator.get_username()}
+        # Users learn that staff acted on their instance, not who.
+        return {"id": None, "username": "staff"}
+
+    @extend_schema_field(OpenApiTypes.INT)
+    def get_remaining_seconds(self, task: Task) -> int | None:
+        if task.status != RUNNING or task.started_at is None:
+            return None
+        now = self.context.get("now") or timezone.now()
+        return max(0, int((task.deadline - now).total_seconds()))
+
+    @extend_schema_field(OpenApiTypes.BOOL)
+    def get_can_cancel(self, task: Task) -> bool:
+        if self.context.get("admin"):
+            return task.status in CANCELLABLE
+        return user_may_cancel(task)
+
+    @extend_schema_field(serializers.IntegerField(allow_null=True, min_value=0))
+    def get_queue_position(self, task: Task) -> int | None:
+        return self._queue(task)["queue_position"]
+
+    @extend_schema_field(serializers.FloatField(allow_null=True, min_value=0))
+    def get_estimated_wait_seconds(self, task: Task) -> float | None:
+        return self._queue(task)["estimated_wait_seconds"]
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_blocked_reason(self, task: Task) -> str | None:
+        return self._queue(task)["blocked_reason"]
+
+
+class TaskDetailSerializer(TaskSerializer):
+    """One task with its timeline."""
+
+    events = TaskEventSerializer(many=True, read_only=True)
+
+    class Meta(TaskSerializer.Meta):
+        fields = [*TaskSerializer.Meta.fields, "events"]
+        read_only_fields = fields
+
+
+class AdminTaskSerializer(TaskSerializer):
+    """A task as operators see it: who asked, and whether force-stop applies."""
+
+    can_force_stop = serializers.SerializerMethodField()
+
+    class Meta(TaskSerializer.Meta):
+        fields = [*TaskSerializer.Meta.fields, "can_force_stop", "worker", "attempt_count"]
+        read_only_fields = fields
+
+    @extend_schema_field(OpenApiTypes.BOOL)
+    def get_can_force_stop(self, task: Task) -> bool:
+        return task.status not in FINAL
+
+
+class AdminTaskDetailSerializer(AdminTaskSerializer):
+    """One task with its timeline, lease and task data (secrets redacted)."""
+
+    events = TaskEventSerializer(many=True, read_only=True)
+    task_data = serializers.SerializerMethodField()
+
+    class Meta(AdminTaskSerializer.Meta):
+        fields = [
+            *AdminTaskSerializer.Meta.fields,
+            "admitted_at",
+            "heartbeat_at",
+            "lease_expires_at",
+            "dispatch_count",
+            "task_data",
+            "events",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(OpenApiTypes.OBJECT)
+    def get_task_data(self, task: Task) -> dict:
+        return redact(task.task_data or {})
+
+
+# --- instances and ports -----------------------------------------------------------------
+
+
+class PortMappingSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = PortMapping
+        fields = [
+            "id",
+            "protocol",
+            "host_port_start",
+            "host_port_end",
+            "guest_port_start",
+            "guest_port_end",
+            "is_ssh",
+            "description",
+            "status",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class ResourcesSerializer(serializers.Serializer):
+    cpu = serializers.IntegerField()
+    memory_mb = serializers.IntegerField()
+    disk_mb = serializers.IntegerField()
+    bandwidth_mbps = serializers.IntegerField()
+
+
+class InstanceSerializer(serializers.ModelSerializer):
+    provider = ProviderRefSerializer(read_only=True)
+    resources = serializers.SerializerMethodField()
+    ports = serializers.SerializerMethodField()
+    active_task = serializers.IntegerField(source="active_task_id", read_only=True, allow_null=True)
+    addresses = serializers.JSONField(read_only=True)
+
+    class Meta:
+        model = Instance
+        fields = [
+            "id",
+            "uuid",
+            "name",
+            "instance_type",
+            "image",
+            "status",
+            "provider",
+            "resources",
+            "ports",
+            "active_task",
+            "addresses",
+            "ssh_port",
+            "needs_reconcile",
+            "created_at",
+            "updated_at",
+            "deleted_at",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(ResourcesSerializer)
+    def get_resources(self, instance: Instance) -> dict:
+        return {
+            "cpu": instance.cpu,
+            "memory_mb": instance.memory_mb,
+            "disk_mb": instance.disk_mb,
+            "bandwidth_mbps": instance.bandwidth_mbps,
+        }
+
+    @extend_schema_field(PortMappingSerializer(many=True))
+    def get_ports(self, instance: Instance) -> list[dict]:
+        # The views prefetch the live mappings into ``live_ports``.
+        mappings = getattr(instance, "live_ports", None)
+        if mappings is None:
+            mappings = instance.port_mappings.exclude(status=PortMapping.STATUS_DELETED).order_by("host_port_start")
+        return PortMappingSerializer(mappings, many=True).data
+
+
+class AdminInstanceSerializer(InstanceSerializer):
+    owner = UserRefSerializer(read_only=True)
+
+    class Meta(InstanceSerializer.Meta):
+        fields = [*InstanceSerializer.Meta.fields, "owner", "holds_resources"]
+        read_only_fields = fields
+
+
+def _timeout_field() -> serializers.IntegerField:
+    return serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=0,
+        max_value=settings.TASK_MAX_TIMEOUT_SECONDS,
+        help_text="seconds; 0 or absent: the task type's default",
+    )
+
+
+class InstanceCreateSerializer(serializers.Serializer):
+    provider = serializers.IntegerField(min_value=1, max_value=MAX_ID, help_text="provider id")
+    image = serializers.CharField(max_length=200)
+    instance_type = serializers.ChoiceField(choices=InstanceType.choices, default=InstanceType.CONTAINER)
+    cpu = serializers.IntegerField(min_value=1, max_value=1024)
+    memory_mb = serializers.IntegerField(min_value=64, max_value=MAX_INT32)
+    disk_mb = serializers.IntegerField(min_value=512, max_value=MAX_INT32)
+    name = serializers.CharField(max_length=63, required=False, allow_blank=True, allow_null=True)
+    bandwidth_mbps = serializers.IntegerField(min_value=1, max_value=1_000_000, default=100)
+    timeout_seconds = _timeout_field()
+
+
+class OperationSerializer(serializers.Serializer):
+    timeout_seconds = _timeout_field()
+
+
+class CancelSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+
+
+class ReasonSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=500, help_text="why; recorded in the task's timeline")
+
+
+class PortCreateSerializer(serializers.Serializer):
+    protocol = serializers.ChoiceField(choices=Protocol.choices)
+    guest_port = serializers.IntegerField(min_value=1, max_value=65535)
+    host_port = serializers.IntegerField(
+        min_value=1, max_value=65535, required=False, allow_null=True, help_text="absent: the first free one"
+    )
+    count = serializers.IntegerField(min_value=1, max_value=MAX_RANGE, default=1, help_text="ports in the range")
+    description = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+    timeout_seconds = _timeout_field()
+
+
+class TaskAcceptedSerializer(serializers.Serializer):
+    task = TaskSerializer()
+
+
+class InstanceAcceptedSerializer(serializers.Serializer):
+    task = TaskSerializer()
+    instance = InstanceSerializer()
+
+
+class PortAcceptedSerializer(serializers.Serializer):
+    task = TaskSerializer()
+    port = PortMappingSerializer()
+
+
+class PasswordSerializer(serializers.Serializer):
+    password = serializers.CharField()
+
+
+# --- providers and workers ---------------------------------------------------------------
+
+
+PROVIDER_WRITABLE = (
+    "allow_concurrent_tasks",
+    "max_concurrent_tasks",
+    "task_poll_interval",
+    "enable_task_polling",
+    "enabled",
+)
+
+
+class ProviderSerializer(serializers.ModelSerializer):
+    """What users need to choose a provider."""
+
+    type = serializers.CharField(source="provider_type", read_only=True)
+
+    class Meta:
+        model = Provider
+        fields = ["id", "name", "type"]
+        read_only_fields = fields
+
+
+class AdminProviderSerializer(serializers.ModelSerializer):
+    """A provider with its live limits; PATCH changes only the WRITABLE fields."""
+
+    WRITABLE = PROVIDER_WRITABLE
+
+    type = serializers.CharField(source="provider_type", read_only=True)
+    allow_concurrent_tasks = serializers.BooleanField(required=False)
+    max_concurrent_tasks = serializers.IntegerField(min_value=1, max_value=256, required=False)
+    task_poll_interval = serializers.IntegerField(min_value=1, max_value=3600, required=False)
+    enable_task_polling = serializers.BooleanField(required=False)
+    enabled = serializers.BooleanField(required=False)
+    concurrency_limit = serializers.IntegerField(read_only=True)
+    running = serializers.IntegerField(read_only=True, help_text="tasks holding a slot (running or cancelling)")
+    pending = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = Provider
+        fields = [
+            "id",
+            "name",
+            "type",
+            "enabled",
+            "allow_concurrent_tasks",
+            "max_concurrent_tasks",
+            "concurrency_limit",
+            "task_poll_interval",
+            "enable_task_polling",
+            "running",
+            "pending",
+            "cpu_total",
+            "cpu_used",
+            "memory_total_mb",
+            "memory_used_mb",
+            "disk_total_mb",
+            "disk_used_mb",
+            "max_containers",
+            "containers_used",
+            "max_vms",
+            "vms_used",
+            "port_range_start",
+            "port_range_end",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = [f for f in fields if f not in PROVIDER_WRITABLE]
+
+    def to_internal_value(self, data):
+        if isinstance(data, dict):
+            unknown = [key for key in data if key not in self.WRITABLE]
+            if unknown:
+                raise serializers.ValidationError(
+                    {str(unknown[0]): [f"not writable; PATCH accepts only {', '.join(self.WRITABLE)}"]}
+                )
+        return super().to_internal_value(data)
+
+
+class ProviderPatchSerializer(serializers.Serializer):
+    """Request body of PATCH /admin/providers/{id}/ (for the schema)."""
+
+    allow_concurrent_tasks = serializers.BooleanField(required=False)
+    max_concurrent_tasks = serializers.IntegerField(min_value=1, max_value=256, required=False)
+    task_poll_interval = serializers.IntegerField(min_value=1, max_value=3600, required=False)
+    enable_task_polling = serializers.BooleanField(required=False)
+    enabled = serializers.BooleanField(required=False)
+
+
+class WorkerSerializer(serializers.ModelSerializer):
+    current_task = serializers.IntegerField(source="current_task_id", read_only=True, allow_null=True)
+
+    class Meta:
+        model = Worker
+        fields = [
+            "id",
+            "name",
+            "node",
+            "host",
+            "pid",
+            "queue",
+            "role",
+            "started_at",
+            "last_heartbeat",
+            "current_task",
+            "tasks_run",
+            "draining",
+        ]
+        read_only_fields = fields
+
+
+# --- statistics (documentation of tasks.stats.task_stats) ------------------------------------
+
+
+class ProviderStatsSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    type = serializers.CharField()
+    enabled = serializers.BooleanField()
+    pending = serializers.IntegerField()
+    running = serializers.IntegerField(help_text="running or cancelling: holding a slot")
+    limit = serializers.IntegerField(help_text="concurrency limit (1 when serial)")
+
+
+class DurationStatsSerializer(serializers.Serializer):
+    count = serializers.IntegerField(help_text="completed tasks in the sample")
+    avg = serializers.FloatField(allow_null=True)
+    p50 = serializers.FloatField(allow_null=True)
+    p95 = serializers.FloatField(allow_null=True)
+
+
+class ErrorRateWindowSerializer(serializers.Serializer):
+    rate = serializers.FloatField(allow_null=True, help_text="(failed + timeout) / finished; null with none finished")
+    failed = serializers.IntegerField()
+    timeout = serializers.IntegerField()
+    finished = serializers.IntegerField()
+
+
+class ErrorRateSerializer(serializers.Serializer):
+    last_hour = ErrorRateWindowSerializer()
+    last_24h = ErrorRateWindowSerializer()
+
+
+class WorkerCountsSerializer(serializers.Serializer):
+    live = serializers.IntegerField()
+    busy = serializers.IntegerField()
+
+
+class StatsSerializer(serializers.Serializer):
+    generated_at = serializers.DateTimeField()
+    total = serializers.IntegerField()
+    by_status = serializers.DictField(child=serializers.IntegerField())
+    by_type = serializers.DictField(child=serializers.IntegerField())
+    by_provider = ProviderStatsSerializer(many=True)
+    durations = serializers.DictField(child=DurationStatsSerializer())
+    duration_window = serializers.DictField(child=serializers.IntegerField())
+    error_rate = ErrorRateSerializer()
+    queue_length = serializers.IntegerField()
+    running = serializers.IntegerField()
+    slots = serializers.IntegerField(help_text="sum of the concurrency limits of enabled providers")
+    worker_utilization = serializers.FloatField(allow_null=True)
+    workers = WorkerCountsSerializer()
+
+
+class ErrorSerializer(serializers.Serializer):
+    """Every error response."""
+
+    code = serializers.CharField(help_text="stable machine-readable code")
+    detail = serializers.CharField()
+    field = serializers.CharField(required=False, help_text="the input at fault (400)")
+    errors = serializers.JSONField(required=False, help_text="all validation errors by field (400)")
+    active_task = serializers.IntegerField(required=False, allow_null=True, help_text="the task in the way (409)")
+    status = serializers.CharField(required=False, help_text="the current state that forbids it (409)")
+
+
+class HealthSerializer(serializers.Serializer):
+    database = serializers.CharField()
+    broker = serializers.CharField()

@@ -1,0 +1,607 @@
+"""The REST API (API.md): thin views over tasks.services.
+
+Authorisation lives in get_queryset (users see their own rows; a row they may
+not see is 404, never 403) and in the permission classes (admin endpoints are
+staff only: 403 for other users, 401 for anonymous callers, as for every
+endpoint). Every state change goes through tasks.services, whose errors the
+exception handler in tasks.api.errors turns into JSON with a stable code.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import transaction
+from django.db.models import Count, IntegerField, OuterRef, Prefetch, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+from django_filters.rest_framework import DjangoFilterBackend
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.response import Response
+
+from tasks import dispatch, services, stats
+from tasks.api import serializers as s
+from tasks.api.filters import MAX_ID, AdminInstanceFilter, AdminTaskFilter, InstanceFilter, ProviderFilter, TaskFilter
+from tasks.api.permissions import IsStaff
+from tasks.api.queueinfo import QueueInfo
+from tasks.models import Instance, PortMapping, Provider, Task, TaskEvent, Worker
+from tasks.states import EXECUTING, PENDING, TaskType
+
+logger = logging.getLogger(__name__)
+
+ID_PATTERN = r"[0-9]+"
+
+
+def _error(description: str) -> OpenApiResponse:
+    return OpenApiResponse(s.ErrorSerializer, description=description)
+
+
+UNAUTHENTICATED = {401: _error("not authenticated (send `Authorization: Token <token>` or a session cookie)")}
+FORBIDDEN = {403: _error("not allowed: staff only, or a session request without its CSRF token")}
+AUTH = {**UNAUTHENTICATED, **FORBIDDEN}
+NOT_FOUND = {404: _error("no such object, or not one the caller may see")}
+BAD_INPUT = {400: _error("invalid input: `field` names the offending parameter or body field")}
+LIST_ERRORS = {**BAD_INPUT, **AUTH, 404: _error("page past the last one")}
+DETAIL_ERRORS = {**AUTH, **NOT_FOUND}
+
+
+def _parse_id(value) -> int:
+    """A path id the database can hold; anything else names nothing (404)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise NotFound("no such object") from None
+    if not 1 <= number <= MAX_ID:
+        raise NotFound("no such object")
+    return number
+
+
+class APIViewSetMixin:
+    """Shared by the user and admin families: ``admin`` selects the view of the data."""
+
+    admin = False
+    filter_backends = [DjangoFilterBackend]
+
+    def get_permissions(self):
+        return [IsStaff()] if self.admin else [IsAuthenticated()]
+
+    def get_serializer_context(self):
+        context = super().get_serializer_context()
+        context.update(admin=self.admin, queue=QueueInfo(), now=timezone.now())
+        return context
+
+    def get_object(self):
+        # A detail lookup ignores list filters (?status=.. on a detail URL changes nothing).
+        obj = self.get_queryset().filter(pk=_parse_id(self.kwargs.get(self.lookup_field))).first()
+        if obj is None:
+            raise NotFound("no such object")
+        self.check_object_permissions(self.request, obj)
+        return obj
+
+    @property
+    def object_id(self) -> int:
+        return _parse_id(self.kwargs.get(self.lookup_field))
+
+
+# --- tasks ------------------------------------------------------------------------------
+
+
+class BaseTaskViewSet(APIViewSetMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    filterset_class = TaskFilter
+    list_serializer = s.TaskSerializer
+    detail_serializer = s.TaskDetailSerializer
+
+    def get_queryset(self) -> QuerySet:
+        if getattr(self, "swagger_fake_view", False):  # schema generation: no request user
+            return Task.objects.none()
+        qs = services.visible_tasks(self.request.user, admin=self.admin).select_related(
+            "provider", "instance", "owner", "initiator"
+        )
+        if self.action == "list":
+            return qs.defer("task_data")
+        return qs.prefetch_related(Prefetch("events", queryset=TaskEvent.objects.order_by("at", "id")))
+
+    def get_serializer_class(self):
+        return self.list_serializer if self.action == "list" else self.detail_serializer
+
+    def task_response(self, task: Task, code: int = status.HTTP_200_OK) -> Response:
+        task = self.get_queryset().get(pk=task.pk)
+        return Response(self.detail_serializer(task, context=self.get_serializer_context()).data, status=code)
+
+    def list(self, request, *args, **kwargs):
+        # Late row lookup: page through ids on the task table alone (the filters and
+        # the ordering are served by its indexes), then load the page's rows with their
+        # joins. Paging the joined query lets MariaDB pick the join order itself, and
+        # at a million rows it may start from auth_user and sort everything.
+        ids = self.paginate_queryset(self.filter_queryset(self.get_queryset()).values_list("id", flat=True))
+        rows = {task.pk: task for task in self.get_queryset().filter(pk__in=ids)}
+        page = [rows[pk] for pk in ids if pk in rows]
+        context = self.get_serializer_context()
+        # Queue figures for the pending rows of this page only, sharing per-provider parts.
+        context["queue"].prefetch(t for t in page if t.status == PENDING)
+        return self.get_paginated_response(self.list_serializer(page, many=True, context=context).data)
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="The caller's tasks",
+        description="Newest first unless `ordering` says otherwise; `status` and `task_type` take comma lists.",
+        responses={200: s.TaskSerializer(many=True), **LIST_ERRORS},
+    ),
+    retrieve=extend_schema(
+        summary="One of the caller's tasks, with its timeline",
+        responses={200: s.TaskDetailSerializer, **DETAIL_ERRORS},
+    ),
+)
+class TaskViewSet(BaseTaskViewSet):
+    """The caller's own tasks."""
+
+    @extend_schema(
+        summary="Cancel a task",
+        description="A pending task ends cancelled at once; a running one goes to cancelling and its worker "
+        "stops at the next safe point. 409 `not_cancellable` once terminal, or for a running delete.",
+        request=s.CancelSerializer,
+        responses={
+            200: s.TaskDetailSerializer,
+            **BAD_INPUT,
+            **DETAIL_ERRORS,
+            409: _error("not_cancellable: terminal, or not cancellable by users"),
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        body = s.CancelSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        task = services.cancel_task(request.user, self.object_id, reason=body.validated_data["reason"])
+        return self.task_response(task)
+
+    @extend_schema(
+        summary="Read the new password once",
+        description="The password a completed create or reset-password task produced, to its owner, once. "
+        "410 once read, expired, or when the task produced none; 409 while the task has not finished.",
+        responses={
+            200: s.PasswordSerializer,
+            **DETAIL_ERRORS,
+            409: _error("invalid_state: the task has not finished yet"),
+            410: _error("gone: already read, expired, or never produced"),
+        },
+    )
+    @action(detail=True, methods=["get"])
+    def password(self, request, pk=None):
+        password = services.read_password_once(request.user, self.object_id)
+        response = Response({"password": password})
+        response["Cache-Control"] = "no-store"
+        return response
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="All tasks (staff)",
+        description="Filters of the user list plus `user`, `username` (substring) and `instance_type`.",
+        responses={200: s.AdminTaskSerializer(many=True), **LIST_ERRORS},
+    ),
+    retrieve=extend_schema(
+        summary="One task with its timeline, lease and task data (secrets redacted)",
+        responses={200: s.AdminTaskDetailSerializer, **DETAIL_ERRORS},
+    ),
+)
+class AdminTaskViewSet(BaseTaskViewSet):
+    """Every task, for operators."""
+
+    admin = True
+    filterset_class = AdminTaskFilter
+    list_serializer = s.AdminTaskSerializer
+    detail_serializer = s.AdminTaskDetailSerializer
+
+    @extend_schema(
+        summary="Cancel any task",
+        description="Like the user cancel; `reason` is required for another user's task and is recorded.",
+        request=s.CancelSerializer,
+        responses={
+            200: s.AdminTaskDetailSerializer,
+            **BAD_INPUT,
+            **DETAIL_ERRORS,
+            409: _error("not_cancellable: terminal or already cancelling"),
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        body = s.CancelSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        task = services.cancel_task(request.user, self.object_id, admin=True, reason=body.validated_data["reason"])
+        return self.task_response(task)
+
+    @extend_schema(
+        summary="Force-stop a task",
+        description="Ends any non-terminal task at once as cancelled (error code force_stopped), revokes its "
+        "lease, frees its slot and marks the instance for reconciliation. Audited with the reason.",
+        request=s.ReasonSerializer,
+        responses={
+            200: s.AdminTaskDetailSerializer,
+            **BAD_INPUT,
+            **DETAIL_ERRORS,
+            409: _error("not_cancellable: already terminal"),
+        },
+    )
+    @action(detail=True, methods=["post"], url_path="force-stop")
+    def force_stop(self, request, pk=None):
+        body = s.ReasonSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        task = services.force_stop_task(request.user, self.object_id, reason=body.validated_data["reason"])
+        return self.task_response(task)
+
+    @extend_schema(
+        summary="Task statistics",
+        description="Counts by state, type and provider, durations, error rates, queue length and worker "
+        "utilisation; see docs/api.md for the exact definitions.",
+        responses={200: s.StatsSerializer, **AUTH},
+        filters=False,
+    )
+    @action(detail=False, methods=["get"], pagination_class=None, filterset_class=None)
+    def stats(self, request):
+        return Response(s.StatsSerializer(stats.task_stats()).data)
+
+
+# --- instances ----------------------------------------------------------------------------
+
+
+def _operation(task_type: str):
+    """A POST action that queues ``task_type`` on the instance."""
+
+    def handler(self, request, pk=None):
+        body = s.OperationSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        task = services.request_operation(
+            request.user,
+            self.object_id,
+            task_type,
+            admin=self.admin,
+            timeout_seconds=body.validated_data.get("timeout_seconds"),
+        )
+        return self.accepted(task)
+
+    handler.__name__ = task_type.replace("-", "_")
+    handler = action(detail=True, methods=["post"], url_path=task_type, url_name=task_type)(handler)
+    return extend_schema(
+        summary=f"Queue {task_type}",
+        request=s.OperationSerializer,
+        responses={
+            202: s.TaskAcceptedSerializer,
+            **BAD_INPUT,
+            **DETAIL_ERRORS,
+            409: _error("instance_busy (with `active_task`) or invalid_state (with `status`)"),
+        },
+    )(handler)
+
+
+class BaseInstanceViewSet(APIViewSetMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    filterset_class = InstanceFilter
+    serializer_class = s.InstanceSerializer
+
+    def get_queryset(self) -> QuerySet:
+        if getattr(self, "swagger_fake_view", False):
+            return Instance.objects.none()
+        live_ports = PortMapping.objects.exclude(status=PortMapping.STATUS_DELETED).order_by("host_port_start", "id")
+        return (
+            services.visible_instances(self.request.user, admin=self.admin)
+            .select_related("provider", "owner")
+            .prefetch_related(Prefetch("port_mappings", queryset=live_ports, to_attr="live_ports"))
+        )
+
+    def accepted(self, task: Task, **extra) -> Response:
+        task = Task.objects.select_related("provider", "instance", "owner", "initiator").get(pk=task.pk)
+        context = self.get_serializer_context()
+        return Response(
+            {"task": s.TaskSerializer(task, context=context).data, **extra}, status=status.HTTP_202_ACCEPTED
+        )
+
+    @extend_schema(
+        summary="Queue the delete of an instance",
+        request=s.OperationSerializer,
+        responses={
+            202: s.TaskAcceptedSerializer,
+            **BAD_INPUT,
+            **DETAIL_ERRORS,
+            409: _error("instance_busy (with `active_task`) or invalid_state (with `status`)"),
+        },
+    )
+    def destroy(self, request, pk=None):
+        body = s.OperationSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        task = services.request_operation(
+            request.user,
+            self.object_id,
+            TaskType.DELETE,
+            admin=self.admin,
+            timeout_seconds=body.validated_data.get("timeout_seconds"),
+        )
+        return self.accepted(task)
+
+    start = _operation(TaskType.START)
+    stop = _operation(TaskType.STOP)
+    restart = _operation(TaskType.RESTART)
+    reset = _operation(TaskType.RESET)
+    reset_password = _operation(TaskType.RESET_PASSWORD)
+
+    @extend_schema(
+        methods=["GET"],
+        summary="The instance's port mappings",
+        responses={200: s.PortMappingSerializer(many=True), **LIST_ERRORS, **NOT_FOUND},
+        filters=False,
+    )
+    @extend_schema(
+        methods=["POST"],
+        summary="Queue a new port mapping",
+        description="`host_port` absent: the first free run of `count` ports in the provider's range.",
+        request=s.PortCreateSerializer,
+        responses={
+            202: s.PortAcceptedSerializer,
+            **BAD_INPUT,
+            **DETAIL_ERRORS,
+            409: _error("port_conflict, instance_busy (with `active_task`) or invalid_state"),
+        },
+    )
+    @action(detail=True, methods=["get", "post"], url_path="ports", filterset_class=None)
+    def ports(self, request, pk=None):
+        if request.method == "GET":
+            instance = self.get_object()
+            mappings = PortMapping.objects.filter(instance=instance).exclude(status=PortMapping.STATUS_DELETED)
+            page = self.paginate_queryset(mappings.order_by("host_port_start", "id"))
+            return self.get_paginated_response(s.PortMappingSerializer(page, many=True).data)
+        body = s.PortCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        task, mapping = services.create_port(
+            request.user,
+            self.object_id,
+            protocol=data["protocol"],
+            guest_port=data["guest_port"],
+            host_port=data.get("host_port"),
+            count=data["count"],
+            description=data["description"],
+            admin=self.admin,
+            timeout_seconds=data.get("timeout_seconds"),
+        )
+        return self.accepted(task, port=s.PortMappingSerializer(mapping).data)
+
+    @extend_schema(
+        summary="Queue the removal of a port mapping",
+        request=s.OperationSerializer,
+        parameters=[OpenApiParameter("port_id", OpenApiTypes.INT, OpenApiParameter.PATH)],
+        responses={
+            202: s.TaskAcceptedSerializer,
+            **BAD_INPUT,
+            **DETAIL_ERRORS,
+            409: _error("instance_busy (with `active_task`) or invalid_state"),
+        },
+    )
+    @action(detail=True, methods=["delete"], url_path=rf"ports/(?P<port_id>{ID_PATTERN})", url_name="port")
+    def delete_port(self, request, pk=None, port_id=None):
+        body = s.OperationSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        task = services.delete_port(
+            request.user,
+            self.object_id,
+            _parse_id(port_id),
+            admin=self.admin,
+            timeout_seconds=body.validated_data.get("timeout_seconds"),
+        )
+        return self.accepted(task)
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="The caller's instances",
+        description="Deleted instances are left out unless `status` names them.",
+        responses={200: s.InstanceSerializer(many=True), **LIST_ERRORS},
+    ),
+    retrieve=extend_schema(
+        summary="One of the caller's instances", responses={200: s.InstanceSerializer, **DETAIL_ERRORS}
+    ),
+)
+class InstanceViewSet(BaseInstanceViewSet):
+    """The caller's instances and their operations."""
+
+    @extend_schema(
+        summary="Create an instance",
+        description="Reserves quota, provider capacity and the default port block, and queues the create task.",
+        request=s.InstanceCreateSerializer,
+        responses={
+            202: s.InstanceAcceptedSerializer,
+            **BAD_INPUT,
+            **AUTH,
+            409: _error("quota_exceeded, capacity_exceeded, name_taken or provider_disabled"),
+        },
+    )
+    def create(self, request):
+        body = s.InstanceCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = dict(body.validated_data)
+        instance, task = services.create_instance(
+            request.user,
+            provider=data.pop("provider"),
+            name=data.pop("name", None) or None,
+            initiator=request.user,
+            **data,
+        )
+        instance = self.get_queryset().get(pk=instance.pk)
+        return self.accepted(task, instance=self.get_serializer(instance).data)
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="All instances (staff)",
+        description="Deleted instances are left out unless `status` names them.",
+        responses={200: s.AdminInstanceSerializer(many=True), **LIST_ERRORS},
+    ),
+    retrieve=extend_schema(summary="Any instance", responses={200: s.AdminInstanceSerializer, **DETAIL_ERRORS}),
+)
+class AdminInstanceViewSet(BaseInstanceViewSet):
+    """Any instance, for operators: the same actions as users have."""
+
+    admin = True
+    filterset_class = AdminInstanceFilter
+    serializer_class = s.AdminInstanceSerializer
+
+
+# --- providers and workers ---------------------------------------------------------------
+
+
+@extend_schema_view(
+    list=extend_schema(summary="Enabled providers", responses={200: s.ProviderSerializer(many=True), **LIST_ERRORS}),
+    retrieve=extend_schema(summary="One enabled provider", responses={200: s.ProviderSerializer, **DETAIL_ERRORS}),
+)
+class ProviderViewSet(APIViewSetMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Providers a user may create instances on."""
+
+    serializer_class = s.ProviderSerializer
+    filterset_class = None
+    filter_backends: list = []
+
+    def get_queryset(self) -> QuerySet:
+        return Provider.objects.filter(enabled=True).order_by("name", "id")
+
+
+def _slot_count(statuses) -> Coalesce:
+    counts = (
+        Task.objects.filter(provider=OuterRef("pk"), status__in=statuses)
+        .order_by()
+        .values("provider")
+        .annotate(n=Count("id"))
+        .values("n")
+    )
+    return Coalesce(Subquery(counts, output_field=IntegerField()), Value(0))
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="Providers (staff)", responses={200: s.AdminProviderSerializer(many=True), **LIST_ERRORS}
+    ),
+    retrieve=extend_schema(summary="One provider", responses={200: s.AdminProviderSerializer, **DETAIL_ERRORS}),
+    partial_update=extend_schema(
+        summary="Change a provider's limits",
+        description="Only allow_concurrent_tasks, max_concurrent_tasks (1-256), task_poll_interval (1-3600 s), "
+        "enable_task_polling and enabled. Takes effect at the next admission, which this request triggers: "
+        "a raised limit or a re-enabled provider admits waiting tasks at once. Running tasks are untouched.",
+        request=s.ProviderPatchSerializer,
+        responses={200: s.AdminProviderSerializer, **BAD_INPUT, **DETAIL_ERRORS},
+    ),
+)
+class AdminProviderViewSet(APIViewSetMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    admin = True
+    serializer_class = s.AdminProviderSerializer
+    filterset_class = ProviderFilter
+    http_method_names = ["get", "patch", "head", "options"]
+
+    def get_queryset(self) -> QuerySet:
+        return Provider.objects.annotate(running=_slot_count(EXECUTING), pending=_slot_count([PENDING]))
+
+    def partial_update(self, request, pk=None):
+        provider = self.get_object()
+        body = s.AdminProviderSerializer(provider, data=request.data, partial=True)
+        body.is_valid(raise_exception=True)
+        changes = dict(body.validated_data)
+        if changes:
+            with transaction.atomic():
+                locked = Provider.objects.select_for_update().get(pk=provider.pk)
+                for name, value in changes.items():
+                    setattr(locked, name, value)
+                locked.save(update_fields=[*changes, "updated_at"])
+                provider_id = locked.pk
+                transaction.on_commit(lambda: dispatch.admit_soon(provider_id))
+            logger.info("provider %s: %s set by %s", provider.pk, changes, request.user.get_username())
+        return Response(self.get_serializer(self.get_object()).data)
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="Live workers (staff)",
+        description="Worker processes whose heartbeat is recent (3 heartbeat periods + 10 s).",
+        responses={200: s.WorkerSerializer(many=True), **LIST_ERRORS},
+        filters=False,
+    ),
+)
+class AdminWorkerViewSet(APIViewSetMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
+    admin = True
+    serializer_class = s.WorkerSerializer
+    filterset_class = None
+    filter_backends: list = []
+
+    def get_queryset(self) -> QuerySet:
+        return Worker.objects.filter(last_heartbeat__gte=stats.live_worker_cutoff()).order_by("queue", "name", "id")
+
+
+# --- operations endpoints (plain Django views: no session, token or CSRF machinery) -------------
+
+
+def _check_database() -> str:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+    return "ok"
+
+
+def _check_broker() -> str:
+    from django.conf import settings
+
+    if settings.Q_BROKER == "redis":
+        import redis
+
+        client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            client.ping()
+        finally:
+            client.close()
+        return "ok"
+    # The ORM broker is a table in the database: reachable when its table answers.
+    from django_q.models import OrmQ
+
+    OrmQ.objects.exists()
+    return "ok"
+
+
+def healthz(request):
+    """200 {"database": "ok", "broker": "ok"}, or 503 naming what failed."""
+    from django.http import JsonResponse
+
+    result, healthy = {}, True
+    for name, check in (("database", _check_database), ("broker", _check_broker)):
+        try:
+            result[name] = check()
+        except Exception as exc:
+            healthy = False
+            result[name] = f"error: {type(exc).__name__}"
+            logger.warning("healthz: %s check failed: %s", name, exc)
+    response = JsonResponse(result, status=200 if healthy else 503)
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+def metrics_view(request):
+    """Prometheus text format. With settings.METRICS_TOKEN set, it needs `Authorization: Bearer <token>`."""
+    import hmac
+
+    from django.conf import settings
+    from django.http import HttpResponse, JsonResponse
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    from tasks import metrics
+
+    token = getattr(settings, "METRICS_TOKEN", "")
+    if token:
+        sent = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            return JsonResponse({"code": "not_authenticated", "detail": "metrics need the bearer token"}, status=401)
+    try:
+        body = metrics.render()
+    except Exception as exc:
+        logger.warning("metrics: scrape failed: %s", exc)
+        return JsonResponse({"code": "unavailable", "detail": "database unavailable"}, status=503)
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,136 @@
+"""Prometheus metrics, read from the database at scrape time.
+
+A custom collector rather than counters incremented in-process: the truth is
+in the database, shared by every web and worker process on every machine, so
+any process answers /metrics with the same figures and nothing is lost on a
+restart. The aggregate comes from tasks.stats.task_counts, which keeps a
+scrape cheap on large tables (see its module doc).
+
+Exposed (prefix ``cloudhost_``):
+
+- ``tasks{status,provider}`` gauge: tasks by state and provider (zeros included).
+- ``task_queue_length{provider}`` gauge: pending tasks.
+- ``tasks_running{provider}`` gauge: tasks holding a slot (running or cancelling).
+- ``provider_concurrency_limit{provider}`` gauge, ``provider_enabled{provider}`` gauge.
+- ``task_duration_seconds{task_type}`` histogram of completed tasks (cumulative
+  over every completed task in the table, so rate() works).
+- ``tasks_finished_total{task_type,status}`` counter: terminal tasks.
+- ``task_failures_total{reason}`` counter: failed or timed-out tasks by error code.
+- ``task_lease_expiries_total`` counter: tasks recovered after their worker
+  stopped renewing the lease (error code worker_lost).
+- ``workers_live``, ``workers_busy`` gauges and ``worker_utilization`` gauge.
+
+Counters only go down when old tasks are purged; Prometheus treats that as a
+counter reset.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from tasks import stats
+from tasks.models import Provider
+from tasks.states import ALL_STATES, CANCELLING, COMPLETED, FAILED, FINAL, PENDING, RUNNING, TIMEOUT, ErrorCode
+
+PREFIX = "cloudhost"
+
+
+class TaskCollector(Collector):
+    def collect(self):
+        counts = stats.task_counts()
+        providers = {p.pk: p for p in Provider.objects.order_by("name", "id")}
+        by_status_provider: dict[tuple[str, int], int] = defaultdict(int)
+        finished: dict[tuple[str, str], int] = defaultdict(int)
+        failures: dict[str, int] = defaultdict(int)
+        buckets: dict[str, list[int]] = defaultdict(lambda: [0] * (len(stats.HISTOGRAM_BUCKETS) + 1))
+        duration_sum: dict[str, float] = defaultdict(float)
+        lease_expiries = 0
+        for (status, task_type, provider_id, code, bucket), (n, seconds) in counts.items():
+            by_status_provider[(status, provider_id)] += n
+            if status in FINAL:
+                finished[(task_type, status)] += n
+            if status in (FAILED, TIMEOUT):
+                failures[code or status] += n
+            if code == ErrorCode.WORKER_LOST:
+                lease_expiries += n
+            if status == COMPLETED and bucket != stats.NO_BUCKET:
+                buckets[task_type][bucket] += n
+                duration_sum[task_type] += seconds
+
+        tasks = GaugeMetricFamily(f"{PREFIX}_tasks", "Tasks by state and provider", labels=["status", "provider"])
+        queue = GaugeMetricFamily(f"{PREFIX}_task_queue_length", "Pending tasks per provider", labels=["provider"])
+        running = GaugeMetricFamily(
+            f"{PREFIX}_tasks_running", "Tasks holding a slot (running or cancelling)", labels=["provider"]
+        )
+        limit = GaugeMetricFamily(
+            f"{PREFIX}_provider_concurrency_limit", "Concurrency limit per provider", labels=["provider"]
+        )
+        enabled = GaugeMetricFamily(f"{PREFIX}_provider_enabled", "1 when the provider is enabled", labels=["provider"])
+        slots = 0
+        for pid, provider in providers.items():
+            name = provider.name
+            for status in ALL_STATES:
+                tasks.add_metric([status, name], by_status_provider.get((status, pid), 0))
+            queue.add_metric([name], by_status_provider.get((PENDING, pid), 0))
+            in_use = by_status_provider.get((RUNNING, pid), 0) + by_status_provider.get((CANCELLING, pid), 0)
+            running.add_metric([name], in_use)
+            limit.add_metric([name], provider.concurrency_limit)
+            enabled.add_metric([name], 1 if provider.enabled else 0)
+            if provider.enabled:
+                slots += provider.concurrency_limit
+        yield from (tasks, queue, running, limit, enabled)
+
+        histogram = HistogramMetricFamily(
+            f"{PREFIX}_task_duration_seconds", "Run time of completed tasks", labels=["task_type"]
+        )
+        for task_type in sorted(buckets):
+            cumulative, series = 0, []
+            for bound, n in zip([*stats.HISTOGRAM_BUCKETS, float("inf")], buckets[task_type], strict=True):
+                cumulative += n
+                series.append((floatToGoString(bound), cumulative))
+            histogram.add_metric([task_type], series, duration_sum[task_type])
+        yield histogram
+
+        done = CounterMetricFamily(
+            f"{PREFIX}_tasks_finished", "Tasks that reached a terminal state", labels=["task_type", "status"]
+        )
+        for (task_type, status), n in sorted(finished.items()):
+            done.add_metric([task_type, status], n)
+        yield done
+
+        failed = CounterMetricFamily(
+            f"{PREFIX}_task_failures", "Failed or timed-out tasks by reason (error code)", labels=["reason"]
+        )
+        for code, n in sorted(failures.items()):
+            failed.add_metric([code], n)
+        yield failed
+
+        yield CounterMetricFamily(
+            f"{PREFIX}_task_lease_expiries",
+            "Tasks recovered after their worker stopped renewing the lease (worker_lost)",
+            value=lease_expiries,
+        )
+
+        workers = stats.worker_counts()
+        yield GaugeMetricFamily(f"{PREFIX}_workers_live", "Worker processes with a recent heartbeat", workers["live"])
+        yield GaugeMetricFamily(f"{PREFIX}_workers_busy", "Live workers running a task", workers["busy"])
+        in_use = sum(v for (status, _pid), v in by_status_provider.items() if status in (RUNNING, CANCELLING))
+        yield GaugeMetricFamily(
+            f"{PREFIX}_worker_utilization",
+            "Tasks holding a slot / sum of the limits of enabled providers",
+            in_use / slots if slots else 0.0,
+        )
+
+
+registry = CollectorRegistry(auto_describe=False)
+registry.register(TaskCollector())
+
+
+def render() -> bytes:
+    """The Prometheus text exposition of every metric above."""
+    return generate_latest(registry)

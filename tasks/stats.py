@@ -1,0 +1,260 @@
+"""Task statistics for the API, the admin dashboard and /metrics; exact at a million rows.
+
+``task_stats(now=None) -> dict`` is the whole answer of GET /api/v1/admin/tasks/stats/;
+``task_counts(now=None)`` the aggregate under it (tasks.metrics reads it too).
+
+How it stays fast on large tables
+---------------------------------
+Counting every task by (status, type, provider, error code) means reading every
+row: about a second at 1M rows on MariaDB. But a task that finished never
+changes again, and every terminal transition stamps ``completed_at``. So the
+aggregate is split at a boundary B (the last full hour, minus a 5 minute margin
+for clocks that disagree between machines):
+
+- base: tasks with ``completed_at < B`` (and id <= the highest id seen when the
+  base was computed). Immutable, so it is computed once per hour and kept in
+  Django's cache (per process with the default local-memory cache).
+- live: tasks still active (``completed_at IS NULL``) or finished since B, read
+  through the (completed_at, task_type, status) index: a few thousand rows.
+- new: tasks inserted after the base was computed (id above its highest id),
+  whatever their completed_at, read through the primary key.
+
+Every row is in exactly one part, so the sum is exact. Only deleting old rows
+(a purge) changes the base; the cache key includes the lowest task id, which a
+purge of the oldest tasks moves, and the base is rebuilt at the next hour in any
+case. Tables below SMALL_TABLE rows are simply counted in one query.
+
+Durations (avg, p50, p95 per type) use a bounded recent window: completed tasks
+finished in the last DURATION_WINDOW (24 h), at most DURATION_SAMPLE (1000) of
+the most recent per type. Percentiles are nearest-rank over that sample.
+
+worker_utilization = tasks holding a provider slot (running or cancelling) /
+the sum of the concurrency limits of enabled providers: the share of the
+system's admission capacity in use. (Idle django-q2 processes are not a useful
+denominator: each provider's queue has its own workers, and a busy provider's
+limit, not the process count, bounds its throughput.) Live and busy worker
+processes are reported beside it under ``workers``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import connection
+from django.db.models import Case, Count, DurationField, F, IntegerField, Max, Min, Q, Sum, Value, When
+from django.utils import timezone
+
+from tasks.models import Provider, Task, Worker
+from tasks.states import ALL_STATES, CANCELLING, COMPLETED, FAILED, FINAL, PENDING, RUNNING, TIMEOUT, TaskType
+
+BASE_PERIOD_SECONDS = 3600
+BASE_MARGIN_SECONDS = 300
+SMALL_TABLE = 20_000
+DURATION_WINDOW = timedelta(hours=24)
+DURATION_SAMPLE = 1000
+# Upper bounds (seconds) of the duration histogram buckets; the last bucket is +Inf.
+HISTOGRAM_BUCKETS: tuple[float, ...] = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+NO_BUCKET = -1
+
+# (status, task_type, provider_id, error_code, bucket) -> [count, duration seconds]
+CountKey = tuple[str, str, int, str, int]
+Counts = dict[CountKey, list[float]]
+
+
+def live_worker_cutoff(now: datetime | None = None) -> datetime:
+    """Workers that beat since then are alive (3 missed heartbeats + 10 s of slack)."""
+    now = now or timezone.now()
+    return now - timedelta(seconds=3 * settings.TASK_HEARTBEAT_SECONDS + 10)
+
+
+def _seconds(value) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return float(value) / 1e6  # MySQL and SQLite give temporal differences in microseconds
+
+
+def _bucket_expression() -> Case:
+    ran = Q(status=COMPLETED, started_at__isnull=False, completed_at__isnull=False)
+    whens = [
+        When(ran & Q(completed_at__lte=F("started_at") + timedelta(seconds=bound)), then=Value(i))
+        for i, bound in enumerate(HISTOGRAM_BUCKETS)
+    ]
+    whens.append(When(ran, then=Value(len(HISTOGRAM_BUCKETS))))
+    return Case(*whens, default=Value(NO_BUCKET), output_field=IntegerField())
+
+
+def _aggregate(queryset) -> Counts:
+    duration = Case(
+        When(
+            status=COMPLETED,
+            started_at__isnull=False,
+            completed_at__isnull=False,
+            then=F("completed_at") - F("started_at"),
+        ),
+        output_field=DurationField(),
+    )
+    rows = (
+        queryset.order_by()
+        .annotate(bucket=_bucket_expression())
+        .values("status", "task_type", "provider_id", "error_code", "bucket")
+        .annotate(n=Count("id"), duration=Sum(duration))
+    )
+    counts: Counts = {}
+    for row in rows:
+        key = (row["status"], row["task_type"], row["provider_id"], row["error_code"] or "", row["bucket"])
+        counts[key] = [row["n"], _seconds(row["duration"])]
+    return counts
+
+
+def _merge(*parts: Counts) -> Counts:
+    total: Counts = defaultdict(lambda: [0, 0.0])
+    for part in parts:
+        for key, (n, seconds) in part.items():
+            total[key][0] += n
+            total[key][1] += seconds
+    return dict(total)
+
+
+def _boundary(now: datetime) -> datetime:
+    epoch = int(now.timestamp())
+    return datetime.fromtimestamp(epoch - epoch % BASE_PERIOD_SECONDS - BASE_MARGIN_SECONDS, tz=UTC)
+
+
+def task_counts(now: datetime | None = None) -> Counts:
+    """Exact counts of every task by (status, type, provider, error code, duration bucket)."""
+    now = now or timezone.now()
+    bounds = Task.objects.aggregate(lo=Min("id"), hi=Max("id"))
+    lo, hi = bounds["lo"], bounds["hi"]
+    if hi is None:
+        return {}
+    if hi - lo + 1 < SMALL_TABLE:
+        return _aggregate(Task.objects.all())
+    boundary = _boundary(now)
+    key = f"tasks.stats.base:{connection.settings_dict['NAME']}:{int(boundary.timestamp())}:{lo}"
+    base = cache.get(key)
+    if base is None:
+        base = {"max_id": hi, "counts": _aggregate(Task.objects.filter(completed_at__lt=boundary, id__lte=hi))}
+        cache.set(key, base, 2 * BASE_PERIOD_SECONDS)
+    max_id = base["max_id"]
+    live = _aggregate(Task.objects.filter(Q(completed_at__isnull=True) | Q(completed_at__gte=boundary), id__lte=max_id))
+    new = _aggregate(Task.objects.filter(id__gt=max_id)) if hi > max_id else {}
+    return _merge(base["counts"], live, new)
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def durations(now: datetime | None = None) -> dict[str, dict[str, Any]]:
+    """avg/p50/p95 seconds of recently completed tasks per type (see the module doc)."""
+    now = now or timezone.now()
+    since = now - DURATION_WINDOW
+    result = {}
+    for task_type in TaskType.values:
+        rows = (
+            Task.objects.filter(
+                completed_at__gte=since, task_type=task_type, status=COMPLETED, started_at__isnull=False
+            )
+            .order_by("-completed_at")
+            .values_list("started_at", "completed_at")[:DURATION_SAMPLE]
+        )
+        values = sorted(max(0.0, (done - start).total_seconds()) for start, done in rows)
+        avg = sum(values) / len(values) if values else None
+        result[task_type] = {
+            "count": len(values),
+            "avg": round(avg, 3) if avg is not None else None,
+            "p50": _percentile(values, 0.50),
+            "p95": _percentile(values, 0.95),
+        }
+    return result
+
+
+def error_rates(now: datetime | None = None) -> dict[str, dict[str, Any]]:
+    """Share of finished tasks that failed or timed out, over the last hour and 24 hours."""
+    now = now or timezone.now()
+    hour_ago, day_ago = now - timedelta(hours=1), now - timedelta(hours=24)
+    rows = (
+        Task.objects.filter(completed_at__gte=day_ago, status__in=FINAL)
+        .order_by()
+        .values("status")
+        .annotate(day=Count("id"), hour=Count("id", filter=Q(completed_at__gte=hour_ago)))
+    )
+    windows = {"last_hour": defaultdict(int), "last_24h": defaultdict(int)}
+    for row in rows:
+        windows["last_hour"][row["status"]] += row["hour"]
+        windows["last_24h"][row["status"]] += row["day"]
+    result = {}
+    for name, by_status in windows.items():
+        finished = sum(by_status.values())
+        errors = by_status[FAILED] + by_status[TIMEOUT]
+        result[name] = {
+            "rate": round(errors / finished, 4) if finished else None,
+            "failed": by_status[FAILED],
+            "timeout": by_status[TIMEOUT],
+            "finished": finished,
+        }
+    return result
+
+
+def worker_counts(now: datetime | None = None) -> dict[str, int]:
+    live = Worker.objects.filter(last_heartbeat__gte=live_worker_cutoff(now))
+    row = live.aggregate(live=Count("id"), busy=Count("id", filter=Q(current_task__isnull=False)))
+    return {"live": row["live"] or 0, "busy": row["busy"] or 0}
+
+
+def task_stats(now: datetime | None = None) -> dict[str, Any]:
+    """Everything GET /api/v1/admin/tasks/stats/ answers (see the module doc)."""
+    now = now or timezone.now()
+    counts = task_counts(now)
+    by_status = dict.fromkeys(ALL_STATES, 0)
+    by_type = dict.fromkeys(TaskType.values, 0)
+    per_provider: dict[int, dict[str, int]] = defaultdict(lambda: {"pending": 0, "running": 0})
+    for (status, task_type, provider_id, _code, _bucket), (n, _seconds) in counts.items():
+        by_status[status] = by_status.get(status, 0) + n
+        by_type[task_type] = by_type.get(task_type, 0) + n
+        if status == PENDING:
+            per_provider[provider_id]["pending"] += n
+        elif status in (RUNNING, CANCELLING):
+            per_provider[provider_id]["running"] += n
+    providers = []
+    slots = 0
+    for provider in Provider.objects.order_by("name", "id"):
+        limit = provider.concurrency_limit
+        if provider.enabled:
+            slots += limit
+        providers.append(
+            {
+                "id": provider.pk,
+                "name": provider.name,
+                "type": provider.provider_type,
+                "enabled": provider.enabled,
+                "pending": per_provider[provider.pk]["pending"],
+                "running": per_provider[provider.pk]["running"],
+                "limit": limit,
+            }
+        )
+    running = by_status[RUNNING] + by_status[CANCELLING]
+    return {
+        "generated_at": now,
+        "total": sum(by_status.values()),
+        "by_status": by_status,
+        "by_type": by_type,
+        "by_provider": providers,
+        "durations": durations(now),
+        "duration_window": {"seconds": int(DURATION_WINDOW.total_seconds()), "max_samples_per_type": DURATION_SAMPLE},
+        "error_rate": error_rates(now),
+        "queue_length": by_status[PENDING],
+        "running": running,
+        "slots": slots,
+        "worker_utilization": round(running / slots, 4) if slots else None,
+        "workers": worker_counts(now),
+    }
