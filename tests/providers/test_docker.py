@@ -1,0 +1,553 @@
+"""DockerDriver against an in-process Docker Engine API on a unix socket (and TCP+TLS),
+docker-py in the loop.
+
+Each operation: success, already in the wanted state, retryable error then
+success, permanent error, cancel mid-operation, deadline mid-operation.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+import tempfile
+import threading
+import time
+
+import pytest
+import trustme
+
+from providers.base import (
+    CANCEL_TIMEOUT,
+    CANCEL_USER,
+    AmbiguousOutcome,
+    AuthError,
+    CancelToken,
+    ConflictError,
+    GuestSpec,
+    NotFoundError,
+    OperationCancelled,
+    PermanentError,
+    PortSpec,
+    ProviderConfig,
+    RetryableError,
+    UnsupportedError,
+    build_driver,
+)
+from providers.docker import DockerDriver, ports_from_bindings
+from tests.providers.fakes_docker import FakeDocker
+from tests.providers.fakes_pve import ServerThread
+
+NAME = "vps-0123456789ab"
+SSH = PortSpec("tcp", 20022, 20022, 22, 22)
+
+
+@pytest.fixture
+def fake():
+    fake = FakeDocker()
+    folder = tempfile.mkdtemp(prefix="dk", dir="/tmp")  # unix socket paths must stay short
+    path = os.path.join(folder, "docker.sock")
+    server = ServerThread(fake, f"unix://{path}")
+    fake.base_url = f"unix://{path}"
+    yield fake
+    fake.release()
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def config(fake, **connection) -> ProviderConfig:
+    conn = {"base_url": fake.base_url, "poll_interval": 0.02, "timeout": 10, "images": {"debian/12": "debian:12"}}
+    conn.update(connection)
+    return ProviderConfig(2, "docker-test", "docker", conn, {})
+
+
+@pytest.fixture
+def driver(fake):
+    return DockerDriver(config(fake))
+
+
+def spec(**kw) -> GuestSpec:
+    fields = dict(name=NAME, instance_type="container", image="debian/12", cpu=2, memory_mb=1024, disk_mb=8192)
+    fields.update(kw)
+    return GuestSpec(**fields)
+
+
+class Progress:
+    def __init__(self):
+        self.calls: list[tuple[int, str]] = []
+
+    def __call__(self, percent: int, message: str) -> None:
+        self.calls.append((percent, message))
+
+
+def token(reason: str | None = None, after: float = 0.2) -> CancelToken:
+    if reason == CANCEL_TIMEOUT:
+        return CancelToken(deadline=time.monotonic() + after)
+    t = CancelToken()
+    if reason == CANCEL_USER:
+        threading.Timer(after, t.cancel, args=(CANCEL_USER,)).start()
+    return t
+
+
+def make(driver, running=True) -> dict:
+    ref = driver.create(spec(), CancelToken(), Progress())
+    if running:
+        driver.start(ref, CancelToken(), Progress())
+    return ref
+
+
+# ------------------------------------------------------------------ connection
+
+
+def test_server_info_uses_the_configured_api_version(driver, fake):
+    info = driver.server_info()
+    assert info.version == "27.3.1" and info.details["client_api_version"] == "1.44"
+    assert fake.versions_seen == {"1.44"}
+    assert driver.capabilities().instance_types == ("container",)
+    assert driver.capabilities().live_port_mapping is False
+
+
+def test_build_driver_picks_docker_and_makes_no_call(fake):
+    assert isinstance(build_driver(config(fake)), DockerDriver)
+    assert fake.calls == []  # no "auto" version probe in the constructor
+
+
+def test_unreachable_daemon_is_retryable(fake):
+    driver = DockerDriver(config(fake, base_url="unix:///tmp/no-such-dir/docker.sock"))
+    with pytest.raises(RetryableError, match="cannot connect"):
+        driver.server_info()
+
+
+# ------------------------------------------------------------------ create
+
+
+def test_create_pulls_with_progress_and_sets_limits(driver, fake):
+    progress = Progress()
+    ref = driver.create(spec(labels={"owner": "7"}), CancelToken(), progress)
+    container = fake.by_name(NAME)
+    assert ref == {"id": container.id, "name": NAME}
+    assert container.status == "created"
+    host = container.host_config
+    assert (host["NanoCpus"], host["Memory"], host["MemorySwap"]) == (2 * 10**9, 1024 * 2**20, 1024 * 2**20)
+    assert host["Mounts"] == [{"Type": "volume", "Source": f"{NAME}-data", "Target": "/data"}]
+    assert container.config["Labels"]["cloudhost.name"] == NAME
+    assert container.config["Labels"]["cloudhost.label.owner"] == "7"
+    assert f"{NAME}-data" in fake.volumes
+    percents = [p for p, m in progress.calls if m.startswith("pulling debian:12:")]
+    assert percents == sorted(percents) and len(percents) >= 3
+    assert "pulling debian:12: 100%" in [m for _, m in progress.calls]
+
+
+def test_create_is_idempotent_and_skips_a_present_image(driver, fake):
+    first = driver.create(spec(), CancelToken(), Progress())
+    second = driver.create(spec(), CancelToken(), Progress())
+    assert first == second
+    assert len(fake.calls_to("POST", r"^/containers/create$")) == 1
+    assert len(fake.calls_to("POST", r"^/images/create$")) == 1
+
+
+def test_create_refuses_vms_and_foreign_containers(driver, fake):
+    with pytest.raises(UnsupportedError):
+        driver.create(spec(instance_type="vm"), CancelToken(), Progress())
+    fake.pulled("debian:12")
+    fake._create(NAME, {"Image": "debian:12", "Labels": {}})
+    with pytest.raises(ConflictError, match="not ours"):
+        driver.create(spec(), CancelToken(), Progress())
+
+
+def test_unknown_image_is_permanent(driver):
+    with pytest.raises(PermanentError, match="not found") as err:
+        driver.create(spec(image="nosuch/image:1"), CancelToken(), Progress())
+    assert not err.value.retryable
+
+
+def test_pull_errors_in_the_stream(driver, fake):
+    fake.pull_errors["debian:12"] = "toomanyrequests: You have reached your pull rate limit."
+    with pytest.raises(RetryableError, match="rate limit"):
+        driver.create(spec(), CancelToken(), Progress())
+    fake.pull_errors["debian:12"] = "manifest for debian:12 not found: manifest unknown"
+    with pytest.raises(PermanentError, match="not found"):
+        driver.create(spec(), CancelToken(), Progress())
+    del fake.pull_errors["debian:12"]
+    assert driver.create(spec(), CancelToken(), Progress())["name"] == NAME
+
+
+def test_create_5xx_is_ambiguous_and_the_retry_converges(driver, fake):
+    fake.pulled("debian:12")
+    fake.fail_next(1, 500, "failed to create shim task", "POST", r"^/containers/create$")
+    with pytest.raises(AmbiguousOutcome):
+        driver.create(spec(), CancelToken(), Progress())
+    ref = driver.create(spec(), CancelToken(), Progress())
+    assert len([c for c in fake.containers.values() if c.name == NAME]) == 1 and ref["id"]
+
+
+def test_create_retryable_read_error_then_success(driver, fake):
+    fake.fail_next(1, 503, "daemon is busy", "GET", r"^/containers/.*/json$")
+    with pytest.raises(RetryableError):
+        driver.create(spec(), CancelToken(), Progress())
+    assert driver.create(spec(), CancelToken(), Progress())["name"] == NAME
+
+
+@pytest.mark.parametrize("reason", [CANCEL_USER, CANCEL_TIMEOUT])
+def test_create_cancelled_mid_pull_closes_the_stream_promptly(driver, fake, reason):
+    fake.pull_hang.add("debian:12")
+    started = time.monotonic()
+    with pytest.raises(OperationCancelled) as err:
+        driver.create(spec(), token(reason), Progress())
+    assert err.value.reason == reason
+    assert time.monotonic() - started < 2
+    assert fake.by_name(NAME) is None
+
+
+# ------------------------------------------------------------------ start / stop / restart
+
+
+def test_start_stop_restart(driver, fake):
+    ref = make(driver, running=False)
+    driver.start(ref, CancelToken(), Progress())
+    assert fake.by_name(NAME).status == "running"
+    driver.restart(ref, CancelToken(), Progress())
+    assert fake.calls_to("POST", r"/restart$")
+    driver.stop(ref, CancelToken(), Progress(), graceful_timeout=7)
+    assert fake.by_name(NAME).status == "exited"
+    assert fake.calls_to("POST", r"/stop$")[0][0] == {"t": "7"}
+
+
+def test_already_in_state_sends_nothing(driver, fake):
+    ref = make(driver)
+    before = len(fake.calls_to("POST", r"/start$"))
+    driver.start(ref, CancelToken(), Progress())
+    assert len(fake.calls_to("POST", r"/start$")) == before
+    driver.stop(ref, CancelToken(), Progress())
+    driver.stop(ref, CancelToken(), Progress())
+    assert len(fake.calls_to("POST", r"/stop$")) == 1
+
+
+def test_restart_of_a_stopped_container_starts_it(driver, fake):
+    ref = make(driver, running=False)
+    driver.restart(ref, CancelToken(), Progress())
+    assert fake.by_name(NAME).status == "running" and not fake.calls_to("POST", r"/restart$")
+
+
+def test_stop_kills_what_outlives_the_grace_period(driver, fake):
+    ref = make(driver)
+    fake.ignore_stop = True
+    driver.stop(ref, CancelToken(), Progress(), graceful_timeout=1)
+    assert fake.by_name(NAME).status == "exited" and fake.calls_to("POST", r"/kill$")
+
+
+@pytest.mark.parametrize("operation", ["start", "stop", "restart"])
+def test_missing_container_is_not_found(driver, operation):
+    with pytest.raises(NotFoundError):
+        getattr(driver, operation)({"name": "vps-gone"}, CancelToken(), Progress())
+
+
+def test_start_errors(driver, fake):
+    ref = make(driver, running=False)
+    fake.fail_next(1, 503, "Service Unavailable", "POST", r"/start$")
+    with pytest.raises(AmbiguousOutcome) as err:
+        driver.start(ref, CancelToken(), Progress())
+    assert err.value.retryable
+    fake.busy_host_ports.add("tcp/20022")
+    driver.add_port(ref, SSH, CancelToken(), Progress())  # never started: no conflict until it starts
+    with pytest.raises(ConflictError, match="port is already allocated"):
+        driver.start(ref, CancelToken(), Progress())
+    fake.busy_host_ports.clear()
+    driver.start(ref, CancelToken(), Progress())
+    other = driver.create(spec(name="vps-other"), CancelToken(), Progress())
+    fake.by_name("vps-other").exit_at_once = True
+    with pytest.raises(PermanentError, match="exited at once"):
+        driver.start(other, CancelToken(), Progress())
+
+
+@pytest.mark.parametrize("operation", ["stop", "restart"])
+@pytest.mark.parametrize("reason", [CANCEL_USER, CANCEL_TIMEOUT])
+def test_blocking_stop_and_restart_return_promptly_on_cancel(driver, fake, operation, reason):
+    ref = make(driver)
+    fake.stop_hang = True
+    started = time.monotonic()
+    with pytest.raises(OperationCancelled) as err:
+        getattr(driver, operation)(ref, token(reason), Progress())
+    assert err.value.reason == reason
+    assert time.monotonic() - started < 2
+
+
+def test_stop_timeout_is_bounded_by_the_deadline(driver, fake):
+    ref = make(driver)
+    driver.stop(ref, CancelToken(deadline=time.monotonic() + 5), Progress(), graceful_timeout=600)
+    assert int(fake.calls_to("POST", r"/stop$")[0][0]["t"]) <= 4
+
+
+def test_start_cancelled_before_it_is_sent(driver, fake):
+    ref = make(driver, running=False)
+    t = CancelToken()
+    t.cancel()
+    with pytest.raises(OperationCancelled):
+        driver.start(ref, t, Progress())
+    assert not fake.calls_to("POST", r"/start$")
+
+
+# ------------------------------------------------------------------ delete
+
+
+def test_delete_removes_container_volume_and_saved_state(driver, fake):
+    ref = make(driver)
+    driver.add_port(ref, SSH, CancelToken(), Progress())  # leaves a committed state image
+    driver.delete(ref, CancelToken(), Progress())
+    assert fake.by_name(NAME) is None and not fake.volumes
+    assert not any(t.startswith("cloudhost-state/") for i in fake.images.values() for t in i.tags)
+    driver.delete(ref, CancelToken(), Progress())  # already gone
+
+
+def test_delete_removal_in_progress_is_retryable(driver, fake):
+    ref = make(driver)
+    fake.fail_next(1, 409, f"removal of container {NAME} is already in progress", "DELETE", r"^/containers/")
+    with pytest.raises(RetryableError):
+        driver.delete(ref, CancelToken(), Progress())
+    driver.delete(ref, CancelToken(), Progress())
+    assert fake.by_name(NAME) is None
+
+
+def test_delete_leaves_a_foreign_container_alone(driver, fake):
+    fake.pulled("debian:12")
+    fake._create(NAME, {"Image": "debian:12", "Labels": {}})
+    driver.delete({"name": NAME}, CancelToken(), Progress())
+    assert fake.by_name(NAME) is not None
+
+
+def test_delete_permission_denied(driver, fake):
+    ref = make(driver)
+    fake.fail_next(1, 403, "authorization denied by plugin", "DELETE")
+    with pytest.raises(AuthError):
+        driver.delete(ref, CancelToken(), Progress())
+
+
+# ------------------------------------------------------------------ password
+
+
+def test_password_goes_through_exec_stdin_only(driver, fake):
+    ref = make(driver)
+    driver.set_password(ref, "s3cret-Pass", CancelToken(), Progress())
+    assert fake.by_name(NAME).fs["password:root"] == "s3cret-Pass"
+    (ex,) = fake.execs.values()
+    assert ex.stdin == b"root:s3cret-Pass\n"
+    assert "s3cret" not in repr(fake.calls)  # not in Cmd, Env or any query
+
+
+def test_password_errors(driver, fake):
+    ref = make(driver, running=False)
+    with pytest.raises(ConflictError):
+        driver.set_password(ref, "pw", CancelToken(), Progress())
+    driver.start(ref, CancelToken(), Progress())
+    fake.by_name(NAME).fs["chpasswd_fails"] = True
+    with pytest.raises(PermanentError, match="Authentication token manipulation"):
+        driver.set_password(ref, "pw", CancelToken(), Progress())
+    fake.by_name(NAME).fs.pop("chpasswd_fails")
+    fake.fail_next(1, 503, "busy", "POST", r"/exec$")
+    with pytest.raises(AmbiguousOutcome):
+        driver.set_password(ref, "pw", CancelToken(), Progress())
+    driver.set_password(ref, "pw", CancelToken(), Progress())
+    with pytest.raises(PermanentError):
+        driver.set_password(ref, "two\nlines", CancelToken(), Progress())
+    t = CancelToken()
+    t.cancel()
+    with pytest.raises(OperationCancelled):
+        driver.set_password(ref, "pw", t, Progress())
+
+
+# ------------------------------------------------------------------ ports
+
+
+def test_add_port_recreates_keeping_data_password_and_state(driver, fake):
+    ref = make(driver)
+    driver.set_password(ref, "s3cret-Pass", CancelToken(), Progress())
+    fake.volumes[f"{NAME}-data"]["data"]["notes.txt"] = "kept"
+    old_id = fake.by_name(NAME).id
+    driver.add_port(ref, SSH, CancelToken(), Progress())
+    new = fake.by_name(NAME)
+    assert new.id != old_id and old_id not in fake.containers
+    assert new.status == "running"
+    assert new.host_config["PortBindings"] == {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": "20022"}]}
+    assert new.fs["password:root"] == "s3cret-Pass"  # the writable layer was committed
+    assert fake.volumes[f"{NAME}-data"]["data"] == {"notes.txt": "kept"}
+    assert new.host_config["NanoCpus"] == 2 * 10**9 and new.config["Labels"]["cloudhost.name"] == NAME
+    driver.add_port(ref, SSH, CancelToken(), Progress())
+    assert fake.by_name(NAME).id == new.id  # already so: nothing recreated
+
+
+def test_ports_ranges_udp_and_removal(driver, fake):
+    ref = make(driver)
+    driver.add_port(ref, SSH, CancelToken(), Progress())
+    driver.add_port(ref, PortSpec("udp", 30000, 30002, 40000, 40002), CancelToken(), Progress())
+    state = driver.get_state(ref)
+    assert state.ports == [SSH, PortSpec("udp", 30000, 30002, 40000, 40002)]
+    driver.remove_port(ref, SSH, CancelToken(), Progress())
+    driver.remove_port(ref, SSH, CancelToken(), Progress())
+    assert [p.handle for p in driver.get_state(ref).ports] == ["pm-udp-30000-30002"]
+
+
+def test_never_started_container_is_recreated_without_commit(driver, fake):
+    ref = make(driver, running=False)
+    driver.add_port(ref, SSH, CancelToken(), Progress())
+    assert not fake.calls_to("POST", r"^/commit$") and fake.by_name(NAME).status == "created"
+
+
+def test_volume_mode_keeps_only_the_volume(fake):
+    driver = DockerDriver(config(fake, port_change="volume"))
+    ref = make(driver)
+    driver.set_password(ref, "pw", CancelToken(), Progress())
+    driver.add_port(ref, SSH, CancelToken(), Progress())
+    assert not fake.calls_to("POST", r"^/commit$") and "password:root" not in fake.by_name(NAME).fs
+
+
+def test_port_conflict_restores_the_old_container(driver, fake):
+    ref = make(driver)
+    old_id = fake.by_name(NAME).id
+    fake.busy_host_ports.add("tcp/20022")
+    with pytest.raises(ConflictError, match="already allocated"):
+        driver.add_port(ref, SSH, CancelToken(), Progress())
+    restored = fake.by_name(NAME)
+    assert restored.id == old_id and restored.status == "running"
+    assert not restored.host_config.get("PortBindings")
+    assert [c.name for c in fake.containers.values()] == [NAME]
+
+
+@pytest.mark.parametrize("reason", [CANCEL_USER, CANCEL_TIMEOUT])
+def test_cancel_mid_port_change_leaves_a_repairable_container(driver, fake, reason):
+    ref = make(driver)
+    fake.stop_hang = True
+    started = time.monotonic()
+    with pytest.raises(OperationCancelled):
+        driver.add_port(ref, SSH, token(reason), Progress())
+    assert time.monotonic() - started < 2
+    fake.stop_hang = False
+    fake.release()
+    time.sleep(0.1)
+    driver.add_port(ref, SSH, CancelToken(), Progress())
+    assert fake.by_name(NAME).host_config["PortBindings"]
+    assert [c.name for c in fake.containers.values()] == [NAME]
+
+
+def test_a_crash_mid_swap_is_repaired_by_the_next_operation(driver, fake):
+    ref = make(driver)
+    c = fake.by_name(NAME)
+    c.name, c.status = f"{NAME}-swap-running", "exited"  # renamed aside, then the worker died
+    assert driver.get_state(ref).exists  # still ours while aside
+    driver.start(ref, CancelToken(), Progress())
+    assert fake.by_name(NAME).id == c.id and c.status == "running"
+
+
+def test_port_change_on_a_missing_container(driver):
+    with pytest.raises(NotFoundError):
+        driver.add_port({"name": "vps-gone"}, SSH, CancelToken(), Progress())
+
+
+def test_ports_from_bindings_merges_ranges():
+    bindings = {
+        "22/tcp": [{"HostIp": "0.0.0.0", "HostPort": "20022"}],
+        "5000/udp": [{"HostIp": "", "HostPort": "30000"}],
+        "5001/udp": [{"HostIp": "", "HostPort": "30001"}],
+        "5003/udp": [{"HostIp": "", "HostPort": "30003"}],
+    }
+    assert [p.handle for p in ports_from_bindings(bindings)] == ["pm-tcp-20022", "pm-udp-30000-30001", "pm-udp-30003"]
+
+
+# ------------------------------------------------------------------ rebuild, state
+
+
+def test_rebuild_with_a_new_image_keeps_ports_and_gets_a_fresh_volume(driver, fake):
+    ref = make(driver)
+    driver.add_port(ref, SSH, CancelToken(), Progress())
+    driver.set_password(ref, "old", CancelToken(), Progress())
+    new_ref = driver.rebuild(ref, spec(image="ubuntu:24.04"), CancelToken(), Progress())
+    c = fake.by_name(NAME)
+    assert new_ref == {"id": c.id, "name": NAME}
+    assert c.image == "ubuntu:24.04" and c.status == "running" and "password:root" not in c.fs
+    assert c.host_config["PortBindings"] == {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": "20022"}]}
+    assert list(fake.volumes) == [f"{NAME}-data-1"]
+    assert not any(t.startswith("cloudhost-state/") for i in fake.images.values() for t in i.tags)
+
+
+def test_rebuild_cancelled_during_the_pull_keeps_the_old_container(driver, fake):
+    ref = make(driver)
+    fake.pull_hang.add("ubuntu:24.04")
+    with pytest.raises(OperationCancelled):
+        driver.rebuild(ref, spec(image="ubuntu:24.04"), token(CANCEL_USER), Progress())
+    assert fake.by_name(NAME).image == "debian:12" and fake.by_name(NAME).status == "running"
+
+
+def test_rebuild_retryable_then_success(driver, fake):
+    ref = make(driver)
+    fake.fail_next(1, 502, "Bad Gateway", "POST", r"/rename$")
+    with pytest.raises(AmbiguousOutcome):
+        driver.rebuild(ref, spec(), CancelToken(), Progress())
+    driver.rebuild(ref, spec(), CancelToken(), Progress())
+    assert [c.name for c in fake.containers.values()] == [NAME]
+
+
+def test_get_state(driver, fake):
+    ref = make(driver)
+    state = driver.get_state(ref)
+    assert (state.exists, state.status, state.addresses) == (True, "running", [fake.by_name(NAME).ip])
+    driver.stop(ref, CancelToken(), Progress())
+    assert (driver.get_state(ref).status, driver.get_state(ref).addresses) == ("stopped", [])
+    assert driver.get_state({"name": "vps-none"}).exists is False
+
+
+# ------------------------------------------------------------------ TCP + TLS
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_fake(ca):
+    fake = FakeDocker()
+    server_cert = ca.issue_cert("127.0.0.1")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_cert.configure_cert(ctx)
+    ca.configure_trust(ctx)
+    ctx.verify_mode = ssl.CERT_REQUIRED  # mutual TLS, as dockerd --tlsverify
+    server = ServerThread(fake, "127.0.0.1", 0, ssl_context=ctx)
+    fake.base_url = f"tcp://127.0.0.1:{server.port}"
+    yield fake
+    fake.release()
+    server.stop()
+
+
+def tls_config(fake, ca, client=True, ca_pem=None) -> ProviderConfig:
+    secrets = {}
+    if client:
+        cert = ca.issue_cert("panel-client")
+        secrets = {
+            "tls_client_cert": cert.cert_chain_pems[0].bytes().decode(),
+            "tls_client_key": cert.private_key_pem.bytes().decode(),
+        }
+    conn = {
+        "base_url": fake.base_url,
+        "tls": {"ca_cert": ca_pem or ca.cert_pem.bytes().decode(), "verify": True},
+        "images": {"debian/12": "debian:12"},
+        "poll_interval": 0.02,
+    }
+    return ProviderConfig(3, "docker-tls", "docker", conn, secrets)
+
+
+def test_tcp_tls_with_client_certificate(tls_fake, ca, monkeypatch, tmp_path):
+    bogus = tmp_path / "bogus.pem"
+    bogus.write_text("not a certificate")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bogus))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    driver = DockerDriver(tls_config(tls_fake, ca))
+    assert driver.server_info().version == "27.3.1"
+    ref = make(driver)
+    driver.set_password(ref, "over-tls", CancelToken(), Progress())  # the hijacked exec over TLS
+    assert tls_fake.by_name(NAME).fs["password:root"] == "over-tls"
+
+
+def test_tls_without_client_certificate_or_with_another_ca_fails(tls_fake, ca):
+    with pytest.raises(AuthError, match="TLS"):  # a TLS 1.3 alert, or EOF from the refusing server
+        DockerDriver(tls_config(tls_fake, ca, client=False)).server_info()
+    with pytest.raises(AuthError, match="TLS"):
+        DockerDriver(tls_config(tls_fake, ca, ca_pem=trustme.CA().cert_pem.bytes().decode())).server_info()
