@@ -36,6 +36,7 @@ from typing import Any
 
 import requests
 
+from providers import hostshell
 from providers.base import (
     AmbiguousOutcome,
     AuthError,
@@ -605,6 +606,12 @@ class DockerDriver:
                 self._call(cancel, op, self.api.kill, name, mutation=True)
             except ConflictError:
                 pass  # stopped meanwhile
+
+    def host_channel(self) -> hostshell.HostShell | None:
+        """The Docker host's shell (connection.ssh, optional), for host-side work such as traffic counters."""
+        if not hasattr(self, "_shell"):
+            self._shell = hostshell.from_config(self.config.connection, self.config.secrets)
+        return self._shell
 
     # -- Driver protocol
 

@@ -786,6 +786,10 @@ class ProxmoxDriver:
         match = re.search(r"(?:^|,)ip=([0-9.]+)/", str(static))
         return [match.group(1)] if match else []
 
+    def host_channel(self) -> hostshell.HostShell | None:
+        """The node's shell (connection.ssh), for host-side work such as traffic counters."""
+        return self._get_shell()
+
     def _get_shell(self) -> hostshell.HostShell | None:
         if not self._shell_built:
             self._shell = hostshell.from_config(self.config.connection, self.config.secrets)

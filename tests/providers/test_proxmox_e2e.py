@@ -1,0 +1,90 @@
+"""End to end: a create task through the worker against the fake PVE API (TLS, token)
+and a real SSH server standing in for the node (pct exec, iptables).
+
+services.create_instance on a Provider row of type proxmox, then
+tasks.worker.run_admitted_inline: the task completes, the container runs with its
+limits, its root password went through `pct exec ... chpasswd` on stdin, every
+mapping of its port block is a tagged DNAT rule on the node, and the instance
+row records the guest's address and the active mappings.
+"""
+
+from __future__ import annotations
+
+import io
+
+import paramiko
+import pytest
+import trustme
+
+from providers.base import PortSpec
+from tasks import services
+from tasks.models import PortMapping, Provider
+from tasks.worker import run_admitted_inline
+from tests.providers.fakes_hostshell import FakeHostShell, FakeSSHServer
+from tests.providers.fakes_pve import FakePVE, ServerThread, pve_tls_context
+from tests.providers.test_proxmox import IMAGES
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def node():
+    """The fake PVE API and the node's SSH server."""
+    ca = trustme.CA()
+    pve = FakePVE()
+    ctx, _ = pve_tls_context(ca)
+    api = ServerThread(pve, "127.0.0.1", 0, ssl_context=ctx)
+    host_key, client_key = paramiko.ECDSAKey.generate(), paramiko.ECDSAKey.generate()
+    host = FakeHostShell()
+    ssh = FakeSSHServer(host, host_key, client_key)
+    pem = io.StringIO()
+    client_key.write_private_key(pem)
+    provider = Provider(name="pve-e2e", provider_type="proxmox", default_port_block=3)
+    provider.connection = {
+        "host": "127.0.0.1",
+        "port": api.port,
+        "node": "pve1",
+        "verify": ca.cert_pem.bytes().decode(),
+        "poll_interval": 0.02,
+        "images": IMAGES,
+        "ssh": {"host": "127.0.0.1", "port": ssh.port, "user": "root", "host_key": ssh.host_key_line},
+    }
+    provider.set_secrets({"token": pve.token, "ssh_private_key": pem.getvalue()})  # stored encrypted
+    provider.save()
+    yield provider, pve, host
+    pve.release()
+    api.stop()
+    ssh.stop()
+
+
+def test_create_task_ends_with_a_running_container_its_address_password_and_ports(alice, node):
+    provider, pve, host = node
+    instance, task = services.create_instance(
+        alice, provider=provider, image="debian/12", cpu=2, memory_mb=1024, disk_mb=10240
+    )
+    assert run_admitted_inline(provider.pk) == 1
+    task.refresh_from_db()
+    instance.refresh_from_db()
+    assert (task.status, task.progress, task.error_message) == ("completed", 100, "")
+
+    vmid = instance.provider_ref["vmid"]
+    guest = pve.guests[vmid]
+    assert instance.provider_ref == {"node": "pve1", "type": "lxc", "vmid": vmid, "name": instance.guest_name}
+    assert guest.status == "running" and guest.config["hostname"] == instance.guest_name
+    assert (guest.config["cores"], guest.config["memory"], guest.config["rootfs"]) == ("2", "1024", "local-lvm:10")
+    assert host.passwords[str(vmid)]  # set on the node through chpasswd's stdin
+    assert instance.status == "running" and instance.addresses == [guest.ip]
+
+    mappings = list(instance.port_mappings.order_by("host_port_start"))
+    assert mappings and all(m.status == PortMapping.STATUS_ACTIVE for m in mappings)
+    ssh = mappings[0]
+    assert ssh.guest_port_start == 22 and instance.ssh_port == ssh.host_port_start
+    expected = {
+        PortSpec(proto, m.host_port_start, m.host_port_end, m.guest_port_start, m.guest_port_end).handle
+        for m in mappings
+        for proto in m.protocols
+    }
+    tags = {line.split("--comment ")[1].split()[0] for line in host.rule_lines("nat", "PREROUTING")}
+    assert tags == expected
+    assert f"--dport {ssh.host_port_start} " in host.rule_lines("nat", "PREROUTING")[0]
+    assert host.rule_lines("nat", "PREROUTING")[0].endswith(f"--to-destination {guest.ip}:22")
