@@ -116,6 +116,15 @@ def read_exec_log(path: Path) -> list[tuple[int, int, float, float]]:
         return []
     rows = []
     for line in path.read_text().splitlines():
+        if line.startswith("start "):
+            continue
         task, pid, start, end = line.split()
         rows.append((int(task), int(pid), float(start), float(end)))
     return rows
+
+
+def read_exec_starts(path: Path) -> list[int]:
+    """Task ids of every execution that began (killed ones included)."""
+    if not path.exists():
+        return []
+    return [int(line.split()[1]) for line in path.read_text().splitlines() if line.startswith("start ")]

@@ -3,7 +3,8 @@
 They replace start/stop/restart with an operation driven by task_data:
 ``sleep`` seconds (cancel-aware unless ``ignore_cancel``), ``block_sigalrm`` to
 defeat django-q2's in-process timeout, ``fail`` to raise a provider error.
-Each execution appends "task pid start end" to $TEST_EXEC_LOG.
+Each execution appends "start task pid time" when it begins and "task pid start end"
+when it ends to $TEST_EXEC_LOG.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ class SleepOperation(Operation):
 
     def run(self, ctx: ExecutionContext) -> None:
         started = time.time()
+        log = os.environ.get("TEST_EXEC_LOG")
+        if log:
+            with open(log, "a") as fh:
+                fh.write(f"start {ctx.task.pk} {os.getpid()} {started:.6f}\n")
         data = ctx.data
         # What "the provider" reports if the operation stops midway.
         ctx.instance_status = InstanceStatus.RUNNING
@@ -43,7 +48,6 @@ class SleepOperation(Operation):
                 raise PermanentError("injected failure")
             ctx.progress(100, "done")
         finally:
-            log = os.environ.get("TEST_EXEC_LOG")
             if log:
                 with open(log, "a") as fh:
                     fh.write(f"{ctx.task.pk} {os.getpid()} {started:.6f} {time.time():.6f}\n")

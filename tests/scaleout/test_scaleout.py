@@ -1,0 +1,195 @@
+"""Several worker machines on one MariaDB and Redis, and the faults they must survive.
+
+Three `run_workers` processes stand in for three machines (each its own
+WORKER_NODE). They use a Redis of the test's own (so it can be restarted) and
+reach MariaDB through a TCP proxy the test controls (so the database can
+"go away"). The test process produces tasks straight to MariaDB and Redis.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+
+import pytest
+from django.db import connection
+from django_q.conf import Conf
+
+from tasks import dispatch, services
+from tasks.models import Instance, Provider, Task
+from tasks.states import FINAL
+from tests.engine.harness import WorkerTier, kill_node_processes, read_exec_log, read_exec_starts, wait_until
+from tests.scaleout.faults import PrivateRedis, TcpProxy
+
+pytestmark = [pytest.mark.mariadb, pytest.mark.processes, pytest.mark.django_db(transaction=True)]
+
+LIMITS = (1, 2, 3, 1, 2, 3)
+
+
+@pytest.fixture
+def redis_server(tmp_path, monkeypatch):
+    server = PrivateRedis(tmp_path).start()
+    # This process enqueues to the same Redis as the workers.
+    monkeypatch.setattr(Conf, "ORM", None)
+    monkeypatch.setattr(Conf, "REDIS", server.url)
+    dispatch._brokers.clear()
+    yield server
+    dispatch._brokers.clear()
+    server.stop()
+
+
+@pytest.fixture
+def db_proxy():
+    d = connection.settings_dict
+    proxy = TcpProxy(d["HOST"] or "127.0.0.1", int(d["PORT"] or 3306)).start()
+    yield proxy
+    proxy.stop()
+
+
+def tier_env(redis_server, db_proxy) -> dict:
+    d = connection.settings_dict
+    return {
+        "Q_BROKER": "redis",
+        "REDIS_URL": redis_server.url,
+        "DATABASE_URL": f"mysql://{d['USER']}:{d['PASSWORD']}@127.0.0.1:{db_proxy.port}/{d['NAME']}",
+    }
+
+
+def setup_providers(owner, per_provider: int) -> list[tuple[Provider, list[Instance]]]:
+    out = []
+    for i, limit in enumerate(LIMITS):
+        provider = Provider.objects.create(
+            name=f"so{i}", allow_concurrent_tasks=limit > 1, max_concurrent_tasks=limit, task_poll_interval=1
+        )
+        tag = uuid.uuid4().hex[:6]
+        names = [f"so{i}-{tag}-{n}" for n in range(per_provider)]
+        instances = Instance.objects.bulk_create(
+            Instance(owner=owner, provider=provider, name=n, live_name=n, image="debian/12", status="running")
+            for n in names
+        )
+        out.append((provider, instances))
+    return out
+
+
+def check_limits_and_fifo(tasks: list[Task]) -> None:
+    limit_of = {p.pk: p.concurrency_limit for p in Provider.objects.all()}
+    groups = defaultdict(list)
+    for t in tasks:
+        groups[t.provider_id].append(t)
+    for pid, group in groups.items():
+        points = []
+        for t in group:
+            if t.started_at and t.completed_at:
+                points += [(t.started_at.timestamp(), 1), (t.completed_at.timestamp(), -1)]
+        running = 0
+        for _, delta in sorted(points):
+            running += delta
+            assert running <= limit_of[pid], f"provider {pid} ran {running} > {limit_of[pid]}"
+        ordered = sorted(group, key=lambda t: (t.created_at, t.pk))
+        admitted = [t.admitted_at for t in ordered if t.admitted_at and t.dispatch_count == 1]
+        assert admitted == sorted(admitted), f"provider {pid}: admission not FIFO"
+
+
+def test_three_machines_share_the_limits(alice, tmp_path, redis_server, db_proxy):
+    rng = random.Random(3)
+    setup = setup_providers(alice, 100)
+    log = tmp_path / "exec.log"
+    env = tier_env(redis_server, db_proxy)
+    nodes = [f"m{uuid.uuid4().hex[:5]}{i}" for i in range(3)]
+    tiers = [WorkerTier(tmp_path, n, exec_log=log, **env).start() for n in nodes]
+    try:
+        ids = []
+        for n in range(100):
+            for provider, instances in setup:
+                ids.append(
+                    services.request_operation(
+                        alice, instances[n].pk, "restart", task_data={"sleep": rng.uniform(0, 0.05)}
+                    ).pk
+                )
+        wait_until(
+            lambda: not Task.objects.filter(pk__in=ids).exclude(status__in=FINAL).exists(), 240, 0.5, "600 tasks"
+        )
+    finally:
+        for tier in tiers:
+            tier.stop()
+            kill_node_processes(tier.node)
+    tasks = list(Task.objects.filter(pk__in=ids))
+    assert Counter(t.status for t in tasks) == {"completed": 600}
+    starts = Counter(read_exec_starts(log))
+    assert len(starts) == 600 and max(starts.values()) == 1, "every task ran, none twice"
+    check_limits_and_fifo(tasks)
+    workers_used = {t.worker.split(":")[0] for t in tasks}
+    assert len(workers_used) >= 2, f"the work was shared between machines: {workers_used}"
+
+
+def test_faults_kill_redis_restart_and_database_outage(alice, tmp_path, redis_server, db_proxy):
+    rng = random.Random(5)
+    setup = setup_providers(alice, 40)
+    log = tmp_path / "exec.log"
+    env = tier_env(redis_server, db_proxy)
+    nodes = [f"f{uuid.uuid4().hex[:5]}{i}" for i in range(3)]
+    tiers = [WorkerTier(tmp_path, n, exec_log=log, **env).start() for n in nodes]
+    ids: list[int] = []
+    producing = threading.Event()
+
+    def produce():
+        try:
+            for n in range(40):
+                for provider, instances in setup:
+                    ids.append(
+                        services.request_operation(
+                            alice, instances[n].pk, "restart", task_data={"sleep": rng.uniform(0.05, 0.6)}
+                        ).pk
+                    )
+                time.sleep(0.05)
+        finally:
+            connection.close()
+            producing.set()
+
+    try:
+        producer = threading.Thread(target=produce)
+        producer.start()
+        wait_until(lambda: Task.objects.filter(status="completed").count() >= 20, 90, 0.2, "work under way")
+        # 1. A machine dies: SIGKILL every process of tier 0.
+        victim = tiers[0]
+        victim_running = wait_until(
+            lambda: set(
+                Task.objects.filter(status="running", worker__startswith=victim.node + ":").values_list("pk", flat=True)
+            ),
+            60,
+            0.01,
+            "a task running on the machine to kill",
+        )
+        victim.kill()
+        # 2. Redis restarts: every job queued in it is lost.
+        time.sleep(1)
+        redis_server.restart()
+        # 3. The database refuses connections for 3 seconds.
+        time.sleep(1)
+        db_proxy.outage(3)
+        producer.join(120)
+        assert producing.is_set()
+        wait_until(
+            lambda: not Task.objects.filter(pk__in=ids).exclude(status__in=FINAL).exists(), 240, 0.5, "all terminal"
+        )
+    finally:
+        for tier in tiers[1:]:
+            tier.stop()
+        for n in nodes:
+            kill_node_processes(n)
+    tasks = {t.pk: t for t in Task.objects.filter(pk__in=ids)}
+    assert len(tasks) == 240 and all(t.status in FINAL for t in tasks.values())
+    starts = Counter(read_exec_starts(log))
+    assert max(starts.values()) == 1, "no task ran twice"
+    lost = {pk for pk, t in tasks.items() if t.status != "completed"}
+    for pk in lost:
+        assert tasks[pk].error_code == "worker_lost", f"task {pk}: {tasks[pk].status} {tasks[pk].error_code}"
+    assert victim_running and lost >= victim_running, "the tasks running on the killed machine ended worker_lost"
+    completed = [pk for pk, t in tasks.items() if t.status == "completed"]
+    assert all(starts[pk] == 1 for pk in completed)
+    ends = {row[0] for row in read_exec_log(log)}
+    assert set(completed) <= ends
+    check_limits_and_fifo(list(tasks.values()))
