@@ -103,7 +103,7 @@ def test_three_machines_share_the_limits(alice, tmp_path, redis_server, db_proxy
     try:
         ids = []
         for n in range(100):
-            for provider, instances in setup:
+            for _provider, instances in setup:
                 ids.append(
                     services.request_operation(
                         alice, instances[n].pk, "restart", task_data={"sleep": rng.uniform(0, 0.05)}
@@ -138,7 +138,7 @@ def test_faults_kill_redis_restart_and_database_outage(alice, tmp_path, redis_se
     def produce():
         try:
             for n in range(40):
-                for provider, instances in setup:
+                for _provider, instances in setup:
                     ids.append(
                         services.request_operation(
                             alice, instances[n].pk, "restart", task_data={"sleep": rng.uniform(0.05, 0.6)}
