@@ -21,13 +21,10 @@ Connection settings and secrets: docs/providers-proxmox-docker.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import socket
 import struct
-import tempfile
 import threading
 import time
 import weakref
@@ -37,6 +34,7 @@ from typing import Any
 import requests
 
 from providers import hostshell
+from providers._http import PemFiles, transport_error
 from providers.base import (
     AmbiguousOutcome,
     AuthError,
@@ -83,24 +81,6 @@ STATUS = {
 # ------------------------------------------------------------------ errors
 
 
-def _chain(exc: BaseException):
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen or not isinstance(e, BaseException):
-            continue
-        seen.add(id(e))
-        yield e
-        todo.extend(
-            [
-                e.__cause__,
-                e.__context__,
-                getattr(e, "reason", None),
-                *[a for a in e.args if isinstance(a, BaseException)],
-            ]
-        )
-
-
 def classify(exc: BaseException, op: str, *, mutation: bool = False, creating: bool = False) -> ProviderError:
     """Map a docker-py / requests exception to a typed driver error."""
     import docker.errors
@@ -129,15 +109,8 @@ def classify(exc: BaseException, op: str, *, mutation: bool = False, creating: b
         if status >= 500 and creating:
             return AmbiguousOutcome(text, **kw)
         return PermanentError(text, **kw)
-    if isinstance(exc, requests.exceptions.SSLError):
-        return AuthError(f"{op}: TLS verification failed: {exc}", op=op)
     if isinstance(exc, requests.RequestException | u3.HTTPError | OSError):
-        never_sent = (u3.NewConnectionError, u3.ConnectTimeoutError, ConnectionRefusedError, FileNotFoundError)
-        if isinstance(exc, requests.exceptions.ConnectTimeout) or any(isinstance(e, never_sent) for e in _chain(exc)):
-            return RetryableError(f"{op}: cannot connect to the Docker daemon: {exc}", op=op)
-        if mutation:
-            return AmbiguousOutcome(f"{op}: connection lost after the request was sent: {exc}", op=op)
-        return RetryableError(f"{op}: connection error: {exc}", op=op)
+        return transport_error(exc, op, mutation, " to the Docker daemon")
     if isinstance(exc, docker.errors.DockerException):
         return PermanentError(f"{op}: {exc}", op=op)
     return PermanentError(f"{op}: {type(exc).__name__}: {exc}", op=op)
@@ -153,19 +126,6 @@ def _pull_error(message: str, op: str) -> ProviderError:
     if any(s in low for s in ("not found", "manifest unknown", "repository does not exist", "pull access denied")):
         return PermanentError(f"{op}: image not found: {message}", **kw)
     return RetryableError(f"{op}: pull failed: {message}", **kw)
-
-
-def _pem_file(value: str, holder: list) -> str:
-    """A path for PEM material given inline (written 0600 into a private temp dir) or by path."""
-    if not value.lstrip().startswith("-----BEGIN"):
-        return value
-    if not holder:
-        holder.append(tempfile.TemporaryDirectory(prefix="cloudhost-docker-"))
-    path = os.path.join(holder[0].name, hashlib.sha256(value.encode()).hexdigest()[:16] + ".pem")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(value)
-    return path
 
 
 def _raw_socket(obj: Any) -> socket.socket | None:
@@ -247,9 +207,9 @@ class DockerDriver:
         self.swap_stop_timeout = int(conn.get("swap_stop_timeout", 10))
         self.images: dict[str, str] = conn.get("images", {}) or {}
         self.poll_interval = float(conn.get("poll_interval", 0.2))
-        self._tmp: list = []
+        self._pem = PemFiles("cloudhost-docker-")
         self.api = self._connect(conn, config.secrets)
-        weakref.finalize(self, self._tmp.clear)
+        weakref.finalize(self, self._pem.cleanup)
 
     def _connect(self, conn: dict, secrets: dict):
         import docker
@@ -265,8 +225,8 @@ class DockerDriver:
             ca = tls_conf.get("ca_cert")
             try:
                 tls = TLSConfig(
-                    client_cert=(_pem_file(cert, self._tmp), _pem_file(key, self._tmp)) if cert and key else None,
-                    ca_cert=_pem_file(ca, self._tmp) if ca else None,
+                    client_cert=(self._pem.path(cert), self._pem.path(key)) if cert and key else None,
+                    ca_cert=self._pem.path(ca) if ca else None,
                     verify=bool(tls_conf.get("verify", True)),
                 )
             except docker.errors.TLSParameterError as exc:

@@ -18,20 +18,17 @@ Connection settings (Provider.connection) and secrets: docs/providers-proxmox-do
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import os
 import re
-import tempfile
 import weakref
 from dataclasses import replace
 from typing import Any
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from providers import hostshell
+from providers._http import PemFiles, PinnedAdapter, parse_fingerprint, transport_error
 from providers.base import (
     AmbiguousOutcome,
     AuthError,
@@ -63,43 +60,23 @@ LOCK_RE = re.compile(r"can't lock file|is locked|got timeout", re.IGNORECASE)
 GONE_RE = re.compile(r"Configuration file '[^']*' does not exist|\b(VM|CT) \d+ (does not exist|not found)")
 NOT_RUNNING_RE = re.compile(r"not running", re.IGNORECASE)
 PERCENT_RE = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
-FINGERPRINT_RE = re.compile(r"^(sha256:)?([0-9a-fA-F]{2}:){31}[0-9a-fA-F]{2}$|^(sha256:)?[0-9a-fA-F]{64}$")
 
+
+class _RedactSecrets(logging.Filter):
+    """proxmoxer logs request bodies at INFO ("PUT <url> {'cipassword': ...}"): if an
+    operator turns that logger up, passwords must still not reach the log."""
+
+    PATTERN = re.compile(r"('(?:ci)?password'\s*:\s*)'(?:[^'\\]|\\.)*'")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "password" in record.msg:
+            record.msg = self.PATTERN.sub(r"\1'***'", record.msg)
+        return True
+
+
+logging.getLogger("proxmoxer.core").addFilter(_RedactSecrets())
 
 # ------------------------------------------------------------------ errors
-
-
-def _chain(exc: BaseException):
-    """The exception and everything it wraps (requests -> urllib3 -> socket)."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen or not isinstance(e, BaseException):
-            continue
-        seen.add(id(e))
-        yield e
-        todo.extend(
-            [
-                e.__cause__,
-                e.__context__,
-                getattr(e, "reason", None),
-                *[a for a in e.args if isinstance(a, BaseException)],
-            ]
-        )
-
-
-def transport_error(exc: Exception, op: str, mutation: bool) -> ProviderError:
-    """Classify a requests exception: not sent -> retryable; maybe applied -> ambiguous."""
-    import urllib3.exceptions as u3
-
-    if isinstance(exc, requests.exceptions.SSLError):
-        return AuthError(f"{op}: TLS verification failed: {exc}", op=op)
-    never_sent = (u3.NewConnectionError, u3.ConnectTimeoutError, ConnectionRefusedError, FileNotFoundError)
-    if isinstance(exc, requests.exceptions.ConnectTimeout) or any(isinstance(e, never_sent) for e in _chain(exc)):
-        return RetryableError(f"{op}: cannot connect: {exc}", op=op)
-    if mutation:
-        return AmbiguousOutcome(f"{op}: connection lost after the request was sent: {exc}", op=op)
-    return RetryableError(f"{op}: connection error: {exc}", op=op)
 
 
 def classify(status: int, message: str, op: str, *, mutation: bool = False, creating: bool = False) -> ProviderError:
@@ -127,34 +104,6 @@ def classify(status: int, message: str, op: str, *, mutation: bool = False, crea
     return PermanentError(text, **kw)
 
 
-# ------------------------------------------------------------------ TLS
-
-
-class _PinnedAdapter(HTTPAdapter):
-    """Accepts exactly the server certificate with this SHA-256 fingerprint (self-signed pve-ssl)."""
-
-    def __init__(self, fingerprint: str, **kwargs):
-        self._fingerprint = fingerprint
-        super().__init__(**kwargs)
-
-    def init_poolmanager(self, *args, **kwargs):
-        kwargs["assert_fingerprint"] = self._fingerprint
-        super().init_poolmanager(*args, **kwargs)
-
-
-def _pem_file(value: str, directory_holder: list) -> str:
-    """A path for PEM material given inline (written 0600 into a private temp dir) or by path."""
-    if not value.lstrip().startswith("-----BEGIN"):
-        return value
-    if not directory_holder:
-        directory_holder.append(tempfile.TemporaryDirectory(prefix="cloudhost-pve-"))
-    path = os.path.join(directory_holder[0].name, hashlib.sha256(value.encode()).hexdigest()[:16] + ".pem")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(value)
-    return path
-
-
 # ------------------------------------------------------------------ driver
 
 
@@ -174,9 +123,9 @@ class ProxmoxDriver:
         self.images: dict[str, Any] = conn.get("images", {}) or {}
         self._shell = shell
         self._shell_built = shell is not None
-        self._tmp: list = []
+        self._pem = PemFiles("cloudhost-pve-")
         self._api = self._connect(conn, config.secrets)
-        weakref.finalize(self, self._tmp.clear)
+        weakref.finalize(self, self._pem.cleanup)
 
     # -- connection
 
@@ -196,12 +145,11 @@ class ProxmoxDriver:
         if not (user and name and value):
             raise AuthError("proxmox: an API token is required (secrets.token, or user/token_name + token_value)")
         verify = conn.get("verify", True)
-        fingerprint = None
-        if isinstance(verify, str) and FINGERPRINT_RE.match(verify.strip()):
-            fingerprint = verify.strip().lower().removeprefix("sha256:").replace(":", "")
-            verify_ssl: bool | str = False
+        fingerprint = parse_fingerprint(verify)
+        if fingerprint:
+            verify_ssl: bool | str = False  # the pinned adapter checks the certificate instead
         elif isinstance(verify, str):
-            verify_ssl = _pem_file(verify, self._tmp)
+            verify_ssl = self._pem.path(verify)
         else:
             verify_ssl = bool(verify)
         api = ProxmoxAPI(
@@ -219,7 +167,7 @@ class ProxmoxDriver:
         # or re-trust a provider connection: only what the operator configured counts.
         session.trust_env = False
         if fingerprint:
-            session.mount("https://", _PinnedAdapter(fingerprint))
+            session.mount("https://", PinnedAdapter(fingerprint))
         return api
 
     def _request(

@@ -8,6 +8,7 @@ deadline mid-operation.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 
@@ -505,6 +506,15 @@ def test_vm_password_through_cloud_init_and_agent(driver, pve):
     assert pve.calls_to("PUT", r"qemu/100/cloudinit")
     assert pve.guests[100].agent_password == "s3cret-Pass"
     assert not pve.calls_to("POST", "status/reboot")
+
+
+def test_passwords_stay_out_of_logs_even_at_debug(driver, pve, caplog):
+    ref = make_guest(driver, kind="vm")
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="proxmoxer.core")
+    driver.set_password(ref, "s3cret-Pass", CancelToken(), Progress())
+    assert any("cipassword" in r.getMessage() for r in caplog.records)  # it was logged, redacted
+    assert not any("s3cret" in r.getMessage() for r in caplog.records)
 
 
 def test_vm_password_without_agent_reboots(driver, pve):
