@@ -10,7 +10,6 @@ import time
 import pytest
 import trustme
 
-from providers._lxdapi import classify_http, parse_progress
 from providers.base import (
     AmbiguousOutcome,
     AuthError,
@@ -21,6 +20,8 @@ from providers.base import (
     RetryableError,
     no_progress,
 )
+from providers.lxd.client import parse_progress
+from providers.lxd.errors import classify_http
 from tests.providers.fake_lxd import RUNNING
 from tests.providers.lxd_helpers import NAME, Progress, spec
 

@@ -1,0 +1,76 @@
+"""How LXD / Incus answers map to the driver's typed errors.
+
+Messages are matched whatever HTTP status carries them: the daemons return
+"Instance is busy" with 400 or 500 depending on the code path.
+"""
+
+from __future__ import annotations
+
+from providers.base import (
+    AmbiguousOutcome,
+    AuthError,
+    ConflictError,
+    NotFoundError,
+    PermanentError,
+    ProviderError,
+    RetryableError,
+)
+
+OP_FAILURE = 400
+
+# Messages that mean "try again later" whatever HTTP status carries them.
+RETRYABLE_MESSAGES = (
+    "instance is busy",
+    "busy running",
+    "operation lock",
+    "failed to acquire",
+    "database is locked",
+    "database is busy",
+    "agent isn't currently running",
+    "agent is not currently running",
+    "temporarily unavailable",
+    "try again",
+)
+CONFLICT_MESSAGES = ("already exists", "already in use")
+
+# A wait slice that ended without the operation ending, in the older
+# "error body under HTTP 200" shape (LXD >= 5.3, Incus < 6.12).
+WAIT_EXPIRED = ("deadline exceeded", "timed out", "timeout")
+
+
+def matches(message: str, needles: tuple[str, ...]) -> bool:
+    low = message.lower()
+    return any(n in low for n in needles)
+
+
+def classify_http(status: int, message: str, *, op: str, create: bool = False) -> ProviderError:
+    """Map an error envelope (or bare HTTP status) to a typed driver error."""
+    text = f"{op}: {message or f'HTTP {status}'}"
+    kw = {"op": op, "remote_status": status, "remote_message": message}
+    if matches(message, RETRYABLE_MESSAGES):
+        return RetryableError(text, **kw)
+    if status in (401, 403):
+        return AuthError(text, **kw)
+    if status == 404:
+        return NotFoundError(text, **kw)
+    if status == 409 or matches(message, CONFLICT_MESSAGES):
+        return ConflictError(text, **kw)
+    if status == 412:  # ETag changed under us: re-read and try again
+        return RetryableError(text, **kw)
+    if status >= 500 and create:
+        # The daemon may have committed the instance before failing: reconcile first.
+        return AmbiguousOutcome(text, **kw)
+    if status in (502, 503, 504):
+        return RetryableError(text, **kw)
+    return PermanentError(text, **kw)
+
+
+def classify_op_failure(message: str, *, op: str) -> ProviderError:
+    """An operation that ended with status_code 400 and ``err``."""
+    text = f"{op} failed: {message}"
+    kw = {"op": op, "remote_status": OP_FAILURE, "remote_message": message}
+    if matches(message, RETRYABLE_MESSAGES):
+        return RetryableError(text, **kw)
+    if matches(message, CONFLICT_MESSAGES):
+        return ConflictError(text, **kw)
+    return PermanentError(text, **kw)
