@@ -248,9 +248,9 @@ class FakeLXD:
     def _sleep(self, seconds: float) -> None:
         # Interruptible by reset(): a "hung" sync call must not outlive its test.
         end = time.monotonic() + seconds
-        marker = self.operations
-        while time.monotonic() < end and marker is self.operations:
-            time.sleep(min(0.02, end - time.monotonic()) if end > time.monotonic() else 0)
+        marker = self.operations  # reset() replaces the dict
+        while marker is self.operations and (left := end - time.monotonic()) > 0:
+            time.sleep(min(0.02, left))
 
     @staticmethod
     def _drop(environ):
