@@ -9,11 +9,13 @@ container's address and the active mappings.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
 
 import pytest
+from django.core.management import CommandError, call_command
 
 from tasks import services
 from tasks.models import PortMapping, Provider
@@ -74,3 +76,19 @@ def test_create_task_ends_with_a_running_container_its_address_password_and_port
         for i in range(m.host_port_end - m.host_port_start + 1)
     }
     assert published == expected
+
+
+def test_check_provider_reports_version_and_capabilities(daemon):
+    provider, _ = daemon
+    out = io.StringIO()
+    call_command("check_provider", str(provider.pk), stdout=out)
+    assert "server version:      27.3.1" in out.getvalue()
+    assert "live port mapping:   no" in out.getvalue()
+
+
+def test_check_provider_names_an_unreachable_daemon(daemon):
+    provider, _ = daemon
+    provider.connection = {"base_url": "unix:///tmp/no-such-dir/docker.sock"}
+    provider.save()
+    with pytest.raises(CommandError, match="unreachable"):
+        call_command("check_provider", str(provider.pk), stdout=io.StringIO())

@@ -15,6 +15,7 @@ import io
 import paramiko
 import pytest
 import trustme
+from django.core.management import CommandError, call_command
 
 from providers.base import PortSpec
 from tasks import services
@@ -88,3 +89,20 @@ def test_create_task_ends_with_a_running_container_its_address_password_and_port
     assert tags == expected
     assert f"--dport {ssh.host_port_start} " in host.rule_lines("nat", "PREROUTING")[0]
     assert host.rule_lines("nat", "PREROUTING")[0].endswith(f"--to-destination {guest.ip}:22")
+
+
+def test_check_provider_reports_version_and_capabilities(node):
+    provider, _, _ = node
+    out = io.StringIO()
+    call_command("check_provider", str(provider.pk), stdout=out)
+    text = out.getvalue()
+    assert "server version:      8.2.4" in text
+    assert "instance types:      container, vm" in text and "remote cancel:       yes" in text
+
+
+def test_check_provider_names_a_wrong_token(node):
+    provider, _, _ = node
+    provider.set_secrets({"token": "root@pam!panel=wrong"})
+    provider.save()
+    with pytest.raises(CommandError, match="authentication refused"):
+        call_command("check_provider", str(provider.pk), stdout=io.StringIO())
