@@ -343,7 +343,9 @@ def dashboard_context(now: datetime | None = None) -> dict:
                 for b in series
             ],
         ),
-        "chart_durations": charts.hbars(duration_bars, label="Run time per task type (p95)", label_width=120)
+        "chart_durations": charts.hbars(
+            duration_bars, label="Run time per task type (p95)", label_width=110, value_width=190
+        )
         if duration_bars
         else None,
         "bucket_minutes": BUCKET_MINUTES,

@@ -36,11 +36,13 @@ def _svg(width: int, height: int, label: str, body: list[str]) -> SafeString:
     )
 
 
-def hbars(bars: Sequence[Bar], *, label: str, width: int = 520, row: int = 22, label_width: int = 130) -> SafeString:
+def hbars(
+    bars: Sequence[Bar], *, label: str, width: int = 520, row: int = 22, label_width: int = 130, value_width: int = 70
+) -> SafeString:
     """Horizontal bars, one per row, scaled to the largest value."""
     height = max(row, row * len(bars)) + 4
     top = max((b.value for b in bars), default=0) or 1
-    track = width - label_width - 70
+    track = width - label_width - value_width
     body = []
     for i, bar in enumerate(bars):
         y = i * row + 2

@@ -113,6 +113,16 @@ def age(moment: datetime | None, now: datetime | None = None) -> str:
     return f"{human_duration((now or timezone.now()) - moment)} ago"
 
 
+def exact_time(moment: datetime | None, now: datetime | None = None) -> str:
+    """To the millisecond, with how long ago (or how soon): what an operator correlates with logs."""
+    if moment is None:
+        return "—"
+    local = timezone.localtime(moment)
+    delta = (now or timezone.now()) - moment
+    relative = f"{human_duration(delta)} ago" if delta.total_seconds() >= 0 else f"in {human_duration(-delta)}"
+    return f"{local:%Y-%m-%d %H:%M:%S}.{local.microsecond // 1000:03d} {local:%Z} ({relative})"
+
+
 def redact(value: Any) -> Any:
     """A copy of JSON-like data with the values of secret-looking keys replaced."""
     if isinstance(value, dict):

@@ -29,6 +29,7 @@ from tasks.admin.common import (
     admin_link,
     age,
     confirm_action,
+    exact_time,
     human_duration,
     progress_bar,
     redact,
@@ -53,6 +54,14 @@ def search_by_identity(term: str) -> Q | None:
         return Q(uuid=uuid_lib.UUID(term))
     except ValueError:
         return None
+
+
+def _moment(field: str, description: str):
+    @admin.display(description=description, ordering=field)
+    def show(self, task: Task) -> str:
+        return exact_time(getattr(task, field))
+
+    return show
 
 
 class StateGroupFilter(admin.SimpleListFilter):
@@ -115,17 +124,17 @@ class TaskAdmin(admin.ModelAdmin):
         "initiator",
         "timeout_detail",
         "queue_detail",
-        "created_at",
-        "admitted_at",
-        "started_at",
-        "completed_at",
+        "created_time",
+        "admitted_time",
+        "started_time",
+        "completed_time",
         "duration_col",
         "error_code",
         "error_message",
         "cancel_reason",
         "worker",
-        "heartbeat_at",
-        "lease_expires_at",
+        "heartbeat_time",
+        "lease_expires_time",
         "lease_detail",
         "attempt_count",
         "dispatch_count",
@@ -149,15 +158,15 @@ class TaskAdmin(admin.ModelAdmin):
                 )
             },
         ),
-        ("Timing", {"fields": ("created_at", "admitted_at", "started_at", "completed_at", "duration_col")}),
+        ("Timing", {"fields": ("created_time", "admitted_time", "started_time", "completed_time", "duration_col")}),
         ("Error", {"fields": ("error_code", "error_message", "cancel_reason")}),
         (
             "Lease",
             {
                 "fields": (
                     "worker",
-                    "heartbeat_at",
-                    "lease_expires_at",
+                    "heartbeat_time",
+                    "lease_expires_time",
                     "lease_detail",
                     "attempt_count",
                     "dispatch_count",
@@ -212,11 +221,7 @@ class TaskAdmin(admin.ModelAdmin):
     def instance_col(self, task: Task):
         if task.instance is None:
             return "—"
-        return format_html(
-            '{} <span class="tc-muted">{}</span>',
-            admin_link(task.instance, task.instance.name),
-            task.instance.instance_type,
-        )
+        return admin_link(task.instance, task.instance.name)
 
     @admin.display(description="age", ordering="created_at")
     def age_col(self, task: Task) -> str:
@@ -233,6 +238,13 @@ class TaskAdmin(admin.ModelAdmin):
         return text if task.completed_at else f"{text} so far"
 
     # ------------------------------------------------------------ detail fields
+
+    created_time = _moment("created_at", "created")
+    admitted_time = _moment("admitted_at", "admitted")
+    started_time = _moment("started_at", "started")
+    completed_time = _moment("completed_at", "completed")
+    heartbeat_time = _moment("heartbeat_at", "last heartbeat")
+    lease_expires_time = _moment("lease_expires_at", "lease expires")
 
     @admin.display(description="status")
     def status_detail(self, task: Task):

@@ -1,0 +1,286 @@
+"""The console in a real browser: headless Chromium (Debian's) driven by Playwright.
+
+An operator logs in, restarts an instance from the instance actions, watches the
+task's progress bar move without reloading the page, cancels the running task
+through the cancel action with a reason, and sees it end cancelled. A screenshot
+of the dashboard is saved to artifacts/dashboard.png.
+
+The live server runs in a thread of this process (Django's LiveServerThread, each
+request on its own connection); a second thread plays the worker tier
+(tasks.worker.run_admitted_inline in a loop). On SQLite the test runs on a file
+copy of the test database (see threaded_db). The restart operation is replaced
+by a slow, test-only one (progress 5, 10, ... 100, half a second apart) so the test
+does not depend on the simulated provider's timing.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.staticfiles.handlers import StaticFilesHandler
+from django.db import connection, connections
+from django.test.testcases import LiveServerThread
+from django.utils import timezone
+
+from tasks.models import Instance, Provider, Task
+from tasks.operations import _REGISTRY, get_operation
+from tasks.operations.base import ExecutionContext, Operation
+from tasks.states import InstanceStatus, TaskType
+
+pytestmark = [pytest.mark.browser]
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+REASON = "customer asked to stop the reboot"
+
+
+class SlowRestart(Operation):
+    """Twenty steps of 5 %, half a second apart: about ten seconds unless cancelled."""
+
+    task_type = TaskType.RESTART
+    success_status = InstanceStatus.RUNNING
+
+    def run(self, ctx: ExecutionContext) -> None:
+        for percent in range(5, 101, 5):
+            ctx.progress(percent, f"step {percent // 5} of 20")
+            ctx.cancel.sleep(0.5)  # raises OperationCancelled once the cancel is seen
+
+
+class InlineWorkers(threading.Thread):
+    """The worker tier: admit and run pending tasks of one provider until stopped."""
+
+    def __init__(self, provider_id: int):
+        super().__init__(name="inline-workers", daemon=True)
+        self.provider_id = provider_id
+        self.halt = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def run(self) -> None:
+        from tasks.worker import run_admitted_inline
+
+        try:
+            while not self.halt.is_set():
+                try:
+                    run_admitted_inline(self.provider_id)
+                except Exception as exc:  # keep serving; the test reports it
+                    self.errors.append(exc)
+                self.halt.wait(0.2)
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(timeout=15)
+
+
+@pytest.fixture
+def slow_restart(monkeypatch):
+    get_operation(TaskType.RESTART)  # load the real registry first, then replace one entry
+    monkeypatch.setitem(_REGISTRY, TaskType.RESTART, SlowRestart())
+
+
+@pytest.fixture
+def threaded_db(transactional_db, tmp_path):
+    """A database every thread can write to at once, each with its own connection.
+
+    The default SQLite test database lives in memory, shared between threads through
+    SQLite's shared cache, where a writer makes the others fail at once with "database
+    table is locked" (no busy wait). The live server, the worker loop and the worker's
+    heartbeat all write, so this test copies the migrated in-memory database to a file
+    (WAL, busy timeout: the production set-up) for its duration. MariaDB and file
+    databases are used as they are.
+    """
+    conn = connections["default"]
+    if conn.vendor != "sqlite" or not conn.is_in_memory_db():
+        yield
+        return
+    conn.ensure_connection()
+    memory = conn.connection
+    path = tmp_path / "browser.sqlite3"
+    target = sqlite3.connect(path)
+    memory.backup(target)
+    target.close()
+    original_name = conn.settings_dict["NAME"]
+    # Detach (not close: closing would destroy the in-memory database) and repoint.
+    # The settings dict is shared with every thread's new connection.
+    conn.connection = None
+    conn.settings_dict["NAME"] = str(path)
+    try:
+        yield
+    finally:
+        conn.close()
+        conn.settings_dict["NAME"] = original_name
+        conn.connection = memory
+
+
+@pytest.fixture
+def console_url(threaded_db):
+    """A live server whose request threads each open their own database connection."""
+    server = LiveServerThread("localhost", StaticFilesHandler)
+    server.daemon = True
+    server.start()
+    server.is_ready.wait()
+    if server.error:
+        raise server.error
+    yield f"http://{server.host}:{server.port}"
+    server.terminate()
+
+
+@pytest.fixture
+def provider_row(threaded_db):
+    return Provider.objects.create(name="sim-browser", provider_type="simulated")
+
+
+@pytest.fixture
+def workers(console_url, provider_row):
+    tier = InlineWorkers(provider_row.pk)
+    tier.start()
+    yield tier
+    tier.stop()
+    assert not tier.is_alive(), "the inline worker thread did not stop"
+
+
+@pytest.fixture
+def browser_page(threaded_db, monkeypatch):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (scripts/setup browser installs Debian's)")
+    # Playwright's sync API runs an event loop in this thread; the test's own ORM
+    # calls are synchronous and safe here.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        try:
+            yield page
+        finally:
+            context.close()
+            browser.close()
+            # While Playwright runs, asgiref's context-local storage hands this thread a
+            # different connection object than before it started; close it here, in
+            # that context, so it does not stay open on this test's file database.
+            connections.close_all()
+
+
+def seed_history(instance: Instance, count: int = 240) -> None:
+    """Finished tasks spread over the last six hours, so the charts have something to draw."""
+    rng = random.Random(6)
+    now = timezone.now()
+    rows = []
+    for _ in range(count):
+        task_type = rng.choice([TaskType.START, TaskType.STOP, TaskType.RESTART, TaskType.CREATE, TaskType.RESET])
+        status = rng.choices(["completed", "failed", "timeout", "cancelled"], weights=[85, 8, 3, 4])[0]
+        run = timedelta(seconds=rng.lognormvariate(2.5 if task_type != TaskType.CREATE else 3.5, 0.5))
+        completed = now - timedelta(seconds=rng.uniform(30, 6 * 3600))
+        rows.append(
+            Task(
+                task_type=task_type,
+                status=status,
+                progress=100 if status == "completed" else rng.randint(5, 95),
+                owner_id=instance.owner_id,
+                initiator_id=instance.owner_id,
+                provider_id=instance.provider_id,
+                instance=instance,
+                created_at=completed - run - timedelta(seconds=rng.uniform(0, 20)),
+                started_at=completed - run,
+                completed_at=completed,
+            )
+        )
+    Task.objects.bulk_create(rows)
+
+
+def progress_value(page, task_id: int) -> int | None:
+    bar = page.locator(f'[data-role="progress"][data-task-id="{task_id}"]').first
+    value = bar.get_attribute("aria-valuenow")
+    return int(value) if value is not None else None
+
+
+def test_operator_restarts_watches_and_cancels(console_url, browser_page, workers, provider_row, slow_restart):
+    from playwright.sync_api import expect
+
+    page = browser_page
+    get_user_model().objects.create_user("root", "root@example.com", "root-pass-123", is_staff=True, is_superuser=True)
+    alice = get_user_model().objects.create_user("alice", "alice@example.com", "alice-pass-123")
+    instance = Instance.objects.create(
+        owner=alice, provider=provider_row, name="web-1", live_name="web-1", image="debian/12", status="running"
+    )
+
+    # Log in.
+    page.goto(f"{console_url}/admin/login/?next=/admin/")
+    page.fill("#id_username", "root")
+    page.fill("#id_password", "root-pass-123")
+    page.click('input[type="submit"]')
+    expect(page.locator("#task-console")).to_be_visible()
+
+    # Restart the instance from the instance actions.
+    page.goto(f"{console_url}/admin/tasks/instance/")
+    page.check(f'input[name="_selected_action"][value="{instance.pk}"]')
+    page.select_option('select[name="action"]', "restart_instances")
+    page.click('button[name="index"]')
+    expect(page.locator(".messagelist")).to_contain_text("Restart: 1 done, 0 skipped")
+    task = Task.objects.get(instance=instance, task_type=TaskType.RESTART)
+
+    # Watch its progress bar move on the task list, without a reload.
+    page.goto(f"{console_url}/admin/tasks/task/")
+    page.evaluate("window.__sameDocument = true")
+    seen: list[int] = []
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline and len(set(seen) - {0}) < 2:
+        value = progress_value(page, task.pk)
+        if value is not None and (not seen or seen[-1] != value):
+            seen.append(value)
+        time.sleep(0.2)
+    assert len(set(seen) - {0}) >= 2, f"progress bar values seen: {seen}"
+    assert seen == sorted(seen), f"progress went backwards: {seen}"
+    assert page.evaluate("window.__sameDocument") is True  # updated in place
+    expect(page.locator(f'[data-role="badge"][data-task-id="{task.pk}"]')).to_have_text("Running")
+
+    # Cancel it through the cancel action, giving a reason on the confirmation page.
+    page.check(f'input[name="_selected_action"][value="{task.pk}"]')
+    page.select_option('select[name="action"]', "cancel_selected")
+    page.click('button[name="index"]')
+    expect(page.locator("h1")).to_have_text("Cancel tasks")
+    page.fill('textarea[name="reason"]', REASON)
+    page.click('input[name="_confirm"]')
+    expect(page.locator(".messagelist")).to_contain_text("Cancel: 1 done, 0 skipped")
+    # The worker sees the request within about a second; the badge follows without a reload.
+    page.evaluate("window.__sameDocument = true")
+    expect(page.locator(f'[data-role="badge"][data-task-id="{task.pk}"]')).to_have_text("Cancelled", timeout=10_000)
+    assert page.evaluate("window.__sameDocument") is True
+
+    task.refresh_from_db()
+    assert (task.status, task.error_code, task.cancel_reason) == ("cancelled", "cancelled_by_admin", REASON)
+    assert 0 < task.progress < 100
+    actors = list(task.events.filter(kind="transition").values_list("to_status", "actor"))
+    assert ("cancelling", "admin:root") in actors and actors[-1][0] == "cancelled"
+
+    # The task page shows the reason in its timeline.
+    page.goto(f"{console_url}/admin/tasks/task/{task.pk}/change/")
+    expect(page.locator("#timeline")).to_contain_text(REASON)
+
+    # A screenshot of the dashboard (with some history behind it), kept as a test artifact.
+    seed_history(instance)
+    page.goto(f"{console_url}/admin/tasks/task/dashboard/")
+    expect(page.locator("#tc-status svg")).to_be_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+    assert not workers.errors, workers.errors
