@@ -636,7 +636,7 @@ class DockerDriver:
         if container["State"].get("Running"):
             progress(100, "already running")
             return
-        self._call(cancel, op, self.api.start, container["Id"], mutation=True)
+        self._call(cancel, op, self.api.start, container["Id"], mutation=True, abandon=True)
         state = (self._inspect(container["Id"], op) or {}).get("State", {})
         if not state.get("Running"):
             raise PermanentError(
@@ -682,7 +682,16 @@ class DockerDriver:
                 m.get("Name") or m.get("Source") for m in container.get("Mounts", []) if m.get("Type") == "volume"
             ]
             try:
-                self._call(cancel, op, self.api.remove_container, container["Id"], force=True, v=True, mutation=True)
+                self._call(
+                    cancel,
+                    op,
+                    self.api.remove_container,
+                    container["Id"],
+                    force=True,
+                    v=True,
+                    mutation=True,
+                    abandon=True,
+                )
             except NotFoundError:
                 pass
         if self._inspect(name, op) is not None:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from providers.base import AuthError, PermanentError, PortSpec, RetryableError
+from providers.base import AuthError, CancelToken, PermanentError, PortSpec, RetryableError
 
 logger = logging.getLogger(__name__)
 
@@ -234,13 +234,29 @@ class IptablesNat:
     replaced. Works with iptables-legacy and iptables-nft (the default on PVE 8).
     """
 
-    def __init__(self, shell: HostShell, *, forward_accept: bool = True, save_command: Sequence[str] | None = None):
+    def __init__(
+        self,
+        shell: HostShell,
+        *,
+        forward_accept: bool = True,
+        save_command: Sequence[str] | None = None,
+        cancel: CancelToken | None = None,
+    ):
         self.shell = shell
         self.forward_accept = forward_accept
         self.save_command = list(save_command) if save_command else None
+        self.cancel = cancel
+
+    def _timeout(self, default: float) -> float:
+        """Checks the cancel token between commands; a deadline bounds each command."""
+        if self.cancel is None:
+            return default
+        self.cancel.raise_if_cancelled()
+        remaining = self.cancel.remaining()
+        return default if remaining is None else max(1.0, min(default, remaining))
 
     def _ipt(self, table: str, *args: str, timeout: float = 30) -> str:
-        rc, out, err = self.shell.run(["iptables", "-w", "5", "-t", table, *args], timeout=timeout)
+        rc, out, err = self.shell.run(["iptables", "-w", "5", "-t", table, *args], timeout=self._timeout(timeout))
         if rc != 0:
             message = (err or out).strip()
             if "xtables lock" in message or "Resource temporarily unavailable" in message:
@@ -344,7 +360,7 @@ class IptablesNat:
     def _save(self) -> None:
         if not self.save_command:
             return
-        rc, out, err = self.shell.run(self.save_command, timeout=60)
+        rc, out, err = self.shell.run(self.save_command, timeout=self._timeout(60))
         if rc != 0:
             # The live rules are right; only their persistence across a reboot failed.
             logger.warning("nat: %s failed (rc %s): %s", self.save_command[0], rc, (err or out).strip()[:200])

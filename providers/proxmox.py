@@ -601,6 +601,7 @@ class ProxmoxDriver:
         resolved = self._resolve(ref, op)
         st = self._status(resolved, op, cancel) if resolved else None
         ref = resolved or {**ref, "type": self._kind(spec.instance_type)}
+        self._image(ref["type"], spec.image)  # an unknown image must fail before anything is destroyed
         net0 = None
         start_after = True
         if st is not None:
@@ -633,8 +634,12 @@ class ProxmoxDriver:
             if shell is None:
                 raise UnsupportedError("set_password: containers need connection.ssh (pct exec on the node)", op=op)
             progress(30, "setting the password with pct exec")
+            cancel.raise_if_cancelled()
+            remaining = cancel.remaining()
             rc, out, err = shell.run(
-                ["pct", "exec", str(ref["vmid"]), "--", "chpasswd"], stdin=f"root:{password}\n", timeout=60
+                ["pct", "exec", str(ref["vmid"]), "--", "chpasswd"],
+                stdin=f"root:{password}\n",
+                timeout=60 if remaining is None else max(1.0, min(60, remaining)),
             )
             if rc != 0:
                 message = (err or out).strip()[:500]
@@ -674,7 +679,7 @@ class ProxmoxDriver:
 
     def add_port(self, ref: dict[str, Any], port: PortSpec, cancel: CancelToken, progress: ProgressCallback) -> None:
         op = "add_port"
-        nat = self._nat()
+        nat = self._nat(cancel)
         ref = self._need(ref, op)
         self._need_status(ref, op, cancel)
         ipv4 = [a for a in self._addresses(ref, op) if ":" not in a]
@@ -685,7 +690,7 @@ class ProxmoxDriver:
         progress(100, f"{port.handle} -> {ipv4[0]}")
 
     def remove_port(self, ref: dict[str, Any], port: PortSpec, cancel: CancelToken, progress: ProgressCallback) -> None:
-        self._nat().remove(port.handle)
+        self._nat(cancel).remove(port.handle)
         progress(100, f"{port.handle} removed")
 
     def get_state(self, ref: dict[str, Any]) -> GuestState:
@@ -744,11 +749,14 @@ class ProxmoxDriver:
             self._shell_built = True
         return self._shell
 
-    def _nat(self) -> hostshell.IptablesNat:
+    def _nat(self, cancel: CancelToken | None = None) -> hostshell.IptablesNat:
         shell = self._get_shell()
         if shell is None:
             raise UnsupportedError("port mappings on Proxmox need connection.ssh (iptables on the node)", op="nat")
         nat = self.config.connection.get("nat", {}) or {}
         return hostshell.IptablesNat(
-            shell, forward_accept=bool(nat.get("forward_accept", True)), save_command=nat.get("save_command")
+            shell,
+            forward_accept=bool(nat.get("forward_accept", True)),
+            save_command=nat.get("save_command"),
+            cancel=cancel,
         )

@@ -6,8 +6,8 @@ NDJSON pull progress with in-stream errors under HTTP 200, auto-created named
 volumes, commit, rename, and exec start hijacked with 101 UPGRADED followed by
 a raw multiplexed stream that reads stdin. A container's "filesystem" is a dict
 that commit copies into an image, so tests can see what survives a recreate.
-Knobs: fail the next N calls, pulls that hang or break mid-stream, stops that
-take long or hang, execs that fail.
+Knobs: fail the next N calls, pulls that hang or break mid-stream, container
+actions that take long or hang, execs that hang or fail.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ class FakeDocker:
         self.pull_hang: set[str] = set()
         self.pull_errors: dict[str, str] = {}
         self.stop_delay = 0.0
-        self.stop_hang = False
+        self.hang_actions: set[str] = set()  # container actions (start, stop, restart, remove) that block
+        self.exec_hang = False  # an exec that never finishes (until release)
         self.ignore_stop = False  # the process survives SIGTERM and the daemon's own kill (a stuck one)
         self.busy_host_ports: set[str] = set()  # "tcp/20022": bound by something else on the host
         self._released = threading.Event()
@@ -171,8 +172,9 @@ class FakeDocker:
         m = re.fullmatch(r"/exec/([0-9a-f]+)/start", path)
         if m and request.method == "POST" and not (body or {}).get("Detach"):
             return self._hijack(m.group(1), environ, start_response)
-        if request.method == "POST" and re.fullmatch(r"/containers/[^/]+/(stop|restart)", path):
-            self._slow_stop()
+        m = re.fullmatch(r"/containers/[^/]+(/start|/stop|/restart)?", path)
+        if m and (request.method == "POST" and m.group(1) or request.method == "DELETE" and not m.group(1)):
+            self._slow((m.group(1) or "/remove")[1:])
         with self.lock:
             try:
                 response = self._route(request.method, path, params, body)
@@ -180,10 +182,10 @@ class FakeDocker:
                 response = _json({"message": exc.message}, exc.status)
         return response(environ, start_response)
 
-    def _slow_stop(self) -> None:
-        if self.stop_hang:
+    def _slow(self, action: str) -> None:
+        if action in self.hang_actions:
             self._released.wait(10)
-        elif self.stop_delay:
+        elif self.stop_delay and action in ("stop", "restart"):
             time.sleep(self.stop_delay)
 
     def _route(self, method: str, path: str, q: dict, body: Any) -> Response:
@@ -465,6 +467,8 @@ class FakeDocker:
                     data += chunk
             except OSError:
                 pass
+            if self.exec_hang:
+                self._released.wait(10)
             with self.lock:
                 out, err = self._run_exec(ex, data)
             if out:

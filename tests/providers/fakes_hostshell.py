@@ -7,6 +7,7 @@ from __future__ import annotations
 import shlex
 import socket
 import threading
+import time
 from collections.abc import Sequence
 
 import paramiko
@@ -25,12 +26,15 @@ class FakeHostShell:
         self.stopped_cts: set[str] = set()
         self.fail_next: list[tuple[int, str]] = []  # (rc, stderr) for the next runs
         self.raise_next: list[Exception] = []
+        self.delay = 0.0  # seconds each command takes
         self.lock = threading.Lock()
 
     def run(self, argv: Sequence[str], stdin: bytes | str | None = None, timeout: float = 60) -> tuple[int, str, str]:
         argv = list(argv)
         if isinstance(stdin, bytes):
             stdin = stdin.decode()
+        if self.delay:
+            time.sleep(self.delay)
         with self.lock:
             self.calls.append((argv, stdin))
             if self.raise_next:

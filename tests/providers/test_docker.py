@@ -30,6 +30,7 @@ from providers.base import (
     PermanentError,
     PortSpec,
     ProviderConfig,
+    ProviderError,
     RetryableError,
     UnsupportedError,
     build_driver,
@@ -260,16 +261,45 @@ def test_start_errors(driver, fake):
         driver.start(other, CancelToken(), Progress())
 
 
-@pytest.mark.parametrize("operation", ["stop", "restart"])
+@pytest.mark.parametrize(
+    "operation,running,action",
+    [("start", False, "start"), ("stop", True, "stop"), ("restart", True, "restart"), ("delete", True, "remove")],
+)
 @pytest.mark.parametrize("reason", [CANCEL_USER, CANCEL_TIMEOUT])
-def test_blocking_stop_and_restart_return_promptly_on_cancel(driver, fake, operation, reason):
-    ref = make(driver)
-    fake.stop_hang = True
+def test_blocking_calls_return_promptly_on_cancel(driver, fake, operation, running, action, reason):
+    ref = make(driver, running=running)
+    fake.hang_actions.add(action)  # the daemon sits on the call (and cannot abort it)
     started = time.monotonic()
     with pytest.raises(OperationCancelled) as err:
         getattr(driver, operation)(ref, token(reason), Progress())
     assert err.value.reason == reason
     assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize(
+    "operation,running,method,path,final",
+    [
+        ("start", False, "POST", r"/start$", "running"),
+        # A failed stop call is followed by a kill, so the read before it is what fails here.
+        ("stop", True, "GET", r"/json$", "exited"),
+        ("restart", True, "POST", r"/restart$", "running"),
+    ],
+)
+def test_daemon_hiccup_is_retryable_then_succeeds(driver, fake, operation, running, method, path, final):
+    ref = make(driver, running=running)
+    fake.fail_next(1, 503, "Service Unavailable", method, path)
+    with pytest.raises(ProviderError) as err:
+        getattr(driver, operation)(ref, CancelToken(), Progress())
+    assert err.value.retryable
+    getattr(driver, operation)(ref, CancelToken(), Progress())
+    assert fake.by_name(NAME).status == final
+
+
+def test_failed_stop_call_ends_in_a_kill(driver, fake):
+    ref = make(driver)
+    fake.fail_next(1, 503, "Service Unavailable", "POST", r"/stop$")
+    driver.stop(ref, CancelToken(), Progress())
+    assert fake.by_name(NAME).status == "exited" and fake.calls_to("POST", r"/kill$")
 
 
 def test_stop_timeout_is_bounded_by_the_deadline(driver, fake):
@@ -355,6 +385,16 @@ def test_password_errors(driver, fake):
         driver.set_password(ref, "pw", t, Progress())
 
 
+@pytest.mark.parametrize("reason", [CANCEL_USER, CANCEL_TIMEOUT])
+def test_password_exec_that_hangs_is_abandoned_on_cancel(driver, fake, reason):
+    ref = make(driver)
+    fake.exec_hang = True
+    started = time.monotonic()
+    with pytest.raises(OperationCancelled) as err:
+        driver.set_password(ref, "pw", token(reason), Progress())
+    assert err.value.reason == reason and time.monotonic() - started < 2
+
+
 # ------------------------------------------------------------------ ports
 
 
@@ -415,12 +455,12 @@ def test_port_conflict_restores_the_old_container(driver, fake):
 @pytest.mark.parametrize("reason", [CANCEL_USER, CANCEL_TIMEOUT])
 def test_cancel_mid_port_change_leaves_a_repairable_container(driver, fake, reason):
     ref = make(driver)
-    fake.stop_hang = True
+    fake.hang_actions.add("stop")
     started = time.monotonic()
     with pytest.raises(OperationCancelled):
         driver.add_port(ref, SSH, token(reason), Progress())
     assert time.monotonic() - started < 2
-    fake.stop_hang = False
+    fake.hang_actions.clear()
     fake.release()
     time.sleep(0.1)
     driver.add_port(ref, SSH, CancelToken(), Progress())
@@ -435,6 +475,18 @@ def test_a_crash_mid_swap_is_repaired_by_the_next_operation(driver, fake):
     assert driver.get_state(ref).exists  # still ours while aside
     driver.start(ref, CancelToken(), Progress())
     assert fake.by_name(NAME).id == c.id and c.status == "running"
+
+
+def test_port_change_hiccup_is_retryable_and_restores_the_old_container(driver, fake):
+    ref = make(driver)
+    old_id = fake.by_name(NAME).id
+    fake.fail_next(1, 503, "Service Unavailable", "POST", r"^/containers/create$")
+    with pytest.raises(ProviderError) as err:
+        driver.add_port(ref, SSH, CancelToken(), Progress())
+    assert err.value.retryable
+    assert fake.by_name(NAME).id == old_id and fake.by_name(NAME).status == "running"
+    driver.add_port(ref, SSH, CancelToken(), Progress())
+    assert fake.by_name(NAME).host_config["PortBindings"] and len(fake.containers) == 1
 
 
 def test_port_change_on_a_missing_container(driver):
@@ -474,6 +526,27 @@ def test_rebuild_cancelled_during_the_pull_keeps_the_old_container(driver, fake)
     with pytest.raises(OperationCancelled):
         driver.rebuild(ref, spec(image="ubuntu:24.04"), token(CANCEL_USER), Progress())
     assert fake.by_name(NAME).image == "debian:12" and fake.by_name(NAME).status == "running"
+
+
+def test_rebuild_with_an_unknown_image_changes_nothing(driver, fake):
+    ref = make(driver)
+    old_id = fake.by_name(NAME).id
+    with pytest.raises(PermanentError, match="not found"):
+        driver.rebuild(ref, spec(image="nosuch/image:1"), CancelToken(), Progress())
+    assert fake.by_name(NAME).id == old_id and fake.by_name(NAME).status == "running"
+
+
+def test_rebuild_deadline_while_stopping_restores_on_the_next_call(driver, fake):
+    ref = make(driver)
+    fake.hang_actions.add("stop")
+    with pytest.raises(OperationCancelled) as err:
+        driver.rebuild(ref, spec(), token(CANCEL_TIMEOUT, 0.3), Progress())
+    assert err.value.reason == CANCEL_TIMEOUT
+    fake.hang_actions.clear()
+    fake.release()
+    time.sleep(0.1)
+    driver.rebuild(ref, spec(), CancelToken(), Progress())
+    assert [c.name for c in fake.containers.values()] == [NAME]
 
 
 def test_rebuild_retryable_then_success(driver, fake):

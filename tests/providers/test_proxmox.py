@@ -524,6 +524,18 @@ def test_vm_password_without_agent_reboots(driver, pve):
     assert pve.calls_to("POST", "qemu/100/status/reboot")
 
 
+@pytest.mark.parametrize("reason", [CANCEL_USER, CANCEL_TIMEOUT])
+def test_vm_password_reboot_cancelled_stops_the_task(driver, pve, reason):
+    ref = make_guest(driver, kind="vm")
+    pve.agent_running = False
+    pve.hang_tasks.add("qmreboot")
+    token = cancel_after(0.2) if reason == CANCEL_USER else CancelToken(deadline=time.monotonic() + 0.2)
+    with pytest.raises(OperationCancelled) as err:
+        driver.set_password(ref, "pw", token, Progress())
+    assert err.value.reason == reason
+    assert [t.exitstatus for t in pve.tasks.values() if t.kind == "qmreboot"] == ["received interrupt"]
+
+
 def test_stopped_vm_password_applies_at_next_start(driver, pve):
     ref = make_guest(driver, kind="vm", running=False)
     progress = Progress()
@@ -626,6 +638,18 @@ def test_port_errors(pve, ca, shell):
         driver.add_port(ref, PortSpec("tcp", 20023, 20023, 23, 23), token, Progress())
 
 
+@pytest.mark.parametrize("reason", [CANCEL_USER, CANCEL_TIMEOUT])
+def test_add_port_stops_between_host_commands_on_cancel(driver, shell, reason):
+    ref = make_guest(driver)
+    shell.delay = 0.15
+    token = cancel_after(0.2) if reason == CANCEL_USER else CancelToken(deadline=time.monotonic() + 0.2)
+    started = time.monotonic()
+    with pytest.raises(OperationCancelled) as err:
+        driver.add_port(ref, PortSpec("tcp", 20022, 20022, 22, 22), token, Progress())
+    assert err.value.reason == reason and time.monotonic() - started < 1
+    assert len(shell.calls) < 4  # listing, maybe one rule; not the whole set
+
+
 def test_static_address_from_config_when_the_guest_cannot_report_one(pve, ca, shell):
     driver = ProxmoxDriver(config(pve, ca, lxc_ip="192.168.50.7/24,gw=192.168.50.1"), shell=shell)
     ref = make_guest(driver, running=False)
@@ -672,6 +696,23 @@ def test_rebuild_cancelled_while_recreating(driver, pve):
     with pytest.raises(OperationCancelled):
         driver.rebuild(ref, spec(), cancel_after(0.3), Progress())
     assert any(t.kind == "vzcreate" and t.exitstatus == "received interrupt" for t in pve.tasks.values())
+
+
+def test_rebuild_with_an_unmapped_image_destroys_nothing(driver, pve):
+    ref = make_guest(driver)
+    with pytest.raises(PermanentError, match="no lxc template"):
+        driver.rebuild(ref, spec(image="arch/latest"), CancelToken(), Progress())
+    assert pve.guests[100].status == "running" and not pve.calls_to("DELETE", r".")
+
+
+def test_rebuild_deadline_while_destroying(driver, pve):
+    ref = make_guest(driver)
+    pve.hang_tasks.add("vzstop")
+    with pytest.raises(OperationCancelled) as err:
+        driver.rebuild(ref, spec(), CancelToken(deadline=time.monotonic() + 0.2), Progress())
+    assert err.value.reason == CANCEL_TIMEOUT
+    pve.hang_tasks.clear()
+    assert driver.rebuild(ref, spec(), CancelToken(), Progress()) == ref
 
 
 def test_rebuild_lock_is_retryable(driver, pve):
