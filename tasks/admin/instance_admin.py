@@ -29,7 +29,7 @@ from tasks.admin.common import (
     run_bulk,
     status_badge,
 )
-from tasks.admin.task_admin import search_by_identity
+from tasks.admin.lists import moment_field, search_by_identity
 from tasks.models import Instance, PortMapping, Task
 from tasks.states import TaskType
 
@@ -109,9 +109,9 @@ class InstanceAdmin(admin.ModelAdmin):
         "recent_tasks",
         "needs_reconcile",
         "holds_resources",
-        "created_at",
-        "updated_at",
-        "deleted_at",
+        "created_time",
+        "updated_time",
+        "deleted_time",
     )
     fieldsets = (
         (None, {"fields": ("uuid", "name", "owner", "provider", "instance_type", "image", "status_col")}),
@@ -119,8 +119,12 @@ class InstanceAdmin(admin.ModelAdmin):
         ("Network", {"fields": ("addresses", "ssh_port")}),
         ("Provider", {"fields": ("guest_name", "provider_ref", "needs_reconcile")}),
         ("Tasks", {"fields": ("active_task_detail", "recent_tasks")}),
-        ("Dates", {"fields": ("created_at", "updated_at", "deleted_at")}),
+        ("Dates", {"fields": ("created_time", "updated_time", "deleted_time")}),
     )
+
+    created_time = moment_field("created_at", "created")
+    updated_time = moment_field("updated_at", "updated")
+    deleted_time = moment_field("deleted_at", "deleted")
 
     class Media:
         css = {"all": STYLES}

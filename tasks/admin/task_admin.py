@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid as uuid_lib
 
 from django.contrib import admin
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import path, reverse
 from django.utils import timezone
@@ -29,57 +28,20 @@ from tasks.admin.common import (
     admin_link,
     age,
     confirm_action,
-    exact_time,
     human_duration,
     progress_bar,
     redact,
     run_bulk,
     status_badge,
 )
+from tasks.admin.lists import KnownCountPaginator, StateGroupFilter, moment_field, search_by_identity
 from tasks.admin.permissions import FORCE_STOP_PERMISSION
 from tasks.models import Task, TaskEvent
-from tasks.states import ACTIVE, CANCELLABLE, EXECUTING, FAILED, FINAL, PENDING, TIMEOUT
+from tasks.states import CANCELLABLE, EXECUTING, FINAL, PENDING
 
 logger = logging.getLogger(__name__)
 
 TIMELINE_LIMIT = 500
-
-
-def search_by_identity(term: str) -> Q | None:
-    """A task/instance id ("42" or "#42") or a uuid (with or without dashes), exactly."""
-    term = term.strip()
-    if term.lstrip("#").isdigit():
-        return Q(pk=int(term.lstrip("#")))
-    try:
-        return Q(uuid=uuid_lib.UUID(term))
-    except ValueError:
-        return None
-
-
-def _moment(field: str, description: str):
-    @admin.display(description=description, ordering=field)
-    def show(self, task: Task) -> str:
-        return exact_time(getattr(task, field))
-
-    return show
-
-
-class StateGroupFilter(admin.SimpleListFilter):
-    title = "state group"
-    parameter_name = "state"
-
-    GROUPS = {
-        "active": ("Active (pending, running, cancelling)", ACTIVE),
-        "finished": ("Finished", FINAL),
-        "problem": ("Failed or timed out", frozenset({FAILED, TIMEOUT})),
-    }
-
-    def lookups(self, request, model_admin):
-        return [(key, label) for key, (label, _) in self.GROUPS.items()]
-
-    def queryset(self, request, queryset):
-        group = self.GROUPS.get(self.value() or "")
-        return queryset.filter(status__in=group[1]) if group else queryset
 
 
 @admin.register(Task)
@@ -239,12 +201,12 @@ class TaskAdmin(admin.ModelAdmin):
 
     # ------------------------------------------------------------ detail fields
 
-    created_time = _moment("created_at", "created")
-    admitted_time = _moment("admitted_at", "admitted")
-    started_time = _moment("started_at", "started")
-    completed_time = _moment("completed_at", "completed")
-    heartbeat_time = _moment("heartbeat_at", "last heartbeat")
-    lease_expires_time = _moment("lease_expires_at", "lease expires")
+    created_time = moment_field("created_at", "created")
+    admitted_time = moment_field("admitted_at", "admitted")
+    started_time = moment_field("started_at", "started")
+    completed_time = moment_field("completed_at", "completed")
+    heartbeat_time = moment_field("heartbeat_at", "last heartbeat")
+    lease_expires_time = moment_field("lease_expires_at", "lease expires")
 
     @admin.display(description="status")
     def status_detail(self, task: Task):
@@ -302,6 +264,45 @@ class TaskAdmin(admin.ModelAdmin):
         return format_html(
             '<pre class="tc-json">{}</pre>', json.dumps(redact(task.task_data), indent=2, sort_keys=True, default=str)
         )
+
+    # ------------------------------------------------------------ counting
+
+    # List parameters under which the page's count is a sum of tasks.stats'
+    # aggregate (by status and type) instead of a COUNT(*) over the table.
+    COUNTABLE_PARAMS = frozenset({"status__exact", "task_type__exact", "state", "p", "o"})
+
+    def get_paginator(self, request, queryset, per_page, orphans=0, allow_empty_first_page=True):
+        return KnownCountPaginator(
+            queryset, per_page, orphans, allow_empty_first_page, known_count=self._aggregate_count(request)
+        )
+
+    def _aggregate_count(self, request: HttpRequest) -> int | None:
+        """The result count from tasks.stats.count_tasks, or None to let the database count.
+
+        COUNT(*) of a million-row table (or of its 900,000 completed tasks) takes about a
+        second on MariaDB at every page view; the stats aggregate answers in milliseconds,
+        exactly. Only for plain status/type/state filters; search, dates, providers and
+        instance types are counted by the database. None on small tables, too.
+        """
+        params = request.GET
+        if not set(params) <= self.COUNTABLE_PARAMS:
+            return None
+        statuses: set[str] | None = None
+        if "status__exact" in params:
+            statuses = {params["status__exact"]}
+        if "state" in params:
+            group = StateGroupFilter.GROUPS.get(params["state"])
+            if group is None:
+                return None
+            statuses = set(group[1]) if statuses is None else statuses & group[1]
+            if not statuses:
+                return 0
+        types = [params["task_type__exact"]] if "task_type__exact" in params else None
+        try:
+            from tasks.stats import count_tasks
+        except ImportError:
+            return None
+        return count_tasks(sorted(statuses) if statuses is not None else None, types)
 
     # ------------------------------------------------------------ search
 

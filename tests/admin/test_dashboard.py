@@ -154,3 +154,24 @@ def test_progress_json_is_staff_only(client, alice, running_instance):
     staff = get_user_model().objects.create_user("nobody", password="nobody-pass-123", is_staff=True)
     client.force_login(staff)
     assert client.get(PROGRESS, {"ids": task.pk}).status_code == 403  # staff, but may not view tasks
+
+
+def test_dashboard_agrees_with_the_stats_api_and_has_a_fallback(
+    root_client, alice, provider, make_instance, monkeypatch
+):
+    from tasks.stats import task_stats
+
+    for status in ("completed", "completed", "failed"):
+        finished(make_instance(alice, provider), status, timezone.now() - timedelta(minutes=1), seconds=8)
+    make_task(make_instance(alice, provider), status="running")
+    response = root_client.get(DASHBOARD)
+    assert response.context["from_stats_api"] is True
+    assert response.context["counts"] == task_stats()["by_status"]
+    assert response.context["error_rate_1h"] == 33.3 and response.context["utilization"] == 100.0
+    # Without tasks.stats (or when it fails) the dashboard computes the same figures itself.
+    monkeypatch.setattr(admin_views, "external_stats", lambda now=None: None)
+    fallback = root_client.get(DASHBOARD)
+    assert fallback.context["from_stats_api"] is False
+    assert fallback.context["counts"] == response.context["counts"]
+    assert fallback.context["error_rate_1h"] == 33.3
+    assert "<th>max</th>" in fallback.content.decode()

@@ -315,3 +315,31 @@ def test_non_staff_cannot_reach_the_console(client, alice, running_instance):
     response = confirm_action(client, "task", "cancel_selected", [task.pk], reason="mine")
     task.refresh_from_db()
     assert task.status == "pending"
+
+
+# ------------------------------------------------------------------------ counting at scale
+
+
+@pytest.mark.parametrize(
+    ("query", "expected", "aggregated"),
+    [
+        ({}, 4, True),
+        ({"status__exact": "running"}, 1, True),
+        ({"state": "finished"}, 2, True),
+        ({"state": "active", "task_type__exact": "start"}, 1, True),
+        ({"state": "problem", "status__exact": "running"}, 0, False),  # known empty
+        ({"q": "bob"}, 2, False),  # search: counted by the database
+    ],
+)
+def test_list_counts_from_the_stats_aggregate(
+    root_client, tasks_on_two_providers, monkeypatch, query, expected, aggregated
+):
+    from tasks import stats
+
+    monkeypatch.setattr(stats, "SMALL_TABLE", 0)  # as if the table had a million rows
+    calls = []
+    real = stats.count_tasks
+    monkeypatch.setattr(stats, "count_tasks", lambda *a: calls.append(a) or real(*a))
+    response = root_client.get(changelist("task"), query)
+    assert response.context["cl"].result_count == expected == len(response.context["cl"].result_list)
+    assert bool(calls) == aggregated
