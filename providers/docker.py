@@ -523,16 +523,21 @@ class DockerDriver:
         if was_running:
             progress(20, "stopping the container")
             self._stop(name, cancel, self.swap_stop_timeout, op)
-        if commit:
-            progress(35, "saving the container's filesystem")
-            self._call(
-                cancel, op, self.api.commit, old["Id"], repository=f"{STATE_REPO}/{name}", tag="current", mutation=True
-            )
-            new_config["Image"] = f"{STATE_REPO}/{name}:current"
-        cancel.raise_if_cancelled()
-        aside = self._swap_name(name, was_running)
-        self._call(cancel, op, self.api.rename, old["Id"], aside, mutation=True)
         try:
+            if commit:
+                progress(35, "saving the container's filesystem")
+                self._call(
+                    cancel,
+                    op,
+                    self.api.commit,
+                    old["Id"],
+                    repository=f"{STATE_REPO}/{name}",
+                    tag="current",
+                    mutation=True,
+                )
+                new_config["Image"] = f"{STATE_REPO}/{name}:current"
+            cancel.raise_if_cancelled()
+            self._call(cancel, op, self.api.rename, old["Id"], self._swap_name(name, was_running), mutation=True)
             progress(55, "creating the new container")
             created = self._call(
                 None, op, self.api.create_container_from_config, new_config, name, mutation=True, creating=True
@@ -545,7 +550,9 @@ class DockerDriver:
                 "docker %s: swap of %s failed (%s); restoring the old container", self.config.name, name, exc
             )
             try:
-                self._recover_swap(name, op)
+                self._recover_swap(name, op)  # renamed aside: back under its name, started if it ran
+                if was_running and not (self._inspect(name, op) or {}).get("State", {}).get("Running"):
+                    self._call(None, op, self.api.start, old["Id"], mutation=True)
             except ProviderError as undo:
                 logger.error("docker %s: could not restore %s: %s", self.config.name, name, undo)
             raise

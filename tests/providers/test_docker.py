@@ -554,6 +554,7 @@ def test_rebuild_retryable_then_success(driver, fake):
     fake.fail_next(1, 502, "Bad Gateway", "POST", r"/rename$")
     with pytest.raises(AmbiguousOutcome):
         driver.rebuild(ref, spec(), CancelToken(), Progress())
+    assert fake.by_name(NAME).status == "running"  # not left down by the failed attempt
     driver.rebuild(ref, spec(), CancelToken(), Progress())
     assert [c.name for c in fake.containers.values()] == [NAME]
 
