@@ -14,6 +14,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,8 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 _initialised: set[str] = set()
+_local = threading.local()
+_MAX_CONNECTIONS = 4
 _init_lock = threading.Lock()
 
 
@@ -115,14 +118,25 @@ class SimulatedStore:
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        try:
+        # One connection per thread and file, kept open: closing the last
+        # connection of a WAL database checkpoints and syncs it, which made every
+        # call cost a disk flush. A few files per thread at most (tests make many).
+        cache: OrderedDict[str, sqlite3.Connection] | None = getattr(_local, "connections", None)
+        if cache is None or getattr(_local, "pid", None) != os.getpid():  # a forked child opens its own
+            cache = _local.connections = OrderedDict()
+            _local.pid = os.getpid()
+        key = str(self.path)
+        db = cache.pop(key, None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
             db.execute("PRAGMA busy_timeout=30000")
             db.execute("PRAGMA synchronous=NORMAL")
-            yield db
-        finally:
-            db.close()
+        cache[key] = db
+        while len(cache) > _MAX_CONNECTIONS:
+            _, old = cache.popitem(last=False)
+            old.close()
+        yield db
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -134,7 +148,13 @@ class SimulatedStore:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
+            try:
+                db.execute("COMMIT")
+            except BaseException:
+                # The cached connection must not stay inside a failed transaction.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
     # --- reads (tests and the driver) ---
 
