@@ -12,7 +12,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
 
-from tasks.admin.common import SCRIPTS, STYLES, admin_link, age, status_badge
+from tasks.admin.common import SCRIPTS, STYLES, BulkResult, admin_link, age, status_badge
 from tasks.models import TaskEvent, UserQuota, Worker
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,10 @@ class UserQuotaAdmin(admin.ModelAdmin):
     @admin.display(description="disk (MB)")
     def disk(self, q: UserQuota) -> str:
         return f"{q.used_disk_mb} / {q.max_disk_mb}"
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        # The row carries the user's live usage; a new one would start from zero.
+        return False
 
     def save_model(self, request: HttpRequest, obj: UserQuota, form: forms.ModelForm, change: bool) -> None:
         if not change:
@@ -97,6 +101,7 @@ class WorkerAdmin(admin.ModelAdmin):
     search_fields = ("name", "node", "host", "queue")
     list_select_related = ("current_task",)
     ordering = ("-last_heartbeat",)
+    actions = ("delete_stale",)
 
     class Media:
         css = {"all": STYLES}
@@ -130,6 +135,22 @@ class WorkerAdmin(admin.ModelAdmin):
         if obj is not None and obj.last_heartbeat >= worker_alive_cutoff():
             return False
         return super().has_delete_permission(request, obj)
+
+    def get_actions(self, request: HttpRequest):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # it would delete live workers' rows too
+        return actions
+
+    @admin.action(description="Delete selected stale worker rows", permissions=["delete"])
+    def delete_stale(self, request: HttpRequest, queryset) -> None:
+        result = BulkResult("Delete")
+        for worker in queryset.order_by("name"):
+            # Guarded: a worker that beat meanwhile is alive and keeps its row.
+            if Worker.objects.filter(pk=worker.pk, last_heartbeat__lt=worker_alive_cutoff()).delete()[0]:
+                result.done.append(worker.name)
+            else:
+                result.skipped.append((worker.name, "alive (recent heartbeat)"))
+        result.report(self, request)
 
 
 @admin.register(TaskEvent)
