@@ -140,3 +140,25 @@ def test_force_stopped_create_is_settled_by_reconciliation(alice, provider, inte
     instance = fresh(instance)
     assert instance.status == "failed" and usage(instance) == (0, 0, 0, 0)
     assert set(port_statuses(instance)) == {"deleted"}
+
+
+def test_create_beyond_quota_or_capacity_is_refused_before_anything_runs(alice, bob, provider):
+    from tasks.errors import CapacityExceeded, QuotaExceeded
+    from tasks.models import Task
+
+    provider.max_containers = 1
+    provider.save()
+    services.create_instance(alice, provider=provider, image="debian/12")
+    with pytest.raises(CapacityExceeded) as err:
+        services.create_instance(bob, provider=provider, image="debian/12")
+    assert (err.value.code, err.value.http_status, err.value.extra["resource"]) == (
+        "capacity_exceeded",
+        409,
+        "containers",
+    )
+    with pytest.raises(QuotaExceeded) as err:
+        services.create_instance(bob, provider=provider, image="debian/12", instance_type="vm", cpu=999)
+    assert err.value.code == "quota_exceeded"
+    assert Task.objects.count() == 1
+    run(provider)
+    assert store(provider).guests()[0]["cpu"] == 1 and len(store(provider).guests()) == 1
