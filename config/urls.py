@@ -1,5 +1,6 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.contrib.staticfiles.views import serve as serve_static
+from django.urls import include, path, re_path
 
 from tasks.api.views import healthz, metrics_view
 
@@ -8,6 +9,9 @@ urlpatterns = [
     path("api/v1/", include("tasks.api.urls")),
     path("healthz", healthz, name="healthz"),
     path("metrics", metrics_view, name="metrics"),
+    # Static files (admin styles, the API docs' Swagger UI and Redoc) from the apps'
+    # directories: the panel runs under gunicorn with no separate web server in front.
+    re_path(r"^static/(?P<path>.*)$", serve_static, {"insecure": True}),
 ]
 
 # JSON 404/500 under /api/ (Django's pages elsewhere).

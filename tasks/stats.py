@@ -25,8 +25,9 @@ purge of the oldest tasks moves, and the base is rebuilt at the next hour in any
 case. Tables below SMALL_TABLE rows are simply counted in one query.
 
 Durations (avg, p50, p95 per type) use a bounded recent window: completed tasks
-finished in the last DURATION_WINDOW (24 h), at most DURATION_SAMPLE (1000) of
-the most recent per type. Percentiles are nearest-rank over that sample.
+finished in the last DURATION_WINDOW (24 h), at most DURATION_SAMPLE (200) of
+the most recent per type (each sample costs a row lookup: 9 types x 200 keeps the
+stats call well under 100 ms at 1M rows). Percentiles are nearest-rank over that sample.
 
 worker_utilization = tasks holding a provider slot (running or cancelling) /
 the sum of the concurrency limits of enabled providers: the share of the
@@ -56,7 +57,7 @@ BASE_PERIOD_SECONDS = 3600
 BASE_MARGIN_SECONDS = 300
 SMALL_TABLE = 20_000
 DURATION_WINDOW = timedelta(hours=24)
-DURATION_SAMPLE = 1000
+DURATION_SAMPLE = 200
 # Upper bounds (seconds) of the duration histogram buckets; the last bucket is +Inf.
 HISTOGRAM_BUCKETS: tuple[float, ...] = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 NO_BUCKET = -1
@@ -146,6 +147,27 @@ def task_counts(now: datetime | None = None) -> Counts:
     live = _aggregate(Task.objects.filter(Q(completed_at__isnull=True) | Q(completed_at__gte=boundary), id__lte=max_id))
     new = _aggregate(Task.objects.filter(id__gt=max_id)) if hi > max_id else {}
     return _merge(base["counts"], live, new)
+
+
+def count_tasks(statuses: list[str] | None = None, task_types: list[str] | None = None) -> int | None:
+    """Exact number of tasks with these states and types, from the aggregate; None on a small table.
+
+    For the admin list: counting 900,000 "completed" rows with COUNT(*) takes a
+    second on MariaDB, the aggregate a few milliseconds. On a small table a plain
+    COUNT is cheaper than the aggregate, so the caller counts (None).
+    """
+    bounds = Task.objects.aggregate(lo=Min("id"), hi=Max("id"))
+    if bounds["hi"] is None:
+        return 0
+    if bounds["hi"] - bounds["lo"] + 1 < SMALL_TABLE:
+        return None
+    wanted_status = set(statuses) if statuses else None
+    wanted_type = set(task_types) if task_types else None
+    return sum(
+        int(n)
+        for (status, task_type, _p, _c, _b), (n, _s) in task_counts().items()
+        if (wanted_status is None or status in wanted_status) and (wanted_type is None or task_type in wanted_type)
+    )
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:

@@ -70,7 +70,9 @@ def validation_body(data) -> dict:
 
 def exception_handler(exc, context):
     if isinstance(exc, ServiceError):
-        return Response(exc.as_dict(), status=exc.http_status)
+        # Some services pass field=None when no single input is at fault: leave it out.
+        body = {key: value for key, value in exc.as_dict().items() if not (key == "field" and value is None)}
+        return Response(body, status=exc.http_status)
     if isinstance(exc, DataError):
         view = context.get("view")
         logger.warning("%s: input the database refused: %s", type(view).__name__, exc)

@@ -7,6 +7,7 @@ past the last one stays DRF's 404.
 
 from __future__ import annotations
 
+from django.core.paginator import Paginator
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import PageNumberPagination as _Base
 
@@ -34,6 +35,17 @@ class PageNumberPagination(_Base):
     max_page_size = 100
     page_query_description = "page number, from 1"
     page_size_query_description = "results per page (default 20, at most 100: larger values are capped)"
+
+    def paginate_queryset(self, queryset, request, view=None, count: int | None = None):
+        """``count``: the number of rows when the caller knows it cheaper than COUNT(*)."""
+        self._known_count = count
+        return super().paginate_queryset(queryset, request, view)
+
+    def django_paginator_class(self, object_list, per_page) -> Paginator:
+        paginator = Paginator(object_list, per_page)
+        if getattr(self, "_known_count", None) is not None:
+            paginator.count = self._known_count  # overrides the cached_property
+        return paginator
 
     def get_page_size(self, request) -> int:
         return _positive(request.query_params, self.page_size_query_param, self.max_page_size) or self.page_size

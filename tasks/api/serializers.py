@@ -77,6 +77,10 @@ class TaskSerializer(serializers.ModelSerializer):
     user = UserRefSerializer(source="owner", read_only=True)
     initiator = serializers.SerializerMethodField()
     timeout_seconds = serializers.IntegerField(source="effective_timeout", read_only=True)
+    error_code = serializers.CharField(
+        read_only=True,
+        help_text="machine-readable reason of a failure or cancel (tasks.states.ErrorCode); empty if none",
+    )
     remaining_seconds = serializers.SerializerMethodField()
     can_cancel = serializers.SerializerMethodField()
     queue_position = serializers.SerializerMethodField()
@@ -128,7 +132,7 @@ class TaskSerializer(serializers.ModelSerializer):
         # Users learn that staff acted on their instance, not who.
         return {"id": None, "username": "staff"}
 
-    @extend_schema_field(OpenApiTypes.INT)
+    @extend_schema_field(serializers.IntegerField(allow_null=True, min_value=0))
     def get_remaining_seconds(self, task: Task) -> int | None:
         if task.status != RUNNING or task.started_at is None:
             return None
@@ -520,6 +524,15 @@ class ErrorSerializer(serializers.Serializer):
     errors = serializers.JSONField(required=False, help_text="all validation errors by field (400)")
     active_task = serializers.IntegerField(required=False, allow_null=True, help_text="the task in the way (409)")
     status = serializers.CharField(required=False, help_text="the current state that forbids it (409)")
+
+
+class TokenRequestSerializer(serializers.Serializer):
+    username = serializers.CharField()
+    password = serializers.CharField(style={"input_type": "password"})
+
+
+class TokenSerializer(serializers.Serializer):
+    token = serializers.CharField()
 
 
 class HealthSerializer(serializers.Serializer):
