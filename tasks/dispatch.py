@@ -193,7 +193,10 @@ def average_duration(provider_id: int) -> float:
     """Mean run time of the provider's last 50 completed tasks (seconds); 30 s when unknown."""
     recent = (
         Task.objects.filter(provider_id=provider_id, status=COMPLETED, started_at__isnull=False)
-        .order_by("-completed_at")
+        # Newest by creation, not by completion: (provider, status, created_at, id) is an
+        # index, so this reads 50 rows instead of sorting all of the provider's completed
+        # tasks (~100 ms per provider at a million rows).
+        .order_by("-created_at", "-id")
         .values_list("id", flat=True)[:50]
     )
     ids = list(recent)
