@@ -67,6 +67,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI and Redoc served locally (no CDN)
     "django_q",
     "tasks",
 ]
@@ -143,8 +144,19 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Cloud-host task system API",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {
+        "TaskStatusEnum": "tasks.states.TaskStatus",
+        "InstanceStatusEnum": "tasks.states.InstanceStatus",
+        "PortMappingStatusEnum": "tasks.models.PortMapping.STATUS_CHOICES",
+    },
     "COMPONENT_SPLIT_REQUEST": True,
 }
+
+# Bearer token /metrics requires (empty: open, e.g. behind a private network).
+METRICS_TOKEN = env_str("METRICS_TOKEN")
 
 # --- task system ------------------------------------------------------------------
 # Lease: a running task's worker renews it every TASK_HEARTBEAT_SECONDS; recovery
