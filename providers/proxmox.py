@@ -66,7 +66,7 @@ class _RedactSecrets(logging.Filter):
     """proxmoxer logs request bodies at INFO ("PUT <url> {'cipassword': ...}"): if an
     operator turns that logger up, passwords must still not reach the log."""
 
-    PATTERN = re.compile(r"('(?:ci)?password'\s*:\s*)'(?:[^'\\]|\\.)*'")
+    PATTERN = re.compile(r"""('(?:ci)?password'\s*:\s*)(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and "password" in record.msg:
