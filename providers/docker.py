@@ -209,7 +209,8 @@ class DockerDriver:
         self.poll_interval = float(conn.get("poll_interval", 0.2))
         self._pem = PemFiles("cloudhost-docker-")
         self.api = self._connect(conn, config.secrets)
-        weakref.finalize(self, self._pem.cleanup)
+        self._closers: list = [self._pem.cleanup]
+        weakref.finalize(self, hostshell.close_all, self._closers)
 
     def _connect(self, conn: dict, secrets: dict):
         import docker
@@ -578,7 +579,14 @@ class DockerDriver:
         """The Docker host's shell (connection.ssh, optional), for host-side work such as traffic counters."""
         if not hasattr(self, "_shell"):
             self._shell = hostshell.from_config(self.config.connection, self.config.secrets)
+            if self._shell is not None and hasattr(self._shell, "close"):
+                self._closers.append(self._shell.close)
         return self._shell
+
+    def close(self) -> None:
+        """Release connections and temporary files (also done when the driver is collected)."""
+        hostshell.close_all(self._closers)
+        self.api.close()
 
     # -- Driver protocol
 

@@ -185,6 +185,16 @@ class ParamikoHostShell:
         return rc, out.decode(errors="replace"), err.decode(errors="replace")
 
 
+def close_all(closers: list) -> None:
+    """Run and forget each close callable (a driver's finalizer); one failing does not stop the rest."""
+    while closers:
+        close = closers.pop()
+        try:
+            close()
+        except Exception:
+            logger.debug("closing %r failed", close, exc_info=True)
+
+
 def from_config(connection: dict[str, Any], secrets: dict[str, Any]) -> HostShell | None:
     """The host channel described by ``connection["ssh"]``, or None when none is configured."""
     ssh = connection.get("ssh")

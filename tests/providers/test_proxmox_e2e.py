@@ -106,3 +106,19 @@ def test_check_provider_names_a_wrong_token(node):
     provider.save()
     with pytest.raises(CommandError, match="authentication refused"):
         call_command("check_provider", str(provider.pk), stdout=io.StringIO())
+
+
+def test_the_nodes_ssh_connection_is_closed_with_the_driver(node):
+    import gc
+
+    from providers.base import build_driver
+    from tasks.worker import provider_config
+
+    provider, pve, host = node
+    driver = build_driver(provider_config(provider))
+    shell = driver.host_channel()
+    assert shell.run(["iptables", "-t", "nat", "-S", "PREROUTING"])[0] == 0
+    assert shell._client is not None
+    del driver
+    gc.collect()
+    assert shell._client is None  # a worker runs many tasks: no connection may pile up
