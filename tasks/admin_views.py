@@ -70,7 +70,8 @@ def progress_json(request: HttpRequest) -> JsonResponse:
         return JsonResponse({"code": "forbidden", "detail": "staff with task view permission only"}, status=403)
     raw = request.GET.get("ids", "")
     parts = [p for p in raw.split(",") if p.strip()]
-    if not parts or not all(p.strip().isdigit() for p in parts):
+    # Ids are positive 64-bit integers; anything else is bad input, not a database error.
+    if not parts or not all(p.strip().isdigit() and 0 < int(p) < 2**63 for p in parts):
         return JsonResponse(
             {"code": "invalid", "field": "ids", "detail": "ids: a comma-separated list of task ids"}, status=400
         )

@@ -160,7 +160,10 @@ def workers(console_url, provider_row):
 def browser_page(threaded_db, monkeypatch):
     sync_api = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (scripts/setup browser installs Debian's)")
+        message = f"no Chromium at {CHROMIUM} (scripts/setup browser installs Debian's)"
+        if os.environ.get("REQUIRE_BROWSER"):  # CI: a missing browser is a failure, not a skip
+            pytest.fail(message)
+        pytest.skip(message)
     # Playwright's sync API runs an event loop in this thread; the test's own ORM
     # calls are synchronous and safe here.
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")

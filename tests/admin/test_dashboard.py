@@ -139,7 +139,7 @@ def test_progress_json(root_client, running_instance):
     assert data[str(b.pk)]["final"] is True and "99999" not in data
 
 
-@pytest.mark.parametrize("ids", ["", "1,x", "-1", ",".join(str(i) for i in range(1, 202))])
+@pytest.mark.parametrize("ids", ["", "1,x", "-1", "0", "9" * 25, ",".join(str(i) for i in range(1, 202))])
 def test_progress_json_rejects_bad_ids(root_client, ids):
     response = root_client.get(PROGRESS, {"ids": ids})
     assert response.status_code == 400 and json.loads(response.content)["field"] == "ids"
