@@ -13,7 +13,7 @@ from datetime import timedelta
 from django.db import transaction
 from django.utils import timezone
 
-from tasks.models import Instance, Task, TaskEvent, TaskSecret
+from tasks.models import Instance, Task, TaskEvent, TaskSecret, Worker
 from tasks.states import FINAL
 
 logger = logging.getLogger(__name__)
@@ -46,9 +46,11 @@ def purge(
             # A terminal task is never an instance's active task, but be certain.
             keep = set(Instance.objects.filter(active_task_id__in=ids).values_list("active_task_id", flat=True))
             ids = [i for i in ids if i not in keep]
-            TaskEvent.objects.filter(task_id__in=ids).delete()
-            TaskSecret.objects.filter(task_id__in=ids).delete()
-            deleted = Task.objects.filter(pk__in=ids, status__in=FINAL).delete()[1].get("tasks.Task", 0)
+            Worker.objects.filter(current_task_id__in=ids).update(current_task=None)
+            # Plain DELETEs by primary key lists: no ORM collector, short row locks.
+            TaskEvent.objects.filter(task_id__in=ids)._raw_delete(TaskEvent.objects.db)
+            TaskSecret.objects.filter(task_id__in=ids)._raw_delete(TaskSecret.objects.db)
+            deleted = Task.objects.filter(pk__in=ids, status__in=FINAL)._raw_delete(Task.objects.db)
         total += deleted
         logger.info("purge: deleted %d task(s), %d so far", deleted, total)
         if not ids:
