@@ -1,0 +1,237 @@
+"""Port bindings and the container swap of the Docker driver.
+
+Published ports are fixed at create time, so a port change (and a rebuild)
+swaps the container: stop, commit (optionally), rename aside, create the new one,
+start it, remove the old one; a failure or a crash midway is repaired by
+``_recover_swap``. ``ContainerSwap`` is a mixin of DockerDriver (it uses EngineApi).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from providers.base import (
+    AmbiguousOutcome,
+    CancelToken,
+    ConflictError,
+    GuestSpec,
+    PortSpec,
+    ProgressCallback,
+    ProviderError,
+)
+from providers.docker.engine import (
+    LABEL_GENERATION,
+    LABEL_IMAGE,
+    LABEL_NAME,
+    STATE_REPO,
+)
+
+logger = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------ ports
+
+
+def bindings_with(bindings: dict, port: PortSpec) -> dict:
+    out = bindings_without(bindings, port)
+    for i in range(port.host_port_end - port.host_port_start + 1):
+        key = f"{port.guest_port_start + i}/{port.protocol}"
+        out.setdefault(key, []).append(
+            {"HostIp": port.listen_ip or "0.0.0.0", "HostPort": str(port.host_port_start + i)}
+        )
+    return out
+
+
+def bindings_without(bindings: dict, port: PortSpec) -> dict:
+    """Drop every binding of ``port``'s host ports for its protocol (host ports are unique per provider)."""
+    hosts = {str(p) for p in range(port.host_port_start, port.host_port_end + 1)}
+    out: dict[str, list] = {}
+    for key, entries in (bindings or {}).items():
+        keep = [
+            dict(e) for e in entries or [] if not (key.endswith(f"/{port.protocol}") and e.get("HostPort") in hosts)
+        ]
+        if keep:
+            out[key] = keep
+    return out
+
+
+def normal_bindings(bindings: dict | None) -> dict:
+    return {
+        k: sorted((e.get("HostIp") or "", e.get("HostPort") or "") for e in v) for k, v in (bindings or {}).items() if v
+    }
+
+
+def ports_from_bindings(bindings: dict | None) -> list[PortSpec]:
+    """PortSpecs from PortBindings, contiguous single ports merged back into ranges."""
+    singles = []
+    for key, entries in (bindings or {}).items():
+        guest, _, proto = key.partition("/")
+        for entry in entries or []:
+            if entry.get("HostPort"):
+                singles.append((proto or "tcp", entry.get("HostIp") or "0.0.0.0", int(entry["HostPort"]), int(guest)))
+    singles.sort()
+    specs: list[PortSpec] = []
+    for proto, ip, host, guest in singles:
+        last = specs[-1] if specs else None
+        if (
+            last
+            and (last.protocol, last.listen_ip) == (proto, ip)
+            and last.host_port_end + 1 == host
+            and last.guest_port_end + 1 == guest
+        ):
+            last.host_port_end, last.guest_port_end = host, guest
+        else:
+            specs.append(PortSpec(proto, host, host, guest, guest, listen_ip=ip))
+    return specs
+
+
+class ContainerSwap:
+    # -- container settings
+
+    def _volume_name(self, name: str, generation: int) -> str:
+        return f"{name}-data" if generation == 0 else f"{name}-data-{generation}"
+
+    def _container_config(self, spec: GuestSpec, image: str, bindings: dict, generation: int) -> dict[str, Any]:
+        conn = self.config.connection
+        labels = {f"cloudhost.label.{k}": str(v) for k, v in spec.labels.items()}
+        labels.update({LABEL_NAME: spec.name, LABEL_IMAGE: spec.image, LABEL_GENERATION: str(generation)})
+        host = {
+            "NanoCpus": int(spec.cpu) * 1_000_000_000,
+            "Memory": int(spec.memory_mb) * 1024 * 1024,
+            "MemorySwap": int(spec.memory_mb) * 1024 * 1024,  # no swap beyond the memory limit
+            "PortBindings": bindings,
+            "Mounts": [
+                {"Type": "volume", "Source": self._volume_name(spec.name, generation), "Target": self.data_path}
+            ],
+            "RestartPolicy": {"Name": "unless-stopped"},
+            "Init": bool(conn.get("init", True)),
+        }
+        if conn.get("storage_opt_size"):
+            host["StorageOpt"] = {"size": f"{int(spec.disk_mb)}M"}
+        if conn.get("network"):
+            host["NetworkMode"] = conn["network"]
+        config: dict[str, Any] = {
+            "Image": image,
+            "Hostname": spec.name,
+            "Labels": labels,
+            # A distro image's shell stays up with a TTY, like `docker run -dit`.
+            "Tty": True,
+            "OpenStdin": True,
+            "ExposedPorts": {key: {} for key in bindings},
+            "HostConfig": host,
+        }
+        if conn.get("command"):
+            config["Cmd"] = list(conn["command"])
+        return config
+
+    @staticmethod
+    def _config_from(old: dict, image: str, bindings: dict) -> dict[str, Any]:
+        """The old container's settings, with another image and port bindings."""
+        c, h = old.get("Config", {}), old.get("HostConfig", {})
+        keys = (
+            "Hostname",
+            "Env",
+            "Cmd",
+            "Entrypoint",
+            "Labels",
+            "Tty",
+            "OpenStdin",
+            "WorkingDir",
+            "User",
+            "StopSignal",
+        )
+        config = {k: c[k] for k in keys if c.get(k) is not None}
+        config["Image"] = image
+        config["ExposedPorts"] = {key: {} for key in bindings}
+        host_keys = ("NanoCpus", "Memory", "MemorySwap", "Mounts", "RestartPolicy", "StorageOpt", "NetworkMode", "Init")
+        config["HostConfig"] = {k: h[k] for k in host_keys if h.get(k) is not None}
+        config["HostConfig"]["PortBindings"] = bindings
+        return config
+
+    # -- the swap (port change, rebuild)
+
+    def _swap_name(self, name: str, was_running: bool) -> str:
+        return f"{name}-swap-{'running' if was_running else 'stopped'}"
+
+    def _recover_swap(self, name: str, op: str) -> None:
+        """Undo a swap a crash left halfway: the container renamed aside is the truth."""
+        for was_running in (True, False):
+            aside = self._ours(self._inspect(self._swap_name(name, was_running), op), name)
+            if aside is None:
+                continue
+            logger.warning("docker %s: repairing an unfinished swap of %s", self.config.name, name)
+            current = self._inspect(name, op)
+            if current is not None:
+                self._call(None, op, self.api.remove_container, current["Id"], force=True, mutation=True)
+            self._call(None, op, self.api.rename, aside["Id"], name, mutation=True)
+            if was_running:
+                self._call(None, op, self.api.start, name, mutation=True)
+            return
+
+    def _swap(
+        self,
+        old: dict,
+        name: str,
+        new_config: dict,
+        cancel: CancelToken,
+        progress: ProgressCallback,
+        op: str,
+        *,
+        commit: bool,
+        start: bool | None = None,
+    ) -> dict:
+        was_running = bool(old.get("State", {}).get("Running"))
+        start = was_running if start is None else start
+        if was_running:
+            progress(20, "stopping the container")
+            self._stop(name, cancel, self.swap_stop_timeout, op)
+        try:
+            if commit:
+                progress(35, "saving the container's filesystem")
+                self._call(
+                    cancel,
+                    op,
+                    self.api.commit,
+                    old["Id"],
+                    repository=f"{STATE_REPO}/{name}",
+                    tag="current",
+                    mutation=True,
+                )
+                new_config["Image"] = f"{STATE_REPO}/{name}:current"
+            cancel.raise_if_cancelled()
+            self._call(cancel, op, self.api.rename, old["Id"], self._swap_name(name, was_running), mutation=True)
+            progress(55, "creating the new container")
+            created = self._call(
+                None, op, self.api.create_container_from_config, new_config, name, mutation=True, creating=True
+            )
+            if start:
+                progress(70, "starting the new container")
+                self._call(None, op, self.api.start, created["Id"], mutation=True)
+        except BaseException as exc:
+            logger.warning(
+                "docker %s: swap of %s failed (%s); restoring the old container", self.config.name, name, exc
+            )
+            try:
+                self._recover_swap(name, op)  # renamed aside: back under its name, started if it ran
+                if was_running and not (self._inspect(name, op) or {}).get("State", {}).get("Running"):
+                    self._call(None, op, self.api.start, old["Id"], mutation=True)
+            except ProviderError as undo:
+                logger.error("docker %s: could not restore %s: %s", self.config.name, name, undo)
+            raise
+        progress(85, "removing the old container")
+        self._call(None, op, self.api.remove_container, old["Id"], force=True, mutation=True)
+        return created
+
+    def _stop(self, name: str, cancel: CancelToken, timeout: int, op: str) -> None:
+        remaining = cancel.remaining()
+        t = int(max(0, min(timeout, remaining - 1))) if remaining is not None else int(timeout)
+        try:
+            self._call(cancel, op, self.api.stop, name, timeout=t, mutation=True, abandon=True)
+        except AmbiguousOutcome:
+            pass  # read back below
+        state = (self._inspect(name, op) or {}).get("State", {})
+        if state.get("Running"):
+            try:
+                self._call(cancel, op, self.api.kill, name, mutation=True)
+            except ConflictError:
+                pass  # stopped meanwhile

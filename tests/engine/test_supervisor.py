@@ -1,0 +1,67 @@
+"""The supervisor's cluster bookkeeping, without starting processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks import supervisor as sup
+from tasks.models import Provider
+
+
+class FakeProc:
+    def __init__(self):
+        self.pid, self.returncode, self.signals = 4242, None, []
+
+    def poll(self):
+        return self.returncode
+
+    def send_signal(self, sig):
+        self.signals.append(sig)
+
+
+@pytest.fixture
+def spawned(monkeypatch):
+    calls = []
+
+    def fake_spawn(self, queue, workers, provider_id):
+        calls.append((queue, workers))
+        cluster = sup.Cluster(queue=queue, workers=workers, proc=FakeProc(), provider_id=provider_id)
+        self.clusters.setdefault(queue, []).append(cluster)
+        return cluster
+
+    monkeypatch.setattr(sup.Supervisor, "_spawn", fake_spawn)
+    monkeypatch.setattr(sup.dispatch, "redispatch_stale", lambda **kw: [])
+    return calls
+
+
+def test_one_cluster_per_provider_sized_to_its_limit_and_grown_not_restarted(db, spawned):
+    a = Provider.objects.create(name="a")
+    b = Provider.objects.create(name="b", allow_concurrent_tasks=True, max_concurrent_tasks=3)
+    s = sup.Supervisor(maintenance_cluster=False)
+    s.reconcile_clusters()
+    assert sorted(spawned) == sorted([(a.queue_name, 1), (b.queue_name, 3)])
+    Provider.objects.filter(pk=a.pk).update(allow_concurrent_tasks=True, max_concurrent_tasks=4)
+    s.reconcile_clusters()
+    assert spawned[-1] == (a.queue_name, 3), "the missing workers come as an extra cluster"
+    assert not any(c.proc.signals for c in s.clusters[a.queue_name]), "running clusters are left alone"
+    Provider.objects.filter(pk=b.pk).update(enabled=False)
+    s.reconcile_clusters()
+    assert b.queue_name not in s.clusters, "a disabled provider with nothing running is let go"
+
+
+def test_worker_providers_places_queues_on_chosen_machines(db, spawned, settings):
+    a = Provider.objects.create(name="eu-1")
+    Provider.objects.create(name="us-1")
+    c = Provider.objects.create(name="eu-2")
+    settings.WORKER_PROVIDERS = ["eu-1", str(c.pk)]
+    sup.Supervisor(maintenance_cluster=False).reconcile_clusters()
+    assert sorted(q for q, _ in spawned) == sorted([a.queue_name, c.queue_name])
+
+
+def test_a_dead_cluster_is_started_again(db, spawned):
+    p = Provider.objects.create(name="x")
+    s = sup.Supervisor(maintenance_cluster=False)
+    s.reconcile_clusters()
+    s.clusters[p.queue_name][0].proc.returncode = -9
+    s.reconcile_clusters()
+    assert spawned == [(p.queue_name, 1), (p.queue_name, 1)]
