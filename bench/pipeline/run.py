@@ -14,10 +14,7 @@ enqueued) to running, one task at a time on an idle system, 200 samples.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import in_threads, pct, reset_data, setup_django, spawn, stop, wait_all_done  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -41,109 +40,13 @@ def parse() -> argparse.Namespace:
 
 
 ARGS = parse()
-ENV = {
-    "DATABASE_URL": ARGS.database,
-    "Q_BROKER": ARGS.broker,
-    "TASK_EXTRA_OPERATIONS": "bench.pipeline.noop_ops",
-    "LOG_LEVEL": "warning",
-    "Q_POLL_SECONDS": "0.02",
-    "WORKER_NODE": "bench",
-    "DJANGO_SETTINGS_MODULE": "config.settings",
-}
-os.environ.update(ENV)
-
-
-def ensure_database(url: str) -> None:
-    if not url.startswith("mysql"):
-        return
-    import MySQLdb
-
-    from config.env import parse_database_url
-
-    d = parse_database_url(url, ROOT)
-    conn = MySQLdb.connect(host=d["HOST"], user=d["USER"], passwd=d["PASSWORD"], port=int(d["PORT"]))
-    conn.cursor().execute(f"CREATE DATABASE IF NOT EXISTS `{d['NAME']}` CHARACTER SET utf8mb4")
-    conn.close()
-
-
-ensure_database(ARGS.database)
-import django  # noqa: E402
-
-django.setup()
+setup_django(ARGS.database, ARGS.broker, WORKER_NODE="bench")
 
 from django.contrib.auth import get_user_model  # noqa: E402
-from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
-from django_q.models import OrmQ  # noqa: E402
 
 from tasks import services  # noqa: E402
-from tasks.models import Instance, PortMapping, Provider, Task, TaskEvent, TaskSecret, UserQuota, Worker  # noqa: E402
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, int(round(q * len(values) + 0.5)) - 1))]
-
-
-def reset_data():
-    for model in (TaskEvent, TaskSecret, PortMapping):
-        model.objects.all().delete()
-    Instance.objects.update(active_task=None)
-    Worker.objects.all().delete()
-    Task.objects.all().delete()
-    Instance.objects.all().delete()
-    Provider.objects.all().delete()
-    UserQuota.objects.all().delete()
-    OrmQ.objects.all().delete()
-    if ARGS.broker == "redis":
-        import redis
-
-        redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")).flushdb()
-
-
-def spawn(cmd: list[str], **env) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "manage.py"), *cmd],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=open(Path(tempfile.gettempdir()) / "bench-pipeline.log", "ab"),
-    )
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    from tests.engine.harness import kill_node_processes
-
-    kill_node_processes("bench")
-
-
-def in_threads(n: int, items: list, fn) -> None:
-    chunks = [items[i::n] for i in range(n)]
-
-    def run(chunk):
-        for item in chunk:
-            fn(item)
-        connection.close()
-
-    threads = [threading.Thread(target=run, args=(c,)) for c in chunks]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-
-def wait_all_done(ids: list[int], timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while Task.objects.filter(pk__in=ids).exclude(status="completed").exists():
-        if time.monotonic() > deadline:
-            raise SystemExit("pipeline did not finish")
-        time.sleep(0.05)
+from tasks.models import Instance, Provider, Task  # noqa: E402
 
 
 def pipeline(user) -> dict:
@@ -187,7 +90,7 @@ def pipeline(user) -> dict:
             lat.append((task.started_at - task.created_at).total_seconds() * 1000)
             time.sleep(random.uniform(0.02, 0.1))
     finally:
-        stop(tier)
+        stop(tier, "bench")
     return {"tps": tps, "p50": pct(lat, 0.5), "p95": pct(lat, 0.95), "n": len(ids)}
 
 
@@ -231,13 +134,12 @@ def baseline() -> dict:
             time.sleep(random.uniform(0.02, 0.1))
         lat = [(float(b) - float(a)) * 1000 for a, b in (line.split() for line in lines())]
     finally:
-        stop(cluster)
+        stop(cluster, "bench")
         log.unlink(missing_ok=True)
     return {"tps": tps, "p50": pct(lat, 0.5), "p95": pct(lat, 0.95), "n": ARGS.tasks}
 
 
 def main() -> None:
-    call_command("migrate", verbosity=0)
     reset_data()
     user = get_user_model().objects.get_or_create(username="bench")[0]
     ours = pipeline(user)

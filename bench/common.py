@@ -1,0 +1,126 @@
+"""Shared pieces of the benchmarks: environment, data reset, worker processes, percentiles."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def setup_django(database: str, broker: str, **extra: str) -> None:
+    """Configure the environment (inherited by the worker processes) and start Django."""
+    os.environ.update(
+        {
+            "DATABASE_URL": database,
+            "Q_BROKER": broker,
+            "TASK_EXTRA_OPERATIONS": "bench.pipeline.noop_ops",
+            "LOG_LEVEL": "warning",
+            "Q_POLL_SECONDS": "0.02",
+            "DJANGO_SETTINGS_MODULE": "config.settings",
+            **extra,
+        }
+    )
+    ensure_database(database)
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
+def ensure_database(url: str) -> None:
+    if not url.startswith(("mysql", "mariadb")):
+        return
+    import MySQLdb
+
+    from config.env import parse_database_url
+
+    d = parse_database_url(url, ROOT)
+    conn = MySQLdb.connect(host=d["HOST"], user=d["USER"], passwd=d["PASSWORD"], port=int(d["PORT"]))
+    conn.cursor().execute(f"CREATE DATABASE IF NOT EXISTS `{d['NAME']}` CHARACTER SET utf8mb4")
+    conn.close()
+
+
+def reset_data() -> None:
+    from django_q.models import OrmQ
+
+    from tasks.models import Instance, PortMapping, Provider, Task, TaskEvent, TaskSecret, UserQuota, Worker
+
+    for model in (TaskEvent, TaskSecret, PortMapping):
+        model.objects.all().delete()
+    Instance.objects.update(active_task=None)
+    Worker.objects.all().delete()
+    Task.objects.all().delete()
+    Instance.objects.all().delete()
+    Provider.objects.all().delete()
+    UserQuota.objects.all().delete()
+    OrmQ.objects.all().delete()
+    if os.environ.get("Q_BROKER") == "redis":
+        import redis
+
+        redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")).flushdb()
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, int(round(q * len(values) + 0.5)) - 1))]
+
+
+def spawn(cmd: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), *cmd],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=open(Path(tempfile.gettempdir()) / "bench.log", "ab"),
+    )
+
+
+def stop(proc: subprocess.Popen, node: str | None = None) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    if node:
+        from tests.engine.harness import kill_node_processes
+
+        kill_node_processes(node)
+
+
+def in_threads(n: int, items: list, fn) -> None:
+    from django.db import connection
+
+    chunks = [items[i::n] for i in range(n)]
+
+    def run(chunk):
+        for item in chunk:
+            fn(item)
+        connection.close()
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in chunks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def wait_all_done(ids: list[int], timeout: float = 900) -> None:
+    from tasks.models import Task
+
+    deadline = time.monotonic() + timeout
+    while Task.objects.filter(pk__in=ids).exclude(status="completed").exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"tasks did not finish in {timeout} s")
+        time.sleep(0.1)
