@@ -21,12 +21,6 @@ OPERATOR_PERMS = (
 )
 
 
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings):
-    # Every persona is created with a password; the default hasher costs ~0.3 s each.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
 def operator(db):
     user = get_user_model().objects.create_user("operator", "op@example.com", "operator-pass-123", is_staff=True)
