@@ -1,33 +1,35 @@
 """Task statistics for the API, the admin dashboard and /metrics; exact at a million rows.
 
 ``task_stats(now=None) -> dict`` is the whole answer of GET /api/v1/admin/tasks/stats/;
-``task_counts(now=None)`` the aggregate under it (tasks.metrics reads it too).
+``task_counts(now=None)`` the aggregate under it (tasks.metrics reads it too) and
+``count_tasks(statuses, task_types)`` the admin list's count.
 
 How it stays fast on large tables
 ---------------------------------
 Counting every task by (status, type, provider, error code) means reading every
-row: about a second at 1M rows on MariaDB. But a task that finished never
-changes again, and every terminal transition stamps ``completed_at``. So the
-aggregate is split at a boundary B (the last full hour, minus a 5 minute margin
-for clocks that disagree between machines):
+row: one to five seconds at 1M rows on MariaDB. But a finished task never changes
+again, and every terminal transition stamps ``completed_at``. So the aggregate
+is split at a boundary B, which trails the clock by BASE_MARGIN_SECONDS (room
+for clocks that disagree between machines) and moves in BASE_STEP_SECONDS steps:
 
-- base: tasks with ``completed_at < B`` (and id <= the highest id seen when the
-  base was computed). Immutable, so it is computed once per hour and kept in
-  Django's cache (per process with the default local-memory cache).
+- base: tasks with ``completed_at < B`` and id <= M (the highest id when the base
+  was last moved). Immutable, so it is kept per process and, when B moves, moved
+  incrementally: only the tasks that finished in between are read.
 - live: tasks still active (``completed_at IS NULL``) or finished since B, read
   through the (completed_at, task_type, status) index: a few thousand rows.
-- new: tasks inserted after the base was computed (id above its highest id),
-  whatever their completed_at, read through the primary key.
+- new: tasks with id > M that finished before B (inserted back-dated: imports, tests).
 
-Every row is in exactly one part, so the sum is exact. Only deleting old rows
-(a purge) changes the base; the cache key includes the lowest task id, which a
-purge of the oldest tasks moves, and the base is rebuilt at the next hour in any
-case. Tables below SMALL_TABLE rows are simply counted in one query.
+The three parts never overlap and cover the table, so the sum is exact. Only
+deletions (a purge) change the base: a purge of the oldest tasks moves the lowest
+id, which forces a full rebuild, and the base is rebuilt from scratch every
+FULL_REBUILD_SECONDS in any case. Tables below SMALL_TABLE rows are counted in
+one query and nothing is kept.
 
 Durations (avg, p50, p95 per type) use a bounded recent window: completed tasks
 finished in the last DURATION_WINDOW (24 h), at most DURATION_SAMPLE (200) of
-the most recent per type (each sample costs a row lookup: 9 types x 200 keeps the
-stats call well under 100 ms at 1M rows). Percentiles are nearest-rank over that sample.
+the most recent per type. Percentiles are nearest-rank over that sample. The
+base keeps the newest DURATION_SAMPLE durations per type finished before B, so a
+call only reads the durations of tasks finished since B.
 
 worker_utilization = tasks holding a provider slot (running or cancelling) /
 the sum of the concurrency limits of enabled providers: the share of the
@@ -39,13 +41,16 @@ processes are reported beside it under ``workers``.
 
 from __future__ import annotations
 
+import heapq
 import math
+import threading
+import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.core.cache import cache
 from django.db import connection
 from django.db.models import Case, Count, DurationField, F, IntegerField, Max, Min, Q, Sum, Value, When
 from django.utils import timezone
@@ -53,8 +58,9 @@ from django.utils import timezone
 from tasks.models import Provider, Task, Worker
 from tasks.states import ALL_STATES, CANCELLING, COMPLETED, FAILED, FINAL, PENDING, RUNNING, TIMEOUT, TaskType
 
-BASE_PERIOD_SECONDS = 3600
+BASE_STEP_SECONDS = 60
 BASE_MARGIN_SECONDS = 300
+FULL_REBUILD_SECONDS = 3600
 SMALL_TABLE = 20_000
 DURATION_WINDOW = timedelta(hours=24)
 DURATION_SAMPLE = 200
@@ -65,6 +71,8 @@ NO_BUCKET = -1
 # (status, task_type, provider_id, error_code, bucket) -> [count, duration seconds]
 CountKey = tuple[str, str, int, str, int]
 Counts = dict[CountKey, list[float]]
+# (completed_at, seconds), newest first
+Samples = dict[str, list[tuple[datetime, float]]]
 
 
 def live_worker_cutoff(now: datetime | None = None) -> datetime:
@@ -123,30 +131,125 @@ def _merge(*parts: Counts) -> Counts:
     return dict(total)
 
 
-def _boundary(now: datetime) -> datetime:
-    epoch = int(now.timestamp())
-    return datetime.fromtimestamp(epoch - epoch % BASE_PERIOD_SECONDS - BASE_MARGIN_SECONDS, tz=UTC)
+def _completed(queryset):
+    return queryset.filter(status=COMPLETED, started_at__isnull=False, completed_at__isnull=False)
+
+
+def _samples_per_type(queryset) -> Samples:
+    """The newest DURATION_SAMPLE durations per type in ``queryset`` (one indexed query per type)."""
+    result: Samples = {}
+    for task_type in TaskType.values:
+        rows = (
+            _completed(queryset.filter(task_type=task_type))
+            .order_by("-completed_at")
+            .values_list("completed_at", "started_at")[:DURATION_SAMPLE]
+        )
+        result[task_type] = [(done, max(0.0, (done - start).total_seconds())) for done, start in rows]
+    return result
+
+
+def _samples_of(queryset) -> Samples:
+    """Durations of every completed task in a small queryset, grouped by type."""
+    result: Samples = defaultdict(list)
+    for task_type, done, start in _completed(queryset).values_list("task_type", "completed_at", "started_at"):
+        result[task_type].append((done, max(0.0, (done - start).total_seconds())))
+    return result
+
+
+def _newest(*parts: Samples) -> Samples:
+    result: Samples = {}
+    for task_type in {t for part in parts for t in part}:
+        merged = (item for part in parts for item in part.get(task_type, ()))
+        result[task_type] = heapq.nlargest(DURATION_SAMPLE, merged, key=lambda item: item[0])
+    return result
+
+
+@dataclass(frozen=True)
+class _Base:
+    boundary: datetime
+    max_id: int
+    min_id: int
+    built: float
+    counts: Counts
+    samples: Samples = field(default_factory=dict)
+
+
+_bases: dict[str, _Base] = {}
+_lock = threading.Lock()
+
+
+def reset_cache() -> None:
+    """Forget the kept base aggregates (tests; after bulk changes to old rows)."""
+    with _lock:
+        _bases.clear()
+
+
+def _target_boundary(now: datetime) -> datetime:
+    epoch = int(now.timestamp()) - BASE_MARGIN_SECONDS
+    return datetime.fromtimestamp(epoch - epoch % BASE_STEP_SECONDS, tz=UTC)
+
+
+def _current_base(now: datetime, lo: int, hi: int) -> _Base:
+    key = connection.settings_dict["NAME"]
+    with _lock:
+        base = _bases.get(key)
+    boundary = _target_boundary(now)
+    stale = (
+        base is None
+        or base.min_id != lo
+        or base.max_id > hi
+        or boundary < base.boundary
+        or time.monotonic() - base.built > FULL_REBUILD_SECONDS
+    )
+    if stale:
+        everything = Task.objects.filter(completed_at__lt=boundary, id__lte=hi)
+        window = everything.filter(completed_at__gte=now - DURATION_WINDOW)
+        base = _Base(boundary, hi, lo, time.monotonic(), _aggregate(everything), _samples_per_type(window))
+    elif boundary > base.boundary:
+        # Move the base over what finished between the two boundaries, and over rows
+        # inserted since that finished before the new boundary (back-dated inserts).
+        between = Task.objects.filter(completed_at__gte=base.boundary, completed_at__lt=boundary, id__lte=hi)
+        newer = Task.objects.filter(id__gt=base.max_id, id__lte=hi, completed_at__lt=base.boundary)
+        base = _Base(
+            boundary,
+            hi,
+            lo,
+            base.built,
+            _merge(base.counts, _aggregate(between), _aggregate(newer)),
+            _newest(base.samples, _samples_per_type(between), _samples_of(newer)),
+        )
+    else:
+        return base
+    with _lock:
+        _bases[key] = base
+    return base
+
+
+def _snapshot(now: datetime, with_samples: bool) -> tuple[Counts, Samples | None]:
+    bounds = Task.objects.aggregate(lo=Min("id"), hi=Max("id"))
+    lo, hi = bounds["lo"], bounds["hi"]
+    if hi is None:
+        return {}, ({} if with_samples else None)
+    if hi - lo + 1 < SMALL_TABLE:
+        samples = (
+            _samples_per_type(Task.objects.filter(completed_at__gte=now - DURATION_WINDOW)) if with_samples else None
+        )
+        return _aggregate(Task.objects.all()), samples
+    base = _current_base(now, lo, hi)
+    # Everything the base does not hold: active, finished since its boundary, inserted after it.
+    recent = Task.objects.filter(Q(completed_at__isnull=True) | Q(completed_at__gte=base.boundary))
+    newer = Task.objects.filter(id__gt=base.max_id, completed_at__lt=base.boundary)
+    counts = _merge(base.counts, _aggregate(recent), _aggregate(newer))
+    samples = None
+    if with_samples:
+        since_boundary = Task.objects.filter(completed_at__gte=max(base.boundary, now - DURATION_WINDOW))
+        samples = _newest(base.samples, _samples_per_type(since_boundary), _samples_of(newer))
+    return counts, samples
 
 
 def task_counts(now: datetime | None = None) -> Counts:
     """Exact counts of every task by (status, type, provider, error code, duration bucket)."""
-    now = now or timezone.now()
-    bounds = Task.objects.aggregate(lo=Min("id"), hi=Max("id"))
-    lo, hi = bounds["lo"], bounds["hi"]
-    if hi is None:
-        return {}
-    if hi - lo + 1 < SMALL_TABLE:
-        return _aggregate(Task.objects.all())
-    boundary = _boundary(now)
-    key = f"tasks.stats.base:{connection.settings_dict['NAME']}:{int(boundary.timestamp())}:{lo}"
-    base = cache.get(key)
-    if base is None:
-        base = {"max_id": hi, "counts": _aggregate(Task.objects.filter(completed_at__lt=boundary, id__lte=hi))}
-        cache.set(key, base, 2 * BASE_PERIOD_SECONDS)
-    max_id = base["max_id"]
-    live = _aggregate(Task.objects.filter(Q(completed_at__isnull=True) | Q(completed_at__gte=boundary), id__lte=max_id))
-    new = _aggregate(Task.objects.filter(id__gt=max_id)) if hi > max_id else {}
-    return _merge(base["counts"], live, new)
+    return _snapshot(now or timezone.now(), with_samples=False)[0]
 
 
 def count_tasks(statuses: list[str] | None = None, task_types: list[str] | None = None) -> int | None:
@@ -176,20 +279,16 @@ def _percentile(ordered: list[float], q: float) -> float | None:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def durations(now: datetime | None = None) -> dict[str, dict[str, Any]]:
+def durations(now: datetime | None = None, samples: Samples | None = None) -> dict[str, dict[str, Any]]:
     """avg/p50/p95 seconds of recently completed tasks per type (see the module doc)."""
     now = now or timezone.now()
+    if samples is None:
+        samples = _snapshot(now, with_samples=True)[1] or {}
     since = now - DURATION_WINDOW
     result = {}
     for task_type in TaskType.values:
-        rows = (
-            Task.objects.filter(
-                completed_at__gte=since, task_type=task_type, status=COMPLETED, started_at__isnull=False
-            )
-            .order_by("-completed_at")
-            .values_list("started_at", "completed_at")[:DURATION_SAMPLE]
-        )
-        values = sorted(max(0.0, (done - start).total_seconds()) for start, done in rows)
+        recent = [seconds for done, seconds in samples.get(task_type, ()) if done >= since][:DURATION_SAMPLE]
+        values = sorted(recent)
         avg = sum(values) / len(values) if values else None
         result[task_type] = {
             "count": len(values),
@@ -236,7 +335,7 @@ def worker_counts(now: datetime | None = None) -> dict[str, int]:
 def task_stats(now: datetime | None = None) -> dict[str, Any]:
     """Everything GET /api/v1/admin/tasks/stats/ answers (see the module doc)."""
     now = now or timezone.now()
-    counts = task_counts(now)
+    counts, samples = _snapshot(now, with_samples=True)
     by_status = dict.fromkeys(ALL_STATES, 0)
     by_type = dict.fromkeys(TaskType.values, 0)
     per_provider: dict[int, dict[str, int]] = defaultdict(lambda: {"pending": 0, "running": 0})
@@ -271,7 +370,7 @@ def task_stats(now: datetime | None = None) -> dict[str, Any]:
         "by_status": by_status,
         "by_type": by_type,
         "by_provider": providers,
-        "durations": durations(now),
+        "durations": durations(now, samples),
         "duration_window": {"seconds": int(DURATION_WINDOW.total_seconds()), "max_samples_per_type": DURATION_SAMPLE},
         "error_rate": error_rates(now),
         "queue_length": by_status[PENDING],

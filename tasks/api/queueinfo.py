@@ -3,7 +3,7 @@
 tasks.dispatch.queue_info answers for one task with five queries (slots in use,
 average duration, position). A list page holds up to 100 tasks on up to 100
 providers, so this computes the same figures with one query for the slots of
-every provider on the page, one position count per pending row, and the
+every provider on the page, one query for the positions of every pending row, and the
 providers' average durations kept for AVERAGE_TTL seconds per process (an
 estimate of minutes needs no fresher input). Only pending rows cost anything.
 The answers equal queue_info's (tests/api compare them).
@@ -54,6 +54,7 @@ class QueueInfo:
 
     def __init__(self) -> None:
         self._in_use: dict[int, int] = {}
+        self._positions: dict[int, int] = {}
         self._done: dict[int, dict] = {}
 
     def prefetch(self, tasks: Iterable[Task]) -> None:
@@ -71,6 +72,21 @@ class QueueInfo:
             )
             for row in rows:
                 self._in_use[row["provider_id"]] = row["n"]
+        waiting = [t for t in pending if t.admitted_at is None and t.pk not in self._positions]
+        if waiting:
+            # Every row's position in one pass over the providers' backlogs.
+            ahead = {
+                f"p{t.pk}": Count(
+                    "id",
+                    filter=Q(provider_id=t.provider_id)
+                    & (Q(created_at__lt=t.created_at) | Q(created_at=t.created_at, id__lt=t.id)),
+                )
+                for t in waiting
+            }
+            row = Task.objects.filter(
+                provider_id__in={t.provider_id for t in waiting}, status=PENDING, admitted_at__isnull=True
+            ).aggregate(**ahead)
+            self._positions.update({t.pk: row[f"p{t.pk}"] or 0 for t in waiting})
         for task in pending:
             self.for_task(task)
 
@@ -91,12 +107,14 @@ class QueueInfo:
             position = 0
             reason = "admitted, waiting for a worker of the provider's queue"
         else:
-            position = Task.objects.filter(
-                Q(created_at__lt=task.created_at) | Q(created_at=task.created_at, id__lt=task.id),
-                provider_id=task.provider_id,
-                status=PENDING,
-                admitted_at__isnull=True,
-            ).count()
+            position = self._positions.get(task.pk)
+            if position is None:
+                position = Task.objects.filter(
+                    Q(created_at__lt=task.created_at) | Q(created_at=task.created_at, id__lt=task.id),
+                    provider_id=task.provider_id,
+                    status=PENDING,
+                    admitted_at__isnull=True,
+                ).count()
             if not provider.enabled:
                 reason = "provider disabled"
             elif in_use >= limit:

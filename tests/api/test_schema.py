@@ -90,9 +90,21 @@ def fuzz_world(root, alice, provider, make_instance):
 
 @pytest.fixture
 def api_schema(fuzz_world):
+    from django.core.signals import request_finished, request_started
+    from django.db import close_old_connections
+
     from config.wsgi import application
 
-    return schemathesis.openapi.from_wsgi("/api/v1/schema/?format=json", application)
+    # The app is called straight through WSGI, inside the test's transaction: like
+    # Django's test client, keep the per-request connection recycling from closing
+    # the connection that holds it (MariaDB would answer "server has gone away").
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    try:
+        yield schemathesis.openapi.from_wsgi("/api/v1/schema/?format=json", application)
+    finally:
+        request_started.connect(close_old_connections)
+        request_finished.connect(close_old_connections)
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")

@@ -6,7 +6,6 @@ import math
 from datetime import timedelta
 
 import pytest
-from django.core.cache import cache
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -19,10 +18,10 @@ NOW = timezone.now()
 
 
 @pytest.fixture(autouse=True)
-def empty_cache():
-    cache.clear()
+def no_kept_aggregates():
+    stats.reset_cache()
     yield
-    cache.clear()
+    stats.reset_cache()
 
 
 @pytest.fixture
@@ -146,30 +145,44 @@ def test_stats_with_no_tasks(as_root):
     assert body["worker_utilization"] is None and body["error_rate"]["last_24h"]["rate"] is None
 
 
-def test_cached_base_stays_exact_as_tasks_change(seeded, alice, running_instance, monkeypatch):
-    """The large-table path: base (cached) + live + new parts equal the table after every kind of change."""
+def test_kept_base_stays_exact_as_tasks_change(seeded, alice, running_instance, monkeypatch):
+    """The large-table path: base (kept) + live + new parts equal the table after every kind of change."""
     monkeypatch.setattr(stats, "SMALL_TABLE", 1)
     now = timezone.now()
     assert_stats_match_database(stats.task_stats(now), now)
-    # A pending task finishes (moves between live parts), a new task appears (id above
-    # the base's), and an old finished task is inserted back-dated (below the boundary).
+    first = stats.task_stats(now)
+    assert first["durations"] == expected_durations(now)
+    # A pending task finishes (moves within the live part), a new task appears, and an
+    # old finished task is inserted back-dated (below the base's boundary, id above it).
     pending = Task.objects.filter(status="pending").first()
     assert transitions.finish(pending.pk, "cancelled", token=None, actor="test")
     make_task(running_instance, task_type="stop")
-    make_task(
-        running_instance, status="completed", completed_at=now - timedelta(days=3), started_at=now - timedelta(days=3)
-    )
+    old = now - timedelta(hours=3)
+    make_task(running_instance, status="completed", completed_at=old, started_at=old - timedelta(seconds=2))
     assert_stats_match_database(stats.task_stats(now), now)
+    assert stats.task_stats(now)["durations"] == expected_durations(now)
+    # Time passes: the base moves over what finished meanwhile, and stays exact.
+    later = now + timedelta(minutes=7)
+    body = stats.task_stats(later)
+    assert_stats_match_database(body, later)
+    assert body["durations"] == expected_durations(later)
     # A purge of the oldest tasks changes the lowest id: the base is rebuilt.
     Task.objects.filter(pk=Task.objects.order_by("id").first().pk).delete()
-    assert_stats_match_database(stats.task_stats(now), now)
-    # Within the same hour the second call reuses the base: one aggregate query less.
+    assert_stats_match_database(stats.task_stats(later), later)
+
+
+def test_kept_base_is_reused_between_calls(seeded, monkeypatch):
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    with CaptureQueriesContext(connection) as ctx:
+    monkeypatch.setattr(stats, "SMALL_TABLE", 1)
+    now = timezone.now()
+    with CaptureQueriesContext(connection) as cold:
         stats.task_counts(now)
-    assert len(ctx.captured_queries) == 2  # id bounds + live part (no new rows)
+    with CaptureQueriesContext(connection) as warm:
+        stats.task_counts(now)
+    # Warm: id bounds, the live part and the back-dated part; the base is not read again.
+    assert len(warm.captured_queries) == 3 < len(cold.captured_queries)
 
 
 def test_admin_list_count_from_the_aggregate_is_exact(as_root, seeded, monkeypatch):

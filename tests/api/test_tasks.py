@@ -234,3 +234,20 @@ def test_wrong_method_is_json_405(as_alice, alice, running_instance):
     response = as_alice.put(f"/api/v1/tasks/{task.pk}/", {}, format="json")
     assert response.status_code == 405
     assert response.json()["code"] == "method_not_allowed"
+
+
+def test_queue_figures_of_a_mixed_page_cost_a_fixed_number_of_queries(
+    as_root, alice, provider, provider_b, make_instance, django_assert_max_num_queries
+):
+    for target in (provider, provider_b, provider, provider_b, provider, provider_b, provider, provider):
+        services.request_operation(alice, make_instance(alice, target).pk, "stop")
+    dispatch.admit(provider.pk)  # one of sim-a's is admitted, waiting for a worker
+    dispatch.admit(provider_b.pk)  # three of sim-b's
+    # token, count, ids, rows, slots, positions, and one average duration per provider
+    with django_assert_max_num_queries(10):
+        rows = as_root.get("/api/v1/admin/tasks/").json()["results"]
+    assert len(rows) == 8
+    for row in rows:
+        info = dispatch.queue_info(Task.objects.get(pk=row["id"]))
+        assert {k: row[k] for k in info} == info, row["id"]
+    assert sorted(r["queue_position"] for r in rows) == [0, 0, 0, 0, 0, 1, 2, 3]
