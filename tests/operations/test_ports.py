@@ -16,7 +16,7 @@ from providers.simulated import SimulatedStore
 from tasks import services
 from tasks.errors import InstanceBusy, InvalidInput, InvalidState, PortConflict
 from tasks.models import PortMapping, Task
-from tests.operations.conftest import fresh, inject, run, store
+from tests.operations.conftest import fresh, inject, run, store, usage
 
 
 def _host_ports(provider, instance):
@@ -83,6 +83,7 @@ def test_cancel_or_timeout_leaves_nothing_mapped(alice, provider, live_instance,
     run(provider)
     assert fresh(task).status == {"cancel": "cancelled", "timeout": "timeout"}[how]
     assert fresh(mapping).status == "failed" and _host_ports(provider, live_instance) == before
+    assert fresh(live_instance).status == "running" and usage(live_instance) == (1, 2, 2, 1)
 
 
 def test_real_deadline_on_create_port(alice, provider, live_instance):
@@ -126,7 +127,7 @@ def test_delete_port_that_does_not_finish_stays_active(alice, provider, live_ins
     task = services.delete_port(alice, live_instance.pk, mapping.pk)
     run(provider)
     assert fresh(task).status == {"fail": "failed", "cancel": "cancelled", "timeout": "timeout"}[how]
-    assert fresh(mapping).status == "active"
+    assert fresh(mapping).status == "active" and usage(live_instance) == (1, 2, 2, 1)
     assert ("udp", mapping.host_port_start, mapping.host_port_end) in _host_ports(provider, live_instance)
     # Its ports stay taken.
     with pytest.raises(PortConflict):
