@@ -172,6 +172,13 @@ class _Base:
     built: float
     counts: Counts
     samples: Samples = field(default_factory=dict)
+    by_status_type: dict[tuple[str, str], int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        reduced: dict[tuple[str, str], int] = defaultdict(int)
+        for (status, task_type, _p, _c, _b), (n, _s) in self.counts.items():
+            reduced[(status, task_type)] += int(n)
+        object.__setattr__(self, "by_status_type", dict(reduced))
 
 
 _bases: dict[str, _Base] = {}
@@ -252,25 +259,37 @@ def task_counts(now: datetime | None = None) -> Counts:
     return _snapshot(now or timezone.now(), with_samples=False)[0]
 
 
-def count_tasks(statuses: list[str] | None = None, task_types: list[str] | None = None) -> int | None:
-    """Exact number of tasks with these states and types, from the aggregate; None on a small table.
+def _status_type_counts(queryset) -> dict[tuple[str, str], int]:
+    rows = queryset.order_by().values("status", "task_type").annotate(n=Count("id"))
+    return {(row["status"], row["task_type"]): row["n"] for row in rows}
 
-    For the admin list: counting 900,000 "completed" rows with COUNT(*) takes a
-    second on MariaDB, the aggregate a few milliseconds. On a small table a plain
-    COUNT is cheaper than the aggregate, so the caller counts (None).
+
+def count_tasks(
+    statuses: list[str] | None = None, task_types: list[str] | None = None, now: datetime | None = None
+) -> int | None:
+    """Exact number of tasks with these states and types; None on a small table (COUNT is cheaper there).
+
+    For the admin list: COUNT(*) over 900,000 "completed" rows takes a second on
+    MariaDB. This adds the kept base to the live part counted by (status, type)
+    only, which the (completed_at, task_type, status) index answers without
+    reading a row: a few milliseconds.
     """
+    now = now or timezone.now()
     bounds = Task.objects.aggregate(lo=Min("id"), hi=Max("id"))
-    if bounds["hi"] is None:
+    lo, hi = bounds["lo"], bounds["hi"]
+    if hi is None:
         return 0
-    if bounds["hi"] - bounds["lo"] + 1 < SMALL_TABLE:
+    if hi - lo + 1 < SMALL_TABLE:
         return None
-    wanted_status = set(statuses) if statuses else None
-    wanted_type = set(task_types) if task_types else None
-    return sum(
-        int(n)
-        for (status, task_type, _p, _c, _b), (n, _s) in task_counts().items()
-        if (wanted_status is None or status in wanted_status) and (wanted_type is None or task_type in wanted_type)
-    )
+    base = _current_base(now, lo, hi)
+    recent = Task.objects.filter(Q(completed_at__isnull=True) | Q(completed_at__gte=base.boundary))
+    newer = Task.objects.filter(id__gt=base.max_id, completed_at__lt=base.boundary)
+    total = 0
+    for part in (base.by_status_type, _status_type_counts(recent), _status_type_counts(newer)):
+        for (status, task_type), n in part.items():
+            if (not statuses or status in statuses) and (not task_types or task_type in task_types):
+                total += n
+    return total
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:
