@@ -90,6 +90,14 @@ def token(reason: str | None = None, after: float = 0.2) -> CancelToken:
     return t
 
 
+def wait_for(condition, seconds: float = 5.0) -> None:
+    """Until the fake's background work (a released call) has happened."""
+    limit = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < limit, "the fake never got there"
+        time.sleep(0.01)
+
+
 def make(driver, running=True) -> dict:
     ref = driver.create(spec(), CancelToken(), Progress())
     if running:
@@ -462,7 +470,7 @@ def test_cancel_mid_port_change_leaves_a_repairable_container(driver, fake, reas
     assert time.monotonic() - started < 2
     fake.hang_actions.clear()
     fake.release()
-    time.sleep(0.1)
+    wait_for(lambda: fake.by_name(NAME).status == "exited")  # the abandoned stop ends on the daemon
     driver.add_port(ref, SSH, CancelToken(), Progress())
     assert fake.by_name(NAME).host_config["PortBindings"]
     assert [c.name for c in fake.containers.values()] == [NAME]
@@ -544,7 +552,7 @@ def test_rebuild_deadline_while_stopping_restores_on_the_next_call(driver, fake)
     assert err.value.reason == CANCEL_TIMEOUT
     fake.hang_actions.clear()
     fake.release()
-    time.sleep(0.1)
+    wait_for(lambda: fake.by_name(NAME).status == "exited")
     driver.rebuild(ref, spec(), CancelToken(), Progress())
     assert [c.name for c in fake.containers.values()] == [NAME]
 
