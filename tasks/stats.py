@@ -232,36 +232,64 @@ def _current_base(now: datetime, lo: int, hi: int) -> _Base:
     return base
 
 
-def _snapshot(now: datetime, with_samples: bool) -> tuple[Counts, Samples | None]:
+def _base_or_none(now: datetime) -> tuple[_Base | None, bool]:
+    """The kept base for a large table; (None, False) for a small one; (None, True) for an empty one."""
     bounds = Task.objects.aggregate(lo=Min("id"), hi=Max("id"))
     lo, hi = bounds["lo"], bounds["hi"]
     if hi is None:
-        return {}, ({} if with_samples else None)
+        return None, True
     if hi - lo + 1 < SMALL_TABLE:
-        samples = (
-            _samples_per_type(Task.objects.filter(completed_at__gte=now - DURATION_WINDOW)) if with_samples else None
-        )
-        return _aggregate(Task.objects.all()), samples
-    base = _current_base(now, lo, hi)
-    # Everything the base does not hold: active, finished since its boundary, inserted after it.
+        return None, False
+    return _current_base(now, lo, hi), False
+
+
+def _outside(base: _Base):
+    """The two querysets that hold every task the base does not: live, and inserted back-dated."""
     recent = Task.objects.filter(Q(completed_at__isnull=True) | Q(completed_at__gte=base.boundary))
     newer = Task.objects.filter(id__gt=base.max_id, completed_at__lt=base.boundary)
-    counts = _merge(base.counts, _aggregate(recent), _aggregate(newer))
-    samples = None
-    if with_samples:
-        since_boundary = Task.objects.filter(completed_at__gte=max(base.boundary, now - DURATION_WINDOW))
-        samples = _newest(base.samples, _samples_per_type(since_boundary), _samples_of(newer))
-    return counts, samples
+    return recent, newer
 
 
 def task_counts(now: datetime | None = None) -> Counts:
     """Exact counts of every task by (status, type, provider, error code, duration bucket)."""
-    return _snapshot(now or timezone.now(), with_samples=False)[0]
+    base, empty = _base_or_none(now or timezone.now())
+    if empty:
+        return {}
+    if base is None:
+        return _aggregate(Task.objects.all())
+    recent, newer = _outside(base)
+    return _merge(base.counts, _aggregate(recent), _aggregate(newer))
 
 
 def _status_type_counts(queryset) -> dict[tuple[str, str], int]:
+    # (status, task_type) only: the (completed_at, task_type, status) index answers
+    # this for the live part without reading a row.
     rows = queryset.order_by().values("status", "task_type").annotate(n=Count("id"))
     return {(row["status"], row["task_type"]): row["n"] for row in rows}
+
+
+def _by_status_type(base: _Base | None, empty: bool) -> dict[tuple[str, str], int]:
+    if empty:
+        return {}
+    if base is None:
+        return _status_type_counts(Task.objects.all())
+    recent, newer = _outside(base)
+    total: dict[tuple[str, str], int] = defaultdict(int)
+    for part in (base.by_status_type, _status_type_counts(recent), _status_type_counts(newer)):
+        for key, n in part.items():
+            total[key] += n
+    return dict(total)
+
+
+def _recent_samples(now: datetime, base: _Base | None, empty: bool) -> Samples:
+    if empty:
+        return {}
+    window = Task.objects.filter(completed_at__gte=now - DURATION_WINDOW)
+    if base is None:
+        return _samples_per_type(window)
+    _recent, newer = _outside(base)
+    since_boundary = window.filter(completed_at__gte=base.boundary)
+    return _newest(base.samples, _samples_per_type(since_boundary), _samples_of(newer))
 
 
 def count_tasks(
@@ -270,26 +298,17 @@ def count_tasks(
     """Exact number of tasks with these states and types; None on a small table (COUNT is cheaper there).
 
     For the admin list: COUNT(*) over 900,000 "completed" rows takes a second on
-    MariaDB. This adds the kept base to the live part counted by (status, type)
-    only, which the (completed_at, task_type, status) index answers without
-    reading a row: a few milliseconds.
+    MariaDB; the kept base plus an index-only count of the live part takes a few
+    milliseconds.
     """
-    now = now or timezone.now()
-    bounds = Task.objects.aggregate(lo=Min("id"), hi=Max("id"))
-    lo, hi = bounds["lo"], bounds["hi"]
-    if hi is None:
-        return 0
-    if hi - lo + 1 < SMALL_TABLE:
+    base, empty = _base_or_none(now or timezone.now())
+    if base is None and not empty:
         return None
-    base = _current_base(now, lo, hi)
-    recent = Task.objects.filter(Q(completed_at__isnull=True) | Q(completed_at__gte=base.boundary))
-    newer = Task.objects.filter(id__gt=base.max_id, completed_at__lt=base.boundary)
-    total = 0
-    for part in (base.by_status_type, _status_type_counts(recent), _status_type_counts(newer)):
-        for (status, task_type), n in part.items():
-            if (not statuses or status in statuses) and (not task_types or task_type in task_types):
-                total += n
-    return total
+    return sum(
+        n
+        for (status, task_type), n in _by_status_type(base, empty).items()
+        if (not statuses or status in statuses) and (not task_types or task_type in task_types)
+    )
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:
@@ -302,7 +321,7 @@ def durations(now: datetime | None = None, samples: Samples | None = None) -> di
     """avg/p50/p95 seconds of recently completed tasks per type (see the module doc)."""
     now = now or timezone.now()
     if samples is None:
-        samples = _snapshot(now, with_samples=True)[1] or {}
+        samples = _recent_samples(now, *_base_or_none(now))
     since = now - DURATION_WINDOW
     result = {}
     for task_type in TaskType.values:
@@ -354,17 +373,17 @@ def worker_counts(now: datetime | None = None) -> dict[str, int]:
 def task_stats(now: datetime | None = None) -> dict[str, Any]:
     """Everything GET /api/v1/admin/tasks/stats/ answers (see the module doc)."""
     now = now or timezone.now()
-    counts, samples = _snapshot(now, with_samples=True)
+    base, empty = _base_or_none(now)
     by_status = dict.fromkeys(ALL_STATES, 0)
     by_type = dict.fromkeys(TaskType.values, 0)
-    per_provider: dict[int, dict[str, int]] = defaultdict(lambda: {"pending": 0, "running": 0})
-    for (status, task_type, provider_id, _code, _bucket), (n, _seconds) in counts.items():
+    for (status, task_type), n in _by_status_type(base, empty).items():
         by_status[status] = by_status.get(status, 0) + n
         by_type[task_type] = by_type.get(task_type, 0) + n
-        if status == PENDING:
-            per_provider[provider_id]["pending"] += n
-        elif status in (RUNNING, CANCELLING):
-            per_provider[provider_id]["running"] += n
+    # Active tasks are never in the base (they have no completed_at): few rows, read directly.
+    per_provider: dict[int, dict[str, int]] = defaultdict(lambda: {"pending": 0, "running": 0})
+    active = Task.objects.filter(status__in=(PENDING, RUNNING, CANCELLING)).order_by()
+    for row in active.values("provider_id", "status").annotate(n=Count("id")):
+        per_provider[row["provider_id"]]["pending" if row["status"] == PENDING else "running"] += row["n"]
     providers = []
     slots = 0
     for provider in Provider.objects.order_by("name", "id"):
@@ -389,7 +408,7 @@ def task_stats(now: datetime | None = None) -> dict[str, Any]:
         "by_status": by_status,
         "by_type": by_type,
         "by_provider": providers,
-        "durations": durations(now, samples),
+        "durations": durations(now, _recent_samples(now, base, empty)),
         "duration_window": {"seconds": int(DURATION_WINDOW.total_seconds()), "max_samples_per_type": DURATION_SAMPLE},
         "error_rate": error_rates(now),
         "queue_length": by_status[PENDING],

@@ -272,3 +272,17 @@ def test_healthz_reports_a_database_failure(anon, db, monkeypatch):
     response = anon.get("/healthz")
     assert response.status_code == 503
     assert response.json()["database"].startswith("error")
+
+
+def test_metrics_answer_503_when_the_database_fails(anon, db, monkeypatch):
+    from django.db import OperationalError
+
+    from tasks import metrics
+
+    def broken():
+        raise OperationalError("gone away")
+
+    monkeypatch.setattr(metrics, "render", broken)
+    response = anon.get("/metrics")
+    assert response.status_code == 503
+    assert response.json()["code"] == "unavailable"
