@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.staticfiles.views import serve as serve_static
 from django.urls import include, path, re_path
 
-from tasks.api.views import healthz, metrics_view
+from tasks.api.ops import healthz, metrics_view
 
 urlpatterns = [
     path("admin/", admin.site.urls),

@@ -6,16 +6,16 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
-from tasks.api import views
+from tasks.api import admin_views, views
 
 router = DefaultRouter()
 router.register("tasks", views.TaskViewSet, basename="task")
 router.register("instances", views.InstanceViewSet, basename="instance")
 router.register("providers", views.ProviderViewSet, basename="provider")
-router.register("admin/tasks", views.AdminTaskViewSet, basename="admin-task")
-router.register("admin/instances", views.AdminInstanceViewSet, basename="admin-instance")
-router.register("admin/providers", views.AdminProviderViewSet, basename="admin-provider")
-router.register("admin/workers", views.AdminWorkerViewSet, basename="admin-worker")
+router.register("admin/tasks", admin_views.AdminTaskViewSet, basename="admin-task")
+router.register("admin/instances", admin_views.AdminInstanceViewSet, basename="admin-instance")
+router.register("admin/providers", admin_views.AdminProviderViewSet, basename="admin-provider")
+router.register("admin/workers", admin_views.AdminWorkerViewSet, basename="admin-worker")
 
 urlpatterns = [
     path("auth/token/", views.TokenView.as_view(), name="api-token"),

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from django.db import transaction
-from django.db.models import Count, IntegerField, OuterRef, Prefetch, QuerySet, Subquery, Value
-from django.db.models.functions import Coalesce
+from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 from django_filters.rest_framework import DjangoFilterBackend
 from django_filters.utils import translate_validation
@@ -26,13 +24,13 @@ from rest_framework.exceptions import NotFound
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 
-from tasks import dispatch, services, stats
+from tasks import services, stats
 from tasks.api import serializers as s
-from tasks.api.filters import MAX_ID, AdminInstanceFilter, AdminTaskFilter, InstanceFilter, ProviderFilter, TaskFilter
+from tasks.api.filters import MAX_ID, InstanceFilter, TaskFilter
 from tasks.api.permissions import IsStaff
 from tasks.api.queueinfo import QueueInfo
-from tasks.models import Instance, PortMapping, Provider, Task, TaskEvent, Worker
-from tasks.states import EXECUTING, PENDING, TaskType
+from tasks.models import Instance, PortMapping, Provider, Task, TaskEvent
+from tasks.states import PENDING, TaskType
 
 logger = logging.getLogger(__name__)
 
@@ -201,74 +199,6 @@ class TaskViewSet(BaseTaskViewSet):
         response = Response({"password": password})
         response["Cache-Control"] = "no-store"
         return response
-
-
-@extend_schema_view(
-    list=extend_schema(
-        summary="All tasks (staff)",
-        description="Filters of the user list plus `user`, `username` (substring) and `instance_type`.",
-        responses={200: s.AdminTaskSerializer(many=True), **LIST_ERRORS},
-    ),
-    retrieve=extend_schema(
-        summary="One task with its timeline, lease and task data (secrets redacted)",
-        responses={200: s.AdminTaskDetailSerializer, **DETAIL_ERRORS},
-    ),
-)
-class AdminTaskViewSet(BaseTaskViewSet):
-    """Every task, for operators."""
-
-    admin = True
-    filterset_class = AdminTaskFilter
-    list_serializer = s.AdminTaskSerializer
-    detail_serializer = s.AdminTaskDetailSerializer
-
-    @extend_schema(
-        summary="Cancel any task",
-        description="Like the user cancel; `reason` is required for another user's task and is recorded.",
-        request=s.CancelSerializer,
-        responses={
-            200: s.AdminTaskDetailSerializer,
-            **WRITE_ERRORS,
-            **DETAIL_ERRORS,
-            409: _error("not_cancellable: terminal or already cancelling"),
-        },
-    )
-    @action(detail=True, methods=["post"])
-    def cancel(self, request, pk=None):
-        body = s.CancelSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        task = services.cancel_task(request.user, self.object_id, admin=True, reason=body.validated_data["reason"])
-        return self.task_response(task)
-
-    @extend_schema(
-        summary="Force-stop a task",
-        description="Ends any non-terminal task at once as cancelled (error code force_stopped), revokes its "
-        "lease, frees its slot and marks the instance for reconciliation. Audited with the reason.",
-        request=s.ReasonSerializer,
-        responses={
-            200: s.AdminTaskDetailSerializer,
-            **WRITE_ERRORS,
-            **DETAIL_ERRORS,
-            409: _error("not_cancellable: already terminal"),
-        },
-    )
-    @action(detail=True, methods=["post"], url_path="force-stop")
-    def force_stop(self, request, pk=None):
-        body = s.ReasonSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        task = services.force_stop_task(request.user, self.object_id, reason=body.validated_data["reason"])
-        return self.task_response(task)
-
-    @extend_schema(
-        summary="Task statistics",
-        description="Counts by state, type and provider, durations, error rates, queue length and worker "
-        "utilisation; see docs/api.md for the exact definitions.",
-        responses={200: s.StatsSerializer, **AUTH},
-        filters=False,
-    )
-    @action(detail=False, methods=["get"], pagination_class=None, filterset_class=None)
-    def stats(self, request):
-        return Response(s.StatsSerializer(stats.task_stats()).data)
 
 
 # --- instances ----------------------------------------------------------------------------
@@ -457,22 +387,6 @@ class InstanceViewSet(BaseInstanceViewSet):
         return self.accepted(task, instance=self.get_serializer(instance).data)
 
 
-@extend_schema_view(
-    list=extend_schema(
-        summary="All instances (staff)",
-        description="Deleted instances are left out unless `status` names them.",
-        responses={200: s.AdminInstanceSerializer(many=True), **LIST_ERRORS},
-    ),
-    retrieve=extend_schema(summary="Any instance", responses={200: s.AdminInstanceSerializer, **DETAIL_ERRORS}),
-)
-class AdminInstanceViewSet(BaseInstanceViewSet):
-    """Any instance, for operators: the same actions as users have."""
-
-    admin = True
-    filterset_class = AdminInstanceFilter
-    serializer_class = s.AdminInstanceSerializer
-
-
 # --- providers and workers ---------------------------------------------------------------
 
 
@@ -491,75 +405,6 @@ class ProviderViewSet(APIViewSetMixin, mixins.ListModelMixin, mixins.RetrieveMod
         return Provider.objects.filter(enabled=True).order_by("name", "id")
 
 
-def _slot_count(statuses) -> Coalesce:
-    counts = (
-        Task.objects.filter(provider=OuterRef("pk"), status__in=statuses)
-        .order_by()
-        .values("provider")
-        .annotate(n=Count("id"))
-        .values("n")
-    )
-    return Coalesce(Subquery(counts, output_field=IntegerField()), Value(0))
-
-
-@extend_schema_view(
-    list=extend_schema(
-        summary="Providers (staff)", responses={200: s.AdminProviderSerializer(many=True), **LIST_ERRORS}
-    ),
-    retrieve=extend_schema(summary="One provider", responses={200: s.AdminProviderSerializer, **DETAIL_ERRORS}),
-    partial_update=extend_schema(
-        summary="Change a provider's limits",
-        description="Only allow_concurrent_tasks, max_concurrent_tasks (1-256), task_poll_interval (1-3600 s), "
-        "enable_task_polling and enabled. Takes effect at the next admission, which this request triggers: "
-        "a raised limit or a re-enabled provider admits waiting tasks at once. Running tasks are untouched.",
-        request=s.ProviderPatchSerializer,
-        responses={200: s.AdminProviderSerializer, **WRITE_ERRORS, **DETAIL_ERRORS},
-    ),
-)
-class AdminProviderViewSet(APIViewSetMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
-    admin = True
-    serializer_class = s.AdminProviderSerializer
-    filterset_class = ProviderFilter
-    http_method_names = ["get", "patch", "head", "options"]
-
-    def get_queryset(self) -> QuerySet:
-        return Provider.objects.annotate(running=_slot_count(EXECUTING), pending=_slot_count([PENDING]))
-
-    def partial_update(self, request, pk=None):
-        provider = self.get_object()
-        body = s.AdminProviderSerializer(provider, data=request.data, partial=True)
-        body.is_valid(raise_exception=True)
-        changes = dict(body.validated_data)
-        if changes:
-            with transaction.atomic():
-                locked = Provider.objects.select_for_update().get(pk=provider.pk)
-                for name, value in changes.items():
-                    setattr(locked, name, value)
-                locked.save(update_fields=[*changes, "updated_at"])
-                provider_id = locked.pk
-                transaction.on_commit(lambda: dispatch.admit_soon(provider_id))
-            logger.info("provider %s: %s set by %s", provider.pk, changes, request.user.get_username())
-        return Response(self.get_serializer(self.get_object()).data)
-
-
-@extend_schema_view(
-    list=extend_schema(
-        summary="Live workers (staff)",
-        description="Worker processes whose heartbeat is recent (3 heartbeat periods + 10 s).",
-        responses={200: s.WorkerSerializer(many=True), **LIST_ERRORS},
-        filters=False,
-    ),
-)
-class AdminWorkerViewSet(APIViewSetMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
-    admin = True
-    serializer_class = s.WorkerSerializer
-    filterset_class = None
-    filter_backends: list = []
-
-    def get_queryset(self) -> QuerySet:
-        return Worker.objects.filter(last_heartbeat__gte=stats.live_worker_cutoff()).order_by("queue", "name", "id")
-
-
 @extend_schema(
     summary="Get an API token",
     description="`{username, password}` -> `{token}`; send it as `Authorization: Token <token>`.",
@@ -569,74 +414,3 @@ class AdminWorkerViewSet(APIViewSetMixin, mixins.ListModelMixin, viewsets.Generi
 )
 class TokenView(ObtainAuthToken):
     """POST /api/v1/auth/token/ (DRF's view; its errors in the API's JSON shape)."""
-
-
-# --- operations endpoints (plain Django views: no session, token or CSRF machinery) -------------
-
-
-def _check_database() -> str:
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
-        cursor.fetchone()
-    return "ok"
-
-
-def _check_broker() -> str:
-    from django.conf import settings
-
-    if settings.Q_BROKER == "redis":
-        import redis
-
-        client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
-        try:
-            client.ping()
-        finally:
-            client.close()
-        return "ok"
-    # The ORM broker is a table in the database: reachable when its table answers.
-    from django_q.models import OrmQ
-
-    OrmQ.objects.exists()
-    return "ok"
-
-
-def healthz(request):
-    """200 {"database": "ok", "broker": "ok"}, or 503 naming what failed."""
-    from django.http import JsonResponse
-
-    result, healthy = {}, True
-    for name, check in (("database", _check_database), ("broker", _check_broker)):
-        try:
-            result[name] = check()
-        except Exception as exc:
-            healthy = False
-            result[name] = f"error: {type(exc).__name__}"
-            logger.warning("healthz: %s check failed: %s", name, exc)
-    response = JsonResponse(result, status=200 if healthy else 503)
-    response["Cache-Control"] = "no-store"
-    return response
-
-
-def metrics_view(request):
-    """Prometheus text format. With settings.METRICS_TOKEN set, it needs `Authorization: Bearer <token>`."""
-    import hmac
-
-    from django.conf import settings
-    from django.http import HttpResponse, JsonResponse
-    from prometheus_client import CONTENT_TYPE_LATEST
-
-    from tasks import metrics
-
-    token = getattr(settings, "METRICS_TOKEN", "")
-    if token:
-        sent = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-            return JsonResponse({"code": "not_authenticated", "detail": "metrics need the bearer token"}, status=401)
-    try:
-        body = metrics.render()
-    except Exception as exc:
-        logger.warning("metrics: scrape failed: %s", exc)
-        return JsonResponse({"code": "unavailable", "detail": "database unavailable"}, status=503)
-    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

@@ -263,12 +263,12 @@ def test_healthz_reports_an_unreachable_redis_broker(anon, db, settings):
 def test_healthz_reports_a_database_failure(anon, db, monkeypatch):
     from django.db import OperationalError
 
-    from tasks.api import views
+    from tasks.api import ops
 
     def broken():
         raise OperationalError("gone away")
 
-    monkeypatch.setattr(views, "_check_database", broken)
+    monkeypatch.setattr(ops, "_check_database", broken)
     response = anon.get("/healthz")
     assert response.status_code == 503
     assert response.json()["database"].startswith("error")
