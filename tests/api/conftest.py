@@ -45,13 +45,6 @@ def provider_b(db) -> Provider:
 
 
 @pytest.fixture(autouse=True)
-def fast_password_hashing(settings):
-    # The personas are created with real passwords; PBKDF2 at Django's default
-    # cost takes ~0.3 s per user, which would dominate every API test.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-@pytest.fixture(autouse=True)
 def fresh_queue_estimates():
     # Average durations are remembered per provider id for a few seconds; ids repeat
     # across tests, so each test starts without them.
