@@ -21,7 +21,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Avg, F
+from django.db.models import Avg, F, Q
 from django.utils import timezone
 
 from tasks.models import Provider, Task
@@ -155,24 +155,32 @@ def queue_info(task: Task, provider: Provider | None = None) -> dict:
     """blocked_reason, queue_position and estimated_wait_seconds of a pending task."""
     if task.status != PENDING:
         return {"blocked_reason": None, "queue_position": None, "estimated_wait_seconds": None}
-    provider = provider or task.provider
-    position = (
-        Task.objects.filter(provider_id=task.provider_id, status=PENDING, admitted_at__isnull=True)
-        .filter(created_at__lt=task.created_at)
-        .count()
-        + Task.objects.filter(
+    position = 0
+    if task.admitted_at is None:
+        position = Task.objects.filter(
+            Q(created_at__lt=task.created_at) | Q(created_at=task.created_at, id__lt=task.id),
             provider_id=task.provider_id,
             status=PENDING,
             admitted_at__isnull=True,
-            created_at=task.created_at,
-            id__lt=task.id,
         ).count()
+    return wait_figures(
+        task,
+        provider or task.provider,
+        position=position,
+        in_use=slots_in_use(task.provider_id),
+        average=average_duration,
     )
+
+
+def wait_figures(task: Task, provider: Provider, *, position: int, in_use: int, average) -> dict:
+    """Why a pending task waits and for about how long, from its position and the slots in use.
+
+    ``average(provider_id)`` gives the provider's mean run time; it is only asked
+    when the task really has to wait.
+    """
     limit = provider.concurrency_limit
-    in_use = slots_in_use(task.provider_id)
     if task.admitted_at is not None:
-        reason = "admitted, waiting for a worker of the provider's queue"
-        position = 0
+        reason, position = "admitted, waiting for a worker of the provider's queue", 0
     elif not provider.enabled:
         reason = "provider disabled"
     elif in_use >= limit:
@@ -184,8 +192,8 @@ def queue_info(task: Task, provider: Provider | None = None) -> dict:
     if task.admitted_at is not None or (in_use < limit and position == 0):
         wait = 0.0
     else:
-        # Everything ahead of it drains `limit` at a time, each round taking about `avg`.
-        wait = math.ceil((position + 1) / max(1, limit)) * average_duration(task.provider_id)
+        # Everything ahead of it drains `limit` at a time, each round taking about the average.
+        wait = math.ceil((position + 1) / max(1, limit)) * average(task.provider_id)
     return {"blocked_reason": reason, "queue_position": position, "estimated_wait_seconds": round(wait, 1)}
 
 

@@ -11,7 +11,6 @@ The answers equal queue_info's (tests/api compare them).
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Iterable
@@ -100,13 +99,8 @@ class QueueInfo:
             return EMPTY
         if task.pk in self._done:
             return self._done[task.pk]
-        provider = task.provider
-        limit = provider.concurrency_limit
-        in_use = self._slots(task.provider_id)
-        if task.admitted_at is not None:
-            position = 0
-            reason = "admitted, waiting for a worker of the provider's queue"
-        else:
+        position = 0
+        if task.admitted_at is None:
             position = self._positions.get(task.pk)
             if position is None:
                 position = Task.objects.filter(
@@ -115,18 +109,8 @@ class QueueInfo:
                     status=PENDING,
                     admitted_at__isnull=True,
                 ).count()
-            if not provider.enabled:
-                reason = "provider disabled"
-            elif in_use >= limit:
-                reason = f"provider at its limit {in_use}/{limit}"
-            elif position > 0:
-                reason = f"waiting behind {position} earlier task(s) of this provider"
-            else:
-                reason = "waiting for admission"
-        if task.admitted_at is not None or (in_use < limit and position == 0):
-            wait = 0.0
-        else:
-            wait = math.ceil((position + 1) / max(1, limit)) * average_duration(task.provider_id)
-        info = {"blocked_reason": reason, "queue_position": position, "estimated_wait_seconds": round(wait, 1)}
+        info = dispatch.wait_figures(
+            task, task.provider, position=position, in_use=self._slots(task.provider_id), average=average_duration
+        )
         self._done[task.pk] = info
         return info
