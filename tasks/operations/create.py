@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from providers.base import OperationCancelled, ProviderError, no_progress
 from tasks import crypto, resources, traffic
-from tasks.models import PortMapping
+from tasks.models import Instance, PortMapping
 from tasks.operations import register
 from tasks.operations.base import ExecutionContext, Operation, Outcome
 from tasks.operations.steps import (
@@ -71,6 +71,13 @@ class CreateOperation(Operation):
         )
         steps.step(2, "preparing")
         spec = guest_spec(instance)
+        reserve = getattr(driver, "reserve", None)
+        if reserve is not None:
+            # Drivers with host-allocated ids (Proxmox VMIDs) reserve one first; it is
+            # stored before the create call, so a retry after a crash reuses it.
+            spec.ref = {**spec.ref, **steps.call("reserving the guest id", lambda p: reserve(spec), 3, 5)}
+            Instance.objects.filter(pk=instance.pk).update(provider_ref=spec.ref)
+            instance.provider_ref = spec.ref
         ref = steps.call("creating the guest", lambda p: driver.create(spec, ctx.cancel, p), 5, 55)
         ref = {**ref, "name": ref.get("name") or spec.name}
         # From here on every later step (and the undo) addresses the guest by its ref.

@@ -91,6 +91,24 @@ def test_create_task_ends_with_a_running_container_its_address_password_and_port
     assert host.rule_lines("nat", "PREROUTING")[0].endswith(f"--to-destination {guest.ip}:22")
 
 
+def test_the_vmid_is_reserved_and_stored_before_the_create_call(alice, node):
+    """A create whose first POST fails (the host may or may not have acted) converges on one guest."""
+    provider, pve, host = node
+    pve.fail_next(1, 503, "proxy timeout", method="POST", path=r"^nodes/pve1/lxc$")
+    instance, task = services.create_instance(alice, provider=provider, image="debian/12")
+    run_admitted_inline(provider.pk)
+    task.refresh_from_db()
+    instance.refresh_from_db()
+    assert task.status == "completed", task.error_message
+    reserved = pve.calls_to("GET", "cluster/nextid")
+    created = pve.calls_to("POST", r"^nodes/pve1/lxc$")
+    assert len(created) == 2, "the failed create was retried"
+    assert {str(c["vmid"]) for c in created} == {str(instance.provider_ref["vmid"])}, "both used the stored VMID"
+    assert len([c for c in reserved if "vmid" not in c]) == 1, "one VMID allocated; later calls only re-check it"
+    ours = [g for g in pve.guests.values() if not g.template and g.config.get("hostname") == instance.guest_name]
+    assert len(ours) == 1
+
+
 def test_check_provider_reports_version_and_capabilities(node):
     provider, _, _ = node
     out = io.StringIO()
