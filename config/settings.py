@@ -176,6 +176,10 @@ if TASK_HEARTBEAT_SECONDS * 2 > TASK_LEASE_SECONDS:
         "TASK_HEARTBEAT_SECONDS must be at most half of TASK_LEASE_SECONDS, "
         f"got {TASK_HEARTBEAT_SECONDS} and {TASK_LEASE_SECONDS}"
     )
+# Backoff of retryable provider errors: waits of base x 1, 2, 4 (3 retries).
+TASK_RETRY_BASE_SECONDS = env_float("TASK_RETRY_BASE_SECONDS", 2.0, minimum=0.0)
+# Time budget of the undo of a failed or cancelled create (removing the partial guest).
+TASK_CLEANUP_SECONDS = env_float("TASK_CLEANUP_SECONDS", 60.0, minimum=1.0)
 # Scale of the simulated provider's delays: 1.0 is realistic (create ~30 s), tests use ~0.01.
 SIMULATED_SPEED = env_float("SIMULATED_SPEED", 1.0, minimum=0.0)
 # Name of this worker machine (several machines: give each its own).

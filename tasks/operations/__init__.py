@@ -48,6 +48,6 @@ def _load() -> None:
 
     # Site-specific operation modules (TASK_EXTRA_OPERATIONS): imported last, they
     # may register new implementations for task types.
-    for module in getattr(settings, "TASK_EXTRA_OPERATIONS", []):
+    for module in settings.TASK_EXTRA_OPERATIONS:
         importlib.import_module(module)
     _loaded = True

@@ -48,7 +48,7 @@ class VerifyFailed(PermanentError):
 
 
 def retry_base_seconds() -> float:
-    return float(getattr(settings, "TASK_RETRY_BASE_SECONDS", 2.0))
+    return float(settings.TASK_RETRY_BASE_SECONDS)
 
 
 def guest_ref(instance: Instance) -> dict[str, Any]:
@@ -215,7 +215,7 @@ def cleanup_token(ctx: ExecutionContext) -> CancelToken:
     Bounded so the undo finishes before the worker's hard kill (the task's
     deadline + TASK_HARD_KILL_GRACE_SECONDS) and within a shutdown's grace.
     """
-    budget = float(getattr(settings, "TASK_CLEANUP_SECONDS", 60.0))
+    budget = float(settings.TASK_CLEANUP_SECONDS)
     if ctx.cancel.reason == CANCEL_SHUTDOWN:
         budget = min(budget, float(settings.TASK_SHUTDOWN_GRACE_SECONDS))
     if ctx.cancel.deadline is not None:
