@@ -7,4 +7,4 @@ scripts/setup browser
 export SIMULATED_SPEED=${SIMULATED_SPEED:-0.01}
 # chromium is installed above: a missing browser must fail the browser test, not skip it.
 export REQUIRE_BROWSER=${REQUIRE_BROWSER:-1}
-exec .venv/bin/pytest -n "${TEST_PROCESSES:-2}" "$@"
+exec .venv/bin/pytest -n "${TEST_PROCESSES:-2}" --dist loadgroup "$@"

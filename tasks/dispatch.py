@@ -66,9 +66,11 @@ def enqueue_job(task_id: int, token: str, queue: str, timeout_seconds: int) -> N
 
 
 def slots_in_use(provider_id: int) -> int:
+    """Tasks holding one of the provider's slots: running, cancelling, or admitted and not yet claimed."""
     return (
-        Task.objects.filter(provider_id=provider_id, status__in=EXECUTING).count()
-        + Task.objects.filter(provider_id=provider_id, status=PENDING, admitted_at__isnull=False).count()
+        Task.objects.filter(provider_id=provider_id)
+        .filter(Q(status__in=EXECUTING) | Q(status=PENDING, admitted_at__isnull=False))
+        .count()
     )
 
 
@@ -90,14 +92,20 @@ def admit_locked(provider: Provider) -> list[int]:
     """
     if not provider.enabled:
         return []
-    free = provider.concurrency_limit - slots_in_use(provider.pk)
-    if free <= 0:
-        return []
+    limit = provider.concurrency_limit
+    # The oldest waiting tasks first (at most `limit`): usually there are none, and
+    # then the slots need not be counted at all.
     candidates = list(
         Task.objects.filter(provider_id=provider.pk, status=PENDING, admitted_at__isnull=True)
         .order_by("created_at", "id")
-        .values_list("id", "timeout_seconds", "task_type")[:free]
+        .values_list("id", "timeout_seconds", "task_type")[:limit]
     )
+    if not candidates:
+        return []
+    free = limit - slots_in_use(provider.pk)
+    if free <= 0:
+        return []
+    candidates = candidates[:free]
     now = timezone.now()
     jobs: list[tuple[int, str, int]] = []
     for task_id, timeout_seconds, task_type in candidates:

@@ -25,7 +25,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from tasks import crypto
-from tasks.models import Instance, Provider, Task, TaskEvent, TaskSecret, UserQuota
+from tasks.models import Instance, Provider, Task, TaskEvent, TaskSecret, UserQuota, Worker
 from tasks.operations import get_operation
 from tasks.operations.base import Outcome
 from tasks.states import (
@@ -93,35 +93,49 @@ def _lock_instance(instance_id: int | None) -> Instance | None:
     return Instance.objects.select_for_update().filter(pk=instance_id).first()
 
 
-@retry_on_deadlock
 def claim(task_id: int, *, token: str, worker: str) -> bool:
     """pending (admitted, with this token) -> running: the worker starts the task."""
+    return claim_task(task_id, token=token, worker=worker) is not None
+
+
+@retry_on_deadlock
+def claim_task(task_id: int, *, token: str, worker: str) -> Task | None:
+    """The claim, returning the running task (its instance attached), or None when it lost.
+
+    The worker's registry row names the task in the same transaction (one commit).
+    """
     with transaction.atomic():
         head = Task.objects.filter(pk=task_id).values("instance_id").first()
         if head is None:
-            return False
+            return None
         instance = _lock_instance(head["instance_id"])
         task = Task.objects.select_for_update().filter(pk=task_id).first()
         if task is None or task.status != PENDING or not token or task.lease_token != token or task.admitted_at is None:
-            return False
+            return None
         now = timezone.now()
+        lease = lease_deadline(now)
         rows = Task.objects.filter(pk=task_id, status=PENDING, lease_token=token).update(
             status=RUNNING,
             started_at=now,
             heartbeat_at=now,
-            lease_expires_at=lease_deadline(now),
+            lease_expires_at=lease,
             worker=worker[:200],
             attempt_count=F("attempt_count") + 1,
             status_message="started",
         )
         if rows != 1:
-            return False
-        task.status, task.started_at, task.worker = RUNNING, now, worker
+            return None
+        task.status, task.started_at, task.worker, task.status_message = RUNNING, now, worker, "started"
+        task.heartbeat_at, task.lease_expires_at, task.attempt_count = now, lease, task.attempt_count + 1
         _event(task, PENDING, RUNNING, f"worker:{worker}", at=now)
         if instance is not None:
             get_operation(task.task_type).on_running(task, instance)
             instance.save(update_fields=["status", "updated_at"])
-        return True
+            task.instance = instance
+        Worker.objects.filter(name=worker).update(
+            current_task_id=task_id, last_heartbeat=now, tasks_run=F("tasks_run") + 1
+        )
+        return task
 
 
 @retry_on_deadlock
@@ -193,11 +207,16 @@ def finish(
         raise ValueError(f"{target} is not a terminal state")
     allowed = frozenset(sources) & allowed_sources(target) if sources else allowed_sources(target)
     with transaction.atomic():
-        head = Task.objects.filter(pk=task_id).values("owner_id", "provider_id", "instance_id", "status").first()
+        head = (
+            Task.objects.filter(pk=task_id)
+            .values("owner_id", "provider_id", "instance_id", "status", "task_type")
+            .first()
+        )
         if head is None or head["status"] not in allowed:
             return False
         # Lock order: quota -> provider -> instance -> task.
-        UserQuota.objects.select_for_update().filter(user_id=head["owner_id"]).first()
+        if get_operation(head["task_type"]).touches_quota:
+            UserQuota.objects.select_for_update().filter(user_id=head["owner_id"]).first()
         provider = Provider.objects.select_for_update().filter(pk=head["provider_id"]).first()
         instance = _lock_instance(head["instance_id"])
         task = Task.objects.select_for_update().filter(pk=task_id).first()

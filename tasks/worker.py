@@ -156,34 +156,27 @@ class ProgressReporter:
             self.cancel.cancel(CANCEL_LEASE_LOST)
 
 
-def _register(name: str, task_id: int) -> None:
-    """One write per job: this process's registry row names its current task.
+_registered: set[str] = set()
 
-    The row is not cleared at the end (one commit less per task): readers treat
-    current_task as current only while that task is still executing.
-    """
-    from django.db.models import F
 
-    now = timezone.now()
+def _ensure_registered(name: str) -> None:
+    """This process's registry row (created once; claims and heartbeats keep it current)."""
+    if name in _registered:
+        return
     try:
-        updated = Worker.objects.filter(name=name).update(
-            current_task_id=task_id, last_heartbeat=now, tasks_run=F("tasks_run") + 1
+        Worker.objects.get_or_create(
+            name=name,
+            defaults={
+                "node": settings.WORKER_NODE,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "queue": os.environ.get("Q_CLUSTER_NAME", "default"),
+                "last_heartbeat": timezone.now(),
+            },
         )
-        if not updated:
-            Worker.objects.get_or_create(
-                name=name,
-                defaults={
-                    "node": settings.WORKER_NODE,
-                    "host": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "queue": os.environ.get("Q_CLUSTER_NAME", "default"),
-                    "current_task_id": task_id,
-                    "last_heartbeat": now,
-                    "tasks_run": 1,
-                },
-            )
+        _registered.add(name)
     except Exception:
-        logger.warning("worker %s: could not update its registry row", name, exc_info=True)
+        logger.warning("worker %s: could not register", name, exc_info=True)
 
 
 def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
@@ -200,14 +193,14 @@ def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
         # This machine is shutting down: claim nothing; the supervisor re-sends the job.
         logger.info("task %s: worker draining; job left for others", task_id)
         return "draining"
-    if not transitions.claim(task_id, token=token, worker=name):
+    task = transitions.claim_task(task_id, token=token, worker=name)
+    if task is None:
         logger.info("task %s: job not claimable (duplicate, late or revoked); dropped", task_id)
         return "dropped"
-    task = Task.objects.select_related("provider", "instance").get(pk=task_id)
+    _ensure_registered(name)
     elapsed = (timezone.now() - task.started_at).total_seconds()
     cancel = CancelToken(deadline=time.monotonic() + task.effective_timeout - elapsed)
     _current[task_id] = cancel
-    _register(name, task_id)
     beat = Heartbeat(task_id, token, cancel, name)
     if heartbeat:
         beat.start()

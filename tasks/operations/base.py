@@ -57,6 +57,9 @@ class Operation:
     task_type: str = ""
     # Instance status after success (None: leave as is).
     success_status: str | None = None
+    # Whether on_finished may release quota/capacity: the finish transition then
+    # locks the owner's quota row first (the system's lock order).
+    touches_quota: bool = False
 
     def run(self, ctx: ExecutionContext) -> None:
         raise NotImplementedError

@@ -44,6 +44,7 @@ ADDRESS_POLLS = 10  # a booting guest may need a few seconds to report addresses
 
 class CreateOperation(Operation):
     task_type = TaskType.CREATE
+    touches_quota = True
     success_status = InstanceStatus.RUNNING
 
     def run(self, ctx: ExecutionContext) -> None:

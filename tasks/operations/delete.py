@@ -32,6 +32,7 @@ logger = logging.getLogger("tasks.operations")
 
 class DeleteOperation(GuestOperation):
     task_type = TaskType.DELETE
+    touches_quota = True
     success_status = InstanceStatus.DELETED
 
     def steps(self, ctx: ExecutionContext, steps: Steps) -> None:

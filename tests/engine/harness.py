@@ -128,3 +128,12 @@ def read_exec_starts(path: Path) -> list[int]:
     if not path.exists():
         return []
     return [int(line.split()[1]) for line in path.read_text().splitlines() if line.startswith("start ")]
+
+
+def add_simulated_guests(provider, instances) -> None:
+    """Bulk-created instances get their running guest on the simulated host too (reconciliation reads it)."""
+    from providers.simulated import SimulatedStore
+
+    store = SimulatedStore.for_provider(provider.pk, provider.connection)
+    for inst in instances:
+        store.put_guest(inst.guest_name, status="running", instance_type=inst.instance_type)

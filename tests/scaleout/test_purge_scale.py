@@ -14,7 +14,7 @@ from tasks import dispatch, services
 from tasks.models import Instance, Provider, Task, TaskEvent
 from tasks.purge import purge
 
-pytestmark = [pytest.mark.mariadb, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.mariadb, pytest.mark.processes, pytest.mark.django_db(transaction=True)]
 
 OLD = 200_000
 

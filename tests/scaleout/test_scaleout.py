@@ -21,7 +21,14 @@ from django_q.conf import Conf
 from tasks import dispatch, services
 from tasks.models import Instance, Provider, Task
 from tasks.states import FINAL
-from tests.engine.harness import WorkerTier, kill_node_processes, read_exec_log, read_exec_starts, wait_until
+from tests.engine.harness import (
+    WorkerTier,
+    add_simulated_guests,
+    kill_node_processes,
+    read_exec_log,
+    read_exec_starts,
+    wait_until,
+)
 from tests.scaleout.faults import PrivateRedis, TcpProxy
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.processes, pytest.mark.django_db(transaction=True)]
@@ -70,6 +77,7 @@ def setup_providers(owner, per_provider: int) -> list[tuple[Provider, list[Insta
             Instance(owner=owner, provider=provider, name=n, live_name=n, image="debian/12", status="running")
             for n in names
         )
+        add_simulated_guests(provider, instances)
         out.append((provider, instances))
     return out
 
@@ -90,7 +98,12 @@ def check_limits_and_fifo(tasks: list[Task]) -> None:
             assert running <= limit_of[pid], f"provider {pid} ran {running} > {limit_of[pid]}"
         ordered = sorted(group, key=lambda t: (t.created_at, t.pk))
         admitted = [t.admitted_at for t in ordered if t.admitted_at and t.dispatch_count == 1]
-        assert admitted == sorted(admitted), f"provider {pid}: admission not FIFO"
+        if admitted != sorted(admitted):
+            bad = [
+                (t.pk, t.created_at.time(), t.admitted_at.time(), t.dispatch_count, t.status)
+                for t in ordered[:12]
+            ]
+            raise AssertionError(f"provider {pid}: admission not FIFO: {bad}")
 
 
 def test_three_machines_share_the_limits(alice, tmp_path, redis_server, db_proxy):
