@@ -18,11 +18,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "mariadb" in item.keywords and not IS_MYSQL:
             item.add_marker(skip)
-        if "processes" in item.keywords:
-            # Tests that start worker machines run one at a time (one xdist worker,
-            # with --dist loadgroup): on 2 cores two of them at once starve each
-            # other's heartbeats.
-            item.add_marker(pytest.mark.xdist_group("processes"))
 
 
 @pytest.fixture(autouse=True)
