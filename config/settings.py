@@ -208,7 +208,9 @@ Q_CLUSTER = {
     "retry": TASK_MAX_TIMEOUT_SECONDS + 2 * TASK_HARD_KILL_GRACE_SECONDS + 60,
     "max_attempts": 1,
     "ack_failures": True,
-    "save_limit": -1 if env_bool("Q_SAVE_RESULTS", False) is False else 100,
+    # -1: django-q2 stores no success rows (the Task row is the record); its own
+    # default (250) costs a SELECT ... FOR UPDATE over kept rows on every result.
+    "save_limit": env_int("Q_SAVE_LIMIT", -1, minimum=-1),
     # Prefetch as little as django-q2 allows: a job held by a busy cluster waits
     # (until re-sent) while another cluster of the same queue may be idle.
     "queue_limit": 1,

@@ -94,20 +94,26 @@ def pipeline(user) -> dict:
     return {"tps": tps, "p50": pct(lat, 0.5), "p95": pct(lat, 0.95), "n": len(ids)}
 
 
-def baseline() -> dict:
+def baseline(saved: bool) -> dict:
+    """Plain django-q2, same no-op. ``saved``: results stored as django-q2 does by default
+    (a Success row per task, save_limit 0 = keep all); else not stored at all (save=False)."""
     from django_q.brokers import get_broker
+    from django_q.models import Success
     from django_q.tasks import async_task
 
     log = Path(tempfile.mkstemp(prefix="bench-baseline-")[1])
     queue = "bench-baseline"
     workers = ARGS.providers * ARGS.limit
-    cluster = spawn(["qcluster"], Q_CLUSTER_NAME=queue, Q_CLUSTER_WORKERS=str(workers), BENCH_BASELINE_LOG=str(log))
+    env = {"Q_CLUSTER_NAME": queue, "Q_CLUSTER_WORKERS": str(workers), "BENCH_BASELINE_LOG": str(log)}
+    if saved:
+        env["Q_SAVE_LIMIT"] = "0"
+    cluster = spawn(["qcluster"], **env)
     broker_local = threading.local()
 
     def enqueue(_=None):
         broker = getattr(broker_local, "b", None) or get_broker(queue)
         broker_local.b = broker
-        async_task("bench.pipeline.noop_ops.baseline_noop", time.time(), cluster=queue, broker=broker, save=False)
+        async_task("bench.pipeline.noop_ops.baseline_noop", time.time(), cluster=queue, broker=broker, save=saved)
 
     def lines() -> list[str]:
         return log.read_text().splitlines()
@@ -117,13 +123,20 @@ def baseline() -> dict:
         deadline = time.monotonic() + 60
         while len(lines()) < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
+        time.sleep(0.5)
         log.write_text("")
+        Success.objects.all().delete()
         t0 = time.time()
         in_threads(ARGS.producers, list(range(ARGS.tasks)), enqueue)
         deadline = time.monotonic() + 600
-        while len(lines()) < ARGS.tasks and time.monotonic() < deadline:
-            time.sleep(0.05)
-        last = max(float(line.split()[1]) for line in lines())
+        if saved:
+            while Success.objects.count() < ARGS.tasks and time.monotonic() < deadline:
+                time.sleep(0.02)
+            last = time.time()
+        else:
+            while len(lines()) < ARGS.tasks and time.monotonic() < deadline:
+                time.sleep(0.05)
+            last = max(float(line.split()[1]) for line in lines())
         tps = ARGS.tasks / (last - t0)
         log.write_text("")
         for _ in range(ARGS.latency_samples):
@@ -143,16 +156,18 @@ def main() -> None:
     reset_data()
     user = get_user_model().objects.get_or_create(username="bench")[0]
     ours = pipeline(user)
-    reset_data()
-    base = baseline()
+    rows = [("task pipeline", ours)]
+    for saved, label in ((True, "django-q2, results saved"), (False, "django-q2, results not saved")):
+        reset_data()
+        rows.append((label, baseline(saved)))
     print(
         f"\npipeline benchmark: {ARGS.tasks} no-op tasks, {ARGS.providers} providers x limit {ARGS.limit}, "
         f"broker={ARGS.broker}, database={connection.vendor}, {ARGS.producers} producer threads"
     )
-    print(f"{'':28}{'tasks/s':>10}{'latency p50 ms':>17}{'latency p95 ms':>17}")
-    print(f"{'task pipeline':28}{ours['tps']:>10.1f}{ours['p50']:>17.1f}{ours['p95']:>17.1f}")
-    print(f"{'plain django-q2':28}{base['tps']:>10.1f}{base['p50']:>17.1f}{base['p95']:>17.1f}")
-    print(f"ratio (pipeline / django-q2 tasks/s): {ours['tps'] / base['tps']:.2f}")
+    print(f"{'':30}{'tasks/s':>10}{'latency p50 ms':>17}{'latency p95 ms':>17}{'ratio':>8}")
+    for label, r in rows:
+        print(f"{label:30}{r['tps']:>10.1f}{r['p50']:>17.1f}{r['p95']:>17.1f}{ours['tps'] / r['tps']:>8.2f}")
+    print("ratio: task pipeline tasks/s divided by that row's tasks/s")
 
 
 if __name__ == "__main__":
