@@ -86,16 +86,13 @@ class CreateOperation(Operation):
         instance.provider_ref = ref
         steps.call("starting the guest", lambda p: driver.start(ref, ctx.cancel, p), 55, 65)
         steps.call("setting the root password", lambda p: driver.set_password(ref, password, ctx.cancel, p), 65, 72)
-        specs = [spec for mapping in mappings for spec in port_specs(mapping)]
-        for i, port in enumerate(specs):
-            lo = 72 + 13 * i // max(1, len(specs))
-            hi = 72 + 13 * (i + 1) // max(1, len(specs))
-            steps.call(
-                f"mapping host port {port.handle}",
-                lambda p, port=port: driver.add_port(ref, port, ctx.cancel, p),
-                lo,
-                hi,
-            )
+        steps.call_each(
+            [port for mapping in mappings for port in port_specs(mapping)],
+            lambda port: f"mapping host port {port.handle}",
+            lambda port, p: driver.add_port(ref, port, ctx.cancel, p),
+            72,
+            85,
+        )
         steps.step(88, "reading the addresses")
         state = steps.read_state()
         polls = 0

@@ -50,13 +50,13 @@ class CreatePortOperation(GuestOperation):
     def steps(self, ctx: ExecutionContext, steps: Steps) -> None:
         mapping = task_mapping(ctx)
         ref = guest_ref(ctx.instance)
-        specs = port_specs(mapping)
-        for i, port in enumerate(specs):
-            lo = 10 + 80 * i // len(specs)
-            hi = 10 + 80 * (i + 1) // len(specs)
-            steps.call(
-                f"mapping {port.handle}", lambda p, port=port: ctx.driver.add_port(ref, port, ctx.cancel, p), lo, hi
-            )
+        steps.call_each(
+            port_specs(mapping),
+            lambda port: f"mapping {port.handle}",
+            lambda port, p: ctx.driver.add_port(ref, port, ctx.cancel, p),
+            10,
+            90,
+        )
         steps.step(100, f"mapped {mapping}")
 
     def after_failure(self, ctx: ExecutionContext, steps: Steps, exc: Exception) -> bool:

@@ -124,6 +124,14 @@ class Steps:
 
         return report
 
+    def call_each(self, items: list, what: Callable, fn: Callable, lo: int, hi: int) -> None:
+        """One provider call per item (``fn(item, progress)``), progress spread evenly over lo..hi."""
+        n = max(1, len(items))
+        for i, item in enumerate(items):
+            self.call(
+                what(item), lambda p, item=item: fn(item, p), lo + (hi - lo) * i // n, lo + (hi - lo) * (i + 1) // n
+            )
+
     def call(
         self,
         what: str,
