@@ -99,10 +99,11 @@ def claim(task_id: int, *, token: str, worker: str) -> bool:
 
 
 @retry_on_deadlock
-def claim_task(task_id: int, *, token: str, worker: str) -> Task | None:
+def claim_task(task_id: int, *, token: str, worker: str, registry: dict | None = None) -> Task | None:
     """The claim, returning the running task (its instance attached), or None when it lost.
 
-    The worker's registry row names the task in the same transaction (one commit).
+    The worker's registry row names the task in the same transaction (one commit);
+    ``registry`` holds the fields to create that row with when it does not exist.
     """
     with transaction.atomic():
         head = Task.objects.filter(pk=task_id).values("instance_id").first()
@@ -132,9 +133,11 @@ def claim_task(task_id: int, *, token: str, worker: str) -> Task | None:
             get_operation(task.task_type).on_running(task, instance)
             instance.save(update_fields=["status", "updated_at"])
             task.instance = instance
-        Worker.objects.filter(name=worker).update(
+        named = Worker.objects.filter(name=worker).update(
             current_task_id=task_id, last_heartbeat=now, tasks_run=F("tasks_run") + 1
         )
+        if not named and registry is not None:
+            Worker.objects.create(name=worker, current_task_id=task_id, last_heartbeat=now, tasks_run=1, **registry)
         return task
 
 

@@ -156,27 +156,14 @@ class ProgressReporter:
             self.cancel.cancel(CANCEL_LEASE_LOST)
 
 
-_registered: set[str] = set()
-
-
-def _ensure_registered(name: str) -> None:
-    """This process's registry row (created once; claims and heartbeats keep it current)."""
-    if name in _registered:
-        return
-    try:
-        Worker.objects.get_or_create(
-            name=name,
-            defaults={
-                "node": settings.WORKER_NODE,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "queue": os.environ.get("Q_CLUSTER_NAME", "default"),
-                "last_heartbeat": timezone.now(),
-            },
-        )
-        _registered.add(name)
-    except Exception:
-        logger.warning("worker %s: could not register", name, exc_info=True)
+def _registry_fields() -> dict:
+    """What this process's Worker row says about it (created by its first claim)."""
+    return {
+        "node": settings.WORKER_NODE,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "queue": os.environ.get("Q_CLUSTER_NAME", "default"),
+    }
 
 
 def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
@@ -193,11 +180,10 @@ def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
         # This machine is shutting down: claim nothing; the supervisor re-sends the job.
         logger.info("task %s: worker draining; job left for others", task_id)
         return "draining"
-    task = transitions.claim_task(task_id, token=token, worker=name)
+    task = transitions.claim_task(task_id, token=token, worker=name, registry=_registry_fields())
     if task is None:
         logger.info("task %s: job not claimable (duplicate, late or revoked); dropped", task_id)
         return "dropped"
-    _ensure_registered(name)
     elapsed = (timezone.now() - task.started_at).total_seconds()
     cancel = CancelToken(deadline=time.monotonic() + task.effective_timeout - elapsed)
     _current[task_id] = cancel

@@ -56,3 +56,15 @@ def test_admission_respects_the_limit_and_fifo(alice, provider, make_instance, d
     provider.max_concurrent_tasks = 3
     provider.save()
     assert dispatch.admit(provider.pk) == [tasks[2].pk]
+
+
+def test_the_worker_registry_names_the_running_task(alice, running_instance):
+    from tasks.models import Worker
+    from tasks.worker import worker_name
+
+    task = services.request_operation(alice, running_instance.pk, "stop")
+    dispatch.admit(running_instance.provider_id)
+    task.refresh_from_db()
+    assert execute(task.pk, task.lease_token, heartbeat=False) == "completed"
+    row = Worker.objects.get(name=worker_name())
+    assert (row.current_task_id, row.tasks_run) == (task.pk, 1)
