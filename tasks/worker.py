@@ -224,7 +224,7 @@ def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
     except BaseException:
         # django-q2's hard timeout (TimeoutException is a SystemExit) or an interrupt:
         # record the truth while we still can, then let it kill the process.
-        heartbeat.stop()
+        beat.stop()
         _finish(
             task_id,
             token,

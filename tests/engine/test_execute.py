@@ -68,3 +68,31 @@ def test_the_worker_registry_names_the_running_task(alice, running_instance):
     assert execute(task.pk, task.lease_token, heartbeat=False) == "completed"
     row = Worker.objects.get(name=worker_name())
     assert (row.current_task_id, row.tasks_run) == (task.pk, 1)
+
+
+def test_hard_timeout_inside_the_operation_is_recorded_as_timeout(alice, running_instance, monkeypatch):
+    """django-q2's per-job timeout raises TimeoutException (a SystemExit) in the operation:
+    the worker records `timeout` itself, then lets the exception end the process."""
+    import pytest
+    from django_q.exceptions import TimeoutException
+
+    from tasks import operations
+    from tasks.operations.base import Operation
+
+    class Stuck(Operation):
+        task_type = "restart"
+
+        def run(self, ctx):
+            raise TimeoutException("hard timeout")
+
+    operations.get_operation("restart")  # load the registry first
+    monkeypatch.setitem(operations._REGISTRY, "restart", Stuck())
+    task = services.request_operation(alice, running_instance.pk, "restart")
+    dispatch.admit(running_instance.provider_id)
+    task.refresh_from_db()
+    with pytest.raises(TimeoutException):
+        execute(task.pk, task.lease_token, heartbeat=False)
+    task.refresh_from_db()
+    running_instance.refresh_from_db()
+    assert (task.status, task.error_code) == ("timeout", "timeout")
+    assert running_instance.active_task_id is None
