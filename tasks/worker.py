@@ -121,7 +121,8 @@ class Heartbeat(threading.Thread):
                 self.cancel.cancel(CANCEL_LEASE_LOST)
             return
         if status is None:
-            logger.warning("task %s: lease lost (force-stopped or recovered); stopping the operation", self.task_id)
+            if not self.cancel.cancelled:
+                logger.warning("task %s: lease lost (force-stopped or recovered); stopping the operation", self.task_id)
             self.cancel.cancel(CANCEL_LEASE_LOST)
         elif status == CANCELLING:
             self.cancel.cancel(CANCEL_USER)

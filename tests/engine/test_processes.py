@@ -21,7 +21,7 @@ from tasks import services
 from tasks.errors import NotCancellable
 from tasks.models import Instance, Provider, Task
 from tasks.states import FINAL
-from tests.engine.harness import WorkerTier, add_simulated_guests, read_exec_log, wait_until
+from tests.engine.harness import FAST, WorkerTier, add_simulated_guests, read_exec_log, wait_until
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.processes, pytest.mark.django_db(transaction=True)]
 
@@ -149,7 +149,9 @@ def test_cancel_pending_running_and_terminal(alice, tmp_path, node):
         wait_until(lambda: Task.objects.filter(pk=after.pk, status="completed").exists(), 10, message="next task")
 
 
-def test_timeouts_end_timeout_and_free_the_slot(alice, tmp_path, node):
+def test_timeouts_end_timeout_and_free_the_slot(alice, tmp_path, node, settings):
+    # This process enqueues the jobs: their django-q2 timeout is the task's + this grace.
+    settings.TASK_HARD_KILL_GRACE_SECONDS = int(FAST["TASK_HARD_KILL_GRACE_SECONDS"])
     provider = make_provider("tmo", 3)
     polite, stubborn, deaf, after = make_instances(alice, provider, 4)
     with WorkerTier(tmp_path, node) as tier:
@@ -161,6 +163,8 @@ def test_timeouts_end_timeout_and_free_the_slot(alice, tmp_path, node):
         assert (t1.completed_at - t1.started_at).total_seconds() < 5
         # Ignores the cancel token: django-q2's hard timeout interrupts it (timeout + 1 s grace).
         wait_until(lambda: Task.objects.filter(pk=t2.pk, status="timeout").exists(), 10, message="stubborn timeout")
+        last = t2.events.filter(kind="transition").last()
+        assert last.actor.startswith("worker:"), f"recorded by the interrupted worker itself, not {last.actor}"
         # Blocks even that: the process is killed, recovery records timeout once the lease runs out.
         wait_until(lambda: Task.objects.filter(pk=t3.pk, status="timeout").exists(), 25, message="deaf timeout")
         t3.refresh_from_db()
