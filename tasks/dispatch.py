@@ -112,6 +112,7 @@ def admit_locked(provider: Provider) -> list[int]:
         token = new_token()
         rows = Task.objects.filter(pk=task_id, status=PENDING, admitted_at__isnull=True).update(
             admitted_at=now,
+            dispatched_at=now,
             lease_token=token,
             dispatch_count=F("dispatch_count") + 1,
             status_message="waiting for a worker",
@@ -143,17 +144,15 @@ def redispatch_stale(cutoff=None, provider_ids=None) -> list[int]:
     if cutoff is None:
         cutoff = now - timedelta(seconds=settings.TASK_DISPATCH_TIMEOUT_SECONDS)
     sent = []
-    stale = Task.objects.filter(status=PENDING, admitted_at__lt=cutoff)
+    stale = Task.objects.filter(status=PENDING, admitted_at__isnull=False, dispatched_at__lt=cutoff)
     if provider_ids is not None:
         stale = stale.filter(provider_id__in=provider_ids)
-    for task in stale.only("id", "lease_token", "timeout_seconds", "task_type", "provider_id", "admitted_at")[:500]:
+    for task in stale.only("id", "lease_token", "timeout_seconds", "task_type", "provider_id", "dispatched_at")[:500]:
         rows = Task.objects.filter(
-            pk=task.pk, status=PENDING, lease_token=task.lease_token, admitted_at=task.admitted_at
-        ).update(admitted_at=now, dispatch_count=F("dispatch_count") + 1)
+            pk=task.pk, status=PENDING, lease_token=task.lease_token, dispatched_at=task.dispatched_at
+        ).update(dispatched_at=now, dispatch_count=F("dispatch_count") + 1)
         if rows == 1:
-            logger.warning(
-                "task %s: admitted %s ago but never claimed; job sent again", task.pk, now - task.admitted_at
-            )
+            logger.warning("task %s: job sent %s ago but never claimed; sent again", task.pk, now - task.dispatched_at)
             enqueue_job(task.pk, task.lease_token, f"provider-{task.provider_id}", task.effective_timeout)
             sent.append(task.pk)
     return sent

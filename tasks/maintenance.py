@@ -86,7 +86,8 @@ def recover(report: SweepReport, *, dry_run: bool = False) -> None:
 def redispatch(report: SweepReport, *, dry_run: bool = False) -> None:
     if dry_run:
         cutoff = timezone.now() - timedelta(seconds=settings.TASK_DISPATCH_TIMEOUT_SECONDS)
-        for pk in Task.objects.filter(status=PENDING, admitted_at__lt=cutoff).values_list("pk", flat=True):
+        stale = Task.objects.filter(status=PENDING, admitted_at__isnull=False, dispatched_at__lt=cutoff)
+        for pk in stale.values_list("pk", flat=True):
             report.add(f"task {pk}: admitted but never claimed: would send its job again")
         return
     for pk in dispatch.redispatch_stale():

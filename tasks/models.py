@@ -230,6 +230,9 @@ class Task(models.Model):
 
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     admitted_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # When its job was last sent (admission, or a re-send of a job nobody claimed):
+    # admitted_at stays the admission time, so admission order remains visible.
+    dispatched_at = models.DateTimeField(null=True, blank=True, editable=False)
     started_at = models.DateTimeField(null=True, blank=True, editable=False)
     completed_at = models.DateTimeField(null=True, blank=True, editable=False)
 

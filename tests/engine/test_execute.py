@@ -96,3 +96,23 @@ def test_hard_timeout_inside_the_operation_is_recorded_as_timeout(alice, running
     running_instance.refresh_from_db()
     assert (task.status, task.error_code) == ("timeout", "timeout")
     assert running_instance.active_task_id is None
+
+
+def test_a_lost_job_is_sent_again_with_the_same_token_keeping_the_admission_time(alice, running_instance, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    sent = []
+    monkeypatch.setattr(dispatch, "enqueue_job", lambda *args: sent.append(args))
+    task = services.request_operation(alice, running_instance.pk, "stop")
+    dispatch.admit(running_instance.provider_id)
+    task.refresh_from_db()
+    admitted, token = task.admitted_at, task.lease_token
+    assert dispatch.redispatch_stale() == []  # just sent: nothing to do
+    Task.objects.filter(pk=task.pk).update(dispatched_at=timezone.now() - timedelta(minutes=5))
+    assert dispatch.redispatch_stale() == [task.pk]
+    task.refresh_from_db()
+    assert (task.admitted_at, task.lease_token, task.dispatch_count) == (admitted, token, 2)
+    assert sent[-1][:2] == (task.pk, token)
+    assert execute(task.pk, token, heartbeat=False) == "completed"
