@@ -43,21 +43,26 @@ def task_mapping(ctx: ExecutionContext) -> PortMapping:
     return mapping
 
 
+def apply_mapping(ctx: ExecutionContext, steps: Steps, verb: str, done: str, call) -> None:
+    """One driver call per protocol of the task's mapping (progress 10-90): ``call(ref, port, cancel, progress)``."""
+    mapping = task_mapping(ctx)
+    ref = guest_ref(ctx.instance)
+    steps.call_each(
+        port_specs(mapping),
+        lambda port: f"{verb} {port.handle}",
+        lambda port, p: call(ref, port, ctx.cancel, p),
+        10,
+        90,
+    )
+    steps.step(100, f"{done} {mapping}")
+
+
 class CreatePortOperation(GuestOperation):
     task_type = TaskType.CREATE_PORT
     success_status = None
 
     def steps(self, ctx: ExecutionContext, steps: Steps) -> None:
-        mapping = task_mapping(ctx)
-        ref = guest_ref(ctx.instance)
-        steps.call_each(
-            port_specs(mapping),
-            lambda port: f"mapping {port.handle}",
-            lambda port, p: ctx.driver.add_port(ref, port, ctx.cancel, p),
-            10,
-            90,
-        )
-        steps.step(100, f"mapped {mapping}")
+        apply_mapping(ctx, steps, "mapping", "mapped", ctx.driver.add_port)
 
     def after_failure(self, ctx: ExecutionContext, steps: Steps, exc: Exception) -> bool:
         ref = guest_ref(ctx.instance)

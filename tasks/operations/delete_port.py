@@ -12,8 +12,8 @@ from __future__ import annotations
 from tasks.models import PortMapping
 from tasks.operations import register
 from tasks.operations.base import ExecutionContext, Outcome
-from tasks.operations.create_port import task_mapping
-from tasks.operations.steps import GuestOperation, Steps, guest_ref, port_specs, status_of, truth_after_failure
+from tasks.operations.create_port import apply_mapping
+from tasks.operations.steps import GuestOperation, Steps, status_of, truth_after_failure
 from tasks.states import COMPLETED, TaskType
 
 
@@ -22,16 +22,7 @@ class DeletePortOperation(GuestOperation):
     success_status = None
 
     def steps(self, ctx: ExecutionContext, steps: Steps) -> None:
-        mapping = task_mapping(ctx)
-        ref = guest_ref(ctx.instance)
-        steps.call_each(
-            port_specs(mapping),
-            lambda port: f"unmapping {port.handle}",
-            lambda port, p: ctx.driver.remove_port(ref, port, ctx.cancel, p),
-            10,
-            90,
-        )
-        steps.step(100, f"unmapped {mapping}")
+        apply_mapping(ctx, steps, "unmapping", "unmapped", ctx.driver.remove_port)
 
     def after_failure(self, ctx: ExecutionContext, steps: Steps, exc: Exception) -> bool:
         ctx.instance_status = status_of(truth_after_failure(ctx)) or ctx.instance.status
