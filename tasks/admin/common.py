@@ -38,6 +38,24 @@ STYLES = ("tasks/admin.css",)
 SCRIPTS = ("tasks/progress.js",)
 
 
+class ConsolePageMixin:
+    """Console pages for rows that change only through the services: the console's
+    styles and live-progress script, no add, and a read-only object page (the
+    list-level "change" permission still gates the actions)."""
+
+    class Media:
+        css = {"all": STYLES}
+        js = SCRIPTS
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        if obj is not None:
+            return False
+        return super().has_change_permission(request)
+
+
 def progress_url() -> str:
     return reverse("admin:tasks_task_progress")
 

@@ -17,10 +17,9 @@ from django.utils.html import format_html, format_html_join
 
 from tasks import services
 from tasks.admin.common import (
-    SCRIPTS,
-    STYLES,
     BulkResult,
     ConfirmForm,
+    ConsolePageMixin,
     admin_link,
     age,
     confirm_action,
@@ -68,7 +67,7 @@ def _memory(mb: int) -> str:
 
 
 @admin.register(Instance)
-class InstanceAdmin(admin.ModelAdmin):
+class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
     list_display = (
         "name",
         "id",
@@ -125,20 +124,6 @@ class InstanceAdmin(admin.ModelAdmin):
     created_time = moment_field("created_at", "created")
     updated_time = moment_field("updated_at", "updated")
     deleted_time = moment_field("deleted_at", "deleted")
-
-    class Media:
-        css = {"all": STYLES}
-        js = SCRIPTS
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        # Creation reserves quota, capacity and ports: only through the API's create.
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Instance | None = None) -> bool:
-        # List level: gates the actions. The instance page itself is read-only.
-        if obj is not None:
-            return False
-        return super().has_change_permission(request)
 
     def has_delete_permission(self, request: HttpRequest, obj: Instance | None = None) -> bool:
         # Rows are never deleted (status=deleted); the delete action queues a delete task.

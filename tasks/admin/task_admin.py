@@ -22,9 +22,8 @@ from django.utils.html import format_html
 
 from tasks import admin_views, dispatch, services
 from tasks.admin.common import (
-    SCRIPTS,
-    STYLES,
     BulkResult,
+    ConsolePageMixin,
     admin_link,
     age,
     confirm_action,
@@ -45,7 +44,7 @@ TIMELINE_LIMIT = 500
 
 
 @admin.register(Task)
-class TaskAdmin(admin.ModelAdmin):
+class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
     list_display = (
         "id",
         "task_type",
@@ -138,22 +137,7 @@ class TaskAdmin(admin.ModelAdmin):
         ("Task data (secrets redacted)", {"fields": ("task_data_redacted",)}),
     )
 
-    class Media:
-        css = {"all": STYLES}
-        js = SCRIPTS
-
     # ------------------------------------------------------------ permissions
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        # Tasks are created by the services (instance actions, the API), never by hand.
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Task | None = None) -> bool:
-        # The list-level "change" permission gates the cancel action; a task's own
-        # page stays read-only (its state changes only through transitions).
-        if obj is not None:
-            return False
-        return super().has_change_permission(request)
 
     def has_delete_permission(self, request: HttpRequest, obj: Task | None = None) -> bool:
         if obj is not None and obj.status not in FINAL:
