@@ -124,3 +124,43 @@ def wait_all_done(ids: list[int], timeout: float = 900) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"tasks did not finish in {timeout} s")
         time.sleep(0.1)
+
+
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    """CPU seconds used so far by every process on the machine, with a role name."""
+    import psutil
+
+    me = os.getpid()
+    snap = {}
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+        times = proc.info["cpu_times"]
+        if times is None:
+            continue
+        cmd = " ".join(proc.info["cmdline"] or [])
+        name = proc.info["name"] or ""
+        if proc.info["pid"] == me:
+            role = "benchmark process (producers)"
+        elif "mariadbd" in name or "mysqld" in name:
+            role = "database server"
+        elif "redis-server" in name:
+            role = "redis"
+        elif "Worker" in cmd and "qcluster" in cmd:
+            role = "django-q2 workers (our code runs here)"
+        elif "qcluster" in cmd or "qcluster" in name:
+            role = "django-q2 pusher/monitor/sentinel"
+        elif "run_workers" in cmd:
+            role = "run_workers supervisor"
+        else:
+            role = "other"
+        snap[proc.info["pid"]] = (role, times.user + times.system)
+    return snap
+
+
+def cpu_report(before: dict, after: dict, tasks: int) -> list[tuple[str, float]]:
+    """CPU milliseconds per task by role between two snapshots (processes born in between count whole)."""
+    totals: dict[str, float] = {}
+    for pid, (role, cpu) in after.items():
+        start = before.get(pid, (role, 0.0))[1]
+        totals[role] = totals.get(role, 0.0) + max(0.0, cpu - start)
+    rows = sorted(((role, secs * 1000 / tasks) for role, secs in totals.items()), key=lambda r: -r[1])
+    return [*rows, ("total", sum(r[1] for r in rows))]

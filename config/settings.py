@@ -184,6 +184,8 @@ TASK_CLEANUP_SECONDS = env_float("TASK_CLEANUP_SECONDS", 60.0, minimum=1.0)
 SIMULATED_SPEED = env_float("SIMULATED_SPEED", 1.0, minimum=0.0)
 # Name of this worker machine (several machines: give each its own).
 WORKER_NODE = env_str("WORKER_NODE") or os.uname().nodename
+# A worker's registry row (admin "workers") is refreshed by its claims at most this often.
+WORKER_REGISTRY_INTERVAL_SECONDS = env_float("WORKER_REGISTRY_INTERVAL_SECONDS", 1.0, minimum=0.0)
 # Extra operation modules imported after the built-in ones (they may override a type).
 TASK_EXTRA_OPERATIONS = env_list("TASK_EXTRA_OPERATIONS")
 # Which providers this machine's worker tier serves: empty = all; else names or ids.

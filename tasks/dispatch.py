@@ -24,6 +24,7 @@ from django.db import transaction
 from django.db.models import Avg, F, Q
 from django.utils import timezone
 
+from tasks import sql
 from tasks.models import Provider, Task
 from tasks.states import COMPLETED, EXECUTING, PENDING
 from tasks.transitions import new_token, retry_on_deadlock
@@ -65,20 +66,40 @@ def enqueue_job(task_id: int, token: str, queue: str, timeout_seconds: int) -> N
         logger.exception("task %s: could not enqueue its job on %s; the sweep will retry", task_id, queue)
 
 
+def _slot_sql() -> tuple[str, str]:
+    """(slots in use, some task waiting) as SQL expressions over the task table; 3 + 2 params."""
+    t = sql.table(Task)
+    provider, status, admitted = sql.col(Task, "provider"), sql.col(Task, "status"), sql.col(Task, "admitted_at")
+    used = (
+        f"(SELECT COUNT(*) FROM {t.name} WHERE {provider} = %s AND {status} IN (%s, %s))"
+        f" + (SELECT COUNT(*) FROM {t.name} WHERE {provider} = %s AND {status} = %s AND {admitted} IS NOT NULL)"
+    )
+    waiting = f"EXISTS(SELECT 1 FROM {t.name} WHERE {provider} = %s AND {status} = %s AND {admitted} IS NULL)"
+    return used, waiting
+
+
+def _used_params(provider_id: int) -> list:
+    running, cancelling = sorted(EXECUTING)
+    return [provider_id, running, cancelling, provider_id, PENDING]
+
+
 def slots_in_use(provider_id: int) -> int:
     """Tasks holding one of the provider's slots: running, cancelling, or admitted and not yet claimed."""
-    return (
-        Task.objects.filter(provider_id=provider_id)
-        .filter(Q(status__in=EXECUTING) | Q(status=PENDING, admitted_at__isnull=False))
-        .count()
-    )
+    return slot_state(provider_id)[0]
+
+
+def slot_state(provider_id: int) -> tuple[int, bool]:
+    """(slots in use, whether any task waits for admission): one statement on the admission index."""
+    used, waiting = _slot_sql()
+    row = sql.fetchone(f"SELECT {used}, {waiting}", [*_used_params(provider_id), provider_id, PENDING])
+    return int(row[0]), bool(row[1])
 
 
 @retry_on_deadlock
 def admit(provider_id: int) -> list[int]:
     """Admit as many pending tasks of the provider as it has free slots; return their ids."""
-    with transaction.atomic():
-        provider = Provider.objects.select_for_update().filter(pk=provider_id).first()
+    with sql.atomic():
+        provider = sql.get(Provider, provider_id, lock=True)
         if provider is None:
             return []
         return admit_locked(provider)
@@ -93,37 +114,45 @@ def admit_locked(provider: Provider) -> list[int]:
     if not provider.enabled:
         return []
     limit = provider.concurrency_limit
-    # The oldest waiting tasks first (at most `limit`): usually there are none, and
-    # then the slots need not be counted at all.
-    candidates = list(
-        Task.objects.filter(provider_id=provider.pk, status=PENDING, admitted_at__isnull=True)
-        .order_by("created_at", "id")
-        .values_list("id", "timeout_seconds", "task_type")[:limit]
+    # The oldest waiting tasks (at most `limit`), each row carrying the slots in use:
+    # usually nobody waits, and then that is the whole cost.
+    t = sql.table(Task)
+    used, _ = _slot_sql()
+    provider_col, status, admitted = sql.col(Task, "provider"), sql.col(Task, "status"), sql.col(Task, "admitted_at")
+    candidates = sql.fetchall(
+        f"SELECT {sql.col(Task, 'id')}, {sql.col(Task, 'timeout_seconds')}, {sql.col(Task, 'task_type')}, {used}"
+        f" FROM {t.name} WHERE {provider_col} = %s AND {status} = %s AND {admitted} IS NULL"
+        f" ORDER BY {sql.col(Task, 'created_at')}, {sql.col(Task, 'id')} LIMIT %s",
+        [*_used_params(provider.pk), provider.pk, PENDING, limit],
     )
     if not candidates:
         return []
-    free = limit - slots_in_use(provider.pk)
+    free = limit - int(candidates[0][3])
     if free <= 0:
         return []
-    candidates = candidates[:free]
     now = timezone.now()
     jobs: list[tuple[int, str, int]] = []
-    for task_id, timeout_seconds, task_type in candidates:
+    where = f"{sql.col(Task, 'id')} = %s AND {status} = %s AND {admitted} IS NULL"
+    for task_id, timeout_seconds, task_type, _used in candidates[:free]:
         token = new_token()
-        rows = Task.objects.filter(pk=task_id, status=PENDING, admitted_at__isnull=True).update(
-            admitted_at=now,
-            dispatched_at=now,
-            lease_token=token,
-            dispatch_count=F("dispatch_count") + 1,
-            status_message="waiting for a worker",
-        )
-        if rows == 1:
+        values = {
+            "admitted_at": now,
+            "dispatched_at": now,
+            "lease_token": token,
+            "dispatch_count": sql.Inc(1),
+            "status_message": "waiting for a worker",
+        }
+        if sql.update(Task, values, where, [task_id, PENDING]) == 1:
             jobs.append((task_id, token, timeout_seconds or Task(task_type=task_type).effective_timeout))
     if jobs:
-        queue = provider.queue_name
-        transaction.on_commit(lambda: [enqueue_job(tid, tok, queue, tmo) for tid, tok, tmo in jobs])
+        send_on_commit(provider.queue_name, jobs)
         logger.debug("provider %s: admitted %s", provider.pk, [j[0] for j in jobs])
     return [j[0] for j in jobs]
+
+
+def send_on_commit(queue: str, jobs: list[tuple[int, str, int]]) -> None:
+    """Send (task id, token, timeout) jobs once the admitting transaction commits."""
+    transaction.on_commit(lambda: [enqueue_job(tid, tok, queue, tmo) for tid, tok, tmo in jobs])
 
 
 def admit_soon(provider_id: int) -> None:

@@ -251,6 +251,10 @@ class Task(models.Model):
             # admission FIFO and slot count: WHERE provider_id=? AND status=? ORDER BY created_at, id;
             # admin list filtered by provider+status, ordered by created_at
             models.Index(fields=["provider", "status", "created_at", "id"], name="task_provider_status_created"),
+            # admission: slots held (status=pending AND admitted_at IS NOT NULL is a range of
+            # at most the limit), anyone waiting (admitted_at IS NULL), and the oldest waiting
+            # in FIFO order without a sort, however long the backlog
+            models.Index(fields=["provider", "status", "admitted_at", "created_at", "id"], name="task_admission"),
             # admin list filtered by status: WHERE status IN (..) ORDER BY created_at DESC
             models.Index(fields=["status", "-created_at", "-id"], name="task_status_created"),
             # admin list default ordering: ORDER BY created_at DESC, id DESC

@@ -13,11 +13,10 @@ import re
 import secrets
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.utils import timezone
 
-from tasks import ports, resources, transitions
-from tasks.dispatch import admit_locked
+from tasks import dispatch, ports, resources, sql, transitions
 from tasks.errors import (
     InstanceBusy,
     InvalidInput,
@@ -74,7 +73,18 @@ def _new_task(
     task_data: dict | None,
     port_mapping=None,
 ) -> Task:
-    task = Task.objects.create(
+    """Insert the task (admitted at once when its provider has a free slot and nobody
+    waits ahead of it), make it the instance's active task, write its first event.
+
+    The caller holds the provider and instance row locks.
+    """
+    if instance.active_task_id is not None:
+        raise InstanceBusy(instance.active_task_id)
+    now = timezone.now()
+    used, waiting = dispatch.slot_state(provider.pk)
+    limit = provider.concurrency_limit
+    admit_now = provider.enabled and not waiting and used < limit
+    task = Task(
         task_type=task_type,
         owner_id=instance.owner_id,
         initiator=initiator,
@@ -83,26 +93,41 @@ def _new_task(
         port_mapping=port_mapping,
         timeout_seconds=timeout_seconds,
         task_data=task_data or {},
+        created_at=now,
         status_message="queued",
     )
-    # The database refuses a second active task: compare-and-set on a unique column.
-    try:
-        with transaction.atomic():
-            won = Instance.objects.filter(pk=instance.pk, active_task__isnull=True).update(active_task=task)
-    except IntegrityError:
-        won = 0
-    if won != 1:
-        current = Instance.objects.filter(pk=instance.pk).values_list("active_task_id", flat=True).first()
-        raise InstanceBusy(current)
-    instance.active_task = task
-    TaskEvent.objects.create(
-        task=task,
-        from_status="",
-        to_status=PENDING,
-        actor=actor_of(initiator, admin=_is_admin_request(initiator, instance)),
+    if admit_now:
+        task.admitted_at = task.dispatched_at = now
+        task.lease_token, task.dispatch_count = transitions.new_token(), 1
+        task.status_message = "waiting for a worker"
+    sql.insert(task)
+    # The database refuses a second active task: compare-and-set on a unique column
+    # (with the instance row locked and seen free, this cannot lose).
+    instance_id = sql.col(Instance, "id")
+    won = sql.update(
+        Instance,
+        {"active_task": task.pk},
+        f"{instance_id} = %s AND {sql.col(Instance, 'active_task')} IS NULL",
+        [instance.pk],
     )
-    # The provider row is locked by the caller: admit now, in this transaction.
-    admit_locked(provider)
+    if won != 1:
+        raise InstanceBusy(Instance.objects.filter(pk=instance.pk).values_list("active_task_id", flat=True).first())
+    instance.active_task = task
+    task.provider = provider
+    sql.insert(
+        TaskEvent(
+            task=task,
+            from_status="",
+            to_status=PENDING,
+            actor=actor_of(initiator, admin=_is_admin_request(initiator, instance))[:200],
+            at=now,
+        )
+    )
+    if admit_now:
+        dispatch.send_on_commit(provider.queue_name, [(task.pk, task.lease_token, task.effective_timeout)])
+    elif waiting and provider.enabled and used < limit:
+        # Free slots but older tasks waiting (a limit was raised, a wake-up was lost): admit them now.
+        dispatch.admit_locked(provider)
     logger.info("task %s: %s of instance %s queued by %s", task.pk, task_type, instance.pk, initiator)
     return task
 
@@ -133,9 +158,24 @@ def _lock_for_new_task(user, instance_id, *, admin: bool) -> tuple[Provider, Ins
     shared lock on the provider row (foreign key check): taking the instance
     first would invert the order a terminal transition uses.
     """
-    head = get_instance_for(user, instance_id, admin=admin)
-    provider = Provider.objects.select_for_update().get(pk=head.provider_id)
-    instance = get_instance_for(user, instance_id, admin=admin, lock=True)
+    owner = "" if admin else f"{sql.col(Instance, 'owner')} = %s"
+    params = [] if admin else [user.pk]
+    try:
+        instance_pk = int(instance_id)
+    except (TypeError, ValueError):
+        raise NotFound("no such instance") from None
+    head = sql.fetchone(
+        f"SELECT {sql.col(Instance, 'provider')} FROM {sql.table(Instance).name} WHERE {sql.col(Instance, 'id')} = %s"
+        + (f" AND {owner}" if owner else ""),
+        [instance_pk, *params],
+    )
+    if head is None:
+        raise NotFound("no such instance")
+    provider = sql.get(Provider, head[0], lock=True)
+    instance = sql.get(Instance, instance_pk, lock=True, where=owner, params=params)
+    if provider is None or instance is None:
+        raise NotFound("no such instance")
+    instance.provider = provider
     return provider, instance
 
 
@@ -231,7 +271,7 @@ def request_operation(
     if task_type not in ALLOWED_INSTANCE_STATUS or task_type in (TaskType.CREATE_PORT, TaskType.DELETE_PORT):
         raise InvalidInput(f"unknown operation {task_type!r}", field="task_type")
     timeout = validate_timeout(timeout_seconds)
-    with transaction.atomic():
+    with sql.atomic():
         provider, instance = _lock_for_new_task(user, instance_id, admin=admin)
         if instance.active_task_id is not None:
             raise InstanceBusy(instance.active_task_id)

@@ -21,10 +21,9 @@ from typing import Any
 
 from django.conf import settings
 from django.db import OperationalError, transaction
-from django.db.models import F
 from django.utils import timezone
 
-from tasks import crypto
+from tasks import crypto, sql
 from tasks.models import Instance, Provider, Task, TaskEvent, TaskSecret, UserQuota, Worker
 from tasks.operations import get_operation
 from tasks.operations.base import Outcome
@@ -75,22 +74,24 @@ def lease_deadline(now=None):
 
 
 def _event(task: Task, from_status: str, to_status: str, actor: str, reason: str = "", message: str = "", at=None):
-    TaskEvent.objects.create(
-        task=task,
-        from_status=from_status,
-        to_status=to_status,
-        actor=actor[:200],
-        reason=reason[:500],
-        progress=task.progress,
-        message=message,
-        at=at or timezone.now(),
+    sql.insert(
+        TaskEvent(
+            task_id=task.pk,
+            from_status=from_status,
+            to_status=to_status,
+            actor=actor[:200],
+            reason=reason[:500],
+            progress=task.progress,
+            message=message,
+            at=at or timezone.now(),
+        )
     )
 
 
 def _lock_instance(instance_id: int | None) -> Instance | None:
     if instance_id is None:
         return None
-    return Instance.objects.select_for_update().filter(pk=instance_id).first()
+    return sql.get(Instance, instance_id, lock=True)
 
 
 def claim(task_id: int, *, token: str, worker: str) -> bool:
@@ -100,44 +101,67 @@ def claim(task_id: int, *, token: str, worker: str) -> bool:
 
 @retry_on_deadlock
 def claim_task(task_id: int, *, token: str, worker: str, registry: dict | None = None) -> Task | None:
-    """The claim, returning the running task (its instance attached), or None when it lost.
+    """The claim, returning the running task (its instance and provider attached), or None when it lost.
 
-    The worker's registry row names the task in the same transaction (one commit);
-    ``registry`` holds the fields to create that row with when it does not exist.
+    ``registry``: when given, the worker's registry row is written in the same
+    transaction (one commit): it names the task, and ``tasks_run`` grows by
+    registry["tasks_run"]; the other keys create the row when it does not exist.
     """
-    with transaction.atomic():
-        head = Task.objects.filter(pk=task_id).values("instance_id").first()
-        if head is None:
+    if not token:
+        return None
+    t, p = sql.table(Task), sql.table(Provider)
+    with sql.atomic():
+        # One read for everything the worker needs; the claim below re-checks under lock.
+        row = sql.fetchone(
+            f"SELECT {t.columns('t')}, {p.columns('p')} FROM {t.name} t"
+            f" JOIN {p.name} p ON p.{p.quoted['id']} = t.{t.quoted['provider_id']}"
+            f" WHERE t.{t.quoted['id']} = %s",
+            [task_id],
+        )
+        if row is None:
             return None
-        instance = _lock_instance(head["instance_id"])
-        task = Task.objects.select_for_update().filter(pk=task_id).first()
-        if task is None or task.status != PENDING or not token or task.lease_token != token or task.admitted_at is None:
+        task = t.build(row)
+        if task.status != PENDING or task.lease_token != token or task.admitted_at is None:
             return None
+        provider = p.build(row, len(t.fields))
+        instance = _lock_instance(task.instance_id)
         now = timezone.now()
         lease = lease_deadline(now)
-        rows = Task.objects.filter(pk=task_id, status=PENDING, lease_token=token).update(
-            status=RUNNING,
-            started_at=now,
-            heartbeat_at=now,
-            lease_expires_at=lease,
-            worker=worker[:200],
-            attempt_count=F("attempt_count") + 1,
-            status_message="started",
-        )
-        if rows != 1:
+        claimed = {
+            "status": RUNNING,
+            "started_at": now,
+            "heartbeat_at": now,
+            "lease_expires_at": lease,
+            "worker": worker[:200],
+            "attempt_count": sql.Inc(1),
+            "status_message": "started",
+        }
+        where = f"{t.quoted['id']} = %s AND {t.quoted['status']} = %s AND {t.quoted['lease_token']} = %s"
+        if sql.update(Task, claimed, where, [task_id, PENDING, token]) != 1:
             return None
-        task.status, task.started_at, task.worker, task.status_message = RUNNING, now, worker, "started"
+        task.status, task.started_at, task.worker, task.status_message = RUNNING, now, worker[:200], "started"
         task.heartbeat_at, task.lease_expires_at, task.attempt_count = now, lease, task.attempt_count + 1
+        task.provider = provider
         _event(task, PENDING, RUNNING, f"worker:{worker}", at=now)
         if instance is not None:
+            before = sql.snapshot(instance)
             get_operation(task.task_type).on_running(task, instance)
-            instance.save(update_fields=["status", "updated_at"])
+            sql.save_changes(instance, before, now=now)
+            instance.provider = provider
             task.instance = instance
-        named = Worker.objects.filter(name=worker).update(
-            current_task_id=task_id, last_heartbeat=now, tasks_run=F("tasks_run") + 1
-        )
-        if not named and registry is not None:
-            Worker.objects.create(name=worker, current_task_id=task_id, last_heartbeat=now, tasks_run=1, **registry)
+        if registry is not None:
+            registry = dict(registry)
+            done = registry.pop("tasks_run", 1)
+            named = sql.update(
+                Worker,
+                {"current_task": task_id, "last_heartbeat": now, "tasks_run": sql.Inc(done)},
+                f"{sql.col(Worker, 'name')} = %s",
+                [worker],
+            )
+            if not named:
+                Worker.objects.create(
+                    name=worker, current_task_id=task_id, last_heartbeat=now, tasks_run=done, **registry
+                )
         return task
 
 
@@ -162,7 +186,7 @@ def set_cancelling(
     task_id: int, *, actor: str, reason: str = "", error_code: str = ErrorCode.CANCELLED_BY_USER
 ) -> bool:
     """running -> cancelling: the worker sees it at its next cancel check."""
-    with transaction.atomic():
+    with sql.atomic():
         head = Task.objects.filter(pk=task_id).values("instance_id").first()
         if head is None:
             return False
@@ -199,30 +223,46 @@ def finish(
     revoke_lease: bool = False,
     needs_reconcile: bool = False,
     secret: str | None = None,
+    known: Task | None = None,
 ) -> bool:
     """Move a task to a terminal state and apply the outcome to its instance.
 
     ``token``: the worker's lease token (its writes are fenced by it); None for
     users, admins and recovery, which name their sources instead.
     ``require_lease_expired``: recovery acts only on a lease that has run out.
+    ``known``: the task as its worker claimed it (owner, provider, instance and type
+    never change), which saves reading them again.
     """
     if target not in FINAL:
         raise ValueError(f"{target} is not a terminal state")
     allowed = frozenset(sources) & allowed_sources(target) if sources else allowed_sources(target)
-    with transaction.atomic():
-        head = (
-            Task.objects.filter(pk=task_id)
-            .values("owner_id", "provider_id", "instance_id", "status", "task_type")
-            .first()
-        )
-        if head is None or head["status"] not in allowed:
-            return False
+    with sql.atomic():
+        if known is not None:
+            owner_id, provider_id, instance_id, task_type = (
+                known.owner_id,
+                known.provider_id,
+                known.instance_id,
+                known.task_type,
+            )
+        else:
+            t = sql.table(Task)
+            head = sql.fetchone(
+                f"SELECT {t.quoted['owner_id']}, {t.quoted['provider_id']}, {t.quoted['instance_id']},"
+                f" {t.quoted['status']}, {t.quoted['task_type']} FROM {t.name} WHERE {t.quoted['id']} = %s",
+                [task_id],
+            )
+            if head is None or head[3] not in allowed:
+                return False
+            owner_id, provider_id, instance_id, _, task_type = head
         # Lock order: quota -> provider -> instance -> task.
-        if get_operation(head["task_type"]).touches_quota:
-            UserQuota.objects.select_for_update().filter(user_id=head["owner_id"]).first()
-        provider = Provider.objects.select_for_update().filter(pk=head["provider_id"]).first()
-        instance = _lock_instance(head["instance_id"])
-        task = Task.objects.select_for_update().filter(pk=task_id).first()
+        if get_operation(task_type).touches_quota:
+            q = sql.table(UserQuota)
+            sql.fetchone(
+                f"SELECT {q.quoted['id']} FROM {q.name} WHERE {q.quoted['user_id']} = %s{sql.for_update()}", [owner_id]
+            )
+        provider = sql.get(Provider, provider_id, lock=True)
+        instance = _lock_instance(instance_id)
+        task = sql.get(Task, task_id, lock=True)
         if task is None or task.status not in allowed:
             return False
         if token is not None and task.lease_token != token:
@@ -258,10 +298,11 @@ def finish(
         if revoke_lease or token is None:
             # Nobody may write for this task any more: a late worker is fenced off.
             fields.update(lease_token="", lease_expires_at=None)
-        match = Task.objects.filter(pk=task_id, status=source)
+        t = sql.table(Task)
+        where, params = f"{t.quoted['id']} = %s AND {t.quoted['status']} = %s", [task_id, source]
         if token is not None:
-            match = match.filter(lease_token=token)
-        if match.update(**fields) != 1:
+            where, params = f"{where} AND {t.quoted['lease_token']} = %s", [*params, token]
+        if sql.update(Task, fields, where, params) != 1:
             return False
         for name, value in fields.items():
             setattr(task, name, value)
@@ -276,6 +317,7 @@ def finish(
                 expires_at=now + timedelta(seconds=settings.PASSWORD_READ_WINDOW_SECONDS),
             )
         if instance is not None:
+            before = sql.snapshot(instance)
             outcome = Outcome(
                 status=target,
                 ran=ran,
@@ -288,7 +330,7 @@ def finish(
                 instance.needs_reconcile = True
             if instance.active_task_id == task.pk:
                 instance.active_task = None
-            instance.save()
+            sql.save_changes(instance, before, now=now)
         if (ran or task.admitted_at is not None) and provider is not None:
             # The slot is free: admit the next task in this same transaction (the
             # provider row is locked already).
@@ -322,17 +364,25 @@ def report_progress(task_id: int, *, token: str, progress: int, message: str, st
 def renew_lease(task_id: int, *, token: str) -> str | None:
     """Extend the lease; return the task's status (cancelling means: stop), None if lost."""
     now = timezone.now()
-    rows = Task.objects.filter(pk=task_id, lease_token=token, status__in=EXECUTING).update(
-        heartbeat_at=now, lease_expires_at=lease_deadline(now)
+    t = sql.table(Task)
+    running, cancelling = sorted(EXECUTING)
+    rows = sql.update(
+        Task,
+        {"heartbeat_at": now, "lease_expires_at": lease_deadline(now)},
+        f"{t.quoted['id']} = %s AND {t.quoted['lease_token']} = %s AND {t.quoted['status']} IN (%s, %s)",
+        [task_id, token, running, cancelling],
     )
     if rows != 1:
         return None
-    return Task.objects.filter(pk=task_id).values_list("status", flat=True).first()
+    return read_status(task_id, token=token)
 
 
 def read_status(task_id: int, *, token: str) -> str | None:
     """Cheap cancel check: the status if this token still holds the task, else None."""
-    row = Task.objects.filter(pk=task_id).values_list("status", "lease_token").first()
+    t = sql.table(Task)
+    row = sql.fetchone(
+        f"SELECT {t.quoted['status']}, {t.quoted['lease_token']} FROM {t.name} WHERE {t.quoted['id']} = %s", [task_id]
+    )
     if row is None or row[1] != token or row[0] not in EXECUTING:
         return None
     return row[0]

@@ -2,8 +2,8 @@
 
 A job carries (task id, lease token) and nothing else. ``execute`` claims the
 task with a compare-and-set on both; a duplicate, late or revoked job finds
-nothing to claim and returns. While the operation runs, a heartbeat thread
-renews the lease, watches for a cancel request (within
+nothing to claim and returns. While the operation runs, the process's heartbeat
+thread renews the lease, watches for a cancel request (within
 TASK_CANCEL_POLL_SECONDS), and enforces the deadline by setting the cancel
 token; the operation stops at its next safe point. If it ignores the token,
 django-q2's per-job timeout (the task's timeout + TASK_HARD_KILL_GRACE_SECONDS)
@@ -75,39 +75,28 @@ def provider_config(provider) -> ProviderConfig:
     )
 
 
-class Heartbeat(threading.Thread):
-    """Renews the lease, carries the cancel check, fences the worker when the lease is lost."""
+class Watch:
+    """One running task as the heartbeat sees it."""
 
     def __init__(self, task_id: int, token: str, cancel: CancelToken, worker: str):
-        super().__init__(name=f"heartbeat-{task_id}", daemon=True)
         self.task_id, self.token, self.cancel, self.worker = task_id, token, cancel, worker
-        self._halt = threading.Event()
+        self.lock = threading.Lock()  # held by a tick; unwatch waits for it
+        self.active = True
         self.last_renewed = time.monotonic()
+        self.next_beat = self.last_renewed + settings.TASK_HEARTBEAT_SECONDS
+        self.next_check = self.last_renewed + settings.TASK_CANCEL_POLL_SECONDS
 
-    def stop(self) -> None:
-        self._halt.set()
-        if self.is_alive():
-            self.join(timeout=5)
-
-    def run(self) -> None:
-        poll = settings.TASK_CANCEL_POLL_SECONDS
-        beat = settings.TASK_HEARTBEAT_SECONDS
-        next_beat = time.monotonic() + beat
-        try:
-            while not self._halt.wait(poll):
-                self._tick(next_beat)
-                if time.monotonic() >= next_beat:
-                    next_beat = time.monotonic() + beat
-        finally:
-            connection.close()
-
-    def _tick(self, next_beat: float) -> None:
-        now = time.monotonic()
+    def tick(self, now: float) -> None:
+        """Renew the lease when due, else read the status (the cancel check); fence when lost."""
         # Reading the flag fires the deadline even while the operation is stuck in a
         # call; the lease keeps being renewed while it winds down, so nobody recovers it.
         _ = self.cancel.cancelled
+        if now < self.next_check:
+            return
+        self.next_check = now + settings.TASK_CANCEL_POLL_SECONDS
         try:
-            if now >= next_beat:
+            if now >= self.next_beat:
+                self.next_beat = now + settings.TASK_HEARTBEAT_SECONDS
                 status = transitions.renew_lease(self.task_id, token=self.token)
                 if status is not None:
                     self.last_renewed = now
@@ -129,6 +118,62 @@ class Heartbeat(threading.Thread):
         since = draining_since()
         if _shutdown.is_set() or (since is not None and time.time() - since >= settings.TASK_SHUTDOWN_GRACE_SECONDS):
             self.cancel.cancel(CANCEL_SHUTDOWN)
+
+
+class Heartbeat(threading.Thread):
+    """One thread per worker process watching the tasks it runs (django-q2 runs one at a time).
+
+    It renews each lease every TASK_HEARTBEAT_SECONDS, carries the cancel check
+    every TASK_CANCEL_POLL_SECONDS, fires deadlines and fences a worker that lost
+    its lease. It lives as long as the process: a thread per task would cost a
+    start and a join per task, which short tasks notice.
+    """
+
+    _instance: Heartbeat | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self):
+        super().__init__(name="task-heartbeat", daemon=True)
+        self._watches: dict[int, Watch] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def get(cls) -> Heartbeat:
+        with cls._instance_lock:
+            # (a forked child inherits the object but not the thread)
+            if cls._instance is None or not cls._instance.is_alive():
+                cls._instance = cls()
+                cls._instance.start()
+            return cls._instance
+
+    def watch(self, task_id: int, token: str, cancel: CancelToken, worker: str) -> Watch:
+        w = Watch(task_id, token, cancel, worker)
+        with self._lock:
+            self._watches[id(w)] = w
+        return w
+
+    def unwatch(self, w: Watch) -> None:
+        with w.lock:  # waits for a tick in progress: no write for the task after this
+            w.active = False
+        with self._lock:
+            self._watches.pop(id(w), None)
+
+    def run(self) -> None:
+        idle = True
+        while True:
+            time.sleep(min(0.1, settings.TASK_CANCEL_POLL_SECONDS))
+            with self._lock:
+                watches = list(self._watches.values())
+            if not watches:
+                if not idle:
+                    connection.close()  # no connection held between tasks
+                    idle = True
+                continue
+            idle = False
+            for w in watches:
+                with w.lock:
+                    if w.active:
+                        w.tick(time.monotonic())
 
 
 class ProgressReporter:
@@ -157,14 +202,30 @@ class ProgressReporter:
             self.cancel.cancel(CANCEL_LEASE_LOST)
 
 
-def _registry_fields() -> dict:
-    """What this process's Worker row says about it (created by its first claim)."""
+# The registry row (tasks.models.Worker) is written by a claim at most once a
+# second per process: short tasks would otherwise add a statement each to the
+# hot path. tasks_run catches up on the claims in between.
+_registry: dict = {"written_at": None, "unreported": 0}
+
+
+def _registry_due() -> dict | None:
+    _registry["unreported"] += 1
+    last = _registry["written_at"]
+    if last is not None and time.monotonic() - last < settings.WORKER_REGISTRY_INTERVAL_SECONDS:
+        return None
     return {
         "node": settings.WORKER_NODE,
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "queue": os.environ.get("Q_CLUSTER_NAME", "default"),
+        "tasks_run": _registry["unreported"],
     }
+
+
+def _registry_written(registry: dict | None) -> None:
+    if registry is not None:
+        _registry["written_at"] = time.monotonic()
+        _registry["unreported"] = 0
 
 
 def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
@@ -181,16 +242,16 @@ def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
         # This machine is shutting down: claim nothing; the supervisor re-sends the job.
         logger.info("task %s: worker draining; job left for others", task_id)
         return "draining"
-    task = transitions.claim_task(task_id, token=token, worker=name, registry=_registry_fields())
+    registry = _registry_due()
+    task = transitions.claim_task(task_id, token=token, worker=name, registry=registry)
     if task is None:
         logger.info("task %s: job not claimable (duplicate, late or revoked); dropped", task_id)
         return "dropped"
+    _registry_written(registry)
     elapsed = (timezone.now() - task.started_at).total_seconds()
     cancel = CancelToken(deadline=time.monotonic() + task.effective_timeout - elapsed)
     _current[task_id] = cancel
-    beat = Heartbeat(task_id, token, cancel, name)
-    if heartbeat:
-        beat.start()
+    watch = Heartbeat.get().watch(task_id, token, cancel, name) if heartbeat else None
     logger.info("task %s: %s started on %s (timeout %s s)", task_id, task.task_type, name, task.effective_timeout)
     ctx = None
     result: tuple[str, dict] = (FAILED, {"error_code": ErrorCode.INTERNAL_ERROR, "error_message": "not run"})
@@ -225,7 +286,9 @@ def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
     except BaseException:
         # django-q2's hard timeout (TimeoutException is a SystemExit) or an interrupt:
         # record the truth while we still can, then let it kill the process.
-        beat.stop()
+        if watch is not None:
+            Heartbeat.get().unwatch(watch)
+            watch = None
         _finish(
             task_id,
             token,
@@ -236,8 +299,8 @@ def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
         _current.pop(task_id, None)
         raise
     finally:
-        if beat.is_alive():
-            beat.stop()
+        if watch is not None:
+            Heartbeat.get().unwatch(watch)
     _current.pop(task_id, None)
     status, fields = result
     outcome = "fenced"
@@ -266,13 +329,16 @@ def _cancelled_outcome(reason: str, task: Task) -> tuple[str, dict]:
 
 def _finish(task_id: int, token: str, status: str, ctx: ExecutionContext | None, fields: dict) -> bool:
     kwargs = dict(fields)
+    known = ctx.task if ctx is not None else None
     if ctx is not None:
         kwargs["instance_updates"] = ctx.result
         kwargs["instance_status"] = ctx.instance_status
         kwargs["secret"] = ctx.secret if status == COMPLETED else None
     for attempt in range(5):
         try:
-            return transitions.finish(task_id, status, token=token, actor=f"worker:{worker_name()}", **kwargs)
+            return transitions.finish(
+                task_id, status, token=token, actor=f"worker:{worker_name()}", known=known, **kwargs
+            )
         except Exception:
             # The database may be briefly away: retry the final write; the lease
             # rules decide if we are too late.

@@ -14,6 +14,7 @@ enqueued) to running, one task at a time on an idle system, 200 samples.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -24,7 +25,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import in_threads, pct, reset_data, setup_django, spawn, stop, wait_all_done  # noqa: E402
+from bench.common import (  # noqa: E402
+    cpu_report,
+    cpu_snapshot,
+    in_threads,
+    pct,
+    reset_data,
+    setup_django,
+    spawn,
+    stop,
+    wait_all_done,
+)
 
 
 def parse() -> argparse.Namespace:
@@ -75,9 +86,11 @@ def pipeline(user) -> dict:
             with lock:
                 ids.append(pk)
 
+        cpu0 = cpu_snapshot()
         t0 = time.time()
         in_threads(ARGS.producers, targets, create)
         wait_all_done(ids)
+        cpu = cpu_report(cpu0, cpu_snapshot(), len(ids))
         last = max(t.completed_at.timestamp() for t in Task.objects.filter(pk__in=ids).only("completed_at"))
         tps = len(ids) / (last - t0)
         # Latency on an idle system: one at a time.
@@ -91,7 +104,7 @@ def pipeline(user) -> dict:
             time.sleep(random.uniform(0.02, 0.1))
     finally:
         stop(tier, "bench")
-    return {"tps": tps, "p50": pct(lat, 0.5), "p95": pct(lat, 0.95), "n": len(ids)}
+    return {"tps": tps, "p50": pct(lat, 0.5), "p95": pct(lat, 0.95), "n": len(ids), "cpu": cpu}
 
 
 def baseline(saved: bool) -> dict:
@@ -126,6 +139,7 @@ def baseline(saved: bool) -> dict:
         time.sleep(0.5)
         log.write_text("")
         Success.objects.all().delete()
+        cpu0 = cpu_snapshot()
         t0 = time.time()
         in_threads(ARGS.producers, list(range(ARGS.tasks)), enqueue)
         deadline = time.monotonic() + 600
@@ -138,6 +152,7 @@ def baseline(saved: bool) -> dict:
                 time.sleep(0.05)
             last = max(float(line.split()[1]) for line in lines())
         tps = ARGS.tasks / (last - t0)
+        cpu = cpu_report(cpu0, cpu_snapshot(), ARGS.tasks)
         log.write_text("")
         for _ in range(ARGS.latency_samples):
             before = len(lines())
@@ -149,7 +164,7 @@ def baseline(saved: bool) -> dict:
     finally:
         stop(cluster, "bench")
         log.unlink(missing_ok=True)
-    return {"tps": tps, "p50": pct(lat, 0.5), "p95": pct(lat, 0.95), "n": ARGS.tasks}
+    return {"tps": tps, "p50": pct(lat, 0.5), "p95": pct(lat, 0.95), "n": ARGS.tasks, "cpu": cpu}
 
 
 def main() -> None:
@@ -168,6 +183,9 @@ def main() -> None:
     for label, r in rows:
         print(f"{label:30}{r['tps']:>10.1f}{r['p50']:>17.1f}{r['p95']:>17.1f}{ours['tps'] / r['tps']:>8.2f}")
     print("ratio: task pipeline tasks/s divided by that row's tasks/s")
+    print(f"\nCPU per task (ms), all processes on the machine, during the throughput run ({os.cpu_count()} cores):")
+    for label, r in rows:
+        print(f"  {label}: " + ", ".join(f"{role} {ms:.2f}" for role, ms in r["cpu"]))
 
 
 if __name__ == "__main__":

@@ -58,16 +58,32 @@ def test_admission_respects_the_limit_and_fifo(alice, provider, make_instance, d
     assert dispatch.admit(provider.pk) == [tasks[2].pk]
 
 
-def test_the_worker_registry_names_the_running_task(alice, running_instance):
+def test_the_worker_registry_names_the_running_task(alice, make_instance, running_instance, monkeypatch, settings):
+    """A claim writes the worker's registry row at most once per interval; tasks_run catches up."""
+    from tasks import worker
     from tasks.models import Worker
     from tasks.worker import worker_name
 
-    task = services.request_operation(alice, running_instance.pk, "stop")
-    dispatch.admit(running_instance.provider_id)
-    task.refresh_from_db()
-    assert execute(task.pk, task.lease_token, heartbeat=False) == "completed"
+    monkeypatch.setattr(worker, "_registry", {"written_at": None, "unreported": 0})
+    settings.WORKER_REGISTRY_INTERVAL_SECONDS = 3600
+
+    def run_one(instance):
+        task = services.request_operation(alice, instance.pk, "stop")
+        dispatch.admit(instance.provider_id)
+        task.refresh_from_db()
+        assert execute(task.pk, task.lease_token, heartbeat=False) == "completed"
+        return task
+
+    first = run_one(running_instance)
     row = Worker.objects.get(name=worker_name())
-    assert (row.current_task_id, row.tasks_run) == (task.pk, 1)
+    assert (row.current_task_id, row.tasks_run) == (first.pk, 1)
+    run_one(make_instance(alice, running_instance.provider))  # within the interval: not written
+    row.refresh_from_db()
+    assert (row.current_task_id, row.tasks_run) == (first.pk, 1)
+    settings.WORKER_REGISTRY_INTERVAL_SECONDS = 0
+    third = run_one(make_instance(alice, running_instance.provider))
+    row.refresh_from_db()
+    assert (row.current_task_id, row.tasks_run) == (third.pk, 3)
 
 
 def test_hard_timeout_inside_the_operation_is_recorded_as_timeout(alice, running_instance, monkeypatch):
