@@ -144,10 +144,12 @@ def cpu_snapshot() -> dict[int, tuple[str, float]]:
             role = "database server"
         elif "redis-server" in name:
             role = "redis"
-        elif "Worker" in cmd and "qcluster" in cmd:
-            role = "django-q2 workers (our code runs here)"
-        elif "qcluster" in cmd or "qcluster" in name:
-            role = "django-q2 pusher/monitor/sentinel"
+        elif cmd.startswith("qcluster ") and (" idle" in cmd or " processing " in cmd):
+            role = "django-q2 workers (task code)"  # titles set by django-q2 through setproctitle
+        elif cmd.startswith("qcluster ") and (cmd.endswith(" pusher") or cmd.endswith(" monitor")):
+            role = "django-q2 pushers and monitors"
+        elif "qcluster" in cmd:
+            role = "django-q2 sentinels and guards"
         elif "run_workers" in cmd:
             role = "run_workers supervisor"
         else:
