@@ -172,8 +172,12 @@ class Heartbeat(threading.Thread):
             idle = False
             for w in watches:
                 with w.lock:
-                    if w.active:
+                    if not w.active:
+                        continue
+                    try:
                         w.tick(time.monotonic())
+                    except Exception:  # never let one task's surprise stop the others' heartbeats
+                        logger.exception("task %s: heartbeat failed", w.task_id)
 
 
 class ProgressReporter:

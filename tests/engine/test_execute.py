@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tasks import dispatch, services, transitions
 from tasks.models import Task
 from tasks.worker import execute, run_admitted_inline
@@ -132,3 +134,64 @@ def test_a_lost_job_is_sent_again_with_the_same_token_keeping_the_admission_time
     assert (task.admitted_at, task.lease_token, task.dispatch_count) == (admitted, token, 2)
     assert sent[-1][:2] == (task.pk, token)
     assert execute(task.pk, token, heartbeat=False) == "completed"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_heartbeat_thread_serves_the_process_and_carries_cancel_and_deadline(
+    alice, running_instance, make_instance, monkeypatch, settings
+):
+    """Two tasks one after the other in one process: the same heartbeat thread renews
+    the first one's lease and brings it a cancel request; the second hits its deadline."""
+    import threading
+    import time
+
+    from django.db import connection
+
+    from tasks import operations
+    from tasks.operations.base import Operation
+    from tasks.worker import Heartbeat
+
+    settings.TASK_HEARTBEAT_SECONDS, settings.TASK_CANCEL_POLL_SECONDS = 0.3, 0.1
+
+    class Waits(Operation):
+        task_type = "restart"
+
+        def run(self, ctx):
+            ctx.cancel.sleep(10)
+
+    operations.get_operation("restart")
+    monkeypatch.setitem(operations._REGISTRY, "restart", Waits())
+
+    def run_in_thread(task):
+        result = {}
+
+        def target():
+            result["outcome"] = execute(task.pk, Task.objects.get(pk=task.pk).lease_token)
+            connection.close()
+
+        thread = threading.Thread(target=target)
+        thread.start()
+        return thread, result
+
+    first = services.request_operation(alice, running_instance.pk, "restart")
+    thread, result = run_in_thread(first)
+    deadline = time.monotonic() + 5
+    while Task.objects.get(pk=first.pk).status != "running" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    beater = Heartbeat.get()
+    time.sleep(0.8)
+    renewed = Task.objects.get(pk=first.pk)
+    assert renewed.heartbeat_at > renewed.started_at  # the lease was renewed while it ran
+    asked = time.monotonic()
+    assert transitions.request_cancel(first.pk, actor="user:alice")
+    thread.join(5)
+    assert result["outcome"] == "cancelled" and time.monotonic() - asked < 1.0
+
+    second = services.request_operation(alice, make_instance(alice, running_instance.provider).pk, "restart")
+    Task.objects.filter(pk=second.pk).update(timeout_seconds=1)
+    thread, result = run_in_thread(second)
+    thread.join(5)
+    assert result["outcome"] == "timeout"
+    assert Heartbeat.get() is beater and beater.is_alive()
+    names = [t.name for t in threading.enumerate()]
+    assert names.count("task-heartbeat") == 1
