@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
 
 from tasks import dispatch, maintenance, transitions
@@ -69,6 +69,18 @@ def served_provider_filter(qs):
     from django.db.models import Q
 
     return qs.filter(Q(pk__in=ids) | Q(name__in=names))
+
+
+def summarize_queues(queues: list[str], limit: int) -> str:
+    """``a,b,c`` when it fits in ``limit`` characters, else as many as fit and ``(+N more)``."""
+    full = ",".join(queues)
+    if len(full) <= limit:
+        return full or "-"
+    for keep in range(len(queues) - 1, -1, -1):
+        text = ",".join(queues[:keep]) + f"{',' if keep else ''}(+{len(queues) - keep} more)"
+        if len(text) <= limit:
+            return text
+    return f"({len(queues)} queues)"[:limit]
 
 
 class Supervisor:
@@ -170,20 +182,41 @@ class Supervisor:
         return pids
 
     # ---------------------------------------------------------------------- sweep
+    def tick(self) -> None:
+        """One round of the loop's database work. Each step fails alone: a registry
+        write that breaks must not keep recovery from running."""
+        self.step("heartbeat", self.heartbeat)
+        if self.sweep_enabled:
+            self.step("sweep", self.sweep)
+
+    def step(self, name: str, func) -> bool:
+        try:
+            func()
+            return True
+        except DatabaseError:
+            logger.exception("supervisor: %s failed (database away?); retrying", name)
+            connection.close()
+        except Exception:
+            logger.exception("supervisor: %s failed; retrying", name)
+        return False
+
+    def queue_summary(self) -> str:
+        """The queues this machine serves, as the registry's queue column can hold them."""
+        return summarize_queues(sorted(self.clusters), Worker._meta.get_field("queue").max_length)
+
     def heartbeat(self) -> None:
         now = timezone.now()
-        if not Worker.objects.filter(name=self.name).update(last_heartbeat=now, draining=self.stopping):
+        queues = self.queue_summary()
+        if not Worker.objects.filter(name=self.name).update(last_heartbeat=now, draining=self.stopping, queue=queues):
             Worker.objects.create(
                 name=self.name,
                 node=settings.WORKER_NODE,
                 host=socket.gethostname(),
                 pid=os.getpid(),
-                queue=",".join(sorted(q for q in self.clusters)) or "-",
+                queue=queues,
                 role="supervisor",
                 last_heartbeat=now,
             )
-        else:
-            Worker.objects.filter(name=self.name).update(queue=",".join(sorted(self.clusters))[:100] or "-")
 
     def sweep(self) -> None:
         report = maintenance.SweepReport()
@@ -222,17 +255,11 @@ class Supervisor:
         next_clusters = 0.0
         while not self.stopping:
             started = time.monotonic()
-            try:
-                close_old_connections()
-                if started >= next_clusters:
-                    self.reconcile_clusters()
-                    next_clusters = started + 1.0
-                self.heartbeat()
-                if self.sweep_enabled:
-                    self.sweep()
-            except Exception:
-                logger.exception("supervisor: loop iteration failed (database away?); retrying")
-                connection.close()
+            close_old_connections()
+            if started >= next_clusters:
+                self.step("clusters", self.reconcile_clusters)
+                next_clusters = started + 1.0
+            self.tick()
             remaining = settings.TASK_SWEEP_SECONDS - (time.monotonic() - started)
             deadline = time.monotonic() + max(0.05, remaining)
             while not self.stopping and time.monotonic() < deadline:

@@ -87,18 +87,29 @@ class WorkerTier:
 
 
 def kill_node_processes(node: str) -> None:
+    """SIGKILL every process whose environment names this worker node.
+
+    Passes repeat until one finds nothing: a django-q2 sentinel killed late in a
+    pass may have respawned a worker after the pass listed the processes.
+    """
     import psutil
 
-    for proc in psutil.process_iter(["pid", "environ"]):
-        try:
-            env = proc.info["environ"] or {}
-        except (psutil.AccessDenied, psutil.NoSuchProcess):
-            continue
-        if env.get("WORKER_NODE") == node and proc.pid != os.getpid():
+    for _ in range(20):
+        found = 0
+        for proc in psutil.process_iter(["pid", "environ"]):
             try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+                env = proc.info["environ"] or {}
+            except (psutil.AccessDenied, psutil.NoSuchProcess):
+                continue
+            if env.get("WORKER_NODE") == node and proc.pid != os.getpid():
+                found += 1
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        if not found:
+            return
+        time.sleep(0.05)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05, message: str = "condition"):

@@ -65,3 +65,26 @@ def test_a_dead_cluster_is_started_again(db, spawned):
     s.clusters[p.queue_name][0].proc.returncode = -9
     s.reconcile_clusters()
     assert spawned == [(p.queue_name, 1), (p.queue_name, 1)]
+
+
+def test_the_registry_row_holds_a_long_queue_list_and_a_failing_step_does_not_stop_recovery(db, spawned, monkeypatch):
+    """Twenty providers' queue names overflow the registry's queue column: it is summarised.
+    And when the registry write fails anyway, the recovery sweep of the same round still runs."""
+    from tasks.models import Worker
+
+    for n in range(20):
+        Provider.objects.create(name=f"p{n}")
+    s = sup.Supervisor(maintenance_cluster=False)
+    s.reconcile_clusters()
+    s.tick()
+    row = Worker.objects.get(name=s.name)
+    assert len(row.queue) <= 100 and row.queue.endswith("more)") and row.role == "supervisor"
+    assert sup.summarize_queues(["provider-1", "provider-2"], 100) == "provider-1,provider-2"
+    assert sup.summarize_queues([], 100) == "-"
+
+    swept = []
+    monkeypatch.setattr(s, "heartbeat", lambda: 1 / 0)
+    monkeypatch.setattr(s, "sweep", lambda: swept.append(True))
+    s.sweep_enabled = True
+    s.tick()
+    assert swept == [True]
