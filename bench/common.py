@@ -144,12 +144,11 @@ def cpu_snapshot() -> dict[int, tuple[str, float]]:
             role = "database server"
         elif "redis-server" in name:
             role = "redis"
-        elif cmd.startswith("qcluster ") and (" idle" in cmd or " processing " in cmd):
-            role = "django-q2 workers (task code)"  # titles set by django-q2 through setproctitle
-        elif cmd.startswith("qcluster ") and (cmd.endswith(" pusher") or cmd.endswith(" monitor")):
-            role = "django-q2 pushers and monitors"
         elif "qcluster" in cmd:
-            role = "django-q2 sentinels and guards"
+            # Workers, pushers, monitors and sentinels look alike without setproctitle, which
+            # is left out on purpose: it overwrites /proc/<pid>/environ, where the test
+            # harness finds a machine's processes by WORKER_NODE.
+            role = "django-q2 processes (task code runs in their workers)"
         elif "run_workers" in cmd:
             role = "run_workers supervisor"
         else:
