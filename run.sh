@@ -11,7 +11,13 @@ $PY manage.py demo
 PORT=${PORT:-8000}
 $PY manage.py run_workers &
 workers=$!
-trap 'kill -TERM $workers 2>/dev/null; wait $workers 2>/dev/null' EXIT INT TERM
 echo "web: http://127.0.0.1:$PORT/admin/  api: http://127.0.0.1:$PORT/api/v1/"
 .venv/bin/gunicorn config.wsgi:application --bind "${BIND:-127.0.0.1}:$PORT" --workers "${WEB_WORKERS:-2}" \
-  --threads 4 --access-logfile - --graceful-timeout 10
+  --threads 4 --access-logfile - --graceful-timeout 10 &
+web=$!
+# Both run in the background so that a TERM to this script (systemd, timeout,
+# kill) stops them at once: bash runs traps during `wait`, not while a
+# foreground child runs. Ctrl-C reaches all of them anyway.
+stop() { trap - EXIT INT TERM; kill -TERM "$web" "$workers" 2>/dev/null; wait "$web" "$workers" 2>/dev/null; }
+trap stop EXIT INT TERM
+wait -n "$web" "$workers"
