@@ -213,7 +213,7 @@ _registry: dict = {"written_at": None, "unreported": 0}
 
 
 def _registry_due() -> dict | None:
-    _registry["unreported"] += 1
+    """The registry fields when this claim should write the row, else None."""
     last = _registry["written_at"]
     if last is not None and time.monotonic() - last < settings.WORKER_REGISTRY_INTERVAL_SECONDS:
         return None
@@ -222,14 +222,17 @@ def _registry_due() -> dict | None:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "queue": os.environ.get("Q_CLUSTER_NAME", "default"),
-        "tasks_run": _registry["unreported"],
+        "tasks_run": _registry["unreported"] + 1,
     }
 
 
-def _registry_written(registry: dict | None) -> None:
+def _registry_claimed(registry: dict | None) -> None:
+    """After a claim that won: it wrote the row (``registry`` given) or is one more to report."""
     if registry is not None:
         _registry["written_at"] = time.monotonic()
         _registry["unreported"] = 0
+    else:
+        _registry["unreported"] += 1
 
 
 def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
@@ -251,7 +254,7 @@ def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
     if task is None:
         logger.info("task %s: job not claimable (duplicate, late or revoked); dropped", task_id)
         return "dropped"
-    _registry_written(registry)
+    _registry_claimed(registry)
     elapsed = (timezone.now() - task.started_at).total_seconds()
     cancel = CancelToken(deadline=time.monotonic() + task.effective_timeout - elapsed)
     _current[task_id] = cancel

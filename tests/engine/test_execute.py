@@ -79,7 +79,8 @@ def test_the_worker_registry_names_the_running_task(alice, make_instance, runnin
     first = run_one(running_instance)
     row = Worker.objects.get(name=worker_name())
     assert (row.current_task_id, row.tasks_run) == (first.pk, 1)
-    run_one(make_instance(alice, running_instance.provider))  # within the interval: not written
+    second = run_one(make_instance(alice, running_instance.provider))  # within the interval: not written
+    assert execute(second.pk, Task.objects.get(pk=second.pk).lease_token) == "dropped"  # not a task run
     row.refresh_from_db()
     assert (row.current_task_id, row.tasks_run) == (first.pk, 1)
     settings.WORKER_REGISTRY_INTERVAL_SECONDS = 0
