@@ -191,21 +191,25 @@ def queue_info(task: Task, provider: Provider | None = None) -> dict:
     """blocked_reason, queue_position and estimated_wait_seconds of a pending task."""
     if task.status != PENDING:
         return {"blocked_reason": None, "queue_position": None, "estimated_wait_seconds": None}
-    position = 0
-    if task.admitted_at is None:
-        position = Task.objects.filter(
-            Q(created_at__lt=task.created_at) | Q(created_at=task.created_at, id__lt=task.id),
-            provider_id=task.provider_id,
-            status=PENDING,
-            admitted_at__isnull=True,
-        ).count()
     return wait_figures(
         task,
         provider or task.provider,
-        position=position,
+        position=queue_position(task),
         in_use=slots_in_use(task.provider_id),
         average=average_duration,
     )
+
+
+def queue_position(task: Task) -> int:
+    """How many pending tasks of its provider wait for admission ahead of this one (FIFO); 0 once admitted."""
+    if task.admitted_at is not None:
+        return 0
+    return Task.objects.filter(
+        Q(created_at__lt=task.created_at) | Q(created_at=task.created_at, id__lt=task.id),
+        provider_id=task.provider_id,
+        status=PENDING,
+        admitted_at__isnull=True,
+    ).count()
 
 
 def wait_figures(task: Task, provider: Provider, *, position: int, in_use: int, average) -> dict:

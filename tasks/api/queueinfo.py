@@ -99,16 +99,9 @@ class QueueInfo:
             return EMPTY
         if task.pk in self._done:
             return self._done[task.pk]
-        position = 0
-        if task.admitted_at is None:
-            position = self._positions.get(task.pk)
-            if position is None:
-                position = Task.objects.filter(
-                    Q(created_at__lt=task.created_at) | Q(created_at=task.created_at, id__lt=task.id),
-                    provider_id=task.provider_id,
-                    status=PENDING,
-                    admitted_at__isnull=True,
-                ).count()
+        position = self._positions.get(task.pk)
+        if position is None:
+            position = dispatch.queue_position(task)
         info = dispatch.wait_figures(
             task, task.provider, position=position, in_use=self._slots(task.provider_id), average=average_duration
         )
