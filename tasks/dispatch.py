@@ -134,20 +134,26 @@ def admit_locked(provider: Provider) -> list[int]:
     jobs: list[tuple[int, str, int]] = []
     where = f"{sql.col(Task, 'id')} = %s AND {status} = %s AND {admitted} IS NULL"
     for task_id, timeout_seconds, task_type, _used in candidates[:free]:
-        token = new_token()
-        values = {
-            "admitted_at": now,
-            "dispatched_at": now,
-            "lease_token": token,
-            "dispatch_count": sql.Inc(1),
-            "status_message": "waiting for a worker",
-        }
+        values = admission_values(now)
+        values["dispatch_count"] = sql.Inc(1)
         if sql.update(Task, values, where, [task_id, PENDING]) == 1:
-            jobs.append((task_id, token, timeout_seconds or Task(task_type=task_type).effective_timeout))
+            jobs.append(
+                (task_id, values["lease_token"], timeout_seconds or Task(task_type=task_type).effective_timeout)
+            )
     if jobs:
         send_on_commit(provider.queue_name, jobs)
         logger.debug("provider %s: admitted %s", provider.pk, [j[0] for j in jobs])
     return [j[0] for j in jobs]
+
+
+def admission_values(now) -> dict:
+    """What admission writes on a task: the time, a fresh lease token, the message."""
+    return {
+        "admitted_at": now,
+        "dispatched_at": now,
+        "lease_token": new_token(),
+        "status_message": "waiting for a worker",
+    }
 
 
 def send_on_commit(queue: str, jobs: list[tuple[int, str, int]]) -> None:

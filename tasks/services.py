@@ -78,8 +78,6 @@ def _new_task(
 
     The caller holds the provider and instance row locks.
     """
-    if instance.active_task_id is not None:
-        raise InstanceBusy(instance.active_task_id)
     now = timezone.now()
     used, waiting = dispatch.slot_state(provider.pk)
     limit = provider.concurrency_limit
@@ -97,9 +95,9 @@ def _new_task(
         status_message="queued",
     )
     if admit_now:
-        task.admitted_at = task.dispatched_at = now
-        task.lease_token, task.dispatch_count = transitions.new_token(), 1
-        task.status_message = "waiting for a worker"
+        for name, value in dispatch.admission_values(now).items():
+            setattr(task, name, value)
+        task.dispatch_count = 1
     sql.insert(task)
     # The database refuses a second active task: compare-and-set on a unique column
     # (with the instance row locked and seen free, this cannot lose).
