@@ -210,8 +210,9 @@ class FakeLXD:
                 }
             )
             fault = self._take_fault(request.method, request.path)
-        if fault and fault.delay:
-            self._sleep(fault.delay)
+        if fault and fault.delay and not self._sleep(fault.delay):
+            # Its test is over: a late request must not touch the next test's state.
+            return self._drop(environ)
         if fault and fault.drop and not fault.after:
             return self._drop(environ)
         if fault and not fault.drop and fault.status:
@@ -245,12 +246,13 @@ class FakeLXD:
                     return p
         return None
 
-    def _sleep(self, seconds: float) -> None:
-        # Interruptible by reset(): a "hung" sync call must not outlive its test.
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep, interruptible by reset(): False when the test that asked for it is over."""
         end = time.monotonic() + seconds
         marker = self.operations  # reset() replaces the dict
         while marker is self.operations and (left := end - time.monotonic()) > 0:
             time.sleep(min(0.02, left))
+        return marker is self.operations
 
     @staticmethod
     def _drop(environ):
@@ -731,6 +733,8 @@ class FakeLXD:
             return self._finish(op, 400, plan.fail)
         try:
             with self.lock:
+                if op.abandoned:  # reset() sets it under this lock: the next test's state stays untouched
+                    return None
                 work()
         except _Fail as exc:
             return self._finish(op, 400, str(exc))

@@ -6,6 +6,7 @@ permanent, cancel and deadline mid-operation. Runs once per flavour.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -183,6 +184,31 @@ def test_add_port_past_its_deadline_while_the_daemon_hangs(lxd_env):
     with prompt(3.0), pytest.raises(OperationCancelled) as info:
         lxd_env.driver().add_port(REF, SSH, token, no_progress)
     assert info.value.reason == "timeout"
+
+
+def test_a_call_still_hanging_when_its_test_ends_never_lands_in_the_next_one(lxd_env):
+    # The fake daemon outlives tests: a hung call released by reset() must be
+    # dropped, or it lands in the next test's state (a flaky failure seen in CI).
+    lxd_env.fake.add_instance(NAME, status=RUNNING)
+    lxd_env.fake.fail_next("PATCH", "/instances/", status=0, delay=30)
+    errors: list[Exception] = []
+
+    def hung_call() -> None:
+        try:
+            lxd_env.driver().add_port(REF, SSH, ok(), no_progress)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, it must not be success
+            errors.append(exc)
+
+    caller = threading.Thread(target=hung_call)
+    caller.start()
+    while not lxd_env.fake.calls("PATCH", "/instances/"):
+        time.sleep(0.01)
+    with lxd_env.fake.lock:  # the next test sets up before the released call can act
+        lxd_env.fake.reset()
+        lxd_env.fake.add_instance(NAME, status=RUNNING)
+    caller.join(5)
+    assert not caller.is_alive() and len(errors) == 1
+    assert lxd_env.fake.instances[NAME]["devices"] == {}
 
 
 # ---------------------------------------------------------- remove a port
