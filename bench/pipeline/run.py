@@ -50,6 +50,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--database", default="mysql://root@127.0.0.1:3306/cloudhost_bench")
     p.add_argument("--latency-samples", type=int, default=200)
     p.add_argument("--producers", type=int, default=4)
+    p.add_argument("--pipeline-only", action="store_true", help="skip the django-q2 baselines (ratio not printed)")
     return p.parse_args()
 
 
@@ -196,7 +197,7 @@ def main() -> None:
     user = get_user_model().objects.get_or_create(username="bench")[0]
     ours = pipeline(user)
     rows = [("task pipeline", ours)]
-    for label in BASELINES:
+    for label in [] if ARGS.pipeline_only else BASELINES:
         reset_data()
         rows.append((label, baseline(label)))
     print(

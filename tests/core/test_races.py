@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -86,3 +87,94 @@ def test_concurrent_requests_on_one_instance_create_exactly_one_task(alice, runn
     assert len(created) == 1
     assert all(r == ("busy", created[0]) for r in results if isinstance(r, tuple))
     assert Task.objects.filter(instance=running_instance).count() == 1
+
+
+def _admitted(task_id: int) -> bool:
+    return Task.objects.filter(pk=task_id, admitted_at__isnull=False).exclude(lease_token="").exists()
+
+
+def test_a_task_created_while_the_slot_frees_is_admitted_by_its_own_check(alice, provider, make_instance, monkeypatch):
+    # The provider (serial) is full when the request reads it, so the new task is
+    # inserted waiting without the provider lock. The running task finishes before
+    # that insert commits: its admission check finds nobody waiting. The request's
+    # own check after its commit must then see the free slot.
+    first = services.request_operation(alice, make_instance(alice, provider).pk, "restart")
+    first.refresh_from_db()
+    assert transitions.claim(first.pk, token=first.lease_token, worker="w1")
+    real_new_task = services._new_task
+
+    def finish_first_meanwhile(**kwargs):
+        def finish():
+            try:
+                assert transitions.finish(first.pk, "completed", token=first.lease_token, actor="w1")
+            finally:
+                connection.close()
+
+        other = threading.Thread(target=finish)
+        other.start()
+        other.join(10)
+        return real_new_task(**kwargs)
+
+    monkeypatch.setattr(services, "_new_task", finish_first_meanwhile)
+    second = services.request_operation(alice, make_instance(alice, provider).pk, "restart")
+    assert Task.objects.get(pk=first.pk).status == "completed"
+    assert _admitted(second.pk), "the waiting task was admitted once the slot it needed was free"
+
+
+def test_creates_and_finishes_racing_never_strand_a_task_nor_exceed_the_limit(alice, provider, make_instance):
+    # No sweep runs here: every admission comes from the events (creates and finishes).
+    provider.allow_concurrent_tasks, provider.max_concurrent_tasks = True, 2
+    provider.save()
+    instances = [make_instance(alice, provider) for _ in range(40)]
+    created: list[int] = []
+    done = threading.Event()
+    intervals: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    def create(chunk):
+        try:
+            for inst in chunk:
+                pk = services.request_operation(alice, inst.pk, "restart").pk
+                with lock:
+                    created.append(pk)
+        finally:
+            connection.close()
+
+    def work(_):
+        try:
+            while not done.is_set():
+                ready = list(
+                    Task.objects.filter(status="pending", admitted_at__isnull=False).values_list("pk", "lease_token")
+                )
+                for pk, token in ready:
+                    task = transitions.claim_task(pk, token=token, worker=f"w-{threading.get_ident()}")
+                    if task is None:
+                        continue
+                    start = time.monotonic()
+                    time.sleep(random.uniform(0, 0.005))
+                    end = time.monotonic()
+                    assert transitions.finish(pk, "completed", token=token, actor="w", known=task)
+                    with lock:
+                        intervals.append((start, end))
+                if not ready:
+                    time.sleep(0.002)
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(6) as pool:
+        workers = [pool.submit(work, i) for i in range(2)]
+        list(pool.map(create, [instances[i::4] for i in range(4)]))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and Task.objects.filter(pk__in=created, status="completed").count() < 40:
+            time.sleep(0.05)
+        done.set()
+        for w in workers:
+            w.result()
+    stuck = list(Task.objects.filter(pk__in=created).exclude(status="completed").values_list("pk", "admitted_at"))
+    assert stuck == [], "a task was left waiting with the provider's slots free"
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert len(intervals) == 40 and peak <= 2
