@@ -66,78 +66,21 @@ def enqueue_job(task_id: int, token: str, queue: str, timeout_seconds: int) -> N
         logger.exception("task %s: could not enqueue its job on %s; the sweep will retry", task_id, queue)
 
 
-def _slot_sql(provider: str = "%s") -> tuple[str, str]:
-    """(slots in use, some task waiting) as SQL expressions over the task table.
-
-    ``provider``: a placeholder (params from _used_params(id) and [id, PENDING]) or
-    a column of an outer query (params from _used_params() and [PENDING]).
-    """
+def _slot_sql() -> tuple[str, str]:
+    """(slots in use, some task waiting) as SQL expressions over the task table; 3 + 2 params."""
     t = sql.table(Task)
-    ref, status, admitted = sql.col(Task, "provider"), sql.col(Task, "status"), sql.col(Task, "admitted_at")
-    ref = f"{t.name}.{ref}"
+    provider, status, admitted = sql.col(Task, "provider"), sql.col(Task, "status"), sql.col(Task, "admitted_at")
     used = (
-        f"(SELECT COUNT(*) FROM {t.name} WHERE {ref} = {provider} AND {status} IN (%s, %s))"
-        f" + (SELECT COUNT(*) FROM {t.name} WHERE {ref} = {provider} AND {status} = %s AND {admitted} IS NOT NULL)"
+        f"(SELECT COUNT(*) FROM {t.name} WHERE {provider} = %s AND {status} IN (%s, %s))"
+        f" + (SELECT COUNT(*) FROM {t.name} WHERE {provider} = %s AND {status} = %s AND {admitted} IS NOT NULL)"
     )
-    waiting = f"EXISTS(SELECT 1 FROM {t.name} WHERE {ref} = {provider} AND {status} = %s AND {admitted} IS NULL)"
+    waiting = f"EXISTS(SELECT 1 FROM {t.name} WHERE {provider} = %s AND {status} = %s AND {admitted} IS NULL)"
     return used, waiting
 
 
-def _used_params(provider_id: int | None = None) -> list:
+def _used_params(provider_id: int) -> list:
     running, cancelling = sorted(EXECUTING)
-    if provider_id is None:
-        return [running, cancelling, PENDING]
     return [provider_id, running, cancelling, provider_id, PENDING]
-
-
-def provider_with_slots(where: str, params: list, join: str = "") -> tuple[Provider, int, bool] | None:
-    """A provider row (not locked) with its slots in use and whether a task waits: one statement.
-
-    ``where`` filters ``p`` (the provider) and the optional ``join``.
-    """
-    p = sql.table(Provider)
-    used, waiting = _slot_sql(f"p.{p.quoted['id']}")
-    row = sql.fetchone(
-        f"SELECT {p.columns('p')}, {used}, {waiting} FROM {p.name} p {join} WHERE {where}",
-        [*_used_params(), PENDING, *params],
-    )
-    if row is None:
-        return None
-    n = len(p.fields)
-    return p.build(row), int(row[n]), bool(row[n + 1])
-
-
-def admit_if_needed(provider_id: int) -> list[int]:
-    """Admission after a commit that added a waiting task or freed a slot without the provider lock.
-
-    A fresh read decides: it locks and admits only when a task waits and a slot is
-    free. Both sides read after their own commit, so a task that waits and a slot
-    that frees always meet: if this read misses the other's commit, the other's
-    read (after it) sees this one's. A slot still taken is freed by a finish that
-    runs this same check after it commits.
-    """
-    found = provider_with_slots(f"p.{sql.table(Provider).quoted['id']} = %s", [provider_id])
-    if found is None:
-        return []
-    provider, used, waiting = found
-    if not (provider.enabled and waiting and used < provider.concurrency_limit):
-        return []
-    return admit(provider_id)
-
-
-def admit_after_commit(provider_id: int) -> None:
-    """admit_if_needed once the caller's transaction commits (at once outside one). Errors only delay."""
-
-    def run() -> None:
-        try:
-            admit_if_needed(provider_id)
-        except Exception:
-            logger.exception("provider %s: admission failed; the sweep will retry", provider_id)
-
-    if transaction.get_connection().in_atomic_block:
-        transaction.on_commit(run)
-    else:
-        run()
 
 
 def slots_in_use(provider_id: int) -> int:

@@ -72,18 +72,16 @@ def _new_task(
     timeout_seconds: int,
     task_data: dict | None,
     port_mapping=None,
-    admission: bool = True,
 ) -> Task:
     """Insert the task (admitted at once when its provider has a free slot and nobody
     waits ahead of it), make it the instance's active task, write its first event.
 
-    The caller holds the provider and instance row locks; ``admission=False``: the
-    instance lock only, and the caller runs dispatch.admit_after_commit.
+    The caller holds the provider and instance row locks.
     """
     now = timezone.now()
-    used, waiting = dispatch.slot_state(provider.pk) if admission else (0, False)
+    used, waiting = dispatch.slot_state(provider.pk)
     limit = provider.concurrency_limit
-    admit_now = admission and provider.enabled and not waiting and used < limit
+    admit_now = provider.enabled and not waiting and used < limit
     task = Task(
         task_type=task_type,
         owner_id=instance.owner_id,
@@ -125,7 +123,7 @@ def _new_task(
     )
     if admit_now:
         dispatch.send_on_commit(provider.queue_name, [(task.pk, task.lease_token, task.effective_timeout)])
-    elif admission and waiting and provider.enabled and used < limit:
+    elif waiting and provider.enabled and used < limit:
         # Free slots but older tasks waiting (a limit was raised, a wake-up was lost): admit them now.
         dispatch.admit_locked(provider)
     logger.info("task %s: %s of instance %s queued by %s", task.pk, task_type, instance.pk, initiator)
@@ -177,40 +175,6 @@ def _lock_for_new_task(user, instance_id, *, admin: bool) -> tuple[Provider, Ins
         raise NotFound("no such instance")
     instance.provider = provider
     return provider, instance
-
-
-def _lock_for_operation(user, instance_id, *, admin: bool) -> tuple[Provider, Instance, bool]:
-    """Like _lock_for_new_task, but the provider row is locked only when a slot looks free.
-
-    One read gives the provider and its slots. When they are all taken (a backlog)
-    the new task cannot be admitted at insert anyway: it waits, only the instance
-    is locked, and creates no longer queue behind each other and behind admission
-    on the provider row; admit_after_commit runs once it is committed. Returns
-    (provider, instance, whether the provider row is locked).
-    """
-    try:
-        instance_pk = int(instance_id)
-    except (TypeError, ValueError):
-        raise NotFound("no such instance") from None
-    i, p = sql.table(Instance), sql.table(Provider)
-    owner = "" if admin else f"{sql.col(Instance, 'owner')} = %s"
-    params = [] if admin else [user.pk]
-    found = dispatch.provider_with_slots(
-        f"i.{i.quoted['id']} = %s" + (f" AND i.{owner}" if owner else ""),
-        [instance_pk, *params],
-        join=f"JOIN {i.name} i ON i.{i.quoted['provider_id']} = p.{p.quoted['id']}",
-    )
-    if found is None:
-        raise NotFound("no such instance")
-    provider, used, _waiting = found
-    locked = provider.enabled and used < provider.concurrency_limit
-    if locked:
-        provider = sql.get(Provider, provider.pk, lock=True)
-    instance = sql.get(Instance, instance_pk, lock=True, where=owner, params=params)
-    if provider is None or instance is None:
-        raise NotFound("no such instance")
-    instance.provider = provider
-    return provider, instance, locked
 
 
 def create_instance(
@@ -306,23 +270,19 @@ def request_operation(
         raise InvalidInput(f"unknown operation {task_type!r}", field="task_type")
     timeout = validate_timeout(timeout_seconds)
     with sql.atomic():
-        provider, instance, locked = _lock_for_operation(user, instance_id, admin=admin)
+        provider, instance = _lock_for_new_task(user, instance_id, admin=admin)
         if instance.active_task_id is not None:
             raise InstanceBusy(instance.active_task_id)
         if instance.status not in ALLOWED_INSTANCE_STATUS[task_type]:
             raise InvalidState(f"cannot {task_type} an instance that is {instance.status}", status=instance.status)
-        task = _new_task(
+        return _new_task(
             provider=provider,
             task_type=task_type,
             instance=instance,
             initiator=user,
             timeout_seconds=timeout,
             task_data=task_data,
-            admission=locked,
         )
-    if not locked:
-        dispatch.admit_after_commit(provider.pk)
-    return task
 
 
 def create_port(

@@ -3,9 +3,8 @@
 Lock order, everywhere in the system (so two transactions never wait on each
 other in a circle): user quota -> provider -> instance -> task. Admission takes
 provider -> tasks; creating a task takes quota -> provider -> instance; a
-terminal transition that may release quota and capacity takes the whole chain,
-any other takes instance -> task (and admits the next task after its commit,
-in a transaction of its own); a non-terminal one takes instance -> task.
+terminal transition takes the whole chain because it may release quota and
+capacity; a non-terminal one takes instance -> task.
 
 A transition that loses (the task moved on, the lease was revoked) returns
 False and changes nothing. Nothing here raises for a lost race.
@@ -255,16 +254,13 @@ def finish(
             if head is None or head[3] not in allowed:
                 return False
             owner_id, provider_id, instance_id, _, task_type = head
-        # Lock order: quota -> provider -> instance -> task. Only a release of quota and
-        # capacity needs the first two; any other outcome leaves the provider row alone,
-        # so creates and admissions on the provider do not queue behind this one.
-        provider = None
+        # Lock order: quota -> provider -> instance -> task.
         if get_operation(task_type).touches_quota:
             q = sql.table(UserQuota)
             sql.fetchone(
                 f"SELECT {q.quoted['id']} FROM {q.name} WHERE {q.quoted['user_id']} = %s{sql.for_update()}", [owner_id]
             )
-            provider = sql.get(Provider, provider_id, lock=True)
+        provider = sql.get(Provider, provider_id, lock=True)
         instance = _lock_instance(instance_id)
         task = sql.get(Task, task_id, lock=True)
         if task is None or task.status not in allowed:
@@ -335,22 +331,14 @@ def finish(
             if instance.active_task_id == task.pk:
                 instance.active_task = None
             sql.save_changes(instance, before, now=now)
-        freed = ran or task.admitted_at is not None
-        if freed and provider is not None:
-            # The slot is free and the provider row is locked already: admit the
-            # next task in this same transaction.
+        if (ran or task.admitted_at is not None) and provider is not None:
+            # The slot is free: admit the next task in this same transaction (the
+            # provider row is locked already).
             from tasks.dispatch import admit_locked
 
             admit_locked(provider)
-            freed = False
         logger.info("task %s: %s -> %s by %s %s", task_id, source, target, actor, reason)
-    if freed:
-        # Admission after the commit, in its own short transaction, and only when a
-        # task waits: until the freed slot is committed, admission would count it taken.
-        from tasks.dispatch import admit_after_commit
-
-        admit_after_commit(provider_id)
-    return True
+        return True
 
 
 def report_progress(task_id: int, *, token: str, progress: int, message: str, step: bool = False) -> bool:

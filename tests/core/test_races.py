@@ -89,38 +89,6 @@ def test_concurrent_requests_on_one_instance_create_exactly_one_task(alice, runn
     assert Task.objects.filter(instance=running_instance).count() == 1
 
 
-def _admitted(task_id: int) -> bool:
-    return Task.objects.filter(pk=task_id, admitted_at__isnull=False).exclude(lease_token="").exists()
-
-
-def test_a_task_created_while_the_slot_frees_is_admitted_by_its_own_check(alice, provider, make_instance, monkeypatch):
-    # The provider (serial) is full when the request reads it, so the new task is
-    # inserted waiting without the provider lock. The running task finishes before
-    # that insert commits: its admission check finds nobody waiting. The request's
-    # own check after its commit must then see the free slot.
-    first = services.request_operation(alice, make_instance(alice, provider).pk, "restart")
-    first.refresh_from_db()
-    assert transitions.claim(first.pk, token=first.lease_token, worker="w1")
-    real_new_task = services._new_task
-
-    def finish_first_meanwhile(**kwargs):
-        def finish():
-            try:
-                assert transitions.finish(first.pk, "completed", token=first.lease_token, actor="w1")
-            finally:
-                connection.close()
-
-        other = threading.Thread(target=finish)
-        other.start()
-        other.join(10)
-        return real_new_task(**kwargs)
-
-    monkeypatch.setattr(services, "_new_task", finish_first_meanwhile)
-    second = services.request_operation(alice, make_instance(alice, provider).pk, "restart")
-    assert Task.objects.get(pk=first.pk).status == "completed"
-    assert _admitted(second.pk), "the waiting task was admitted once the slot it needed was free"
-
-
 def test_creates_and_finishes_racing_never_strand_a_task_nor_exceed_the_limit(alice, provider, make_instance):
     # No sweep runs here: every admission comes from the events (creates and finishes).
     provider.allow_concurrent_tasks, provider.max_concurrent_tasks = True, 2
