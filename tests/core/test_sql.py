@@ -25,6 +25,13 @@ def test_rows_come_back_as_the_orm_builds_them(alice, running_instance):
     for field in Task._meta.concrete_fields:
         assert getattr(raw, field.attname) == getattr(orm, field.attname), field.name
     assert raw.created_at.tzinfo is not None and raw.task_data == {"k": [1, "two"]}
+    # Built without Model.__init__: the same instance state, and it behaves as one.
+    assert {k for k in vars(raw) if k != "_state"} == {k for k in vars(orm) if k != "_state"}
+    assert (raw._state.adding, raw._state.db) == (orm._state.adding, orm._state.db) == (False, "default")
+    assert raw == orm and raw.instance == running_instance and raw.provider.pk == running_instance.provider_id
+    raw.status_message = "saved through the ORM"
+    raw.save(update_fields=["status_message"])
+    assert Task.objects.get(pk=task.pk).status_message == "saved through the ORM"
     assert isinstance(sql.get(Instance, running_instance.pk).needs_reconcile, bool)
     assert sql.get(Task, 10**9) is None
 
