@@ -128,10 +128,15 @@ class Table:
         # a third of the cost of reading a row. Without init receivers, a row's values
         # go straight into the instance's __dict__, which is where __init__ puts them.
         self.plain = not (signals.pre_init.has_listeners(model) or signals.post_init.has_listeners(model))
+        self._columns: dict[str, str] = {}
 
     def columns(self, alias: str = "") -> str:
-        prefix = f"{alias}." if alias else ""
-        return ", ".join(prefix + self.quoted[a] for a in self.attnames)
+        """The column list of a SELECT (``alias.`` before each), built once per alias."""
+        cached = self._columns.get(alias)
+        if cached is None:
+            prefix = f"{alias}." if alias else ""
+            cached = self._columns[alias] = ", ".join(prefix + self.quoted[a] for a in self.attnames)
+        return cached
 
     def build(self, row, offset: int = 0) -> Model:
         """A model instance from ``len(fields)`` values of ``row`` starting at ``offset``."""

@@ -32,6 +32,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--broker", choices=("redis", "orm"), default="redis")
     p.add_argument("--profile", choices=("create", "execute"))
     p.add_argument("--sort", default="cumulative", help="cProfile sort key (cumulative, tottime)")
+    p.add_argument("--top", type=int, default=25, help="how many profile rows")
     return p.parse_args()
 
 
@@ -71,7 +72,7 @@ def stage(label: str, items, func, profile: bool) -> None:
         f"statements {(statements() - sent) / n:5.1f} (commits included)"
     )
     if prof:
-        pstats.Stats(prof).sort_stats(ARGS.sort).print_stats(25)
+        pstats.Stats(prof).sort_stats(ARGS.sort).print_stats(ARGS.top)
 
 
 def main() -> None:
