@@ -162,11 +162,7 @@ def _lock_for_new_task(user, instance_id, *, admin: bool) -> tuple[Provider, Ins
         instance_pk = int(instance_id)
     except (TypeError, ValueError):
         raise NotFound("no such instance") from None
-    head = sql.fetchone(
-        f"SELECT {sql.col(Instance, 'provider')} FROM {sql.table(Instance).name} WHERE {sql.col(Instance, 'id')} = %s"
-        + (f" AND {owner}" if owner else ""),
-        [instance_pk, *params],
-    )
+    head = sql.values(Instance, instance_pk, ["provider"], where=owner, params=params)
     if head is None:
         raise NotFound("no such instance")
     provider = sql.get(Provider, head[0], lock=True)

@@ -210,16 +210,25 @@ def for_update() -> str:
     return " FOR UPDATE" if db().features.has_select_for_update else ""
 
 
+def _by_pk(t: Table, columns: str, *, lock: bool, where: str) -> str:
+    sql = f"SELECT {columns} FROM {t.name} WHERE {t.quoted[t.model._meta.pk.attname]} = %s"
+    if where:
+        sql += f" AND ({where})"
+    return sql + for_update() if lock else sql
+
+
 def get(model: type[Model], pk, *, lock: bool = False, where: str = "", params=()) -> Model | None:
     """The row with this primary key as a model instance (None if absent); ``lock``: FOR UPDATE."""
     t = table(model)
-    sql = f"SELECT {t.columns()} FROM {t.name} WHERE {t.quoted[model._meta.pk.attname]} = %s"
-    if where:
-        sql += f" AND ({where})"
-    if lock:
-        sql += for_update()
-    row = fetchone(sql, [pk, *params])
+    row = fetchone(_by_pk(t, t.columns(), lock=lock, where=where), [pk, *params])
     return None if row is None else t.build(row)
+
+
+def values(model: type[Model], pk, names: list[str], *, lock: bool = False, where: str = "", params=()):
+    """Some columns of the row with this primary key, as the database returns them (None if absent)."""
+    t = table(model)
+    columns = ", ".join(t.quoted[t.by_name[n].attname] for n in names)
+    return fetchone(_by_pk(t, columns, lock=lock, where=where), [pk, *params])
 
 
 def prep(field, value, conn=None) -> Any:

@@ -245,12 +245,7 @@ def finish(
                 known.task_type,
             )
         else:
-            t = sql.table(Task)
-            head = sql.fetchone(
-                f"SELECT {t.quoted['owner_id']}, {t.quoted['provider_id']}, {t.quoted['instance_id']},"
-                f" {t.quoted['status']}, {t.quoted['task_type']} FROM {t.name} WHERE {t.quoted['id']} = %s",
-                [task_id],
-            )
+            head = sql.values(Task, task_id, ["owner", "provider", "instance", "status", "task_type"])
             if head is None or head[3] not in allowed:
                 return False
             owner_id, provider_id, instance_id, _, task_type = head
@@ -379,10 +374,7 @@ def renew_lease(task_id: int, *, token: str) -> str | None:
 
 def read_status(task_id: int, *, token: str) -> str | None:
     """Cheap cancel check: the status if this token still holds the task, else None."""
-    t = sql.table(Task)
-    row = sql.fetchone(
-        f"SELECT {t.quoted['status']}, {t.quoted['lease_token']} FROM {t.name} WHERE {t.quoted['id']} = %s", [task_id]
-    )
+    row = sql.values(Task, task_id, ["status", "lease_token"])
     if row is None or row[1] != token or row[0] not in EXECUTING:
         return None
     return row[0]

@@ -34,6 +34,11 @@ def test_rows_come_back_as_the_orm_builds_them(alice, running_instance):
     assert Task.objects.get(pk=task.pk).status_message == "saved through the ORM"
     assert isinstance(sql.get(Instance, running_instance.pk).needs_reconcile, bool)
     assert sql.get(Task, 10**9) is None
+    owner = f"{sql.col(Task, 'owner')} = %s"
+    assert sql.values(Task, task.pk, ["status", "instance"]) == ("pending", running_instance.pk)
+    assert sql.values(Task, task.pk, ["status"], where=owner, params=[alice.pk]) == ("pending",)
+    assert sql.values(Task, task.pk, ["status"], where=owner, params=[alice.pk + 1]) is None
+    assert sql.values(Task, 10**9, ["status"]) is None
 
 
 def test_insert_applies_defaults_and_auto_now_like_save(provider):
