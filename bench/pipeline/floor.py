@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import reset_data, setup_django  # noqa: E402
+from bench.common import cpu_report, cpu_snapshot, reset_data, setup_django  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--tasks", type=int, default=5000)
@@ -49,13 +48,6 @@ from django.db import connection  # noqa: E402
 
 from config.env import parse_database_url  # noqa: E402
 from tasks.models import Instance, Provider  # noqa: E402
-
-
-def server_cpu() -> float:
-    pid = subprocess.check_output(["pgrep", "-x", "mariadbd"]).split()[0].decode()
-    fields = Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
 
 TASK_INSERT = (
     "INSERT INTO tasks_task (uuid, task_type, status, progress, status_message, error_code, error_message,"
@@ -284,16 +276,16 @@ def main() -> None:
         db.close()
 
     threads = [threading.Thread(target=run, args=(chunk,)) for chunk in chunks]
-    before, mine, t0 = server_cpu(), os.times(), time.time()
+    before, t0 = cpu_snapshot(), time.time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.time() - t0
-    after, mine2 = server_cpu(), os.times()
     n = ARGS.tasks
-    server = (after - before) * 1000 / n
-    client = ((mine2.user - mine.user) + (mine2.system - mine.system)) * 1000 / n
+    per_role = dict(cpu_report(before, cpu_snapshot(), n))
+    server = per_role.get("database server", 0.0)
+    client = per_role.get("benchmark process (producers)", 0.0)
     cores = os.cpu_count() or 1
     what = {
         "writes": "9 writes",
