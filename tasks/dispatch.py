@@ -25,7 +25,7 @@ from django.db.models import Avg, F, Q
 from django.utils import timezone
 
 from tasks import sql
-from tasks.models import Provider, Task
+from tasks.models import Provider, Task, effective_timeout
 from tasks.states import COMPLETED, EXECUTING, PENDING
 from tasks.transitions import new_token, retry_on_deadlock
 
@@ -137,9 +137,7 @@ def admit_locked(provider: Provider) -> list[int]:
         values = admission_values(now)
         values["dispatch_count"] = sql.Inc(1)
         if sql.update(Task, values, where, [task_id, PENDING]) == 1:
-            jobs.append(
-                (task_id, values["lease_token"], timeout_seconds or Task(task_type=task_type).effective_timeout)
-            )
+            jobs.append((task_id, values["lease_token"], effective_timeout(task_type, timeout_seconds)))
     if jobs:
         send_on_commit(provider.queue_name, jobs)
         logger.debug("provider %s: admitted %s", provider.pk, [j[0] for j in jobs])

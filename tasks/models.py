@@ -190,6 +190,11 @@ class Instance(models.Model):
         return f"vps-{self.uuid.hex[:12]}"
 
 
+def effective_timeout(task_type: str, timeout_seconds: int) -> int:
+    """A task's timeout: its own, else its type's default (600 s for a type without one)."""
+    return timeout_seconds or DEFAULT_TIMEOUTS.get(task_type, 600)
+
+
 class Task(models.Model):
     """One operation on one instance.
 
@@ -272,7 +277,7 @@ class Task(models.Model):
 
     @property
     def effective_timeout(self) -> int:
-        return self.timeout_seconds or DEFAULT_TIMEOUTS.get(self.task_type, 600)
+        return effective_timeout(self.task_type, self.timeout_seconds)
 
     @property
     def is_final(self) -> bool:
