@@ -127,7 +127,11 @@ def wait_all_done(ids: list[int], timeout: float = 900) -> None:
 
 
 def cpu_snapshot() -> dict[int, tuple[str, float]]:
-    """CPU seconds used so far by every process on the machine, with a role name."""
+    """CPU seconds used so far by every process on the machine, with a role name.
+
+    A process's own time plus its reaped children's: django-q2 recycles its workers
+    (every 500 jobs), and a recycled worker's time lives on in its sentinel's.
+    """
     import psutil
 
     me = os.getpid()
@@ -153,7 +157,7 @@ def cpu_snapshot() -> dict[int, tuple[str, float]]:
             role = "run_workers supervisor"
         else:
             role = "other"
-        snap[proc.info["pid"]] = (role, times.user + times.system)
+        snap[proc.info["pid"]] = (role, times.user + times.system + times.children_user + times.children_system)
     return snap
 
 

@@ -167,6 +167,9 @@ TASK_HEARTBEAT_SECONDS = env_float("TASK_HEARTBEAT_SECONDS", 3.0, minimum=0.1)
 TASK_CANCEL_POLL_SECONDS = env_float("TASK_CANCEL_POLL_SECONDS", 0.5, minimum=0.05, maximum=5.0)
 TASK_DISPATCH_TIMEOUT_SECONDS = env_float("TASK_DISPATCH_TIMEOUT_SECONDS", 10.0, minimum=1.0)
 TASK_HARD_KILL_GRACE_SECONDS = env_int("TASK_HARD_KILL_GRACE_SECONDS", 10, minimum=1)
+# A job may go on with the tasks its own finish admitted on the same provider
+# (hand-over, no broker round trip) for this long after it started.
+TASK_HANDOFF_SECONDS = env_int("TASK_HANDOFF_SECONDS", 30, minimum=0)
 TASK_SWEEP_SECONDS = env_float("TASK_SWEEP_SECONDS", 1.0, minimum=0.1)
 TASK_SHUTDOWN_GRACE_SECONDS = env_float("TASK_SHUTDOWN_GRACE_SECONDS", 5.0, minimum=0.0)
 TASK_PROGRESS_MIN_INTERVAL = env_float("TASK_PROGRESS_MIN_INTERVAL", 0.25, minimum=0.0)
@@ -203,11 +206,12 @@ Q_CLUSTER = {
     "name": "cloudhost",
     "workers": _q_workers,
     "recycle": 500,
-    # Per job: the task's own timeout + TASK_HARD_KILL_GRACE_SECONDS; this is the ceiling.
-    "timeout": TASK_MAX_TIMEOUT_SECONDS + TASK_HARD_KILL_GRACE_SECONDS,
+    # Per job (dispatch.job_seconds): the first task's timeout + TASK_HARD_KILL_GRACE_SECONDS
+    # + TASK_HANDOFF_SECONDS; this is the ceiling.
+    "timeout": TASK_MAX_TIMEOUT_SECONDS + TASK_HARD_KILL_GRACE_SECONDS + TASK_HANDOFF_SECONDS,
     # Re-delivery of an unacknowledged job must come after any hard timeout, or a
     # running job would be handed out twice (a no-op for us, but wasted).
-    "retry": TASK_MAX_TIMEOUT_SECONDS + 2 * TASK_HARD_KILL_GRACE_SECONDS + 60,
+    "retry": TASK_MAX_TIMEOUT_SECONDS + 2 * TASK_HARD_KILL_GRACE_SECONDS + TASK_HANDOFF_SECONDS + 60,
     "max_attempts": 1,
     "ack_failures": True,
     # -1: django-q2 stores no success rows (the Task row is the record); its own

@@ -7,6 +7,7 @@ in is success, so a step repeated after a crash or a retry converges.
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from collections.abc import Callable
@@ -251,27 +252,26 @@ class ProviderConfig:
     secrets: dict[str, Any]
 
 
+# provider_type -> (module, class): imported on first use, or up front by import_drivers.
+DRIVERS = {
+    "simulated": ("providers.simulated", "SimulatedDriver"),
+    "lxd": ("providers.lxd", "LXDDriver"),
+    "incus": ("providers.incus", "IncusDriver"),
+    "proxmox": ("providers.proxmox", "ProxmoxDriver"),
+    "docker": ("providers.docker", "DockerDriver"),
+}
+
+
 def build_driver(config: ProviderConfig) -> Driver:
     """Instantiate the driver for ``config.provider_type``."""
-    kind = config.provider_type
-    if kind == "simulated":
-        from providers.simulated import SimulatedDriver
+    try:
+        module, name = DRIVERS[config.provider_type]
+    except KeyError:
+        raise UnsupportedError(f"unknown provider type {config.provider_type!r}") from None
+    return getattr(importlib.import_module(module), name)(config)
 
-        return SimulatedDriver(config)
-    if kind == "lxd":
-        from providers.lxd import LXDDriver
 
-        return LXDDriver(config)
-    if kind == "incus":
-        from providers.incus import IncusDriver
-
-        return IncusDriver(config)
-    if kind == "proxmox":
-        from providers.proxmox import ProxmoxDriver
-
-        return ProxmoxDriver(config)
-    if kind == "docker":
-        from providers.docker import DockerDriver
-
-        return DockerDriver(config)
-    raise UnsupportedError(f"unknown provider type {kind!r}")
+def import_drivers() -> None:
+    """Import every driver now: a process that forks workers (django-q2) does it once for all."""
+    for module, _ in DRIVERS.values():
+        importlib.import_module(module)

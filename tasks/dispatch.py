@@ -31,7 +31,7 @@ from tasks.transitions import new_token, retry_on_deadlock
 
 logger = logging.getLogger(__name__)
 
-JOB_FUNC = "tasks.worker.execute"
+JOB_FUNC = "tasks.worker.run_job"
 _brokers: dict[str, object] = {}
 
 
@@ -45,19 +45,30 @@ def _broker(queue: str):
     return broker
 
 
+def job_seconds(timeout_seconds: int) -> int:
+    """django-q2's timeout of a job whose first task has this timeout.
+
+    The worker arms its own alarm at each task's deadline + TASK_HARD_KILL_GRACE_SECONDS;
+    django-q2's timer is the outer backstop, TASK_HANDOFF_SECONDS longer so the tasks a
+    job runs after its first (hand-over, see tasks.worker.run_job) fit in it.
+    """
+    return timeout_seconds + settings.TASK_HARD_KILL_GRACE_SECONDS + settings.TASK_HANDOFF_SECONDS
+
+
 def enqueue_job(task_id: int, token: str, queue: str, timeout_seconds: int) -> None:
     """Send the job for an admitted task. Failure here only delays: the sweep re-sends."""
     from django_q.tasks import async_task
 
+    seconds = job_seconds(timeout_seconds)
     try:
         async_task(
             JOB_FUNC,
             task_id,
             token,
+            seconds,
             cluster=queue,
             broker=_broker(queue),
-            # The hard backstop: django-q2 kills the worker this long after start.
-            timeout=timeout_seconds + settings.TASK_HARD_KILL_GRACE_SECONDS,
+            timeout=seconds,
             task_name=f"task-{task_id}-{token[:8]}",
             save=False,
         )
@@ -105,11 +116,13 @@ def admit(provider_id: int) -> list[int]:
         return admit_locked(provider)
 
 
-def admit_locked(provider: Provider) -> list[int]:
+def admit_locked(provider: Provider, handoff: list | None = None) -> list[int]:
     """Admission with the provider row already locked by the caller's transaction.
 
     Creating a task and finishing one hold that lock anyway, so they admit in
     the same transaction (one commit less per task); the jobs go out on commit.
+    ``handoff``: a finishing worker's list; the first admitted task's job is put
+    there on commit instead of going through the broker (the worker runs it next).
     """
     if not provider.enabled:
         return []
@@ -138,9 +151,15 @@ def admit_locked(provider: Provider) -> list[int]:
         values["dispatch_count"] = sql.Inc(1)
         if sql.update(Task, values, where, [task_id, PENDING]) == 1:
             jobs.append((task_id, values["lease_token"], effective_timeout(task_type, timeout_seconds)))
-    if jobs:
-        send_on_commit(provider.queue_name, jobs)
-        logger.debug("provider %s: admitted %s", provider.pk, [j[0] for j in jobs])
+    if not jobs:
+        return []
+    sent = jobs
+    if handoff is not None:
+        kept, sent = (provider.queue_name, *jobs[0]), jobs[1:]
+        transaction.on_commit(lambda: handoff.append(kept))
+    if sent:
+        send_on_commit(provider.queue_name, sent)
+    logger.debug("provider %s: admitted %s", provider.pk, [j[0] for j in jobs])
     return [j[0] for j in jobs]
 
 

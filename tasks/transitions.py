@@ -224,6 +224,7 @@ def finish(
     needs_reconcile: bool = False,
     secret: str | None = None,
     known: Task | None = None,
+    handoff: list | None = None,
 ) -> bool:
     """Move a task to a terminal state and apply the outcome to its instance.
 
@@ -232,6 +233,8 @@ def finish(
     ``require_lease_expired``: recovery acts only on a lease that has run out.
     ``known``: the task as its worker claimed it (owner, provider, instance and type
     never change), which saves reading them again.
+    ``handoff``: the finishing worker's list for the job of the task this admits
+    (see dispatch.admit_locked).
     """
     if target not in FINAL:
         raise ValueError(f"{target} is not a terminal state")
@@ -331,7 +334,7 @@ def finish(
             # provider row is locked already).
             from tasks.dispatch import admit_locked
 
-            admit_locked(provider)
+            admit_locked(provider, handoff)
         logger.info("task %s: %s -> %s by %s %s", task_id, source, target, actor, reason)
         return True
 

@@ -1,13 +1,17 @@
 """The django-q2 entry point: claim, heartbeat, run, finish. Safe to run twice.
 
-A job carries (task id, lease token) and nothing else. ``execute`` claims the
-task with a compare-and-set on both; a duplicate, late or revoked job finds
-nothing to claim and returns. While the operation runs, the process's heartbeat
-thread renews the lease, watches for a cancel request (within
-TASK_CANCEL_POLL_SECONDS), and enforces the deadline by setting the cancel
-token; the operation stops at its next safe point. If it ignores the token,
-django-q2's per-job timeout (the task's timeout + TASK_HARD_KILL_GRACE_SECONDS)
-raises in it or kills the process, and recovery records ``timeout``.
+A job carries (task id, lease token, its django-q2 timeout) and nothing else.
+``execute`` claims the task with a compare-and-set on both; a duplicate, late
+or revoked job finds nothing to claim and returns. While the operation runs,
+the process's heartbeat thread renews the lease, watches for a cancel request
+(within TASK_CANCEL_POLL_SECONDS), and enforces the deadline by setting the
+cancel token; the operation stops at its next safe point. If it ignores the
+token, the alarm armed at the task's deadline + TASK_HARD_KILL_GRACE_SECONDS
+(django-q2's own per-job SIGALRM, re-armed per task) raises in it, and
+django-q2's process timer kills what does not yield; recovery records ``timeout``.
+
+``run_job`` is django-q2's entry point: after a task it runs the next one its
+finish admitted on the same provider (hand-over), without a broker round trip.
 
 A worker that cannot renew its lease (database gone, lease revoked) cancels its
 own operation; its writes are fenced by the token anyway.
@@ -16,14 +20,17 @@ own operation; its writes are fenced by the token anyway.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import signal
 import socket
 import threading
 import time
 
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import connection
 from django.utils import timezone
+from django_q.timeout import TimeoutHandler
 
 from providers.base import (
     CANCEL_LEASE_LOST,
@@ -36,7 +43,7 @@ from providers.base import (
     ProviderError,
     build_driver,
 )
-from tasks import transitions
+from tasks import dispatch, transitions
 from tasks.models import Task, Worker
 from tasks.operations import get_operation
 from tasks.operations.base import ExecutionContext
@@ -48,6 +55,8 @@ logger = logging.getLogger(__name__)
 # operations are cancelled with CANCEL_SHUTDOWN after the grace period.
 _shutdown = threading.Event()
 _current: dict[int, CancelToken] = {}
+# The heartbeat kills the process this long after the alarm should have stopped the operation.
+HARD_KILL_SLACK = 2.0
 
 
 def draining_since() -> float | None:
@@ -91,6 +100,9 @@ class Watch:
         # Reading the flag fires the deadline even while the operation is stuck in a
         # call; the lease keeps being renewed while it winds down, so nobody recovers it.
         _ = self.cancel.cancelled
+        deadline = self.cancel.deadline
+        if deadline is not None and now >= deadline + settings.TASK_HARD_KILL_GRACE_SECONDS + HARD_KILL_SLACK:
+            self.kill()
         if now < self.next_check:
             return
         self.next_check = now + settings.TASK_CANCEL_POLL_SECONDS
@@ -118,6 +130,27 @@ class Watch:
         since = draining_since()
         if _shutdown.is_set() or (since is not None and time.time() - since >= settings.TASK_SHUTDOWN_GRACE_SECONDS):
             self.cancel.cancel(CANCEL_SHUTDOWN)
+
+    def kill(self) -> None:
+        """The operation outlived its deadline + grace and the alarm did not stop it
+        (it blocks SIGALRM, or sits in a call that never returns to Python): record
+        ``timeout`` and end the process, as django-q2's own timer would later."""
+        if not in_job():
+            return  # (not a django-q2 worker: tests run operations in their own process)
+        logger.error("task %s: still running past its hard timeout; killing the worker process", self.task_id)
+        try:
+            transitions.finish(
+                self.task_id,
+                TIMEOUT,
+                token=self.token,
+                actor=f"worker:{self.worker}",
+                error_code=ErrorCode.TIMEOUT,
+                error_message="killed at the hard timeout",
+                needs_reconcile=True,
+            )
+        except Exception:  # recovery records it once the lease runs out
+            logger.exception("task %s: could not record the hard timeout", self.task_id)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Heartbeat(threading.Thread):
@@ -235,15 +268,61 @@ def _registry_claimed(registry: dict | None) -> None:
         _registry["unreported"] += 1
 
 
-def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
+def in_job() -> bool:
+    """Whether this process runs a django-q2 job now (its timeout handler is set)."""
+    return isinstance(getattr(signal.getsignal(signal.SIGALRM), "__self__", None), TimeoutHandler)
+
+
+def arm_hard_kill(seconds: float) -> None:
+    """(Re-)arm django-q2's alarm in its worker process: its TimeoutException in ``seconds``.
+
+    django-q2 arms SIGALRM once per job; a job running several tasks re-arms it for
+    each. Outside a django-q2 worker's main thread (tests, threads) this does nothing.
+    """
+    if threading.current_thread() is threading.main_thread() and in_job():
+        signal.alarm(max(1, math.ceil(seconds)))
+
+
+def run_job(task_id: int, token: str, seconds: int | None = None) -> str:
+    """django-q2's entry point: run the task, then the ones its finish hands over.
+
+    A task's finish admits the next task of its provider in the same transaction;
+    rather than send that job through the broker and wait for a worker to pick it
+    up, this worker runs it at once, while the job's django-q2 timeout
+    (``seconds``, dispatch.job_seconds) still has room for the next task's whole
+    timeout and hard-kill grace, and not while the machine drains or the process
+    shuts down; then the job goes to the broker. A hand-over lost with the
+    process (killed between the finish and the next claim) is sent again by the
+    sweep after TASK_DISPATCH_TIMEOUT_SECONDS, like any job the broker lost.
+    """
+    started = time.monotonic()
+    handoff: list[tuple[str, int, str, int]] = []
+    outcome = execute(task_id, token, handoff=handoff)
+    handed = 0
+    while handoff:
+        queue, next_id, next_token, timeout_seconds = handoff.pop()
+        left = started + seconds - time.monotonic() if seconds else 0
+        if (
+            left < timeout_seconds + settings.TASK_HARD_KILL_GRACE_SECONDS + 1
+            or _shutdown.is_set()
+            or draining_since() is not None
+        ):
+            dispatch.enqueue_job(next_id, next_token, queue, timeout_seconds)
+            break
+        arm_hard_kill(left)  # the job's own limit between two tasks
+        execute(next_id, next_token, handoff=handoff)
+        handed += 1
+    return f"{outcome}, then {handed} handed over" if handed else outcome
+
+
+def execute(task_id: int, token: str, *, heartbeat: bool = True, handoff: list | None = None) -> str:
     """Run one admitted task. Returns what happened (for logs and tests).
 
     ``heartbeat=False`` only for in-process runs inside an open transaction (tests):
     the heartbeat thread's own connection could not see the uncommitted task and
     would take that for a lost lease. The deadline still holds (the cancel token).
+    ``handoff``: receives the job of the task this one's finish admits (run_job).
     """
-    if not connection.in_atomic_block:  # (in-process test runs sit inside a transaction)
-        close_old_connections()
     name = worker_name()
     if draining_since() is not None:
         # This machine is shutting down: claim nothing; the supervisor re-sends the job.
@@ -257,6 +336,7 @@ def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
     _registry_claimed(registry)
     elapsed = (timezone.now() - task.started_at).total_seconds()
     cancel = CancelToken(deadline=time.monotonic() + task.effective_timeout - elapsed)
+    arm_hard_kill(task.effective_timeout - elapsed + settings.TASK_HARD_KILL_GRACE_SECONDS)
     _current[task_id] = cancel
     watch = Heartbeat.get().watch(task_id, token, cancel, name) if heartbeat else None
     logger.info("task %s: %s started on %s (timeout %s s)", task_id, task.task_type, name, task.effective_timeout)
@@ -315,7 +395,7 @@ def execute(task_id: int, token: str, *, heartbeat: bool = True) -> str:
         transitions.release_lease(task_id, token=token)
         outcome = "released"
     elif status != "fenced":
-        outcome = status if _finish(task_id, token, status, ctx, fields) else "fenced"
+        outcome = status if _finish(task_id, token, status, ctx, fields, handoff) else "fenced"
     if outcome == "fenced":
         logger.warning("task %s: result (%s) not recorded: the lease is no longer ours", task_id, status)
     return outcome
@@ -334,7 +414,9 @@ def _cancelled_outcome(reason: str, task: Task) -> tuple[str, dict]:
     return "fenced", {}
 
 
-def _finish(task_id: int, token: str, status: str, ctx: ExecutionContext | None, fields: dict) -> bool:
+def _finish(
+    task_id: int, token: str, status: str, ctx: ExecutionContext | None, fields: dict, handoff: list | None = None
+) -> bool:
     kwargs = dict(fields)
     known = ctx.task if ctx is not None else None
     if ctx is not None:
@@ -344,7 +426,7 @@ def _finish(task_id: int, token: str, status: str, ctx: ExecutionContext | None,
     for attempt in range(5):
         try:
             return transitions.finish(
-                task_id, status, token=token, actor=f"worker:{worker_name()}", known=known, **kwargs
+                task_id, status, token=token, actor=f"worker:{worker_name()}", known=known, handoff=handoff, **kwargs
             )
         except Exception:
             # The database may be briefly away: retry the final write; the lease
