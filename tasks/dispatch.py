@@ -27,7 +27,7 @@ from django.utils import timezone
 from tasks import sql
 from tasks.models import Provider, Task, effective_timeout
 from tasks.states import COMPLETED, EXECUTING, PENDING
-from tasks.transitions import new_token, retry_on_deadlock
+from tasks.transitions import claim_locked, new_token, retry_on_deadlock
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +116,16 @@ def admit(provider_id: int) -> list[int]:
         return admit_locked(provider)
 
 
-def admit_locked(provider: Provider, handoff: list | None = None) -> list[int]:
+def admit_locked(provider: Provider, handoff=None) -> list[int]:
     """Admission with the provider row already locked by the caller's transaction.
 
     Creating a task and finishing one hold that lock anyway, so they admit in
     the same transaction (one commit less per task); the jobs go out on commit.
-    ``handoff``: a finishing worker's list; the first admitted task's job is put
-    there on commit instead of going through the broker (the worker runs it next).
+
+    ``handoff``: a finishing worker's offer to run the next task itself
+    (tasks.worker.Handoff). The oldest task it has room for is admitted and
+    claimed for that worker right here, and given to it on commit; it sends no
+    job and needs no claim transaction of its own.
     """
     if not provider.enabled:
         return []
@@ -133,34 +136,49 @@ def admit_locked(provider: Provider, handoff: list | None = None) -> list[int]:
     used, _ = _slot_sql()
     provider_col, status, admitted = sql.col(Task, "provider"), sql.col(Task, "status"), sql.col(Task, "admitted_at")
     candidates = sql.fetchall(
-        f"SELECT {sql.col(Task, 'id')}, {sql.col(Task, 'timeout_seconds')}, {sql.col(Task, 'task_type')}, {used}"
+        f"SELECT {t.columns()}, {used}"
         f" FROM {t.name} WHERE {provider_col} = %s AND {status} = %s AND {admitted} IS NULL"
         f" ORDER BY {sql.col(Task, 'created_at')}, {sql.col(Task, 'id')} LIMIT %s",
         [*_used_params(provider.pk), provider.pk, PENDING, limit],
     )
     if not candidates:
         return []
-    free = limit - int(candidates[0][3])
+    free = limit - int(candidates[0][len(t.fields)])
     if free <= 0:
         return []
     now = timezone.now()
     jobs: list[tuple[int, str, int]] = []
+    taken: Task | None = None
     where = f"{sql.col(Task, 'id')} = %s AND {status} = %s AND {admitted} IS NULL"
-    for task_id, timeout_seconds, task_type, _used in candidates[:free]:
+    for row in candidates[:free]:
+        task = t.build(row)
+        timeout = effective_timeout(task.task_type, task.timeout_seconds)
         values = admission_values(now)
         values["dispatch_count"] = sql.Inc(1)
-        if sql.update(Task, values, where, [task_id, PENDING]) == 1:
-            jobs.append((task_id, values["lease_token"], effective_timeout(task_type, timeout_seconds)))
-    if not jobs:
-        return []
-    sent = jobs
-    if handoff is not None:
-        kept, sent = (provider.queue_name, *jobs[0]), jobs[1:]
-        transaction.on_commit(lambda: handoff.append(kept))
-    if sent:
-        send_on_commit(provider.queue_name, sent)
-    logger.debug("provider %s: admitted %s", provider.pk, [j[0] for j in jobs])
-    return [j[0] for j in jobs]
+        if taken is None and handoff is not None and handoff.fits(timeout):
+            taken = claim_locked(
+                task,
+                provider,
+                worker=handoff.worker,
+                now=now,
+                where=where,
+                params=[task.pk, PENDING],
+                extra=values,
+                registry=handoff.registry,
+            )
+            if taken is not None:
+                continue
+        if sql.update(Task, values, where, [task.pk, PENDING]) == 1:
+            jobs.append((task.pk, values["lease_token"], timeout))
+    if taken is not None:
+        handed = taken
+        transaction.on_commit(lambda: handoff.accept(handed))
+    if jobs:
+        send_on_commit(provider.queue_name, jobs)
+    admitted_ids = ([taken.pk] if taken is not None else []) + [j[0] for j in jobs]
+    if admitted_ids:
+        logger.debug("provider %s: admitted %s", provider.pk, admitted_ids)
+    return admitted_ids
 
 
 def admission_values(now) -> dict:

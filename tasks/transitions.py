@@ -124,45 +124,70 @@ def claim_task(task_id: int, *, token: str, worker: str, registry: dict | None =
         if task.status != PENDING or task.lease_token != token or task.admitted_at is None:
             return None
         provider = p.build(row, len(t.fields))
-        instance = _lock_instance(task.instance_id)
-        now = timezone.now()
-        lease = lease_deadline(now)
-        claimed = {
-            "status": RUNNING,
-            "started_at": now,
-            "heartbeat_at": now,
-            "lease_expires_at": lease,
-            "worker": worker[:200],
-            "attempt_count": sql.Inc(1),
-            "status_message": "started",
-        }
         where = f"{t.quoted['id']} = %s AND {t.quoted['status']} = %s AND {t.quoted['lease_token']} = %s"
-        if sql.update(Task, claimed, where, [task_id, PENDING, token]) != 1:
-            return None
-        task.status, task.started_at, task.worker, task.status_message = RUNNING, now, worker[:200], "started"
-        task.heartbeat_at, task.lease_expires_at, task.attempt_count = now, lease, task.attempt_count + 1
-        task.provider = provider
-        _event(task, PENDING, RUNNING, f"worker:{worker}", at=now)
-        if instance is not None:
-            before = sql.snapshot(instance)
-            get_operation(task.task_type).on_running(task, instance)
-            sql.save_changes(instance, before, now=now)
-            instance.provider = provider
-            task.instance = instance
-        if registry is not None:
-            registry = dict(registry)
-            done = registry.pop("tasks_run", 1)
-            named = sql.update(
-                Worker,
-                {"current_task": task_id, "last_heartbeat": now, "tasks_run": sql.Inc(done)},
-                f"{sql.col(Worker, 'name')} = %s",
-                [worker],
-            )
-            if not named:
-                Worker.objects.create(
-                    name=worker, current_task_id=task_id, last_heartbeat=now, tasks_run=done, **registry
-                )
-        return task
+        return claim_locked(
+            task,
+            provider,
+            worker=worker,
+            now=timezone.now(),
+            where=where,
+            params=[task_id, PENDING, token],
+            registry=registry,
+        )
+
+
+def claim_locked(
+    task: Task,
+    provider: Provider,
+    *,
+    worker: str,
+    now,
+    where: str,
+    params: list,
+    extra: dict | None = None,
+    registry: dict | None = None,
+) -> Task | None:
+    """The claim's writes inside the caller's transaction, the task's row read and its
+    provider's known: lock the instance, then ``pending -> running`` guarded by
+    ``where`` (with ``extra`` fields), its event, the instance's change, the
+    worker's registry row (see claim_task). Returns the task or None when it lost.
+    """
+    instance = _lock_instance(task.instance_id)
+    lease = lease_deadline(now)
+    claimed = {
+        **(extra or {}),
+        "status": RUNNING,
+        "started_at": now,
+        "heartbeat_at": now,
+        "lease_expires_at": lease,
+        "worker": worker[:200],
+        "attempt_count": sql.Inc(1),
+        "status_message": "started",
+    }
+    if sql.update(Task, claimed, where, params) != 1:
+        return None
+    for name, value in claimed.items():
+        setattr(task, name, getattr(task, name) + value.n if isinstance(value, sql.Inc) else value)
+    task.provider = provider
+    _event(task, PENDING, RUNNING, f"worker:{worker}", at=now)
+    if instance is not None:
+        before = sql.snapshot(instance)
+        get_operation(task.task_type).on_running(task, instance)
+        sql.save_changes(instance, before, now=now)
+        instance.provider = provider
+        task.instance = instance
+    if registry is not None:
+        registry = dict(registry)
+        done = registry.pop("tasks_run", 1)
+        named = sql.update(
+            Worker,
+            {"current_task": task.pk, "last_heartbeat": now, "tasks_run": sql.Inc(done)},
+            f"{sql.col(Worker, 'name')} = %s",
+            [worker],
+        )
+        if not named:
+            Worker.objects.create(name=worker, current_task_id=task.pk, last_heartbeat=now, tasks_run=done, **registry)
+    return task
 
 
 @retry_on_deadlock
@@ -224,7 +249,7 @@ def finish(
     needs_reconcile: bool = False,
     secret: str | None = None,
     known: Task | None = None,
-    handoff: list | None = None,
+    handoff=None,
 ) -> bool:
     """Move a task to a terminal state and apply the outcome to its instance.
 
@@ -233,7 +258,7 @@ def finish(
     ``require_lease_expired``: recovery acts only on a lease that has run out.
     ``known``: the task as its worker claimed it (owner, provider, instance and type
     never change), which saves reading them again.
-    ``handoff``: the finishing worker's list for the job of the task this admits
+    ``handoff``: the finishing worker's offer to run the task this admits
     (see dispatch.admit_locked).
     """
     if target not in FINAL:

@@ -43,7 +43,7 @@ from providers.base import (
     ProviderError,
     build_driver,
 )
-from tasks import dispatch, transitions
+from tasks import transitions
 from tasks.models import Task, Worker
 from tasks.operations import get_operation
 from tasks.operations.base import ExecutionContext
@@ -283,45 +283,60 @@ def arm_hard_kill(seconds: float) -> None:
         signal.alarm(max(1, math.ceil(seconds)))
 
 
+class Handoff:
+    """A finishing worker's offer to run the next task of its provider itself.
+
+    Admission (dispatch.admit_locked) asks ``fits`` with the next task's timeout,
+    claims the task for ``worker`` in the finishing transaction when it does, and
+    hands it over by ``accept`` on commit.
+    """
+
+    def __init__(self, worker: str, until: float | None):
+        self.worker = worker
+        self.until = until  # (monotonic) end of the job's django-q2 timeout; None: no room
+        self.registry: dict | None = None
+        self.task: Task | None = None
+
+    def fits(self, timeout_seconds: int) -> bool:
+        """Room for the task's whole timeout and grace in this job, and this worker is not stopping."""
+        if self.until is None or _shutdown.is_set() or draining_since() is not None:
+            return False
+        return time.monotonic() + timeout_seconds + settings.TASK_HARD_KILL_GRACE_SECONDS + 1 <= self.until
+
+    def accept(self, task: Task) -> None:
+        self.task = task
+        _registry_claimed(self.registry)
+
+
 def run_job(task_id: int, token: str, seconds: int | None = None) -> str:
     """django-q2's entry point: run the task, then the ones its finish hands over.
 
     A task's finish admits the next task of its provider in the same transaction;
     rather than send that job through the broker and wait for a worker to pick it
-    up, this worker runs it at once, while the job's django-q2 timeout
-    (``seconds``, dispatch.job_seconds) still has room for the next task's whole
-    timeout and hard-kill grace, and not while the machine drains or the process
-    shuts down; then the job goes to the broker. A hand-over lost with the
-    process (killed between the finish and the next claim) is sent again by the
-    sweep after TASK_DISPATCH_TIMEOUT_SECONDS, like any job the broker lost.
+    up and claim it, the finish claims it for this worker, which runs it at once:
+    while the job's django-q2 timeout (``seconds``, dispatch.job_seconds) still
+    has room for the next task's whole timeout and hard-kill grace, and not while
+    the machine drains or the process shuts down. Limits, FIFO and fencing are
+    those of any claim.
     """
-    started = time.monotonic()
-    handoff: list[tuple[str, int, str, int]] = []
+    handoff = Handoff(worker_name(), time.monotonic() + seconds if seconds else None)
     outcome = execute(task_id, token, handoff=handoff)
     handed = 0
-    while handoff:
-        queue, next_id, next_token, timeout_seconds = handoff.pop()
-        left = started + seconds - time.monotonic() if seconds else 0
-        if (
-            left < timeout_seconds + settings.TASK_HARD_KILL_GRACE_SECONDS + 1
-            or _shutdown.is_set()
-            or draining_since() is not None
-        ):
-            dispatch.enqueue_job(next_id, next_token, queue, timeout_seconds)
-            break
-        arm_hard_kill(left)  # the job's own limit between two tasks
-        execute(next_id, next_token, handoff=handoff)
+    while handoff.task is not None:
+        task, handoff.task = handoff.task, None
+        run_claimed(task, handoff=handoff)
         handed += 1
+        arm_hard_kill(handoff.until - time.monotonic())  # the job's own limit between two tasks
     return f"{outcome}, then {handed} handed over" if handed else outcome
 
 
-def execute(task_id: int, token: str, *, heartbeat: bool = True, handoff: list | None = None) -> str:
-    """Run one admitted task. Returns what happened (for logs and tests).
+def execute(task_id: int, token: str, *, heartbeat: bool = True, handoff: Handoff | None = None) -> str:
+    """Claim and run one admitted task. Returns what happened (for logs and tests).
 
     ``heartbeat=False`` only for in-process runs inside an open transaction (tests):
     the heartbeat thread's own connection could not see the uncommitted task and
     would take that for a lost lease. The deadline still holds (the cancel token).
-    ``handoff``: receives the job of the task this one's finish admits (run_job).
+    ``handoff``: the offer to run the task this one's finish admits (run_job).
     """
     name = worker_name()
     if draining_since() is not None:
@@ -334,6 +349,12 @@ def execute(task_id: int, token: str, *, heartbeat: bool = True, handoff: list |
         logger.info("task %s: job not claimable (duplicate, late or revoked); dropped", task_id)
         return "dropped"
     _registry_claimed(registry)
+    return run_claimed(task, heartbeat=heartbeat, handoff=handoff)
+
+
+def run_claimed(task: Task, *, heartbeat: bool = True, handoff: Handoff | None = None) -> str:
+    """Run a task this worker claimed, and record its outcome."""
+    task_id, token, name = task.pk, task.lease_token, worker_name()
     elapsed = (timezone.now() - task.started_at).total_seconds()
     cancel = CancelToken(deadline=time.monotonic() + task.effective_timeout - elapsed)
     arm_hard_kill(task.effective_timeout - elapsed + settings.TASK_HARD_KILL_GRACE_SECONDS)
@@ -395,6 +416,8 @@ def execute(task_id: int, token: str, *, heartbeat: bool = True, handoff: list |
         transitions.release_lease(task_id, token=token)
         outcome = "released"
     elif status != "fenced":
+        if handoff is not None:
+            handoff.registry = _registry_due()
         outcome = status if _finish(task_id, token, status, ctx, fields, handoff) else "fenced"
     if outcome == "fenced":
         logger.warning("task %s: result (%s) not recorded: the lease is no longer ours", task_id, status)
@@ -415,7 +438,7 @@ def _cancelled_outcome(reason: str, task: Task) -> tuple[str, dict]:
 
 
 def _finish(
-    task_id: int, token: str, status: str, ctx: ExecutionContext | None, fields: dict, handoff: list | None = None
+    task_id: int, token: str, status: str, ctx: ExecutionContext | None, fields: dict, handoff: Handoff | None = None
 ) -> bool:
     kwargs = dict(fields)
     known = ctx.task if ctx is not None else None

@@ -6,6 +6,8 @@
 Create (services.request_operation, admission included) then execute (the
 worker's claim, no-op, finish and admission of the next) N tasks one after the
 other, with no worker tier running: the jobs sent to the broker are left there.
+Then hand-over: N tasks queued on a serial provider, run by one job
+(worker.run_job), each admitted and claimed in its predecessor's finish.
 Prints per task: client CPU (ms), wall (ms) and SQL statements of each stage.
 ``--profile STAGE`` also prints that stage's cProfile top 25 (cumulative).
 """
@@ -30,7 +32,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--tasks", type=int, default=500)
     p.add_argument("--database", default="mysql://root@127.0.0.1:3306/cloudhost_bench")
     p.add_argument("--broker", choices=("redis", "orm"), default="redis")
-    p.add_argument("--profile", choices=("create", "execute"))
+    p.add_argument("--profile", choices=("create", "execute", "hand-over"))
     p.add_argument("--sort", default="cumulative", help="cProfile sort key (cumulative, tottime)")
     p.add_argument("--top", type=int, default=25, help="how many profile rows")
     return p.parse_args()
@@ -55,7 +57,7 @@ def statements() -> int:
         return int(cur.fetchone()[1]) + 1  # (the SHOW itself counts)
 
 
-def stage(label: str, items, func, profile: bool) -> None:
+def stage(label: str, items, func, profile: bool, n: int | None = None) -> None:
     prof = cProfile.Profile(time.process_time) if profile else None  # CPU only, not waits
     sent = statements()
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -66,7 +68,7 @@ def stage(label: str, items, func, profile: bool) -> None:
     if prof:
         prof.disable()
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    n = len(items)
+    n = n or len(items)
     print(
         f"{label:10} client CPU {cpu / n * 1000:6.2f} ms   wall {wall / n * 1000:6.2f} ms   "
         f"statements {(statements() - sent) / n:5.1f} (commits included)"
@@ -98,7 +100,23 @@ def main() -> None:
     assert all(token for _, token in jobs), "every task is admitted (limit 1000)"
     stage("execute", jobs, lambda job: worker.execute(*job), ARGS.profile == "execute")
     done = Task.objects.filter(pk__in=[pk for pk, _ in jobs], status="completed").count()
-    print(f"{done}/{len(jobs)} completed, database={connection.vendor}, broker={ARGS.broker}")
+    serial = Provider.objects.create(name="stages-serial")
+    names = [f"h-{i}" for i in range(ARGS.tasks)]
+    backlog = Instance.objects.bulk_create(
+        Instance(owner=user, provider=serial, name=n, live_name=n, image="noop", status="running") for n in names
+    )
+    queued = [services.request_operation(user, inst.pk, "restart").pk for inst in backlog]
+    first = Task.objects.get(pk=queued[0])
+    stage(
+        "hand-over",
+        [first],
+        lambda t: worker.run_job(t.pk, t.lease_token, 3600),
+        ARGS.profile == "hand-over",
+        n=len(queued),
+    )
+    done += Task.objects.filter(pk__in=queued, status="completed").count()
+    total = len(jobs) + len(queued)
+    print(f"{done}/{total} completed, database={connection.vendor}, broker={ARGS.broker}")
 
 
 if __name__ == "__main__":

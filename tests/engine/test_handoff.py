@@ -38,6 +38,10 @@ def test_a_job_runs_the_tasks_its_finishes_admit_in_order_without_the_broker(ali
     assert {(t.status, t.worker) for t in tasks} == {("completed", worker_name())}
     assert all(a.completed_at <= b.started_at for a, b in zip(tasks, tasks[1:], strict=False))  # one at a time
     assert [job[0] for job in sent] == [first.pk]  # nothing more went through the broker
+    # Admitted and claimed in the finish of the one before: one admission, one claim, its events.
+    assert (tasks[1].admitted_at, tasks[1].dispatch_count, tasks[1].attempt_count) == (tasks[1].started_at, 1, 1)
+    events = list(tasks[2].events.filter(kind="transition").values_list("to_status", "actor"))
+    assert events == [("pending", "user:alice"), ("running", f"worker:{worker_name()}"), ("completed", events[2][1])]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -58,12 +62,11 @@ def test_a_shutting_down_worker_hands_nothing_over(alice, provider, make_instanc
     first, second = serial_backlog(alice, provider, make_instance, 2)
     real_finish = transitions.finish
 
-    def finish_then_shutdown(*args, **kwargs):
-        done = real_finish(*args, **kwargs)
-        worker._shutdown.set()  # SIGTERM arrives while the first task finishes
-        return done
+    def shutdown_then_finish(*args, **kwargs):
+        worker._shutdown.set()  # SIGTERM arrives as the first task ends
+        return real_finish(*args, **kwargs)
 
-    monkeypatch.setattr(transitions, "finish", finish_then_shutdown)
+    monkeypatch.setattr(transitions, "finish", shutdown_then_finish)
     try:
         assert run_job(first.pk, first.lease_token, 3600) == "completed"
     finally:
