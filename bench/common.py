@@ -69,6 +69,27 @@ def reset_data() -> None:
         import redis
 
         redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")).flushdb()
+    wait_for_purge()
+
+
+def wait_for_purge(limit: int = 500, timeout: float = 120) -> None:
+    """MySQL/MariaDB: wait until InnoDB purged the rows just deleted.
+
+    The purge runs in the background after a mass delete; left running, it would
+    take its CPU and undo-log work out of the next measurement.
+    """
+    from django.db import connection
+
+    if connection.vendor != "mysql":
+        return
+    deadline = time.monotonic() + timeout
+    with connection.cursor() as cur:
+        while time.monotonic() < deadline:
+            cur.execute("SHOW GLOBAL STATUS LIKE 'Innodb_history_list_length'")
+            row = cur.fetchone()
+            if row is None or int(row[1]) < limit:
+                return
+            time.sleep(0.5)
 
 
 def pct(values: list[float], q: float) -> float:
