@@ -2,7 +2,8 @@
 
 They replace start/stop/restart with an operation driven by task_data:
 ``sleep`` seconds (cancel-aware unless ``ignore_cancel``), ``block_sigalrm`` to
-defeat django-q2's in-process timeout, ``fail`` to raise a provider error.
+defeat django-q2's in-process timeout, ``swallow_timeout`` to catch and ignore
+its TimeoutException too, ``fail`` to raise a provider error.
 Each execution appends "start task pid time" when it begins and "task pid start end"
 when it ends to $TEST_EXEC_LOG.
 """
@@ -38,7 +39,15 @@ class SleepOperation(Operation):
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
             seconds = float(data.get("sleep", 0))
             ctx.progress(10, "sleeping")
-            if data.get("ignore_cancel"):
+            if data.get("swallow_timeout"):
+                # Even django-q2's TimeoutException is caught and ignored (a bare except).
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    try:
+                        time.sleep(0.05)
+                    except BaseException:
+                        pass
+            elif data.get("ignore_cancel"):
                 end = time.monotonic() + seconds
                 while time.monotonic() < end:
                     time.sleep(0.05)

@@ -176,6 +176,26 @@ def test_timeouts_end_timeout_and_free_the_slot(alice, tmp_path, node, settings)
         assert "Traceback" not in tier.log() or "TimeoutException" in tier.log()
 
 
+def test_an_operation_that_swallows_the_hard_timeout_is_killed_by_the_heartbeat(alice, tmp_path, node, settings):
+    """It catches django-q2's TimeoutException and goes on: at deadline + grace + 2 s
+    the heartbeat records `timeout` itself and kills the process; the slot is free."""
+    settings.TASK_HARD_KILL_GRACE_SECONDS = int(FAST["TASK_HARD_KILL_GRACE_SECONDS"])
+    provider = make_provider("swallow", 1)
+    swallower, after = make_instances(alice, provider, 2)
+    with WorkerTier(tmp_path, node) as tier:
+        task = queue(alice, swallower, sleep=60, swallow_timeout=True, timeout_seconds=2)
+        nxt = queue(alice, after, sleep=0)
+        wait_until(lambda: Task.objects.filter(pk=task.pk, status="timeout").exists(), 12, message="killed")
+        task.refresh_from_db()
+        # Deadline 2 s + grace 1 s + the heartbeat's 2 s, well before the lease (3 s) would run out
+        # after a kill by django-q2's guard (at the job's timeout, 30 s of hand-over later).
+        assert (task.completed_at - task.started_at).total_seconds() < 8
+        assert task.error_message == "killed at the hard timeout"
+        assert task.events.filter(kind="transition").last().actor.startswith("worker:")
+        wait_until(lambda: Task.objects.filter(pk=nxt.pk, status="completed").exists(), 15, message="slot free")
+        assert "still running past its hard timeout" in tier.log()
+
+
 def test_a_killed_worker_is_recovered_and_others_are_untouched(alice, tmp_path, node):
     victim_provider, other_provider = make_provider("victim", 1), make_provider("other", 1)
     victim_inst = make_instances(alice, victim_provider, 1)[0]
