@@ -7,8 +7,9 @@ the process's heartbeat thread renews the lease, watches for a cancel request
 (within TASK_CANCEL_POLL_SECONDS), and enforces the deadline by setting the
 cancel token; the operation stops at its next safe point. If it ignores the
 token, the alarm armed at the task's deadline + TASK_HARD_KILL_GRACE_SECONDS
-(django-q2's own per-job SIGALRM, re-armed per task) raises in it, and
-django-q2's process timer kills what does not yield; recovery records ``timeout``.
+(django-q2's own per-job SIGALRM, re-armed per task) raises in it; if it runs
+on 2 s after that, the heartbeat records ``timeout`` and kills the process;
+django-q2's process timer and recovery stay behind both.
 
 ``run_job`` is django-q2's entry point: after a task it runs the next one its
 finish admitted on the same provider (hand-over), without a broker round trip.
