@@ -45,11 +45,13 @@ def test_a_job_runs_the_tasks_its_finishes_admit_in_order_without_the_broker(ali
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_job_without_room_for_the_next_task_sends_it_through_the_broker(alice, provider, make_instance, sent):
+def test_a_job_without_room_for_the_next_task_sends_it_through_the_broker(
+    alice, provider, make_instance, sent, settings
+):
     first, second = serial_backlog(alice, provider, make_instance, 2)
-    # Room for the first task's timeout and grace only (what a job without hand-over time gets).
-    seconds = first.effective_timeout + settings.TASK_HARD_KILL_GRACE_SECONDS
-    assert run_job(first.pk, first.lease_token, seconds) == "completed"
+    # TASK_HANDOFF_SECONDS=0: the job has room for its first task's timeout and grace only.
+    settings.TASK_HANDOFF_SECONDS = 0
+    assert run_job(first.pk, first.lease_token, dispatch.job_seconds(first.effective_timeout)) == "completed"
     second.refresh_from_db()
     assert second.status == "pending" and second.admitted_at is not None
     assert sent[-1] == (second.pk, second.lease_token, provider.queue_name, second.effective_timeout)
