@@ -182,17 +182,20 @@ def test_one_heartbeat_thread_serves_the_process_and_carries_cancel_and_deadline
     beater = Heartbeat.get()
     time.sleep(0.8)
     renewed = Task.objects.get(pk=first.pk)
-    assert renewed.heartbeat_at > renewed.started_at  # the lease was renewed while it ran
+    # The lease was renewed while it ran.
+    assert renewed.heartbeat_at > renewed.started_at, (renewed.status, renewed.started_at, renewed.heartbeat_at)
     asked = time.monotonic()
     assert transitions.request_cancel(first.pk, actor="user:alice")
     thread.join(5)
-    assert result["outcome"] == "cancelled" and time.monotonic() - asked < 1.0
+    took = time.monotonic() - asked
+    assert result.get("outcome") == "cancelled", result
+    assert took < 1.0, f"the cancel took {took:.2f} s to end the operation"
 
     second = services.request_operation(alice, make_instance(alice, running_instance.provider).pk, "restart")
     Task.objects.filter(pk=second.pk).update(timeout_seconds=1)
     thread, result = run_in_thread(second)
     thread.join(5)
-    assert result["outcome"] == "timeout"
+    assert result.get("outcome") == "timeout", result
     assert Heartbeat.get() is beater and beater.is_alive()
     names = [t.name for t in threading.enumerate()]
     assert names.count("task-heartbeat") == 1
