@@ -171,8 +171,7 @@ def admit_locked(provider: Provider, handoff=None) -> list[int]:
         if sql.update(Task, values, where, [task.pk, PENDING]) == 1:
             jobs.append((task.pk, values["lease_token"], timeout))
     if taken is not None:
-        handed = taken
-        transaction.on_commit(lambda: handoff.accept(handed))
+        transaction.on_commit(lambda: handoff.accept(taken))
     if jobs:
         send_on_commit(provider.queue_name, jobs)
     admitted_ids = ([taken.pk] if taken is not None else []) + [j[0] for j in jobs]

@@ -39,18 +39,15 @@ class SleepOperation(Operation):
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
             seconds = float(data.get("sleep", 0))
             ctx.progress(10, "sleeping")
-            if data.get("swallow_timeout"):
-                # Even django-q2's TimeoutException is caught and ignored (a bare except).
+            if data.get("ignore_cancel") or data.get("swallow_timeout"):
                 end = time.monotonic() + seconds
                 while time.monotonic() < end:
                     try:
                         time.sleep(0.05)
                     except BaseException:
-                        pass
-            elif data.get("ignore_cancel"):
-                end = time.monotonic() + seconds
-                while time.monotonic() < end:
-                    time.sleep(0.05)
+                        # swallow_timeout: even django-q2's TimeoutException is ignored (a bare except).
+                        if not data.get("swallow_timeout"):
+                            raise
             else:
                 ctx.cancel.sleep(seconds)
             if data.get("fail"):
