@@ -182,6 +182,33 @@ def cpu_snapshot() -> dict[int, tuple[str, float]]:
     return snap
 
 
+# Server-wide counters (MySQL/MariaDB SHOW GLOBAL STATUS) and how they are reported per task.
+DB_COUNTERS = {
+    "Questions": "statements",
+    "Com_commit": "commits",
+    "Com_insert": "inserts",
+    "Com_update": "updates",
+    "Innodb_row_lock_waits": "row lock waits",
+}
+
+
+def db_counters() -> dict[str, int]:
+    """The database server's DB_COUNTERS now (empty off MySQL/MariaDB). Counts every client's work."""
+    from django.db import connection
+
+    if connection.vendor != "mysql":
+        return {}
+    names = ", ".join(f"'{n}'" for n in DB_COUNTERS)
+    with connection.cursor() as cur:
+        cur.execute(f"SHOW GLOBAL STATUS WHERE Variable_name IN ({names})")
+        return {name: int(value) for name, value in cur.fetchall()}
+
+
+def db_report(before: dict[str, int], after: dict[str, int], tasks: int) -> list[tuple[str, float]]:
+    """Each counter's growth per task, in DB_COUNTERS order (the benchmark's own polling included)."""
+    return [(label, (after[name] - before[name]) / tasks) for name, label in DB_COUNTERS.items() if name in before]
+
+
 def cpu_report(before: dict, after: dict, tasks: int) -> list[tuple[str, float]]:
     """CPU milliseconds per task by role between two snapshots (processes born in between count whole)."""
     totals: dict[str, float] = {}

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/pipeline/run.py [--tasks 2000] [--providers 4] [--limit 2]
         [--broker redis|orm] [--database mysql://root@127.0.0.1:3306/cloudhost_bench]
-        [--rounds N] [--pipeline-only]
+        [--rounds N] [--pipeline-only] [--floor]
 
 Pipeline: services.request_operation (create + admit) -> job on the provider's
 queue -> worker claim -> no-op -> guarded finish (+ admission of the next, which
@@ -14,7 +14,11 @@ kept, django-q2 as shipped: stored and pruned to 250, not stored). Throughput: N
 threads, from the first create to the last completion. Latency: created (or
 enqueued) to running, one task at a time on an idle system, 200 samples.
 Also printed: CPU per task of every process role on the machine during the
-throughput run (bench/pipeline/floor.py gives the floor of the database work).
+throughput run, the database server's statements, commits and row lock waits
+per task, and how many tasks were handed over. ``--floor`` adds a row per round:
+bench/pipeline/floor.py's stored procedures, the rules' reads and writes with no
+Python, broker or worker at all, which bounds what any implementation of
+DESIGN.md on this machine could reach against the same baselines.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 from bench.common import (  # noqa: E402
     cpu_report,
     cpu_snapshot,
+    db_counters,
+    db_report,
     in_threads,
     pct,
     reset_data,
@@ -56,6 +63,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--producers", type=int, default=4)
     p.add_argument("--pipeline-only", action="store_true", help="skip the django-q2 baselines (ratio not printed)")
     p.add_argument("--rounds", type=int, default=1, help="repeat pipeline and baselines, alternating; print medians")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="each round also runs floor.py --mode procedures (the rules' SQL alone, no Python) for comparison",
+    )
     return p.parse_args()
 
 
@@ -64,6 +76,7 @@ setup_django(ARGS.database, ARGS.broker, WORKER_NODE="bench")
 
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.db import connection  # noqa: E402
+from django.db.models import F  # noqa: E402
 
 from tasks import services  # noqa: E402
 from tasks.models import Instance, Provider, Task  # noqa: E402
@@ -103,11 +116,13 @@ def pipeline(user) -> dict:
                 ids.append(pk)
                 calls.append(took)
 
-        cpu0 = cpu_snapshot()
+        cpu0, db0 = cpu_snapshot(), db_counters()
         t0 = time.time()
         in_threads(ARGS.producers, targets, create)
         wait_all_done(ids)
-        cpu = cpu_report(cpu0, cpu_snapshot(), len(ids))
+        cpu, db = cpu_report(cpu0, cpu_snapshot(), len(ids)), db_report(db0, db_counters(), len(ids))
+        # A task handed over was admitted and claimed in its predecessor's finish: same instant.
+        handed = Task.objects.filter(pk__in=ids, started_at=F("admitted_at")).count()
         last = max(t.completed_at.timestamp() for t in Task.objects.filter(pk__in=ids).only("completed_at"))
         tps = len(ids) / (last - t0)
         # Latency on an idle system: one at a time.
@@ -127,6 +142,8 @@ def pipeline(user) -> dict:
         "p95": pct(lat, 0.95),
         "n": len(ids),
         "cpu": cpu,
+        "db": db,
+        "handed_over": handed,
         "create_p50": pct(calls, 0.5),
         "create_p95": pct(calls, 0.95),
     }
@@ -180,7 +197,7 @@ def baseline(label: str) -> dict:
         log.write_text("")
         Success.objects.all().delete()
         enqueued.clear()
-        cpu0 = cpu_snapshot()
+        cpu0, db0 = cpu_snapshot(), db_counters()
         t0 = time.time()
         in_threads(ARGS.producers, list(range(ARGS.tasks)), enqueue)
         deadline = time.monotonic() + 600
@@ -198,7 +215,7 @@ def baseline(label: str) -> dict:
                 time.sleep(0.05)
             last = max(float(line.split()[1]) for line in lines())
         tps = ARGS.tasks / (last - t0)
-        cpu = cpu_report(cpu0, cpu_snapshot(), ARGS.tasks)
+        cpu, db = cpu_report(cpu0, cpu_snapshot(), ARGS.tasks), db_report(db0, db_counters(), ARGS.tasks)
         log.write_text("")
         for _ in range(ARGS.latency_samples):
             before = len(lines())
@@ -210,7 +227,34 @@ def baseline(label: str) -> dict:
     finally:
         stop(cluster, "bench")
         log.unlink(missing_ok=True)
-    return {"tps": tps, "p50": pct(lat, 0.5), "p95": pct(lat, 0.95), "n": ARGS.tasks, "cpu": cpu}
+    return {"tps": tps, "p50": pct(lat, 0.5), "p95": pct(lat, 0.95), "n": ARGS.tasks, "cpu": cpu, "db": db}
+
+
+FLOOR = "floor: the rules' SQL in procedures"
+
+
+def floor() -> dict:
+    """floor.py --mode procedures, the same number of tasks: what the rules' reads and
+    writes alone cost, one CALL per transaction, with no Django, broker or worker."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench/pipeline/floor.py"), "--mode", "procedures", "--tasks", str(ARGS.tasks)]
+        + ["--database", ARGS.database],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    figures = {
+        line.strip().rsplit(None, 2)[0]: float(line.split()[-2]) for line in out.splitlines() if "per task" in line
+    }
+    tps = next(float(line.split()[1]) for line in out.splitlines() if line.strip().startswith("measured"))
+    server, client = figures["database server CPU per task"], figures["client CPU per task"]
+    return {
+        "tps": tps,
+        "p50": None,
+        "p95": None,
+        "cpu": [("database server", server), ("its client", client), ("total", server + client)],
+        "db": [],
+    }
 
 
 def one_round(user) -> list[tuple[str, dict]]:
@@ -219,6 +263,8 @@ def one_round(user) -> list[tuple[str, dict]]:
     for label in [] if ARGS.pipeline_only else BASELINES:
         reset_data()
         rows.append((label, baseline(label)))
+    if ARGS.floor:
+        rows.append((FLOOR, floor()))
     return rows
 
 
@@ -226,8 +272,13 @@ def report(rows: list[tuple[str, dict]]) -> None:
     ours = rows[0][1]
     print(f"{'':40}{'tasks/s':>10}{'latency p50 ms':>17}{'latency p95 ms':>17}{'ratio':>8}")
     for label, r in rows:
-        print(f"{label:40}{r['tps']:>10.1f}{r['p50']:>17.1f}{r['p95']:>17.1f}{ours['tps'] / r['tps']:>8.2f}")
+        lat = "".join(f"{v:>17.1f}" if v is not None else f"{'-':>17}" for v in (r["p50"], r["p95"]))
+        print(f"{label:40}{r['tps']:>10.1f}{lat}{ours['tps'] / r['tps']:>8.2f}")
     print("ratio: task pipeline tasks/s divided by that row's tasks/s")
+    print(
+        f"handed over (admitted and claimed in the finish of the task before, no broker): "
+        f"{ours['handed_over']} of {ours['n']} tasks"
+    )
     print(
         f"request_operation call during the throughput run (a backlog, {ARGS.producers} producers): "
         f"p50 {ours['create_p50']:.1f} ms, p95 {ours['create_p95']:.1f} ms"
@@ -235,6 +286,10 @@ def report(rows: list[tuple[str, dict]]) -> None:
     print(f"CPU per task (ms), all processes on the machine, during the throughput run ({os.cpu_count()} cores):")
     for label, r in rows:
         print(f"  {label}: " + ", ".join(f"{role} {ms:.2f}" for role, ms in r["cpu"]))
+    print("Database work per task during the throughput run (every client's; MySQL/MariaDB):")
+    for label, r in rows:
+        if r["db"]:
+            print(f"  {label}: " + ", ".join(f"{name} {n:.1f}" for name, n in r["db"]))
 
 
 def main() -> None:
