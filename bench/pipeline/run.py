@@ -68,7 +68,10 @@ def parse() -> argparse.Namespace:
         action="store_true",
         help="each round also runs floor.py --mode procedures (the rules' SQL alone, no Python) for comparison",
     )
-    return p.parse_args()
+    args = p.parse_args()
+    if args.floor and not args.database.startswith(("mysql", "mariadb")):
+        p.error("--floor needs a MySQL/MariaDB --database (floor.py runs stored procedures)")
+    return args
 
 
 ARGS = parse()
