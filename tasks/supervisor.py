@@ -317,16 +317,28 @@ class Supervisor:
         logger.info("supervisor %s stopped", self.name)
 
 
+SWEEP_SCHEDULE = "cloudhost-sweep"
+
+
 def ensure_schedules() -> None:
-    """The sweep also runs as a django-q2 schedule (every minute, maintenance cluster)."""
+    """The sweep also runs as a django-q2 schedule (every minute, maintenance cluster).
+
+    Several machines start at once: django-q2's Schedule.name is not unique, so
+    two of them may both find no row and both insert one (update_or_create then
+    fails with MultipleObjectsReturned at every later start). Each start keeps
+    the oldest row it sees and deletes the others; no start deletes the oldest
+    row of all, so one row remains.
+    """
     from django_q.models import Schedule
 
-    Schedule.objects.update_or_create(
-        name="cloudhost-sweep",
-        defaults={
-            "func": "tasks.maintenance.sweep_job",
-            "schedule_type": Schedule.MINUTES,
-            "minutes": 1,
-            "repeats": -1,
-        },
-    )
+    wanted = {"func": "tasks.maintenance.sweep_job", "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1}
+    rows = Schedule.objects.filter(name=SWEEP_SCHEDULE).order_by("pk")
+    if not rows.exists():
+        Schedule.objects.create(name=SWEEP_SCHEDULE, **wanted)
+    keep, *extra = rows
+    if extra:
+        Schedule.objects.filter(pk__in=[r.pk for r in extra]).delete()
+        logger.info("supervisor: removed %d duplicate %s schedule(s)", len(extra), SWEEP_SCHEDULE)
+    stale = {k: v for k, v in wanted.items() if getattr(keep, k) != v}
+    if stale:
+        Schedule.objects.filter(pk=keep.pk).update(**stale)

@@ -88,3 +88,58 @@ def test_the_registry_row_holds_a_long_queue_list_and_a_failing_step_does_not_st
     s.sweep_enabled = True
     s.tick()
     assert swept == [True]
+
+
+def test_the_sweep_schedule_is_one_row_even_after_machines_started_at_once(db):
+    """Two machines starting together may both insert the schedule (its name is not
+    unique in django-q2); the next start must not crash on that, and leaves one row."""
+    from django_q.models import Schedule
+
+    sup.ensure_schedules()
+    sup.ensure_schedules()
+    assert Schedule.objects.filter(name=sup.SWEEP_SCHEDULE).count() == 1
+    first = Schedule.objects.get(name=sup.SWEEP_SCHEDULE)
+    # What the race leaves: a second row, and a stale interval on the first.
+    Schedule.objects.filter(pk=first.pk).update(minutes=7)
+    Schedule.objects.create(name=sup.SWEEP_SCHEDULE, func="tasks.maintenance.sweep_job", schedule_type=Schedule.MINUTES)
+
+    sup.ensure_schedules()
+
+    rows = list(Schedule.objects.filter(name=sup.SWEEP_SCHEDULE))
+    assert [r.pk for r in rows] == [first.pk], "the oldest row stays, the duplicate goes"
+    assert (rows[0].func, rows[0].schedule_type, rows[0].minutes, rows[0].repeats) == (
+        "tasks.maintenance.sweep_job",
+        Schedule.MINUTES,
+        1,
+        -1,
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_machines_starting_at_once_leave_one_sweep_schedule():
+    """The start-up race itself, several threads at once (real row locks on MariaDB)."""
+    import threading
+
+    from django.db import connection
+    from django_q.models import Schedule
+
+    start = threading.Barrier(4)
+    errors = []
+
+    def boot():
+        try:
+            start.wait()
+            sup.ensure_schedules()
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=boot) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    sup.ensure_schedules()  # the next start sees what the race left
+    assert Schedule.objects.filter(name=sup.SWEEP_SCHEDULE).count() == 1
