@@ -82,6 +82,29 @@ def setup_providers(owner, per_provider: int) -> list[tuple[Provider, list[Insta
     return out
 
 
+def wait_for_pushers(redis_server, count: int) -> None:
+    """Until ``count`` django-q2 pushers block on the queues (every machine's clusters are up).
+
+    Hand-over keeps a provider's backlog on the worker that ran its first task, so
+    a machine that is still starting when the first jobs go out may get none.
+    """
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    seen = [0]
+
+    def ready() -> bool:
+        seen[0] = sum(c.get("cmd") == "blpop" for c in client.client_list())
+        return seen[0] >= count
+
+    try:
+        wait_until(ready, 120, 0.2, f"{count} django-q2 pushers waiting on Redis")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc} (saw {seen[0]})") from None
+    finally:
+        client.close()
+
+
 def check_limits_and_fifo(tasks: list[Task]) -> None:
     limit_of = {p.pk: p.concurrency_limit for p in Provider.objects.all()}
     groups = defaultdict(list)
@@ -112,6 +135,7 @@ def test_three_machines_share_the_limits(alice, tmp_path, redis_server, db_proxy
     # No faults here: a longer lease, so a starved heartbeat on 2 busy cores is not taken for a death.
     tiers = [WorkerTier(tmp_path, n, exec_log=log, TASK_LEASE_SECONDS="10", **env).start() for n in nodes]
     try:
+        wait_for_pushers(redis_server, len(nodes) * len(LIMITS))
         ids = []
         for n in range(100):
             for _provider, instances in setup:
