@@ -58,6 +58,8 @@ _shutdown = threading.Event()
 _current: dict[int, CancelToken] = {}
 # The heartbeat kills the process this long after the alarm should have stopped the operation.
 HARD_KILL_SLACK = 2.0
+# What a task killed at its hard timeout records, by the alarm or by the heartbeat.
+HARD_TIMEOUT = {"error_code": ErrorCode.TIMEOUT, "error_message": "killed at the hard timeout"}
 
 
 def draining_since() -> float | None:
@@ -145,9 +147,8 @@ class Watch:
                 TIMEOUT,
                 token=self.token,
                 actor=f"worker:{self.worker}",
-                error_code=ErrorCode.TIMEOUT,
-                error_message="killed at the hard timeout",
                 needs_reconcile=True,
+                **HARD_TIMEOUT,
             )
         except Exception:  # recovery records it once the lease runs out
             logger.exception("task %s: could not record the hard timeout", self.task_id)
@@ -398,13 +399,7 @@ def run_claimed(task: Task, *, heartbeat: bool = True, handoff: Handoff | None =
         if watch is not None:
             Heartbeat.get().unwatch(watch)
             watch = None
-        _finish(
-            task_id,
-            token,
-            TIMEOUT,
-            ctx,
-            {"error_code": ErrorCode.TIMEOUT, "error_message": "killed at the hard timeout"},
-        )
+        _finish(task_id, token, TIMEOUT, ctx, HARD_TIMEOUT)
         _current.pop(task_id, None)
         raise
     finally:
