@@ -230,6 +230,9 @@ if _q_cluster_name:
     Q_CLUSTER["ALT_CLUSTERS"][_q_cluster_name] = {"workers": _q_workers, "queue_limit": 1, "scheduler": False}
 if Q_BROKER == "orm":
     Q_CLUSTER["orm"] = "default"
+    # django-q2's ORM broker with precompiled SQL and no ping per poll (tasks/broker.py);
+    # django_q.brokers.orm.ORM is django-q2's own (the benchmark's baseline).
+    Q_CLUSTER["broker_class"] = env_str("Q_BROKER_CLASS") or "tasks.broker.OrmBroker"
 else:
     Q_CLUSTER["redis"] = REDIS_URL
 

@@ -162,8 +162,13 @@ BASELINES = {
 
 
 def baseline(label: str) -> dict:
-    """Plain django-q2 running the same no-op on the same broker, in one of the BASELINES configurations."""
+    """Plain django-q2 running the same no-op on the same broker, in one of the BASELINES configurations.
+
+    Plain: with the ORM broker, django-q2's own (the pipeline's default is
+    tasks.broker.OrmBroker, same table, cheaper poll), in the cluster and here.
+    """
     from django_q.brokers import get_broker
+    from django_q.brokers.orm import ORM
     from django_q.models import Success
     from django_q.tasks import async_task
 
@@ -177,12 +182,16 @@ def baseline(label: str) -> dict:
         "BENCH_BASELINE_LOG": str(log),
         "Q_SAVE_LIMIT": save_limit,
     }
+    if ARGS.broker == "orm":
+        env["Q_BROKER_CLASS"] = f"{ORM.__module__}.{ORM.__name__}"
     cluster = spawn(["qcluster"], **env)
     broker_local = threading.local()
     enqueued: list[tuple[float, str]] = []
 
     def enqueue(_=None):
-        broker = getattr(broker_local, "b", None) or get_broker(queue)
+        broker = getattr(broker_local, "b", None) or (
+            ORM(list_key=queue) if ARGS.broker == "orm" else get_broker(queue)
+        )
         broker_local.b = broker
         at = time.time()
         job = async_task("bench.pipeline.noop_ops.baseline_noop", at, cluster=queue, broker=broker, save=saved)
