@@ -264,37 +264,17 @@ def finish(
     if target not in FINAL:
         raise ValueError(f"{target} is not a terminal state")
     allowed = frozenset(sources) & allowed_sources(target) if sources else allowed_sources(target)
-    with sql.atomic():
-        if known is not None:
-            owner_id, provider_id, instance_id, task_type = (
-                known.owner_id,
-                known.provider_id,
-                known.instance_id,
-                known.task_type,
-            )
-        else:
-            head = sql.values(Task, task_id, ["owner", "provider", "instance", "status", "task_type"])
-            if head is None or head[3] not in allowed:
-                return False
-            owner_id, provider_id, instance_id, _, task_type = head
-        # Lock order: quota -> provider -> instance -> task.
-        if get_operation(task_type).touches_quota:
-            q = sql.table(UserQuota)
-            sql.fetchone(
-                f"SELECT {q.quoted['id']} FROM {q.name} WHERE {q.quoted['user_id']} = %s{sql.for_update()}", [owner_id]
-            )
-        provider = sql.get(Provider, provider_id, lock=True)
-        instance = _lock_instance(instance_id)
-        task = sql.get(Task, task_id, lock=True)
+
+    def write(task: Task | None, now) -> tuple[str, dict[str, Any]] | None:
+        """The guarded write of the task row: (source, fields written), or None when the
+        task (as given) may not make this transition or the row no longer matches it."""
         if task is None or task.status not in allowed:
-            return False
+            return None
         if token is not None and task.lease_token != token:
-            return False
-        now = timezone.now()
+            return None
         if require_lease_expired and (task.lease_expires_at is None or task.lease_expires_at >= now):
-            return False
+            return None
         source = task.status
-        ran = source in EXECUTING
         fields: dict[str, Any] = {"status": target, "completed_at": now}
         if target == COMPLETED:
             fields.update(error_code="", error_message="", progress=100)
@@ -326,7 +306,52 @@ def finish(
         if token is not None:
             where, params = f"{where} AND {t.quoted['lease_token']} = %s", [*params, token]
         if sql.update(Task, fields, where, params) != 1:
+            return None
+        return source, fields
+
+    with sql.atomic():
+        if known is not None:
+            owner_id, provider_id, instance_id, task_type = (
+                known.owner_id,
+                known.provider_id,
+                known.instance_id,
+                known.task_type,
+            )
+        else:
+            head = sql.values(Task, task_id, ["owner", "provider", "instance", "status", "task_type"])
+            if head is None or head[3] not in allowed:
+                return False
+            owner_id, provider_id, instance_id, _, task_type = head
+        # Lock order: quota -> provider -> instance -> task.
+        if get_operation(task_type).touches_quota:
+            q = sql.table(UserQuota)
+            sql.fetchone(
+                f"SELECT {q.quoted['id']} FROM {q.name} WHERE {q.quoted['user_id']} = %s{sql.for_update()}", [owner_id]
+            )
+        provider = sql.get(Provider, provider_id, lock=True)
+        instance = _lock_instance(instance_id)
+        now = timezone.now()
+        # A worker completing the task it claimed: what the outcome needs from the row
+        # cannot have changed while it is still running under this token (progress goes
+        # to 100, errors are cleared), so the guarded update alone decides, without
+        # reading the row first. It loses when the row moved on (a cancel request, a
+        # revoked lease), and then the row is read, as for everyone else.
+        assume = (
+            known is not None
+            and known.status == RUNNING
+            and token is not None
+            and target == COMPLETED
+            and not (task_data_update or require_lease_expired)
+        )
+        task = known if assume else None
+        done = write(task, now)
+        if done is None:
+            task = sql.get(Task, task_id, lock=True)
+            done = write(task, now)
+        if done is None:
             return False
+        source, fields = done
+        ran = source in EXECUTING
         for name, value in fields.items():
             setattr(task, name, value)
         reason = fields.get("error_code", "") or ""

@@ -199,3 +199,51 @@ def test_one_heartbeat_thread_serves_the_process_and_carries_cancel_and_deadline
     assert Heartbeat.get() is beater and beater.is_alive()
     names = [t.name for t in threading.enumerate()]
     assert names.count("task-heartbeat") == 1
+
+
+def _claimed(alice, instance, task_type="stop"):
+    """A task claimed by worker w1, as the worker holds it (its `known` copy)."""
+    task = services.request_operation(alice, instance.pk, task_type)
+    dispatch.admit(instance.provider_id)
+    task.refresh_from_db()
+    return transitions.claim_task(task.pk, token=task.lease_token, worker="w1")
+
+
+def test_a_completion_after_a_cancel_request_is_recorded_from_cancelling(alice, running_instance):
+    """The worker's copy still says running; the row says cancelling (the user asked
+    while the operation was finishing). The completion wins and its event says where
+    it really came from."""
+    known = _claimed(alice, running_instance)
+    assert transitions.request_cancel(known.pk, actor="user:alice", reason="changed my mind")
+    assert known.status == "running"
+
+    assert transitions.finish(known.pk, "completed", token=known.lease_token, actor="worker:w1", known=known)
+
+    task = Task.objects.get(pk=known.pk)
+    assert (task.status, task.error_code, task.progress) == ("completed", "", 100)
+    last = task.events.filter(kind="transition").order_by("id").last()
+    assert (last.from_status, last.to_status) == ("cancelling", "completed")
+    running_instance.refresh_from_db()
+    assert (running_instance.status, running_instance.active_task_id) == ("stopped", None)
+
+
+def test_a_completion_after_a_force_stop_changes_nothing(alice, running_instance):
+    known = _claimed(alice, running_instance)
+    assert transitions.force_stop(known.pk, actor="admin:root", reason="stuck")
+    events = Task.objects.get(pk=known.pk).events.count()
+
+    assert not transitions.finish(known.pk, "completed", token=known.lease_token, actor="worker:w1", known=known)
+
+    task = Task.objects.get(pk=known.pk)
+    assert (task.status, task.error_code, task.events.count()) == ("cancelled", "force_stopped", events)
+
+
+def test_progress_reported_during_the_run_ends_at_100_on_completion(alice, running_instance):
+    known = _claimed(alice, running_instance)
+    assert transitions.report_progress(known.pk, token=known.lease_token, progress=40, message="stopping")
+
+    assert transitions.finish(known.pk, "completed", token=known.lease_token, actor="worker:w1", known=known)
+
+    task = Task.objects.get(pk=known.pk)
+    assert (task.status, task.progress) == ("completed", 100)
+    assert task.events.filter(kind="transition").order_by("id").last().progress == 100
