@@ -232,7 +232,12 @@ if Q_BROKER == "orm":
     Q_CLUSTER["orm"] = "default"
     # django-q2's ORM broker with precompiled SQL and no ping per poll (tasks/broker.py);
     # django_q.brokers.orm.ORM is django-q2's own (the benchmark's baseline).
-    Q_CLUSTER["broker_class"] = env_str("Q_BROKER_CLASS") or "tasks.broker.OrmBroker"
+    ORM_BROKERS = ("tasks.broker.OrmBroker", "django_q.brokers.orm.ORM")
+    Q_CLUSTER["broker_class"] = env_str("Q_BROKER_CLASS", ORM_BROKERS[0]).strip()
+    if Q_CLUSTER["broker_class"] not in ORM_BROKERS:
+        raise ImproperlyConfigured(
+            f"Q_BROKER_CLASS={Q_CLUSTER['broker_class']!r} must be one of: {', '.join(ORM_BROKERS)}"
+        )
 else:
     Q_CLUSTER["redis"] = REDIS_URL
 
