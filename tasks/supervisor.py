@@ -333,9 +333,11 @@ def ensure_schedules() -> None:
 
     wanted = {"func": "tasks.maintenance.sweep_job", "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1}
     rows = Schedule.objects.filter(name=SWEEP_SCHEDULE).order_by("pk")
-    if not rows.exists():
+    found = list(rows)
+    if not found:
         Schedule.objects.create(name=SWEEP_SCHEDULE, **wanted)
-    keep, *extra = rows
+        found = list(rows.all())  # a fresh query (with any row a machine starting beside this one inserted)
+    keep, *extra = found
     if extra:
         Schedule.objects.filter(pk__in=[r.pk for r in extra]).delete()
         logger.info("supervisor: removed %d duplicate %s schedule(s)", len(extra), SWEEP_SCHEDULE)
