@@ -8,7 +8,8 @@ Pipeline: services.request_operation (create + admit) -> job on the provider's
 queue -> worker claim -> no-op -> guarded finish (+ admission of the next, which
 the same worker claims and runs: hand-over). The tasks go round-robin over the
 providers, as requests from many users would.
-Baselines: async_task(no-op) on one django-q2 cluster with as many workers as
+Baselines (the target is against the second, django-q2 as shipped; the run
+ends with the targets met or missed): async_task(no-op) on one django-q2 cluster with as many workers as
 the sum of the provider limits, in three configurations (results stored and
 kept, django-q2 as shipped: stored and pruned to 250, not stored). Throughput: N tasks created by 4 producer
 threads, from the first create to the last completion. Latency: created (or
@@ -159,6 +160,11 @@ BASELINES = {
     "django-q2 as shipped (save_limit 250)": ("250", True),
     "django-q2, results not saved": ("-1", False),
 }
+# Issue 3's targets: ratio >= 0.8 against plain django-q2, taken as django-q2 as
+# shipped (README, "The pipeline benchmark's baseline"); latency p95 < 50 ms with Redis.
+TARGET_BASELINE = "django-q2 as shipped (save_limit 250)"
+TARGET_RATIO = 0.8
+TARGET_P95_MS = 50.0
 
 
 def baseline(label: str) -> dict:
@@ -327,6 +333,22 @@ def main() -> None:
                 f"{label:40}{statistics.median(tps):>10.1f}   (runs {', '.join(f'{t:.0f}' for t in tps)})"
                 f"   ratio {statistics.median(ratios):.2f}   (runs {', '.join(f'{r:.2f}' for r in ratios)})"
             )
+    verdict(rounds)
+
+
+def verdict(rounds: list[list[tuple[str, dict]]]) -> None:
+    """The issue's targets against the figures of this run (medians over the rounds)."""
+    ours = [rows[0][1] for rows in rounds]
+    p95 = statistics.median(r["p95"] for r in ours)
+    print(f"\ntargets ({ARGS.broker} broker):")
+    print(f"  latency p95 {p95:.1f} ms, target under {TARGET_P95_MS:.0f} ms with Redis: ", end="")
+    print(("met" if p95 < TARGET_P95_MS else "missed") if ARGS.broker == "redis" else "not a target on this broker")
+    if ARGS.pipeline_only:
+        return
+    bases = [dict(rows)[TARGET_BASELINE]["tps"] for rows in rounds]
+    ratio = statistics.median(r["tps"] / base for r, base in zip(ours, bases, strict=True))
+    met = "met" if ratio >= TARGET_RATIO else "missed"
+    print(f"  ratio {ratio:.2f} against {TARGET_BASELINE}, target at least {TARGET_RATIO}: {met}")
 
 
 if __name__ == "__main__":
