@@ -453,3 +453,29 @@ class Worker(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class TaskDeletions(models.Model):
+    """How many tasks were ever deleted (one row, id 1).
+
+    Statistics keep an aggregate of finished tasks per process (tasks.stats);
+    finished tasks never change, so only a deletion can make it wrong. Every
+    deletion adds to this count in its own transaction, and a kept aggregate
+    built at another count is rebuilt.
+    """
+
+    deleted = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        verbose_name_plural = "task deletions"
+
+    def __str__(self) -> str:
+        return f"{self.deleted} task(s) deleted"
+
+    @classmethod
+    def add(cls, n: int) -> None:
+        """Count ``n`` deleted tasks; call inside the transaction that deletes them."""
+        if n and not cls.objects.filter(pk=1).update(deleted=models.F("deleted") + n):
+            obj, created = cls.objects.get_or_create(pk=1, defaults={"deleted": n})
+            if not created:
+                cls.objects.filter(pk=1).update(deleted=models.F("deleted") + n)

@@ -13,7 +13,7 @@ from datetime import timedelta
 from django.db import transaction
 from django.utils import timezone
 
-from tasks.models import Instance, Task, TaskEvent, TaskSecret, Worker
+from tasks.models import Instance, Task, TaskDeletions, TaskEvent, TaskSecret, Worker
 from tasks.states import FINAL
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ def purge(
             TaskEvent.objects.filter(task_id__in=ids)._raw_delete(TaskEvent.objects.db)
             TaskSecret.objects.filter(task_id__in=ids)._raw_delete(TaskSecret.objects.db)
             deleted = Task.objects.filter(pk__in=ids, status__in=FINAL)._raw_delete(Task.objects.db)
+            TaskDeletions.add(deleted)  # the kept statistics are rebuilt (tasks.stats)
         total += deleted
         logger.info("purge: deleted %d task(s), %d so far", deleted, total)
         if not ids:

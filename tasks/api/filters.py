@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from django import forms
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from django.utils import timezone
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
@@ -20,11 +20,11 @@ from drf_spectacular.utils import extend_schema_field
 
 from tasks.models import Instance, InstanceType, PortMapping, Provider, Task
 from tasks.states import InstanceStatus, TaskStatus, TaskType
+from tasks.stats import owner_in
 
 # Largest value a BIGINT primary key can hold: larger ids exist nowhere.
 MAX_ID = 2**63 - 1
 USERNAME_MATCH_LIMIT = 10_000
-IN_CHUNK = 900
 
 
 class CommaChoiceField(forms.Field):
@@ -178,12 +178,16 @@ class AdminTaskFilter(TaskFilter):
         help_text="created_at (default -created_at), started_at, completed_at, progress, id, username",
     )
 
+    # The owners the username filter matched (None: not used, or too broad to list);
+    # the admin list counts from the statistics' per-owner aggregate with them.
+    username_owners: list[int] | None = None
+
     def filter_username(self, qs: QuerySet, name: str, value: str) -> QuerySet:
         # Resolve the (small) user table first and filter tasks on owner ids: the
         # task list then walks the (created_at, id) or (owner, created_at, id) index
         # instead of joining every task row to auth_user to test a LIKE '%..%'.
         # MariaDB turns an IN list of 1000+ values into a derived table and loses
-        # that plan, so the ids go in chunks below that size.
+        # that plan, so the ids go in chunks below that size (owner_in).
         value = value.strip()
         if not value:
             return qs
@@ -196,12 +200,10 @@ class AdminTaskFilter(TaskFilter):
         if len(ids) > USERNAME_MATCH_LIMIT:
             # Too broad to list the ids: let the database join instead.
             return qs.filter(owner__username__icontains=value)
+        self.username_owners = ids
         if not ids:
             return qs.none()
-        match = Q()
-        for start in range(0, len(ids), IN_CHUNK):
-            match |= Q(owner_id__in=ids[start : start + IN_CHUNK])
-        return qs.filter(match)
+        return qs.filter(owner_in(ids))
 
 
 class InstanceFilter(filters.FilterSet):

@@ -122,7 +122,8 @@ class BaseTaskViewSet(APIViewSetMixin, mixins.ListModelMixin, mixins.RetrieveMod
         # the ordering are served by its indexes), then load the page's rows with their
         # joins. Paging the joined query lets MariaDB pick the join order itself, and
         # at a million rows it may start from auth_user and sort everything.
-        ids = self.paginate_queryset(filterset.qs.values_list("id", flat=True), count=self._cheap_count(filterset))
+        ids_query = filterset.qs.values_list("id", flat=True)  # runs the filters (username: its owners)
+        ids = self.paginate_queryset(ids_query, count=self._cheap_count(filterset))
         rows = {task.pk: task for task in self.get_queryset().filter(pk__in=ids)}
         page = [rows[pk] for pk in ids if pk in rows]
         context = self.get_serializer_context()
@@ -134,19 +135,32 @@ class BaseTaskViewSet(APIViewSetMixin, mixins.ListModelMixin, mixins.RetrieveMod
         return self.paginator.paginate_queryset(queryset, self.request, view=self, count=count)
 
     def _cheap_count(self, filterset) -> int | None:
-        """The admin list's count from the stats aggregate when only state and type narrow it.
+        """The admin list's count from the stats aggregate when only state, type or owner narrow it.
 
-        COUNT(*) over most of a million rows takes 0.1 to 1 s on MariaDB; the
-        aggregate answers exactly in milliseconds. Any other filter (provider,
-        owner, instance, dates) is selective or needs the rows: plain COUNT.
+        COUNT(*) over most of a million rows takes 0.1 to 1 s on MariaDB, and
+        over the tasks of the 1,000 users a username fragment matches 100 ms;
+        the aggregate answers exactly in milliseconds. Owners combine with
+        states (not types); any other filter (provider, instance, dates) is
+        selective or needs the rows: plain COUNT.
         """
         if not self.admin:
             return None
-        used = {name for name, value in filterset.form.cleaned_data.items() if value not in (None, "", [])}
-        if not used <= {"status", "task_type", "ordering"}:
-            return None
         data = filterset.form.cleaned_data
-        return stats.count_tasks(statuses=data.get("status") or None, task_types=data.get("task_type") or None)
+        used = {name for name, value in data.items() if value not in (None, "", [])}
+        if not used <= {"status", "task_type", "ordering", "user", "username"}:
+            return None
+        owners = None
+        if "user" in used and "username" in used:
+            return None
+        if "user" in used:
+            owners = [data["user"]]
+        elif "username" in used:
+            owners = filterset.username_owners
+            if owners is None:  # matched too many users to list: the query joins instead
+                return None
+        return stats.count_tasks(
+            statuses=data.get("status") or None, task_types=data.get("task_type") or None, owners=owners
+        )
 
 
 @extend_schema_view(

@@ -197,6 +197,90 @@ def test_admin_list_count_from_the_aggregate_is_exact(as_root, seeded, monkeypat
         assert body["count"] == expected == len(body["results"]), query
 
 
+def test_kept_base_is_rebuilt_after_deletions_that_keep_the_lowest_id(seeded, monkeypatch):
+    """A purge of some states only, or the admin deleting one task, leaves the lowest id alone.
+
+    The kept base must still notice: every deletion counts in TaskDeletions, in
+    the database, so a base kept by any process is rebuilt.
+    """
+    from tasks.purge import purge
+
+    monkeypatch.setattr(stats, "SMALL_TABLE", 1)
+    now = timezone.now()
+    assert_stats_match_database(stats.task_stats(now), now)
+    lowest = Task.objects.order_by("id").first().pk
+    # The failed tasks that finished over 15 minutes ago (three of them), not the oldest task.
+    assert purge(15 / 1440, ["failed"]) == 3
+    assert Task.objects.order_by("id").first().pk == lowest
+    assert_stats_match_database(stats.task_stats(now), now)
+    # A finished task deleted through the ORM (the admin's action) counts too.
+    Task.objects.filter(status="cancelled").order_by("-id").first().delete()
+    assert Task.objects.order_by("id").first().pk == lowest
+    assert_stats_match_database(stats.task_stats(now), now)
+
+
+def owner_count_queries(client, query: str) -> tuple[dict, list[str]]:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as seen:
+        body = client.get(f"/api/v1/admin/tasks/{query}").json()
+    return body, [q["sql"] for q in seen.captured_queries if "__count" in q["sql"]]
+
+
+def test_admin_list_count_by_owner_from_the_aggregate_is_exact(as_root, seeded, alice, bob, monkeypatch):
+    monkeypatch.setattr(stats, "SMALL_TABLE", 1)
+    both = Task.objects.filter(owner__in=[alice, bob])
+    for query, expected in (
+        (f"?username={alice.username[:3]}", both.filter(owner=alice).count()),
+        (f"?username={bob.username.upper()}&status=completed", both.filter(owner=bob, status="completed").count()),
+        (f"?user={bob.pk}", both.filter(owner=bob).count()),
+        (
+            f"?user={alice.pk}&status=pending,running",
+            both.filter(owner=alice, status__in=["pending", "running"]).count(),
+        ),
+        ("?username=nobody-has-this", 0),
+    ):
+        body, counts = owner_count_queries(as_root, query)
+        assert body["count"] == expected == len(body["results"]), query
+        assert counts == [], f"{query}: counted with COUNT(*) instead of the aggregate"
+    # Owners and types together are not kept: COUNT(*) answers, exactly.
+    body, counts = owner_count_queries(as_root, f"?user={alice.pk}&task_type=start")
+    assert body["count"] == both.filter(owner=alice, task_type="start").count() and len(counts) == 1
+
+
+def test_owner_counts_stay_exact_as_tasks_change_and_time_passes(seeded, alice, bob, running_instance, monkeypatch):
+    monkeypatch.setattr(stats, "SMALL_TABLE", 1)
+    owners = [alice.pk, bob.pk]
+
+    def expected(statuses=None):
+        rows = Task.objects.filter(owner_id__in=owners)
+        return (rows.filter(status__in=statuses) if statuses else rows).count()
+
+    now = timezone.now()
+    assert stats.count_tasks(owners=owners, now=now) == expected()
+    assert (
+        stats.count_tasks(statuses=["completed"], owners=[alice.pk], now=now)
+        == Task.objects.filter(owner=alice, status="completed").count()
+    )
+    # Live changes: a pending task ends, a new one appears, an old one is inserted back-dated.
+    pending = Task.objects.filter(status="pending", owner_id__in=owners).first()
+    assert transitions.finish(pending.pk, "cancelled", token=None, actor="test")
+    make_task(running_instance, task_type="stop")
+    old = now - timedelta(hours=3)
+    make_task(running_instance, status="completed", completed_at=old, started_at=old - timedelta(seconds=2))
+    assert stats.count_tasks(owners=owners, now=now) == expected()
+    assert stats.count_tasks(statuses=["cancelled", "pending"], owners=owners, now=now) == expected(
+        ["cancelled", "pending"]
+    )
+    # The base moves over what finished meanwhile, its owner counts with it.
+    later = now + timedelta(minutes=7)
+    assert stats.count_tasks(owners=owners, now=later) == expected()
+    assert stats.count_tasks(statuses=["completed"], owners=owners, now=later) == expected(["completed"])
+    # Types with owners are not kept: the caller counts.
+    assert stats.count_tasks(task_types=["start"], owners=owners, now=later) is None
+
+
 def parse_metrics(text: str) -> dict:
     samples = {}
     for family in text_string_to_metric_families(text):
