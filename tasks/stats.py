@@ -16,7 +16,7 @@ for clocks that disagree between machines) and moves in BASE_STEP_SECONDS steps:
   was last moved). Immutable, so it is kept per process and, when B moves, moved
   incrementally: only the tasks that finished in between are read.
 - live: tasks still active (``completed_at IS NULL``) or finished since B, read
-  through the (completed_at, task_type, status) index: a few thousand rows.
+  through the (completed_at, task_type, status, owner) index: a few thousand rows.
 - new: tasks with id > M that finished before B (inserted back-dated: imports, tests).
 
 The three parts never overlap and cover the table, so the sum is exact. Only
@@ -86,6 +86,9 @@ STATE_INDEX = {status: i for i, status in enumerate(ALL_STATES)}
 # MariaDB turns an IN list of 1,000 values or more into a derived table, losing
 # the index plans around it: owner ids go in OR'ed lists of at most this many.
 IN_CHUNK = 900
+# Owner counts: up to this many owners, their live rows are read by owner id;
+# beyond, every live row is grouped by owner (see _owner_total).
+OWNER_FILTER_MAX = 100
 
 
 def live_worker_cutoff(now: datetime | None = None) -> datetime:
@@ -320,7 +323,7 @@ def task_counts(now: datetime | None = None) -> Counts:
 
 
 def _status_type_counts(queryset) -> dict[tuple[str, str], int]:
-    # (status, task_type) only: the (completed_at, task_type, status) index answers
+    # (status, task_type) only: the (completed_at, task_type, status, owner) index answers
     # this for the live part without reading a row.
     rows = queryset.order_by().values("status", "task_type").annotate(n=Count("id"))
     return {(row["status"], row["task_type"]): row["n"] for row in rows}
@@ -366,16 +369,22 @@ def _with_owner_counts(base: _Base) -> _Base:
 def _owner_total(base: _Base | None, empty: bool, owners: list[int], statuses: list[str] | None) -> int:
     if empty or not owners:
         return 0
-    wanted = [STATE_INDEX[s] for s in statuses] if statuses else range(len(ALL_STATES))
     base = _with_owner_counts(base)
+    wanted = [STATE_INDEX[s] for s in statuses] if statuses else range(len(ALL_STATES))
+    found = [counts for counts in map(base.by_owner.get, owners) if counts is not None]
+    total = sum(sum(column) for i, column in enumerate(zip(*found, strict=True)) if i in wanted)
     recent, newer = _outside(base)
-    match = owner_in(owners)
-    total = 0
-    for part in (base.by_owner, _owner_status_counts(recent.filter(match)), _owner_status_counts(newer.filter(match))):
-        for owner in owners:
-            counts = part.get(owner)
-            if counts is not None:
-                total += sum(counts[i] for i in wanted)
+    if statuses:
+        recent, newer = recent.filter(status__in=statuses), newer.filter(status__in=statuses)
+    if len(owners) <= OWNER_FILTER_MAX:
+        # A few owners: their live rows only. Many: an IN list of thousands of ids
+        # costs more to build and send than counting every live row by owner.
+        match = owner_in(owners)
+        recent, newer = recent.filter(match), newer.filter(match)
+    wanted_owners = set(owners)
+    for part in (recent, newer):
+        rows = part.order_by().values_list("owner_id").annotate(n=Count("id")).values_list("owner_id", "n")
+        total += sum(n for owner, n in rows if owner in wanted_owners)
     return total
 
 
