@@ -23,7 +23,7 @@ from tasks.models import Task
 from tasks.states import EXECUTING, PENDING
 
 EMPTY = {"blocked_reason": None, "queue_position": None, "estimated_wait_seconds": None}
-AVERAGE_TTL = 15.0
+AVERAGE_TTL = 60.0
 
 _averages: dict[tuple[str, int], tuple[float, float]] = {}
 _lock = threading.Lock()
