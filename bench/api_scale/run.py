@@ -330,7 +330,7 @@ def show_queries(client, url: str) -> None:
         None,
     )
     # The admin list by username counts from the per-owner aggregate: its live part.
-    owners = next((q for q in ctx.captured_queries if "GROUP BY `tasks_task`.`owner_id`" in q["sql"]), None)
+    owners = next((q for q in ctx.captured_queries if "`owner_id` AS `owner_id`, COUNT(" in q["sql"]), None)
     for label, q in (("count", count), ("owner counts, live part", owners), ("page", rows)):
         if q is None:
             continue
