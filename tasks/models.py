@@ -477,6 +477,6 @@ class TaskDeletions(models.Model):
     def add(cls, n: int) -> None:
         """Count ``n`` deleted tasks; call inside the transaction that deletes them."""
         if n and not cls.objects.filter(pk=1).update(deleted=models.F("deleted") + n):
-            obj, created = cls.objects.get_or_create(pk=1, defaults={"deleted": n})
-            if not created:
+            _row, created = cls.objects.get_or_create(pk=1, defaults={"deleted": n})
+            if not created:  # another deleter created it meanwhile
                 cls.objects.filter(pk=1).update(deleted=models.F("deleted") + n)

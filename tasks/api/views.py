@@ -156,7 +156,7 @@ class BaseTaskViewSet(APIViewSetMixin, mixins.ListModelMixin, mixins.RetrieveMod
             owners = [data["user"]]
         elif "username" in used:
             owners = filterset.username_owners
-            if owners is None:  # matched too many users to list: the query joins instead
+            if owners is None:  # a fragment matching too many users to list: the query joins instead
                 return None
         return stats.count_tasks(
             statuses=data.get("status") or None, task_types=data.get("task_type") or None, owners=owners
