@@ -62,6 +62,7 @@ from django.db import connection
 from django.db.models import Case, Count, DurationField, F, IntegerField, Q, Sum, Value, When
 from django.utils import timezone
 
+from tasks.lookups import owner_in
 from tasks.models import Provider, Task, TaskDeletions, Worker
 from tasks.states import ALL_STATES, CANCELLING, COMPLETED, FAILED, FINAL, PENDING, RUNNING, TIMEOUT, TaskType
 
@@ -83,9 +84,6 @@ Samples = dict[str, list[tuple[datetime, float]]]
 # owner id -> task count per state, in ALL_STATES order
 OwnerCounts = dict[int, tuple[int, ...]]
 STATE_INDEX = {status: i for i, status in enumerate(ALL_STATES)}
-# MariaDB turns an IN list of 1,000 values or more into a derived table, losing
-# the index plans around it: owner ids go in OR'ed lists of at most this many.
-IN_CHUNK = 900
 # Owner counts: up to this many owners, their live rows are read by owner id;
 # beyond, every live row is grouped by owner (see _owner_total).
 OWNER_FILTER_MAX = 100
@@ -178,14 +176,6 @@ def _newest(*parts: Samples) -> Samples:
         merged = (item for part in parts for item in part.get(task_type, ()))
         result[task_type] = heapq.nlargest(DURATION_SAMPLE, merged, key=lambda item: item[0])
     return result
-
-
-def owner_in(ids: list[int]) -> Q:
-    """``owner_id IN ids`` as OR'ed lists of at most IN_CHUNK values."""
-    match = Q()
-    for start in range(0, len(ids), IN_CHUNK):
-        match |= Q(owner_id__in=ids[start : start + IN_CHUNK])
-    return match
 
 
 def _owner_status_counts(queryset) -> OwnerCounts:
