@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import requests
 from requests.adapters import HTTPAdapter
 
-from providers.base import AmbiguousOutcome, AuthError, ProviderError, RetryableError
+from providers.base import AmbiguousOutcome, AuthError, ProviderError, RetryableError, UnreachableError
 
 FINGERPRINT_RE = re.compile(r"^(sha256:)?(([0-9a-fA-F]{2}:){31}[0-9a-fA-F]{2}|[0-9a-fA-F]{64})$")
 
@@ -40,7 +40,7 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def transport_error(exc: BaseException, op: str, mutation: bool, what: str = "") -> ProviderError:
-    """Classify a connection failure: never sent -> retryable; maybe applied -> ambiguous.
+    """Classify a connection failure: never sent -> unreachable (retryable); maybe applied -> ambiguous.
 
     A TLS failure is a trust problem (wrong CA, wrong pin, no client certificate),
     which retrying does not fix.
@@ -53,7 +53,7 @@ def transport_error(exc: BaseException, op: str, mutation: bool, what: str = "")
     if isinstance(exc, requests.exceptions.ConnectTimeout) or any(
         isinstance(e, never_sent) for e in exception_chain(exc)
     ):
-        return RetryableError(f"{op}: cannot connect{what}: {exc}", op=op)
+        return UnreachableError(f"{op}: cannot connect{what}: {exc}", op=op)
     if mutation:
         return AmbiguousOutcome(f"{op}: connection lost after the request was sent: {exc}", op=op)
     return RetryableError(f"{op}: connection error: {exc}", op=op)

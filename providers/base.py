@@ -37,6 +37,16 @@ class RetryableError(ProviderError):
     retryable = True
 
 
+class UnreachableError(RetryableError):
+    """The provider could not be reached at all: connection refused, no route, name
+    not resolved, connect timeout. Nothing was sent, so nothing happened on the host.
+
+    Retried like any transient error; when a task still fails with it, the task
+    layer holds the provider's queue until the provider answers again
+    (tasks.health), instead of failing every queued task in turn.
+    """
+
+
 class PermanentError(ProviderError):
     """Will fail again the same way: bad request, auth, unsupported, not enough space."""
 

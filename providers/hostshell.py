@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from providers.base import AuthError, CancelToken, PermanentError, PortSpec, RetryableError
+from providers.base import AuthError, CancelToken, PermanentError, PortSpec, RetryableError, UnreachableError
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class ParamikoHostShell:
             raise RetryableError(f"ssh: {exc}", op="ssh") from exc
         except (OSError, EOFError) as exc:
             client.close()
-            raise RetryableError(f"ssh: cannot reach {self.host}:{self.port}: {exc}", op="ssh") from exc
+            raise UnreachableError(f"ssh: cannot reach {self.host}:{self.port}: {exc}", op="ssh") from exc
         return client
 
     def close(self) -> None:

@@ -127,7 +127,7 @@ def admit_locked(provider: Provider, handoff=None) -> list[int]:
     claimed for that worker right here, and given to it on commit; it sends no
     job and needs no claim transaction of its own.
     """
-    if not provider.enabled:
+    if not provider.accepts_work:
         return []
     limit = provider.concurrency_limit
     # The oldest waiting tasks (at most `limit`), each row carrying the slots in use:
@@ -263,6 +263,9 @@ def wait_figures(task: Task, provider: Provider, *, position: int, in_use: int, 
         reason, position = "admitted, waiting for a worker of the provider's queue", 0
     elif not provider.enabled:
         reason = "provider disabled"
+    elif provider.unreachable_since is not None:
+        since = provider.unreachable_since.strftime("%Y-%m-%d %H:%M:%S UTC")
+        reason = f"provider unreachable since {since}; waiting for it to answer ({provider.unreachable_error})"
     elif in_use >= limit:
         reason = f"provider at its limit {in_use}/{limit}"
     elif position > 0:

@@ -11,7 +11,8 @@ Exposed (prefix ``cloudhost_``):
 - ``tasks{status,provider}`` gauge: tasks by state and provider (zeros included).
 - ``task_queue_length{provider}`` gauge: pending tasks.
 - ``tasks_running{provider}`` gauge: tasks holding a slot (running or cancelling).
-- ``provider_concurrency_limit{provider}`` gauge, ``provider_enabled{provider}`` gauge.
+- ``provider_concurrency_limit{provider}`` gauge, ``provider_enabled{provider}`` gauge,
+  ``provider_reachable{provider}`` gauge (0 while its queue is held, tasks.health).
 - ``task_duration_seconds{task_type}`` histogram of completed tasks (cumulative
   over every completed task in the table, so rate() works).
 - ``tasks_finished_total{task_type,status}`` counter: terminal tasks.
@@ -71,6 +72,11 @@ class TaskCollector(Collector):
             f"{PREFIX}_provider_concurrency_limit", "Concurrency limit per provider", labels=["provider"]
         )
         enabled = GaugeMetricFamily(f"{PREFIX}_provider_enabled", "1 when the provider is enabled", labels=["provider"])
+        reachable = GaugeMetricFamily(
+            f"{PREFIX}_provider_reachable",
+            "0 while the provider is held as unreachable (its queue waits for it to answer)",
+            labels=["provider"],
+        )
         slots = 0
         for pid, provider in providers.items():
             name = provider.name
@@ -81,9 +87,10 @@ class TaskCollector(Collector):
             running.add_metric([name], in_use)
             limit.add_metric([name], provider.concurrency_limit)
             enabled.add_metric([name], 1 if provider.enabled else 0)
+            reachable.add_metric([name], 0 if provider.unreachable_since is not None else 1)
             if provider.enabled:
                 slots += provider.concurrency_limit
-        yield from (tasks, queue, running, limit, enabled)
+        yield from (tasks, queue, running, limit, enabled, reachable)
 
         histogram = HistogramMetricFamily(
             f"{PREFIX}_task_duration_seconds", "Run time of completed tasks", labels=["task_type"]

@@ -69,6 +69,13 @@ class Provider(models.Model):
     )
     enable_task_polling = models.BooleanField(default=True)
 
+    # Health: set when a task failed because the provider could not be reached at
+    # all (tasks.health). Admission holds its queue, and the worker tier probes it,
+    # until it answers again.
+    unreachable_since = models.DateTimeField(null=True, blank=True, editable=False)
+    unreachable_error = models.CharField(max_length=500, blank=True, default="", editable=False)
+    probed_at = models.DateTimeField(null=True, blank=True, editable=False)
+
     # Capacity: totals set by the operator, *_used kept by reservations.
     cpu_total = models.PositiveIntegerField(default=64)
     memory_total_mb = models.PositiveBigIntegerField(default=256 * 1024)
@@ -106,6 +113,11 @@ class Provider(models.Model):
     @property
     def concurrency_limit(self) -> int:
         return max(1, self.max_concurrent_tasks) if self.allow_concurrent_tasks else 1
+
+    @property
+    def accepts_work(self) -> bool:
+        """Admission may start its tasks: enabled, and not held as unreachable."""
+        return self.enabled and self.unreachable_since is None
 
     @property
     def queue_name(self) -> str:

@@ -81,7 +81,7 @@ def _new_task(
     now = timezone.now()
     used, waiting = dispatch.slot_state(provider.pk)
     limit = provider.concurrency_limit
-    admit_now = provider.enabled and not waiting and used < limit
+    admit_now = provider.accepts_work and not waiting and used < limit
     task = Task(
         task_type=task_type,
         owner_id=instance.owner_id,
@@ -123,7 +123,7 @@ def _new_task(
     )
     if admit_now:
         dispatch.send_on_commit(provider.queue_name, [(task.pk, task.lease_token, task.effective_timeout)])
-    elif waiting and provider.enabled and used < limit:
+    elif waiting and provider.accepts_work and used < limit:
         # Free slots but older tasks waiting (a limit was raised, a wake-up was lost): admit them now.
         dispatch.admit_locked(provider)
     logger.info("task %s: %s of instance %s queued by %s", task.pk, task_type, instance.pk, initiator)

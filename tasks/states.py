@@ -57,6 +57,7 @@ class InstanceStatus(models.TextChoices):
 
 class ErrorCode(models.TextChoices):
     PROVIDER_ERROR = "provider_error", "Provider error"
+    PROVIDER_UNREACHABLE = "provider_unreachable", "Provider unreachable"
     WORKER_LOST = "worker_lost", "Worker lost"
     TIMEOUT = "timeout", "Timed out"
     CANCELLED_BY_USER = "cancelled_by_user", "Cancelled by its owner"

@@ -28,15 +28,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
 
-from tasks import dispatch, maintenance, transitions
+from tasks import dispatch, health, maintenance, transitions
 from tasks.models import Provider, Task, Worker
 from tasks.states import EXECUTING
 
@@ -95,6 +97,7 @@ class Supervisor:
         self.stopping = False
         self.last_poll: dict[int, float] = {}
         self.last_safety = 0.0
+        self.prober: threading.Thread | None = None
 
     # ------------------------------------------------------------------ processes
     def _env(self, queue: str | None, workers: int) -> dict[str, str]:
@@ -225,10 +228,16 @@ class Supervisor:
         now = time.monotonic()
         due = []
         served = served_provider_filter(Provider.objects.filter(enabled=True)).values_list(
-            "pk", "enable_task_polling", "task_poll_interval"
+            "pk", "enable_task_polling", "task_poll_interval", "unreachable_since", "probed_at"
         )
         safety = now - self.last_safety >= SAFETY_ADMIT_SECONDS
-        for pk, polling, interval in served:
+        probe_cutoff = timezone.now() - timedelta(seconds=settings.PROVIDER_PROBE_SECONDS)
+        to_probe = []
+        for pk, polling, interval, unreachable_since, probed_at in served:
+            if unreachable_since is not None:
+                if probed_at is None or probed_at < probe_cutoff:
+                    to_probe.append(pk)
+                continue  # held: nothing to admit until it answers
             if safety or (polling and now - self.last_poll.get(pk, 0.0) >= interval):
                 due.append(pk)
                 self.last_poll[pk] = now
@@ -239,6 +248,25 @@ class Supervisor:
         maintenance.reconcile(report)
         for line in report.changes:
             logger.info("sweep: %s", line)
+        if to_probe:
+            self.start_probes(to_probe)
+
+    def start_probes(self, provider_ids: list[int]) -> None:
+        """Probe these unreachable providers (tasks.health) in a thread, one round at a time:
+        a probe of a dead host may take its whole connect timeout."""
+        if self.prober is not None and self.prober.is_alive():
+            return
+        self.prober = threading.Thread(target=self._probe, args=(provider_ids,), name="provider-prober", daemon=True)
+        self.prober.start()
+
+    def _probe(self, provider_ids: list[int]) -> None:
+        try:
+            for pk, error in health.probe_due(Provider.objects.filter(pk__in=provider_ids)).items():
+                logger.info("provider %s: probe %s", pk, "answered" if error is None else f"failed: {error}")
+        except Exception:
+            logger.exception("supervisor: probing providers failed; the next sweep retries")
+        finally:
+            connection.close()
 
     # ----------------------------------------------------------------------- loop
     def run(self) -> None:

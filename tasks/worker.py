@@ -42,9 +42,10 @@ from providers.base import (
     OperationCancelled,
     ProviderConfig,
     ProviderError,
+    UnreachableError,
     build_driver,
 )
-from tasks import transitions
+from tasks import health, transitions
 from tasks.models import Task, Worker
 from tasks.operations import get_operation
 from tasks.operations.base import ExecutionContext
@@ -384,6 +385,10 @@ def run_claimed(task: Task, *, heartbeat: bool = True, handoff: Handoff | None =
     except ProviderError as exc:
         if cancel.cancelled and cancel.reason in (CANCEL_TIMEOUT, CANCEL_USER):
             result = _cancelled_outcome(cancel.reason, task)
+        elif isinstance(exc, UnreachableError):
+            # Hold the provider's queue before this finish admits the next task (tasks.health).
+            _mark_unreachable(task, exc)
+            result = (FAILED, {"error_code": ErrorCode.PROVIDER_UNREACHABLE, "error_message": str(exc)[:2000]})
         else:
             code = getattr(exc, "error_code", "") or ErrorCode.PROVIDER_ERROR
             result = (FAILED, {"error_code": code, "error_message": str(exc)[:2000]})
@@ -418,6 +423,13 @@ def run_claimed(task: Task, *, heartbeat: bool = True, handoff: Handoff | None =
     if outcome == "fenced":
         logger.warning("task %s: result (%s) not recorded: the lease is no longer ours", task_id, status)
     return outcome
+
+
+def _mark_unreachable(task: Task, exc: UnreachableError) -> None:
+    try:
+        health.mark_unreachable(task.provider_id, str(exc))
+    except Exception:  # the task's own outcome matters more; the next failure marks it again
+        logger.exception("task %s: could not mark provider %s unreachable", task.pk, task.provider_id)
 
 
 def _cancelled_outcome(reason: str, task: Task) -> tuple[str, dict]:

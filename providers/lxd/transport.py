@@ -24,7 +24,7 @@ from urllib.parse import quote, urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from providers.base import AmbiguousOutcome, AuthError, PermanentError, ProviderError, RetryableError
+from providers.base import AmbiguousOutcome, AuthError, PermanentError, ProviderError, RetryableError, UnreachableError
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def transport_error(exc: Exception, *, op: str, mutation: bool, where: str) -> P
         if any(w in low for w in ("fingerprint", "certificate", "alert", "handshake", "verify")):
             return AuthError(f"{op}: TLS with {where} refused: {detail}", op=op)
     if isinstance(exc, requests.exceptions.ConnectTimeout) or never_sent(exc):
-        return RetryableError(f"{op}: cannot connect to {where}: {detail}", op=op)
+        return UnreachableError(f"{op}: cannot connect to {where}: {detail}", op=op)
     if mutation:
         return AmbiguousOutcome(f"{op}: connection to {where} failed after the request was sent: {detail}", op=op)
     return RetryableError(f"{op}: connection to {where} failed: {detail}", op=op)

@@ -25,6 +25,7 @@ from providers.base import (
     ProviderConfig,
     RetryableError,
     ServerInfo,
+    UnreachableError,
     UnsupportedError,
 )
 from providers.simulated.options import MUTATING_OPS, SimulatedOptions, default_speed, default_state_dir
@@ -116,6 +117,7 @@ class SimulatedDriver:
     # --- contract: metadata ---
 
     def server_info(self) -> ServerInfo:
+        self._reachable("server_info")
         return ServerInfo(
             version="simulated-1",
             details={"state_file": str(self.store.path), "guests": len(self.store.guests()), "speed": self.speed},
@@ -187,8 +189,14 @@ class SimulatedDriver:
         while time.monotonic() < end:
             cancel.sleep(SLICE_SECONDS)
 
+    def _reachable(self, op: str) -> None:
+        """``unreachable``: the host is down; every call fails to connect and changes nothing."""
+        if self.options.unreachable:
+            raise UnreachableError(f"{op}: cannot connect to the simulated host: connection refused", op=op)
+
     def _begin(self, op: str, name: str, cancel: CancelToken) -> bool:
         """Failure injection at the start of a call. Returns True when the call must end ambiguously."""
+        self._reachable(op)
         if op in self.options.hang_ops:
             try:
                 self._hang(op, cancel)

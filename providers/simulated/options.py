@@ -78,6 +78,7 @@ class SimulatedOptions:
     ignore_cancel_ops: tuple[str, ...] = ()
     delete_leaves_guest: bool = False
     graceful_stop_fails: bool = False
+    unreachable: bool = False
     traffic: str = "none"
     pmacct: dict[str, Any] = field(default_factory=dict)
     # (traffic and pmacct belong to tasks.traffic; they are accepted here so the
@@ -149,7 +150,7 @@ def validate_connection(connection: dict[str, Any]) -> list[str]:
         for op, n in fail_times.items()
     ):
         errors.append("fail_times maps an operation to a count of failures (integer >= 0)")
-    for key in ("delete_leaves_guest", "graceful_stop_fails"):
+    for key in ("delete_leaves_guest", "graceful_stop_fails", "unreachable"):
         if key in connection and not isinstance(connection[key], bool):
             errors.append(f"{key} must be true or false")
     if "traffic" in connection and not isinstance(connection["traffic"], str):

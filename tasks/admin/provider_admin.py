@@ -18,9 +18,11 @@ from django.db import transaction
 from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest
+from django.utils import timezone
 from django.utils.html import format_html
 
 from tasks import dispatch
+from tasks import health as provider_health
 from tasks.admin.common import SCRIPTS, STYLES
 from tasks.models import Provider, Task
 from tasks.states import EXECUTING, PENDING
@@ -93,6 +95,7 @@ class ProviderAdmin(admin.ModelAdmin):
         "name",
         "provider_type",
         "load",
+        "health",
         "enabled",
         "allow_concurrent_tasks",
         "max_concurrent_tasks",
@@ -106,6 +109,7 @@ class ProviderAdmin(admin.ModelAdmin):
     actions = ("check_connectivity",)
     readonly_fields = (
         "load",
+        "health",
         "capacity",
         "secrets_state",
         "cpu_used",
@@ -117,7 +121,7 @@ class ProviderAdmin(admin.ModelAdmin):
         "updated_at",
     )
     fieldsets = (
-        (None, {"fields": ("name", "provider_type", "enabled", "connection")}),
+        (None, {"fields": ("name", "provider_type", "enabled", "health", "connection")}),
         ("Secrets", {"fields": ("secrets_state", "new_secrets", "clear_secrets")}),
         (
             "Concurrency (applied at the next admission, within a second or two)",
@@ -169,6 +173,20 @@ class ProviderAdmin(admin.ModelAdmin):
     # ------------------------------------------------------------ columns
 
     @admin.display(description="running / limit · pending", ordering="n_running")
+    @admin.display(description="health")
+    def health(self, provider: Provider):
+        if provider.pk is None:
+            return "—"
+        if provider.unreachable_since is None:
+            return format_html('<span class="tc-badge tc-badge--completed">{}</span>', "reachable")
+        return format_html(
+            '<span class="tc-badge tc-badge--failed" title="{}">unreachable since {}</span>'
+            '<div class="tc-muted">queue held until it answers; last error: {}</div>',
+            provider.unreachable_error,
+            timezone.localtime(provider.unreachable_since).strftime("%Y-%m-%d %H:%M:%S"),
+            provider.unreachable_error,
+        )
+
     def load(self, provider: Provider):
         running = getattr(provider, "n_running", None)
         pending = getattr(provider, "n_pending", None)
@@ -237,7 +255,7 @@ class ProviderAdmin(admin.ModelAdmin):
 
     # ------------------------------------------------------------ actions
 
-    @admin.action(description="Check connectivity (asks each provider for its version)")
+    @admin.action(description="Check connectivity (asks each provider for its version; resumes held queues)")
     def check_connectivity(self, request: HttpRequest, queryset: QuerySet) -> None:
         from providers.base import build_driver
         from tasks.worker import provider_config
@@ -250,17 +268,19 @@ class ProviderAdmin(admin.ModelAdmin):
             except Exception as exc:
                 failed += 1
                 logger.warning("provider %s: connectivity check failed: %s", provider.pk, exc)
+                held = " Its queue stays held." if provider.unreachable_since is not None else ""
                 self.message_user(
                     request,
-                    f"{provider.name}: unreachable or refused ({type(exc).__name__}: {exc})",
+                    f"{provider.name}: unreachable or refused ({type(exc).__name__}: {exc}).{held}",
                     messages.ERROR,
                 )
                 continue
             ok += 1
             elapsed = time.monotonic() - started
+            resumed = " Its held queue resumes." if provider_health.mark_reachable(provider.pk) else ""
             self.message_user(
                 request,
-                f"{provider.name}: OK, version {info.version} ({elapsed * 1000:.0f} ms)",
+                f"{provider.name}: OK, version {info.version} ({elapsed * 1000:.0f} ms).{resumed}",
                 messages.SUCCESS,
             )
         if ok + failed > 1:

@@ -388,6 +388,12 @@ class AdminProviderSerializer(serializers.ModelSerializer):
     concurrency_limit = serializers.IntegerField(read_only=True)
     running = serializers.IntegerField(read_only=True, help_text="tasks holding a slot (running or cancelling)")
     pending = serializers.IntegerField(read_only=True)
+    unreachable_since = serializers.DateTimeField(
+        read_only=True,
+        allow_null=True,
+        help_text="set while the provider cannot be reached: its queue is held until a probe gets an answer",
+    )
+    unreachable_error = serializers.CharField(read_only=True, help_text="why the last call or probe failed")
 
     class Meta:
         model = Provider
@@ -401,6 +407,8 @@ class AdminProviderSerializer(serializers.ModelSerializer):
             "concurrency_limit",
             "task_poll_interval",
             "enable_task_polling",
+            "unreachable_since",
+            "unreachable_error",
             "running",
             "pending",
             "cpu_total",

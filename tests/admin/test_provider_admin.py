@@ -152,3 +152,22 @@ def test_connectivity_check_reports_version_or_error(root_client, provider, monk
 @pytest.mark.parametrize("model", ["provider", "userquota", "worker", "taskevent", "portmapping"])
 def test_other_lists_render(root_client, model, provider):
     assert root_client.get(changelist(model)).status_code == 200
+
+
+def test_a_held_provider_shows_why_and_the_check_resumes_its_queue(root_client, provider, alice, make_instance):
+    from tasks import health, services
+    from tasks.models import Task
+
+    instance = make_instance(alice, provider)
+    health.mark_unreachable(provider.pk, "start: cannot connect to the host: connection refused")
+    task = services.request_operation(alice, instance.pk, "stop")
+    assert Task.objects.get(pk=task.pk).admitted_at is None
+    page = root_client.get("/admin/tasks/provider/").content.decode()
+    assert "unreachable since" in page and "connection refused" in page
+    # The simulated host answers the check: the mark goes and the queue resumes.
+    response = post_action(root_client, "provider", "check_connectivity", [provider.pk])
+    assert any("sim-a: OK" in m and "Its held queue resumes." in m for m in messages_of(response))
+    provider.refresh_from_db()
+    assert provider.unreachable_since is None
+    assert Task.objects.get(pk=task.pk).admitted_at is not None
+    assert "reachable" in root_client.get("/admin/tasks/provider/").content.decode()
