@@ -282,10 +282,8 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
             if not statuses:
                 return 0
         types = [params["task_type__exact"]] if "task_type__exact" in params else None
-        try:
-            from tasks.stats import count_tasks
-        except ImportError:
-            return None
+        from tasks.stats import count_tasks
+
         return count_tasks(sorted(statuses) if statuses is not None else None, types)
 
     # ------------------------------------------------------------ search
