@@ -289,3 +289,26 @@ def test_tier_follows_provider_changes_while_running(alice, tmp_path, node):
 
         assert queue_info(blocked)["blocked_reason"] == "provider disabled"
         services.cancel_task(alice, blocked.pk)
+
+
+def test_an_unreachable_provider_holds_its_queue_until_it_answers(alice, tmp_path, node):
+    provider = make_provider("down", 1)
+    instances = make_instances(alice, provider, 4)
+    Provider.objects.filter(pk=provider.pk).update(connection={"unreachable": True})
+    # reset-password: a real operation (this module's test operations replace start/stop/restart).
+    tasks = [services.request_operation(alice, i.pk, "reset-password") for i in instances]
+    env = {"PROVIDER_PROBE_SECONDS": "1", "TASK_RETRY_BASE_SECONDS": "0.05", "SIMULATED_SPEED": "0.01"}
+    with WorkerTier(tmp_path, node, **env):
+        first = wait_until(
+            lambda: Task.objects.filter(pk=tasks[0].pk, status="failed").first(), 20, message="the first to fail"
+        )
+        assert first.error_code == "provider_unreachable"
+        time.sleep(2.5)  # two probe rounds fail meanwhile; nothing else starts
+        held = Task.objects.filter(pk__in=[t.pk for t in tasks[1:]])
+        assert set(held.values_list("status", "admitted_at")) == {("pending", None)}
+        assert Provider.objects.get(pk=provider.pk).unreachable_since is not None
+        # The host is back: a probe answers within PROVIDER_PROBE_SECONDS and the queue drains.
+        Provider.objects.filter(pk=provider.pk).update(connection={})
+        wait_until(lambda: all_final([t.pk for t in tasks]), 20, message="the held tasks to run")
+    assert [Task.objects.get(pk=t.pk).status for t in tasks] == ["failed", "completed", "completed", "completed"]
+    assert Provider.objects.get(pk=provider.pk).unreachable_since is None
