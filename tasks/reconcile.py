@@ -113,9 +113,15 @@ def _settle_pending_ports(instance: Instance, state: GuestState) -> None:
 
 
 def reconcile_pending(limit: int = 50) -> int:
-    """Reconcile up to ``limit`` instances that need it (the engine's sweep calls this)."""
+    """Reconcile up to ``limit`` instances that need it (the engine's sweep calls this).
+
+    Not those of a provider held as unreachable (tasks.health): each call would
+    wait out a connect timeout inside the sweep; they are reconciled once it answers.
+    """
     candidates = list(
-        Instance.objects.filter(needs_reconcile=True, active_task__isnull=True)
+        Instance.objects.filter(
+            needs_reconcile=True, active_task__isnull=True, provider__unreachable_since__isnull=True
+        )
         .order_by("updated_at", "pk")
         .values_list("pk", flat=True)[:limit]
     )

@@ -153,3 +153,16 @@ def test_the_simulated_host_down_changes_nothing(provider, running_instance):
     execute(task.pk, task.lease_token, heartbeat=False)
     assert store.guest(running_instance.guest_name) == before
     assert not [e for e in store.executions() if e["applied"]]
+
+
+def test_instances_of_a_held_provider_wait_for_reconciliation(provider, running_instance, monkeypatch):
+    from tasks import reconcile
+
+    Instance = type(running_instance)
+    Instance.objects.filter(pk=running_instance.pk).update(needs_reconcile=True)
+    health.mark_unreachable(provider.pk, "cannot connect")
+    asked = []
+    monkeypatch.setattr(reconcile, "reconcile_instance", lambda pk: asked.append(pk) or 1)
+    assert reconcile.reconcile_pending() == 0 and asked == []  # no connect timeout inside the sweep
+    health.mark_reachable(provider.pk)
+    assert reconcile.reconcile_pending() == 1 and asked == [running_instance.pk]
