@@ -111,6 +111,7 @@ class ProviderQueue:
     pending: int
     admitted: int
     limit: int
+    unreachable_since: datetime | None = None  # held until it answers (tasks.health)
 
 
 def status_counts() -> dict[str, int]:
@@ -135,7 +136,9 @@ def provider_queues() -> list[ProviderQueue]:
             per[provider_id]["pending"] += n
             per[provider_id]["admitted"] += admitted
     return [
-        ProviderQueue(p.pk, p.name, p.enabled, limit=p.concurrency_limit, **per[p.pk])
+        ProviderQueue(
+            p.pk, p.name, p.enabled, limit=p.concurrency_limit, unreachable_since=p.unreachable_since, **per[p.pk]
+        )
         for p in Provider.objects.order_by("name")
     ]
 

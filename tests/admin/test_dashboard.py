@@ -175,3 +175,11 @@ def test_dashboard_agrees_with_the_stats_api_and_has_a_fallback(
     assert fallback.context["counts"] == response.context["counts"]
     assert fallback.context["error_rate_1h"] == 33.3
     assert "<th>max</th>" in fallback.content.decode()
+
+
+def test_dashboard_marks_a_held_provider(root_client, provider):
+    from tasks import health
+
+    assert ">unreachable</span>" not in root_client.get(DASHBOARD).content.decode()
+    health.mark_unreachable(provider.pk, "cannot connect")
+    assert ">unreachable</span>" in root_client.get(DASHBOARD).content.decode()
