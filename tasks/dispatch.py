@@ -265,7 +265,8 @@ def wait_figures(task: Task, provider: Provider, *, position: int, in_use: int, 
         reason = "provider disabled"
     elif provider.unreachable_since is not None:
         since = provider.unreachable_since.strftime("%Y-%m-%d %H:%M:%S UTC")
-        reason = f"provider unreachable since {since}; waiting for it to answer ({provider.unreachable_error})"
+        # Without the error itself: users see this, and it may name the host's address.
+        reason = f"provider unreachable since {since}; waiting for it to answer"
     elif in_use >= limit:
         reason = f"provider at its limit {in_use}/{limit}"
     elif position > 0:
