@@ -1,4 +1,4 @@
-"""The periodic sweep: recovery, timeouts, re-dispatch, admission, reconciliation.
+"""The periodic sweep: recovery, timeouts, re-dispatch, admission, probes, reconciliation.
 
 Run by every worker-tier supervisor every TASK_SWEEP_SECONDS, by
 ``manage.py cleanup_tasks`` (cron or by hand), and by a django-q2 schedule.
@@ -16,7 +16,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.utils import timezone
 
-from tasks import dispatch, transitions
+from tasks import dispatch, health, transitions
 from tasks.models import Provider, Task, Worker
 from tasks.states import EXECUTING, PENDING, ErrorCode
 
@@ -31,6 +31,7 @@ class SweepReport:
     redispatched: int = 0
     admitted: int = 0
     reconciled: int = 0
+    resumed: int = 0
 
     def add(self, line: str) -> None:
         self.changes.append(line)
@@ -130,10 +131,29 @@ def prune_workers() -> None:
     Worker.objects.filter(last_heartbeat__lt=timezone.now() - timedelta(hours=1)).delete()
 
 
+def probe(report: SweepReport, *, dry_run: bool = False) -> None:
+    """Probe the providers held as unreachable that are due (tasks.health); an answer resumes the queue.
+
+    The supervisor does this in a thread of its own; here (cleanup_tasks, the
+    schedule) it may wait out a dead host's connect timeout, which is fine.
+    """
+    if dry_run:
+        for pk in health.due(Provider.objects.all()).values_list("pk", flat=True):
+            report.add(f"provider {pk}: held as unreachable: would probe it")
+        return
+    for pk, error in health.probe_due(Provider.objects.all()).items():
+        if error is None:
+            report.add(f"provider {pk}: answers again: its queue resumes")
+            report.resumed += 1
+        else:
+            report.add(f"provider {pk}: still unreachable ({error})")
+
+
 def sweep(*, dry_run: bool = False, admit: bool = True) -> SweepReport:
     report = SweepReport()
     recover(report, dry_run=dry_run)
     redispatch(report, dry_run=dry_run)
+    probe(report, dry_run=dry_run)
     if admit:
         admit_all(report, dry_run=dry_run)
     reconcile(report, dry_run=dry_run)

@@ -63,3 +63,21 @@ def test_stuck_past_deadline_with_a_live_lease_is_timed_out(alice, provider, mak
     stuck.refresh_from_db()
     assert (stuck.status, stuck.lease_token) == ("timeout", "")
     assert "timed out 1" in out
+
+
+def test_a_held_provider_is_probed_and_its_queue_resumed(alice, provider, make_instance):
+    from tasks import health
+    from tasks.models import Provider
+
+    instance = make_instance(alice, provider)
+    health.mark_unreachable(provider.pk, "cannot connect")
+    Provider.objects.filter(pk=provider.pk).update(probed_at=timezone.now() - timedelta(minutes=5))
+    task = services.request_operation(alice, instance.pk, "stop")
+    out = run("--dry-run")
+    assert f"provider {provider.pk}: held as unreachable: would probe it" in out
+    assert Provider.objects.get(pk=provider.pk).unreachable_since is not None
+    out = run()
+    # The simulated host answers: the mark goes, and the same sweep admits the waiting task.
+    assert f"provider {provider.pk}: answers again: its queue resumes" in out and "providers resumed 1" in out
+    assert Provider.objects.get(pk=provider.pk).unreachable_since is None
+    assert Task.objects.get(pk=task.pk).admitted_at is not None

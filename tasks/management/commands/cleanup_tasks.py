@@ -25,5 +25,6 @@ class Command(BaseCommand):
         verb = "would change" if dry else "changed"
         self.stdout.write(
             f"{verb} {len(report.changes)}: recovered {report.recovered}, timed out {report.timed_out}, "
-            f"re-dispatched {report.redispatched}, admitted {report.admitted}, reconciled {report.reconciled}"
+            f"re-dispatched {report.redispatched}, admitted {report.admitted}, reconciled {report.reconciled}, "
+            f"providers resumed {report.resumed}"
         )
