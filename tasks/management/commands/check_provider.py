@@ -1,7 +1,8 @@
 """Connect to one provider, print its server version and what its driver can do.
 
 Exits 0 when the provider answers and trusts us; otherwise exits non-zero with
-one line saying why (unknown id, bad settings, unreachable, refused).
+one line saying why (unknown id, bad settings, unreachable, refused). A provider
+held as unreachable (tasks.health) that answers has its queue resumed.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from providers.base import AuthError, ProviderError, RetryableError, UnsupportedError, build_driver
+from tasks import health
 from tasks.models import Provider
 from tasks.worker import provider_config
 
@@ -59,3 +61,5 @@ class Command(BaseCommand):
         out.write(f"  password methods:    {', '.join(caps.password_methods) or '-'}")
         out.write(f"  native rebuild:      {_yes(caps.native_rebuild)}")
         out.write(f"  remote cancel:       {_yes(caps.remote_cancel)}")
+        if health.mark_reachable(provider.pk):
+            out.write("  it was held as unreachable: its queue resumes")
