@@ -172,7 +172,6 @@ class ProviderAdmin(admin.ModelAdmin):
 
     # ------------------------------------------------------------ columns
 
-    @admin.display(description="running / limit · pending", ordering="n_running")
     @admin.display(description="health")
     def health(self, provider: Provider):
         if provider.pk is None:
@@ -187,6 +186,7 @@ class ProviderAdmin(admin.ModelAdmin):
             provider.unreachable_error,
         )
 
+    @admin.display(description="running / limit · pending", ordering="n_running")
     def load(self, provider: Provider):
         running = getattr(provider, "n_running", None)
         pending = getattr(provider, "n_pending", None)

@@ -164,6 +164,7 @@ def test_a_held_provider_shows_why_and_the_check_resumes_its_queue(root_client, 
     assert Task.objects.get(pk=task.pk).admitted_at is None
     page = root_client.get("/admin/tasks/provider/").content.decode()
     assert "unreachable since" in page and "connection refused" in page
+    assert ">Health<" in page and ">Running / limit · pending<" in page  # each column keeps its header
     # The simulated host answers the check: the mark goes and the queue resumes.
     response = post_action(root_client, "provider", "check_connectivity", [provider.pk])
     assert any("sim-a: OK" in m and "Its held queue resumes." in m for m in messages_of(response))
