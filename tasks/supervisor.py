@@ -45,6 +45,9 @@ from tasks.states import EXECUTING
 logger = logging.getLogger(__name__)
 
 SAFETY_ADMIT_SECONDS = 30.0
+# After a provider grows, its unclaimed jobs are sent again at once and once more
+# this long after, when the new cluster is polling (see reconcile_clusters).
+GROW_RESEND_SECONDS = 2.0
 MAINTENANCE_QUEUE = "maintenance"
 
 
@@ -98,6 +101,7 @@ class Supervisor:
         self.last_poll: dict[int, float] = {}
         self.last_safety = 0.0
         self.prober: threading.Thread | None = None
+        self.resend_at: dict[int, float] = {}
 
     # ------------------------------------------------------------------ processes
     def _env(self, queue: str | None, workers: int) -> dict[str, str]:
@@ -132,6 +136,11 @@ class Supervisor:
 
     def reconcile_clusters(self) -> None:
         """Make the running clusters match the providers this machine should serve."""
+        now = time.monotonic()
+        for pk, at in list(self.resend_at.items()):
+            if now >= at:
+                del self.resend_at[pk]
+                dispatch.redispatch_stale(cutoff=timezone.now(), provider_ids=[pk])
         providers = {
             p.queue_name: p
             for p in served_provider_filter(Provider.objects.all()).only(
@@ -159,8 +168,12 @@ class Supervisor:
                     self._spawn(queue, want - have, provider.pk)
                     if have:
                         # A busy cluster's pusher may hold jobs its workers cannot run yet;
-                        # send copies now so the new workers take them (first claim wins).
+                        # send copies so the new workers take them (first claim wins). Now,
+                        # and again once the new cluster polls: the busy cluster's pusher,
+                        # still polling while the new one starts, may take the first copies
+                        # too (django-q2's pusher holds one more, blocked on its full queue).
                         dispatch.redispatch_stale(cutoff=timezone.now(), provider_ids=[provider.pk])
+                        self.resend_at[provider.pk] = time.monotonic() + GROW_RESEND_SECONDS
             elif (
                 queue in self.clusters
                 and not Task.objects.filter(provider_id=provider.pk, status__in=EXECUTING).exists()
