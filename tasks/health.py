@@ -92,11 +92,15 @@ def probe_now(provider: Provider) -> str | None:
     return error
 
 
+def probe_cutoff(now: datetime | None = None) -> datetime:
+    """A held provider last probed before this is due for a probe."""
+    return (now or timezone.now()) - timedelta(seconds=settings.PROVIDER_PROBE_SECONDS)
+
+
 def due(queryset, now: datetime | None = None):
     """The unreachable, enabled providers of ``queryset`` not probed for PROVIDER_PROBE_SECONDS."""
-    cutoff = (now or timezone.now()) - timedelta(seconds=settings.PROVIDER_PROBE_SECONDS)
     return queryset.filter(enabled=True, unreachable_since__isnull=False).filter(
-        Q(probed_at__isnull=True) | Q(probed_at__lt=cutoff)
+        Q(probed_at__isnull=True) | Q(probed_at__lt=probe_cutoff(now))
     )
 
 

@@ -229,6 +229,11 @@ def _target_boundary(now: datetime) -> datetime:
     return datetime.fromtimestamp(epoch - epoch % BASE_STEP_SECONDS, tz=UTC)
 
 
+def _base_rows(boundary: datetime, max_id: int):
+    """The tasks a base holds: finished before its boundary, up to its highest id."""
+    return Task.objects.filter(completed_at__lt=boundary, id__lte=max_id)
+
+
 def _current_base(now: datetime, lo: int, hi: int, deleted: int) -> _Base:
     key = connection.settings_dict["NAME"]
     with _lock:
@@ -243,7 +248,7 @@ def _current_base(now: datetime, lo: int, hi: int, deleted: int) -> _Base:
         or time.monotonic() - base.built > FULL_REBUILD_SECONDS
     )
     if stale:
-        everything = Task.objects.filter(completed_at__lt=boundary, id__lte=hi)
+        everything = _base_rows(boundary, hi)
         window = everything.filter(completed_at__gte=now - DURATION_WINDOW)
         base = _Base(boundary, hi, lo, deleted, time.monotonic(), _aggregate(everything), _samples_per_type(window))
     elif boundary > base.boundary:
@@ -347,8 +352,7 @@ def _with_owner_counts(base: _Base) -> _Base:
     """``base`` with its per-owner counts, reading the whole base once if it has none yet."""
     if base.by_owner is not None:
         return base
-    rows = Task.objects.filter(completed_at__lt=base.boundary, id__lte=base.max_id)
-    counted = replace(base, by_owner=_owner_status_counts(rows))
+    counted = replace(base, by_owner=_owner_status_counts(_base_rows(base.boundary, base.max_id)))
     key = connection.settings_dict["NAME"]
     with _lock:
         if _bases.get(key) is base:

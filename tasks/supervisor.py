@@ -31,7 +31,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
@@ -244,7 +243,7 @@ class Supervisor:
             "pk", "enable_task_polling", "task_poll_interval", "unreachable_since", "probed_at"
         )
         safety = now - self.last_safety >= SAFETY_ADMIT_SECONDS
-        probe_cutoff = timezone.now() - timedelta(seconds=settings.PROVIDER_PROBE_SECONDS)
+        probe_cutoff = health.probe_cutoff()
         to_probe = []
         for pk, polling, interval, unreachable_since, probed_at in served:
             if unreachable_since is not None:
