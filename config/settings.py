@@ -148,8 +148,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "ENUM_NAME_OVERRIDES": {
-        "TaskStatusEnum": "tasks.states.TaskStatus",
-        "InstanceStatusEnum": "tasks.states.InstanceStatus",
+        "TaskStatusEnum": "tasks.engine.states.TaskStatus",
+        "InstanceStatusEnum": "tasks.engine.states.InstanceStatus",
         "PortMappingStatusEnum": "tasks.models.PortMapping.STATUS_CHOICES",
     },
     "COMPONENT_SPLIT_REQUEST": True,
@@ -171,7 +171,7 @@ TASK_HARD_KILL_GRACE_SECONDS = env_int("TASK_HARD_KILL_GRACE_SECONDS", 10, minim
 # (hand-over, no broker round trip) for this long after it started.
 TASK_HANDOFF_SECONDS = env_int("TASK_HANDOFF_SECONDS", 30, minimum=0)
 TASK_SWEEP_SECONDS = env_float("TASK_SWEEP_SECONDS", 1.0, minimum=0.1)
-# A provider held as unreachable (tasks.health) is probed this often by the worker tier.
+# A provider held as unreachable (tasks.engine.health) is probed this often by the worker tier.
 PROVIDER_PROBE_SECONDS = env_float("PROVIDER_PROBE_SECONDS", 15.0, minimum=1.0)
 TASK_SHUTDOWN_GRACE_SECONDS = env_float("TASK_SHUTDOWN_GRACE_SECONDS", 5.0, minimum=0.0)
 TASK_PROGRESS_MIN_INTERVAL = env_float("TASK_PROGRESS_MIN_INTERVAL", 0.25, minimum=0.0)
@@ -232,9 +232,9 @@ if _q_cluster_name:
     Q_CLUSTER["ALT_CLUSTERS"][_q_cluster_name] = {"workers": _q_workers, "queue_limit": 1, "scheduler": False}
 if Q_BROKER == "orm":
     Q_CLUSTER["orm"] = "default"
-    # django-q2's ORM broker with precompiled SQL and no ping per poll (tasks/broker.py);
+    # django-q2's ORM broker with precompiled SQL and no ping per poll (tasks/engine/broker.py);
     # django_q.brokers.orm.ORM is django-q2's own (the benchmark's baseline).
-    ORM_BROKERS = ("tasks.broker.OrmBroker", "django_q.brokers.orm.ORM")
+    ORM_BROKERS = ("tasks.engine.broker.OrmBroker", "django_q.brokers.orm.ORM")
     Q_CLUSTER["broker_class"] = env_str("Q_BROKER_CLASS", ORM_BROKERS[0]).strip()
     if Q_CLUSTER["broker_class"] not in ORM_BROKERS:
         raise ImproperlyConfigured(

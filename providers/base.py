@@ -43,7 +43,7 @@ class UnreachableError(RetryableError):
 
     Retried like any transient error; when a task still fails with it, the task
     layer holds the provider's queue until the provider answers again
-    (tasks.health), instead of failing every queued task in turn.
+    (tasks.engine.health), instead of failing every queued task in turn.
     """
 
 
@@ -180,7 +180,7 @@ class PortSpec:
 
 @dataclass
 class GuestState:
-    """What the provider says about a guest. ``status`` uses tasks.states.InstanceStatus values."""
+    """What the provider says about a guest. ``status`` uses tasks.engine.states.InstanceStatus values."""
 
     exists: bool
     status: str = "unknown"  # running | stopped | unknown (and creating/deleting while busy)

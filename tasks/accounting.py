@@ -27,9 +27,9 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.db import transaction
 
+from tasks.engine.states import INSTANCE_GONE
+from tasks.engine.transitions import retry_on_deadlock
 from tasks.models import Instance, InstanceType, PortMapping, Provider, UserQuota
-from tasks.states import INSTANCE_GONE
-from tasks.transitions import retry_on_deadlock
 
 QUOTA_FIELDS = ("used_instances", "used_cpu", "used_memory_mb", "used_disk_mb")
 CAPACITY_FIELDS = ("cpu_used", "memory_used_mb", "disk_used_mb", "containers_used", "vms_used")

@@ -15,6 +15,6 @@ class TasksConfig(AppConfig):
             # django-q2 forks its workers from this process: what is imported here
             # each worker has from the start, instead of importing it at its first job.
             from providers.base import import_drivers
-            from tasks import worker  # noqa: F401
+            from tasks.engine import worker  # noqa: F401
 
             import_drivers()

@@ -12,7 +12,7 @@ Exposed (prefix ``cloudhost_``):
 - ``task_queue_length{provider}`` gauge: pending tasks.
 - ``tasks_running{provider}`` gauge: tasks holding a slot (running or cancelling).
 - ``provider_concurrency_limit{provider}`` gauge, ``provider_enabled{provider}`` gauge,
-  ``provider_reachable{provider}`` gauge (0 while its queue is held, tasks.health).
+  ``provider_reachable{provider}`` gauge (0 while its queue is held, tasks.engine.health).
 - ``task_duration_seconds{task_type}`` histogram of completed tasks (cumulative
   over every completed task in the table, so rate() works).
 - ``tasks_finished_total{task_type,status}`` counter: terminal tasks.
@@ -35,8 +35,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from tasks import stats
+from tasks.engine.states import ALL_STATES, CANCELLING, COMPLETED, FAILED, FINAL, PENDING, RUNNING, TIMEOUT, ErrorCode
 from tasks.models import Provider
-from tasks.states import ALL_STATES, CANCELLING, COMPLETED, FAILED, FINAL, PENDING, RUNNING, TIMEOUT, ErrorCode
 
 PREFIX = "cloudhost"
 

@@ -1,9 +1,9 @@
 """The task system's data model.
 
 The Task row is the only authority on a task's state (DESIGN.md section 1). Its
-state only changes through tasks.transitions, each change a compare-and-set
+state only changes through tasks.engine.transitions, each change a compare-and-set
 UPDATE that also writes a TaskEvent and changes the instance in the same
-transaction. See tasks.states for the state machine.
+transaction. See tasks.engine.states for the state machine.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from tasks import crypto
-from tasks.states import (
+from tasks.engine.states import (
     DEFAULT_TIMEOUTS,
     ErrorCode,
     InstanceStatus,
@@ -70,7 +70,7 @@ class Provider(models.Model):
     enable_task_polling = models.BooleanField(default=True)
 
     # Health: set when a task failed because the provider could not be reached at
-    # all (tasks.health). Admission holds its queue, and the worker tier probes it,
+    # all (tasks.engine.health). Admission holds its queue, and the worker tier probes it,
     # until it answers again.
     unreachable_since = models.DateTimeField(null=True, blank=True, editable=False)
     unreachable_error = models.CharField(max_length=500, blank=True, default="", editable=False)
@@ -210,13 +210,13 @@ def effective_timeout(task_type: str, timeout_seconds: int) -> int:
 class Task(models.Model):
     """One operation on one instance.
 
-    State machine (tasks/states.py)::
+    State machine (tasks/engine/states.py)::
 
         pending ──► running ──► completed | failed | timeout
            │           └──► cancelling ──► cancelled | completed | failed | timeout
            └──► cancelled | failed
 
-    Admission (tasks.dispatch) gives a pending task a lease token and an
+    Admission (tasks.engine.dispatch) gives a pending task a lease token and an
     ``admitted_at`` when its provider has a free slot, then sends a job carrying
     (task id, token). The worker's claim is pending+token -> running; its later
     writes name the token too, so a revoked lease (force-stop, recovery) fences
@@ -294,7 +294,7 @@ class Task(models.Model):
 
     @property
     def is_final(self) -> bool:
-        from tasks.states import FINAL
+        from tasks.engine.states import FINAL
 
         return self.status in FINAL
 
@@ -305,24 +305,24 @@ class Task(models.Model):
         return self.started_at + timezone.timedelta(seconds=self.effective_timeout)
 
     # Guarded state changes, named for their target (each one compare-and-set in
-    # tasks.transitions; False means another actor got there first).
+    # tasks.engine.transitions; False means another actor got there first).
     def set_running(self, token: str, worker: str) -> bool:
-        from tasks import transitions
+        from tasks.engine import transitions
 
         return transitions.claim(self.pk, token=token, worker=worker)
 
     def set_cancelling(self, actor: str, reason: str = "", by_admin: bool = False) -> bool:
-        from tasks import transitions
+        from tasks.engine import transitions
 
         return transitions.request_cancel(self.pk, actor=actor, reason=reason, by_admin=by_admin)
 
     def set_completed(self, token: str | None, actor: str, **kwargs) -> bool:
-        from tasks import transitions
+        from tasks.engine import transitions
 
         return transitions.finish(self.pk, TaskStatus.COMPLETED, token=token, actor=actor, **kwargs)
 
     def set_failed(self, token: str | None, actor: str, error_code: str, error_message: str = "", **kwargs) -> bool:
-        from tasks import transitions
+        from tasks.engine import transitions
 
         return transitions.finish(
             self.pk,
@@ -335,12 +335,12 @@ class Task(models.Model):
         )
 
     def set_timeout(self, token: str | None, actor: str, **kwargs) -> bool:
-        from tasks import transitions
+        from tasks.engine import transitions
 
         return transitions.finish(self.pk, TaskStatus.TIMEOUT, token=token, actor=actor, **kwargs)
 
     def set_cancelled(self, token: str | None, actor: str, **kwargs) -> bool:
-        from tasks import transitions
+        from tasks.engine import transitions
 
         return transitions.finish(self.pk, TaskStatus.CANCELLED, token=token, actor=actor, **kwargs)
 

@@ -13,8 +13,8 @@ from datetime import timedelta
 from django.db import transaction
 from django.utils import timezone
 
+from tasks.engine.states import FINAL
 from tasks.models import Instance, Task, TaskDeletions, TaskEvent, TaskSecret, Worker
-from tasks.states import FINAL
 
 logger = logging.getLogger(__name__)
 

@@ -27,16 +27,16 @@ from django.utils import timezone
 
 from providers.base import GuestState, build_driver
 from tasks import resources
+from tasks.engine.states import ACTIVE, COMPLETED, InstanceStatus, TaskType
+from tasks.engine.transitions import retry_on_deadlock
 from tasks.models import Instance, PortMapping, Provider, Task, UserQuota
 from tasks.operations.steps import guest_ref, port_specs, status_of
-from tasks.states import ACTIVE, COMPLETED, InstanceStatus, TaskType
-from tasks.transitions import retry_on_deadlock
 
 logger = logging.getLogger(__name__)
 
 
 def _driver_for(provider: Provider):
-    from tasks.worker import provider_config
+    from tasks.engine.worker import provider_config
 
     return build_driver(provider_config(provider))
 
@@ -115,7 +115,7 @@ def _settle_pending_ports(instance: Instance, state: GuestState) -> None:
 def reconcile_pending(limit: int = 50) -> int:
     """Reconcile up to ``limit`` instances that need it (the engine's sweep calls this).
 
-    Not those of a provider held as unreachable (tasks.health): each call would
+    Not those of a provider held as unreachable (tasks.engine.health): each call would
     wait out a connect timeout inside the sweep; they are reconciled once it answers.
     """
     candidates = list(

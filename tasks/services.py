@@ -16,7 +16,17 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from tasks import dispatch, ports, resources, sql, transitions
+from tasks import ports, resources
+from tasks.engine import dispatch, sql, transitions
+from tasks.engine.states import (
+    ALLOWED_INSTANCE_STATUS,
+    CANCELLABLE,
+    FINAL,
+    PENDING,
+    RUNNING,
+    InstanceStatus,
+    TaskType,
+)
 from tasks.errors import (
     InstanceBusy,
     InvalidInput,
@@ -27,15 +37,6 @@ from tasks.errors import (
     ProviderUnavailable,
 )
 from tasks.models import Instance, InstanceType, PortMapping, Provider, Task, TaskEvent, UserQuota
-from tasks.states import (
-    ALLOWED_INSTANCE_STATUS,
-    CANCELLABLE,
-    FINAL,
-    PENDING,
-    RUNNING,
-    InstanceStatus,
-    TaskType,
-)
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from tasks.models import Provider, Task, TaskDeletions
 def provider_saved(sender, instance: Provider, created: bool, **kwargs) -> None:
     if created or not instance.enabled:
         return
-    from tasks.dispatch import admit_soon
+    from tasks.engine.dispatch import admit_soon
 
     provider_id = instance.pk
     transaction.on_commit(lambda: admit_soon(provider_id))

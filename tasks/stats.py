@@ -62,9 +62,9 @@ from django.db import connection
 from django.db.models import Case, Count, DurationField, F, IntegerField, Q, Sum, Value, When
 from django.utils import timezone
 
+from tasks.engine.states import ALL_STATES, CANCELLING, COMPLETED, FAILED, FINAL, PENDING, RUNNING, TIMEOUT, TaskType
 from tasks.lookups import owner_in
 from tasks.models import Provider, Task, TaskDeletions, Worker
-from tasks.states import ALL_STATES, CANCELLING, COMPLETED, FAILED, FINAL, PENDING, RUNNING, TIMEOUT, TaskType
 
 BASE_STEP_SECONDS = 60
 BASE_MARGIN_SECONDS = 300

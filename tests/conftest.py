@@ -7,8 +7,8 @@ from django.conf import settings as dj_settings
 from django.contrib.auth import get_user_model
 
 from providers.simulated import SimulatedStore
+from tasks.engine.states import InstanceStatus
 from tasks.models import Instance, Provider, Task
-from tasks.states import InstanceStatus
 
 IS_MYSQL = dj_settings.DATABASES["default"]["ENGINE"].endswith("mysql")
 

@@ -89,7 +89,7 @@ def load(n_tasks: int) -> None:
     from django.contrib.auth.hashers import make_password
     from django.db import connection, transaction
 
-    from tasks.states import ErrorCode
+    from tasks.engine.states import ErrorCode
 
     rng = random.Random(SEED)
     now = datetime.now(UTC).replace(microsecond=0, tzinfo=None)  # MySQL DATETIME: naive UTC

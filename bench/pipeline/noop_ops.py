@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import time
 
+from tasks.engine.states import InstanceStatus, TaskType
 from tasks.operations import register
 from tasks.operations.base import ExecutionContext, Operation
-from tasks.states import InstanceStatus, TaskType
 
 
 class NoopRestart(Operation):

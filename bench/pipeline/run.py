@@ -171,7 +171,7 @@ def baseline(label: str) -> dict:
     """Plain django-q2 running the same no-op on the same broker, in one of the BASELINES configurations.
 
     Plain: with the ORM broker, django-q2's own (the pipeline's default is
-    tasks.broker.OrmBroker, same table, cheaper poll), in the cluster and here.
+    tasks.engine.broker.OrmBroker, same table, cheaper poll), in the cluster and here.
     """
     from django_q.brokers import get_broker
     from django_q.brokers.orm import ORM

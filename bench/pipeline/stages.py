@@ -44,7 +44,8 @@ setup_django(ARGS.database, ARGS.broker, WORKER_NODE="stages")
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.db import connection  # noqa: E402
 
-from tasks import services, worker  # noqa: E402
+from tasks import services  # noqa: E402
+from tasks.engine import worker  # noqa: E402
 from tasks.models import Instance, Provider, Task  # noqa: E402
 
 

@@ -41,7 +41,7 @@ from providers.docker.engine import (
     raw_socket,
 )
 from providers.docker.swap import ContainerSwap, bindings_with, bindings_without, normal_bindings, ports_from_bindings
-from tasks.states import InstanceStatus
+from tasks.engine.states import InstanceStatus
 
 logger = logging.getLogger(__name__)
 

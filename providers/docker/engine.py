@@ -30,7 +30,7 @@ from providers.base import (
     ProviderError,
     RetryableError,
 )
-from tasks.states import InstanceStatus
+from tasks.engine.states import InstanceStatus
 
 logger = logging.getLogger(__name__)
 

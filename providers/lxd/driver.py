@@ -25,7 +25,7 @@ from providers.lxd.client import APIResponse, LXDClient
 from providers.lxd.devices import PORT_DEVICE_PREFIX, global_addresses, port_from_device, proxy_device
 from providers.lxd.exec import exec_with_stdin
 from providers.lxd.transport import LXD, Flavour
-from tasks.states import InstanceStatus
+from tasks.engine.states import InstanceStatus
 
 logger = logging.getLogger(__name__)
 

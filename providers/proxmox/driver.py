@@ -32,7 +32,7 @@ from providers.base import (
 )
 from providers.proxmox.api import PVEApi
 from providers.proxmox.guests import GuestLookup
-from tasks.states import InstanceStatus
+from tasks.engine.states import InstanceStatus
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ DELAYS: dict[str, float] = {
 }
 SLICE_SECONDS = 0.25  # progress and cancel granularity inside a delay
 
-# Guest status on the simulated host -> GuestState.status (tasks.states.InstanceStatus values).
+# Guest status on the simulated host -> GuestState.status (tasks.engine.states.InstanceStatus values).
 _STATE_STATUS = {
     "running": "running",
     "stopped": "stopped",

@@ -5,7 +5,7 @@ ports, the instance actions), provider_admin (live concurrency settings,
 connectivity check, write-only secrets), other_admin (quotas, workers, the
 event log), common (badges, bars, redaction, bulk reports), permissions (the
 force-stop permission). The dashboard and the progress JSON view live in
-tasks.admin_views, routed through TaskAdmin.get_urls. See docs/admin.md.
+tasks.admin.views, routed through TaskAdmin.get_urls. See docs/admin.md.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from tasks.engine.states import FINAL, InstanceStatus, TaskStatus
 from tasks.errors import ServiceError
-from tasks.states import FINAL, InstanceStatus, TaskStatus
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from tasks.admin.common import (
     status_badge,
 )
 from tasks.admin.lists import moment_field, search_by_identity
+from tasks.engine.states import TaskType
 from tasks.models import Instance, PortMapping, Task
-from tasks.states import TaskType
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from django.db.models import Q
 from django.utils.functional import cached_property
 
 from tasks.admin.common import exact_time
-from tasks.states import ACTIVE, FAILED, FINAL, TIMEOUT
+from tasks.engine.states import ACTIVE, FAILED, FINAL, TIMEOUT
 
 
 def search_by_identity(term: str) -> Q | None:

@@ -21,11 +21,11 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
 
-from tasks import dispatch
-from tasks import health as provider_health
 from tasks.admin.common import SCRIPTS, STYLES
+from tasks.engine import dispatch
+from tasks.engine import health as provider_health
+from tasks.engine.states import EXECUTING, PENDING
 from tasks.models import Provider, Task
-from tasks.states import EXECUTING, PENDING
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ class ProviderAdmin(admin.ModelAdmin):
     @admin.action(description="Check connectivity (asks each provider for its version; resumes held queues)")
     def check_connectivity(self, request: HttpRequest, queryset: QuerySet) -> None:
         from providers.base import build_driver
-        from tasks.worker import provider_config
+        from tasks.engine.worker import provider_config
 
         ok = failed = 0
         for provider in queryset.order_by("name"):

@@ -20,7 +20,8 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from tasks import admin_views, dispatch, services
+from tasks import services
+from tasks.admin import views as admin_views
 from tasks.admin.common import (
     BulkResult,
     ConsolePageMixin,
@@ -35,8 +36,9 @@ from tasks.admin.common import (
 )
 from tasks.admin.lists import KnownCountPaginator, StateGroupFilter, moment_field, search_by_identity
 from tasks.admin.permissions import FORCE_STOP_PERMISSION
+from tasks.engine import dispatch
+from tasks.engine.states import CANCELLABLE, EXECUTING, FINAL, PENDING
 from tasks.models import Task, TaskEvent
-from tasks.states import CANCELLABLE, EXECUTING, FINAL, PENDING
 
 logger = logging.getLogger(__name__)
 

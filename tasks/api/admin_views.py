@@ -17,7 +17,7 @@ from rest_framework import mixins, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from tasks import dispatch, services, stats
+from tasks import services, stats
 from tasks.api import serializers as s
 from tasks.api.filters import AdminInstanceFilter, AdminTaskFilter, ProviderFilter
 from tasks.api.views import (
@@ -30,8 +30,9 @@ from tasks.api.views import (
     BaseTaskViewSet,
     _error,
 )
+from tasks.engine import dispatch
+from tasks.engine.states import EXECUTING, PENDING
 from tasks.models import Provider, Task, Worker
-from tasks.states import EXECUTING, PENDING
 
 logger = logging.getLogger(__name__)
 

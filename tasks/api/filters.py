@@ -18,9 +18,9 @@ from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 
+from tasks.engine.states import InstanceStatus, TaskStatus, TaskType
 from tasks.lookups import owner_in
 from tasks.models import Instance, InstanceType, PortMapping, Provider, Task
-from tasks.states import InstanceStatus, TaskStatus, TaskType
 
 # Largest value a BIGINT primary key can hold: larger ids exist nowhere.
 MAX_ID = 2**63 - 1

@@ -1,6 +1,6 @@
 """queue_position / estimated_wait_seconds / blocked_reason for a page of tasks.
 
-tasks.dispatch.queue_info answers for one task with five queries (slots in use,
+tasks.engine.dispatch.queue_info answers for one task with five queries (slots in use,
 average duration, position). A list page holds up to 100 tasks on up to 100
 providers, so this computes the same figures with one query for the slots of
 every provider on the page, one query for the positions of every pending row, and the
@@ -18,9 +18,9 @@ from collections.abc import Iterable
 from django.db import connection
 from django.db.models import Count, Q
 
-from tasks import dispatch
+from tasks.engine import dispatch
+from tasks.engine.states import EXECUTING, PENDING
 from tasks.models import Task
-from tasks.states import EXECUTING, PENDING
 
 EMPTY = {"blocked_reason": None, "queue_position": None, "estimated_wait_seconds": None}
 AVERAGE_TTL = 60.0

@@ -18,10 +18,10 @@ from rest_framework import serializers
 
 from tasks.api.queueinfo import EMPTY as NO_QUEUE_INFO
 from tasks.api.queueinfo import QueueInfo
+from tasks.engine.states import CANCELLABLE, FINAL, RUNNING
 from tasks.models import Instance, InstanceType, PortMapping, Protocol, Provider, Task, TaskEvent, Worker
 from tasks.ports import MAX_RANGE
 from tasks.services import user_may_cancel
-from tasks.states import CANCELLABLE, FINAL, RUNNING
 
 MAX_ID = 2**63 - 1
 MAX_INT32 = 2**31 - 1
@@ -79,7 +79,7 @@ class TaskSerializer(serializers.ModelSerializer):
     timeout_seconds = serializers.IntegerField(source="effective_timeout", read_only=True)
     error_code = serializers.CharField(
         read_only=True,
-        help_text="machine-readable reason of a failure or cancel (tasks.states.ErrorCode); empty if none",
+        help_text="machine-readable reason of a failure or cancel (tasks.engine.states.ErrorCode); empty if none",
     )
     remaining_seconds = serializers.SerializerMethodField()
     can_cancel = serializers.SerializerMethodField()

@@ -29,8 +29,8 @@ from tasks.api import serializers as s
 from tasks.api.filters import MAX_ID, InstanceFilter, TaskFilter
 from tasks.api.permissions import IsStaff
 from tasks.api.queueinfo import QueueInfo
+from tasks.engine.states import PENDING, TaskType
 from tasks.models import Instance, PortMapping, Provider, Task, TaskEvent
-from tasks.states import PENDING, TaskType
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ An operation has two halves:
   point. It returns normally on success (``ctx.result`` holds instance fields to
   record) and raises on failure (providers.base errors) or cancellation.
 - ``on_running`` / ``on_finished``: the database side, called by
-  tasks.transitions inside the transaction that changes the task, with the
+  tasks.engine.transitions inside the transaction that changes the task, with the
   instance row locked. They change the instance object in memory (the caller
   saves it) and release or confirm resources. They must not do I/O.
 """
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tasks.states import COMPLETED, INSTANCE_BUSY_STATUS, InstanceStatus
+from tasks.engine.states import COMPLETED, INSTANCE_BUSY_STATUS, InstanceStatus
 
 if TYPE_CHECKING:
     from providers.base import CancelToken, Driver

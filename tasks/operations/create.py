@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from providers.base import OperationCancelled, ProviderError, no_progress
 from tasks import crypto, resources, traffic
+from tasks.engine.states import CANCELLED, COMPLETED, InstanceStatus, TaskType
 from tasks.models import Instance, PortMapping
 from tasks.operations import register
 from tasks.operations.base import ExecutionContext, Operation, Outcome
@@ -35,7 +36,6 @@ from tasks.operations.steps import (
     record_addresses,
     retry_base_seconds,
 )
-from tasks.states import CANCELLED, COMPLETED, InstanceStatus, TaskType
 
 logger = logging.getLogger("tasks.operations")
 

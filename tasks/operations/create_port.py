@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 
 from providers.base import no_progress
+from tasks.engine.states import COMPLETED, TaskType
 from tasks.models import PortMapping
 from tasks.operations import register
 from tasks.operations.base import ExecutionContext, Outcome
@@ -30,7 +31,6 @@ from tasks.operations.steps import (
     status_of,
     truth_after_failure,
 )
-from tasks.states import COMPLETED, TaskType
 
 logger = logging.getLogger("tasks.operations")
 

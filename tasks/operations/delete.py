@@ -22,10 +22,10 @@ from django.utils import timezone
 
 from providers.base import OperationCancelled, ProviderError
 from tasks import resources, traffic
+from tasks.engine.states import COMPLETED, InstanceStatus, TaskType
 from tasks.operations import register
 from tasks.operations.base import ExecutionContext, Outcome
 from tasks.operations.steps import GuestOperation, Steps, VerifyFailed, guest_ref, status_of, truth_after_failure
-from tasks.states import COMPLETED, InstanceStatus, TaskType
 
 logger = logging.getLogger("tasks.operations")
 

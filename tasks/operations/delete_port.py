@@ -9,12 +9,12 @@ says it is gone, its ports stay taken.
 
 from __future__ import annotations
 
+from tasks.engine.states import COMPLETED, TaskType
 from tasks.models import PortMapping
 from tasks.operations import register
 from tasks.operations.base import ExecutionContext, Outcome
 from tasks.operations.create_port import apply_mapping
 from tasks.operations.steps import GuestOperation, Steps, status_of, truth_after_failure
-from tasks.states import COMPLETED, TaskType
 
 
 class DeletePortOperation(GuestOperation):

@@ -11,6 +11,7 @@ half rebuilt); nothing is released. A new reset (or a delete) is the way out.
 from __future__ import annotations
 
 from tasks import crypto, traffic
+from tasks.engine.states import InstanceStatus, TaskType
 from tasks.models import PortMapping
 from tasks.operations import register
 from tasks.operations.base import ExecutionContext
@@ -23,7 +24,6 @@ from tasks.operations.steps import (
     record_addresses,
     status_of,
 )
-from tasks.states import InstanceStatus, TaskType
 
 
 class ResetOperation(GuestOperation):

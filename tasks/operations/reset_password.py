@@ -12,10 +12,10 @@ not touch the power state).
 from __future__ import annotations
 
 from tasks import crypto
+from tasks.engine.states import TaskType
 from tasks.operations import register
 from tasks.operations.base import ExecutionContext
 from tasks.operations.steps import GuestOperation, Steps, guest_ref, status_of, truth_after_failure
-from tasks.states import TaskType
 
 
 class ResetPasswordOperation(GuestOperation):

@@ -9,10 +9,10 @@ provider cannot be read, unknown with needs_reconcile.
 from __future__ import annotations
 
 from tasks import traffic
+from tasks.engine.states import InstanceStatus, TaskType
 from tasks.operations import register
 from tasks.operations.base import ExecutionContext
 from tasks.operations.steps import GuestOperation, Steps, guest_ref, record_addresses, status_of
-from tasks.states import InstanceStatus, TaskType
 
 
 class StartOperation(GuestOperation):

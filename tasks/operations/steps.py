@@ -27,9 +27,9 @@ from providers.base import (
     ProviderError,
 )
 from tasks import traffic
+from tasks.engine.states import ErrorCode, InstanceStatus
 from tasks.models import PortMapping
 from tasks.operations.base import ExecutionContext, Operation
-from tasks.states import ErrorCode, InstanceStatus
 
 if TYPE_CHECKING:
     from tasks.models import Instance

@@ -9,10 +9,10 @@ Failure or cancel: the instance shows the state read back from the provider.
 from __future__ import annotations
 
 from tasks import traffic
+from tasks.engine.states import InstanceStatus, TaskType
 from tasks.operations import register
 from tasks.operations.base import ExecutionContext
 from tasks.operations.steps import GuestOperation, Steps, guest_ref, status_of
-from tasks.states import InstanceStatus, TaskType
 
 GRACEFUL_TIMEOUT = 30
 

@@ -7,7 +7,7 @@ of the dashboard is saved to artifacts/dashboard.png.
 
 The live server runs in a thread of this process (Django's LiveServerThread, each
 request on its own connection); a second thread plays the worker tier
-(tasks.worker.run_admitted_inline in a loop). On SQLite the test runs on a file
+(tasks.engine.worker.run_admitted_inline in a loop). On SQLite the test runs on a file
 copy of the test database (see threaded_db). The restart operation is replaced
 by a slow, test-only one (progress 5, 10, ... 100, half a second apart) so the test
 does not depend on the simulated provider's timing.
@@ -30,10 +30,10 @@ from django.db import connection, connections
 from django.test.testcases import LiveServerThread
 from django.utils import timezone
 
+from tasks.engine.states import InstanceStatus, TaskType
 from tasks.models import Instance, Provider, Task
 from tasks.operations import _REGISTRY, get_operation
 from tasks.operations.base import ExecutionContext, Operation
-from tasks.states import InstanceStatus, TaskType
 
 pytestmark = [pytest.mark.browser]
 
@@ -72,7 +72,7 @@ class InlineWorkers(threading.Thread):
         self.errors: list[BaseException] = []
 
     def run(self) -> None:
-        from tasks.worker import run_admitted_inline
+        from tasks.engine.worker import run_admitted_inline
 
         try:
             while not self.halt.is_set():

@@ -10,7 +10,7 @@ from django.contrib.auth import get_user_model
 from django.urls import reverse
 from django.utils import timezone
 
-from tasks import admin_views
+from tasks.admin import views as admin_views
 from tasks.models import Task, Worker
 from tests.conftest import make_task
 
@@ -178,7 +178,7 @@ def test_dashboard_agrees_with_the_stats_api_and_has_a_fallback(
 
 
 def test_dashboard_marks_a_held_provider(root_client, provider):
-    from tasks import health
+    from tasks.engine import health
 
     assert ">unreachable</span>" not in root_client.get(DASHBOARD).content.decode()
     health.mark_unreachable(provider.pk, "cannot connect")

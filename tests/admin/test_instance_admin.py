@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tasks.engine.states import InstanceStatus
 from tasks.models import Instance, PortMapping, Task
-from tasks.states import InstanceStatus
 from tests.admin.conftest import change_url, changelist, confirm_action, messages_of, post_action, report
 from tests.conftest import make_task
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from providers.base import AuthError
-from tasks import dispatch
+from tasks.engine import dispatch
 from tasks.models import Provider, Task
 from tests.admin.conftest import change_url, changelist, messages_of, post_action
 from tests.conftest import make_task
@@ -155,7 +155,8 @@ def test_other_lists_render(root_client, model, provider):
 
 
 def test_a_held_provider_shows_why_and_the_check_resumes_its_queue(root_client, provider, alice, make_instance):
-    from tasks import health, services
+    from tasks import services
+    from tasks.engine import health
     from tasks.models import Task
 
     instance = make_instance(alice, provider)

@@ -9,9 +9,9 @@ from django.contrib.auth.models import Permission
 from django.urls import reverse
 from django.utils import timezone
 
-from tasks import dispatch, transitions
+from tasks.engine import dispatch, transitions
+from tasks.engine.states import ErrorCode
 from tasks.models import Task, TaskEvent
-from tasks.states import ErrorCode
 from tests.admin.conftest import change_url, changelist, confirm_action, messages_of, post_action, report
 from tests.conftest import make_task
 

@@ -8,7 +8,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from tasks import dispatch, services, transitions
+from tasks import services
+from tasks.engine import dispatch, transitions
 from tasks.models import Instance, Provider, Task, Worker
 from tests.conftest import make_task
 

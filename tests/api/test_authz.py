@@ -14,8 +14,8 @@ import pytest
 from django.utils import timezone
 
 from tasks import crypto
+from tasks.engine.states import InstanceStatus
 from tasks.models import PortMapping, Task, TaskSecret
-from tasks.states import InstanceStatus
 from tests.api.conftest import client_for
 from tests.conftest import make_task
 

@@ -9,9 +9,10 @@ import pytest
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
-from tasks import stats, transitions
+from tasks import stats
+from tasks.engine import transitions
+from tasks.engine.states import ALL_STATES, FINAL, TaskType
 from tasks.models import Provider, Task, Worker
-from tasks.states import ALL_STATES, FINAL, TaskType
 from tests.conftest import make_task
 
 NOW = timezone.now()

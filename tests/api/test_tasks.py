@@ -7,7 +7,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from tasks import crypto, dispatch, services, transitions
+from tasks import crypto, services
+from tasks.engine import dispatch, transitions
 from tasks.models import Task, TaskSecret
 from tests.conftest import make_task
 

@@ -7,7 +7,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from tasks import health
+from tasks.engine import health
 from tasks.models import Provider
 
 

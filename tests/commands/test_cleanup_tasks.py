@@ -8,7 +8,8 @@ from io import StringIO
 from django.core.management import call_command
 from django.utils import timezone
 
-from tasks import dispatch, services, transitions
+from tasks import services
+from tasks.engine import dispatch, transitions
 from tasks.models import Task
 
 
@@ -66,7 +67,7 @@ def test_stuck_past_deadline_with_a_live_lease_is_timed_out(alice, provider, mak
 
 
 def test_a_held_provider_is_probed_and_its_queue_resumed(alice, provider, make_instance):
-    from tasks import health
+    from tasks.engine import health
     from tasks.models import Provider
 
     instance = make_instance(alice, provider)

@@ -11,10 +11,11 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from tasks import services, transitions
+from tasks import services
+from tasks.engine import transitions
+from tasks.engine.states import FINAL, TRANSITIONS
 from tasks.errors import InstanceBusy
 from tasks.models import Task, TaskEvent
-from tasks.states import FINAL, TRANSITIONS
 from tests.conftest import make_task
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.django_db(transaction=True)]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tasks import services
+from tasks.engine.states import InstanceStatus
 from tasks.errors import InstanceBusy, InvalidInput, InvalidState, NotCancellable, NotFound, QuotaExceeded
 from tasks.models import Instance, Task, TaskEvent
-from tasks.states import InstanceStatus
 
 
 def test_second_operation_on_a_busy_instance_names_the_task_in_the_way(alice, running_instance):

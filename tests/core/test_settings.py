@@ -51,7 +51,7 @@ def test_bad_values_fail_at_start_naming_the_variable(tmp_path):
         ({"TASK_LEASE_SECONDS": "soon"}, "TASK_LEASE_SECONDS"),
         ({"DATABASE_URL": "postgres://x/y"}, "DATABASE_URL"),
         ({"Q_BROKER": "rabbit"}, "Q_BROKER"),
-        ({"Q_BROKER_CLASS": "tasks.broker.Nope"}, "Q_BROKER_CLASS"),
+        ({"Q_BROKER_CLASS": "tasks.engine.broker.Nope"}, "Q_BROKER_CLASS"),
         ({"DJANGO_DEBUG": "maybe"}, "DJANGO_DEBUG"),
     ):
         out = probe(tmp_path, **env)

@@ -1,4 +1,4 @@
-"""tasks.sql: hand-written statements give what the ORM gives, and its transactions hold.
+"""tasks.engine.sql: hand-written statements give what the ORM gives, and its transactions hold.
 
 The START TRANSACTION path only runs on MariaDB outside any open transaction,
 hence the transactional tests (transaction=True) there.
@@ -13,7 +13,8 @@ from django.db import IntegrityError, connection, transaction
 from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 
-from tasks import services, sql
+from tasks import services
+from tasks.engine import sql
 from tasks.models import Instance, Provider, Task, TaskEvent, Worker
 from tests.conftest import IS_MYSQL
 

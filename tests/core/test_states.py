@@ -7,9 +7,9 @@ import itertools
 import pytest
 from django.utils import timezone
 
-from tasks import transitions
+from tasks.engine import transitions
+from tasks.engine.states import ALL_STATES, FINAL, RUNNING, TRANSITIONS
 from tasks.models import Task, TaskEvent
-from tasks.states import ALL_STATES, FINAL, RUNNING, TRANSITIONS
 from tests.conftest import make_task
 
 PAIRS = list(itertools.product(ALL_STATES, ALL_STATES))

@@ -15,9 +15,9 @@ import signal
 import time
 
 from providers.base import PermanentError
+from tasks.engine.states import InstanceStatus, TaskType
 from tasks.operations import register
 from tasks.operations.base import ExecutionContext, Operation
-from tasks.states import InstanceStatus, TaskType
 
 
 class SleepOperation(Operation):

@@ -1,4 +1,4 @@
-"""tasks.broker.OrmBroker: django-q2's ORM broker semantics, with the cheap poll."""
+"""tasks.engine.broker.OrmBroker: django-q2's ORM broker semantics, with the cheap poll."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from django_q.brokers.orm import ORM
 from django_q.conf import Conf
 from django_q.models import OrmQ
 
-from tasks.broker import OrmBroker
+from tasks.engine.broker import OrmBroker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

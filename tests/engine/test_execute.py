@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import dispatch, services, transitions
+from tasks import services
+from tasks.engine import dispatch, transitions
+from tasks.engine.worker import execute, run_admitted_inline
 from tasks.models import Task
-from tasks.worker import execute, run_admitted_inline
 
 
 def test_create_then_stop_runs_to_completion(alice, provider):
@@ -62,9 +63,9 @@ def test_admission_respects_the_limit_and_fifo(alice, provider, make_instance, d
 
 def test_the_worker_registry_names_the_running_task(alice, make_instance, running_instance, monkeypatch, settings):
     """A claim writes the worker's registry row at most once per interval; tasks_run catches up."""
-    from tasks import worker
+    from tasks.engine import worker
+    from tasks.engine.worker import worker_name
     from tasks.models import Worker
-    from tasks.worker import worker_name
 
     monkeypatch.setattr(worker, "_registry", {"written_at": None, "unreported": 0})
     settings.WORKER_REGISTRY_INTERVAL_SECONDS = 3600
@@ -149,8 +150,8 @@ def test_one_heartbeat_thread_serves_the_process_and_carries_cancel_and_deadline
     from django.db import connection
 
     from tasks import operations
+    from tasks.engine.worker import Heartbeat
     from tasks.operations.base import Operation
-    from tasks.worker import Heartbeat
 
     settings.TASK_HEARTBEAT_SECONDS, settings.TASK_CANCEL_POLL_SECONDS = 0.3, 0.1
 

@@ -10,9 +10,10 @@ import pytest
 from django.conf import settings
 
 from providers.base import CancelToken
-from tasks import dispatch, services, transitions, worker
+from tasks import services
+from tasks.engine import dispatch, transitions, worker
+from tasks.engine.worker import run_job, worker_name
 from tasks.models import Task
-from tasks.worker import run_job, worker_name
 
 
 @pytest.fixture

@@ -10,10 +10,11 @@ from rest_framework.test import APIClient
 
 from providers.base import UnreachableError
 from providers.simulated import SimulatedStore
-from tasks import dispatch, health, services
+from tasks import services
+from tasks.engine import dispatch, health
+from tasks.engine.supervisor import Supervisor
+from tasks.engine.worker import execute, run_admitted_inline
 from tasks.models import Provider, Task
-from tasks.supervisor import Supervisor
-from tasks.worker import execute, run_admitted_inline
 
 
 def set_down(provider: Provider, down: bool) -> None:

@@ -18,9 +18,9 @@ import pytest
 from django.db import connection
 
 from tasks import services
+from tasks.engine.states import FINAL
 from tasks.errors import NotCancellable
 from tasks.models import Instance, Provider, Task
-from tasks.states import FINAL
 from tests.engine.harness import FAST, WorkerTier, add_simulated_guests, read_exec_log, wait_until
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.processes, pytest.mark.django_db(transaction=True)]
@@ -295,7 +295,7 @@ def test_tier_follows_provider_changes_while_running(alice, tmp_path, node):
         time.sleep(1.5)
         blocked.refresh_from_db()
         assert blocked.status == "pending" and blocked.admitted_at is None
-        from tasks.dispatch import queue_info
+        from tasks.engine.dispatch import queue_info
 
         assert queue_info(blocked)["blocked_reason"] == "provider disabled"
         services.cancel_task(alice, blocked.pk)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import supervisor as sup
+from tasks.engine import supervisor as sup
 from tasks.models import Provider
 
 
@@ -101,14 +101,16 @@ def test_the_sweep_schedule_is_one_row_even_after_machines_started_at_once(db):
     first = Schedule.objects.get(name=sup.SWEEP_SCHEDULE)
     # What the race leaves: a second row, and a stale interval on the first.
     Schedule.objects.filter(pk=first.pk).update(minutes=7)
-    Schedule.objects.create(name=sup.SWEEP_SCHEDULE, func="tasks.maintenance.sweep_job", schedule_type=Schedule.MINUTES)
+    Schedule.objects.create(
+        name=sup.SWEEP_SCHEDULE, func="tasks.engine.maintenance.sweep_job", schedule_type=Schedule.MINUTES
+    )
 
     sup.ensure_schedules()
 
     rows = list(Schedule.objects.filter(name=sup.SWEEP_SCHEDULE))
     assert [r.pk for r in rows] == [first.pk], "the oldest row stays, the duplicate goes"
     assert (rows[0].func, rows[0].schedule_type, rows[0].minutes, rows[0].repeats) == (
-        "tasks.maintenance.sweep_job",
+        "tasks.engine.maintenance.sweep_job",
         Schedule.MINUTES,
         1,
         -1,

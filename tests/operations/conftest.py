@@ -7,9 +7,10 @@ import pytest
 
 from providers.base import CANCEL_LEASE_LOST, CANCEL_TIMEOUT, CANCEL_USER, PermanentError
 from providers.simulated import SimulatedDriver, SimulatedStore
-from tasks import services, transitions, worker
+from tasks import services
+from tasks.engine import transitions, worker
+from tasks.engine.worker import run_admitted_inline
 from tasks.models import Instance, PortMapping, Provider, Task
-from tasks.worker import run_admitted_inline
 
 
 @pytest.fixture(autouse=True)

@@ -18,12 +18,13 @@ from django.core.management import call_command
 
 from providers.base import CANCEL_LEASE_LOST, CANCEL_TIMEOUT, CANCEL_USER
 from providers.simulated import SimulatedDriver, SimulatedStore
-from tasks import accounting, services, transitions, worker
+from tasks import accounting, services
+from tasks.engine import transitions, worker
+from tasks.engine.states import ACTIVE, INSTANCE_GONE, PENDING
+from tasks.engine.worker import run_admitted_inline
 from tasks.errors import ServiceError
 from tasks.models import Instance, PortMapping, Provider, Task, UserQuota
 from tasks.reconcile import reconcile_pending
-from tasks.states import ACTIVE, INSTANCE_GONE, PENDING
-from tasks.worker import run_admitted_inline
 
 REQUESTS = 500
 SEED = int(os.environ.get("ACCOUNTING_SEED", "20261128"))  # explore others with ACCOUNTING_SEED

@@ -97,7 +97,7 @@ def test_host_side_conflict_fails_the_mapping(alice, provider, live_instance):
     # Something outside the panel already listens on 25000/tcp on the host.
     from providers.base import CancelToken, PortSpec, no_progress
     from providers.simulated import SimulatedDriver
-    from tasks.worker import provider_config
+    from tasks.engine.worker import provider_config
 
     host = store(provider)
     host.put_guest("intruder")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from providers.base import CancelToken, build_driver, no_progress
-from tasks import dispatch, services, transitions
+from tasks import services
+from tasks.engine import dispatch, transitions
+from tasks.engine.worker import provider_config
 from tasks.models import Instance, PortMapping
 from tasks.reconcile import reconcile_instance, reconcile_pending
-from tasks.worker import provider_config
 from tests.operations.conftest import fresh, inject, run, usage
 
 

@@ -1,7 +1,7 @@
 """End to end: a create task through the worker against the fake Docker Engine (unix socket).
 
 services.create_instance on a Provider row of type docker, then
-tasks.worker.run_admitted_inline: the task completes, the container runs with its
+tasks.engine.worker.run_admitted_inline: the task completes, the container runs with its
 limits and its data volume, the root password set through exec stdin survived the
 recreations that published the port block, and the instance row records the
 container's address and the active mappings.
@@ -18,8 +18,8 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from tasks import services
+from tasks.engine.worker import run_admitted_inline
 from tasks.models import PortMapping, Provider
-from tasks.worker import run_admitted_inline
 from tests.providers.fakes_docker import FakeDocker
 from tests.providers.fakes_pve import ServerThread
 

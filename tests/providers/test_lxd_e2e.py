@@ -1,7 +1,7 @@
 """End to end: a create task through the worker against the fake LXD / Incus daemon.
 
 services.create_instance on a Provider row of type lxd/incus pointing at the
-fake, then tasks.worker.run_admitted_inline: the task completes, the guest runs
+fake, then tasks.engine.worker.run_admitted_inline: the task completes, the guest runs
 on the daemon with its limits, root password and port block (proxy devices),
 and the instance row records its addresses and active port mappings.
 """
@@ -12,8 +12,8 @@ import pytest
 
 from providers.base import PortSpec
 from tasks import services
+from tasks.engine.worker import run_admitted_inline
 from tasks.models import PortMapping, Provider
-from tasks.worker import run_admitted_inline
 from tests.providers.fake_lxd import RUNNING
 
 pytestmark = pytest.mark.django_db

@@ -2,7 +2,7 @@
 and a real SSH server standing in for the node (pct exec, iptables).
 
 services.create_instance on a Provider row of type proxmox, then
-tasks.worker.run_admitted_inline: the task completes, the container runs with its
+tasks.engine.worker.run_admitted_inline: the task completes, the container runs with its
 limits, its root password went through `pct exec ... chpasswd` on stdin, every
 mapping of its port block is a tagged DNAT rule on the node, and the instance
 row records the guest's address and the active mappings.
@@ -19,8 +19,8 @@ from django.core.management import CommandError, call_command
 
 from providers.base import PortSpec
 from tasks import services
+from tasks.engine.worker import run_admitted_inline
 from tasks.models import PortMapping, Provider
-from tasks.worker import run_admitted_inline
 from tests.providers.fakes_hostshell import FakeHostShell, FakeSSHServer
 from tests.providers.fakes_pve import FakePVE, ServerThread, pve_tls_context
 from tests.providers.test_proxmox import IMAGES
@@ -130,7 +130,7 @@ def test_the_nodes_ssh_connection_is_closed_with_the_driver(node):
     import gc
 
     from providers.base import build_driver
-    from tasks.worker import provider_config
+    from tasks.engine.worker import provider_config
 
     provider, pve, host = node
     driver = build_driver(provider_config(provider))

@@ -10,7 +10,8 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from tasks import dispatch, services
+from tasks import services
+from tasks.engine import dispatch
 from tasks.models import Instance, Provider, Task, TaskEvent
 from tasks.purge import purge
 

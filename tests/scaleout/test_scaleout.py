@@ -18,9 +18,10 @@ import pytest
 from django.db import connection
 from django_q.conf import Conf
 
-from tasks import dispatch, services
+from tasks import services
+from tasks.engine import dispatch
+from tasks.engine.states import FINAL
 from tasks.models import Instance, Provider, Task
-from tasks.states import FINAL
 from tests.engine.harness import (
     WorkerTier,
     add_simulated_guests,

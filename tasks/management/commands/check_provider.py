@@ -2,7 +2,7 @@
 
 Exits 0 when the provider answers and trusts us; otherwise exits non-zero with
 one line saying why (unknown id, bad settings, unreachable, refused). A provider
-held as unreachable (tasks.health) that answers has its queue resumed.
+held as unreachable (tasks.engine.health) that answers has its queue resumed.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from providers.base import AuthError, ProviderError, RetryableError, UnsupportedError, build_driver
-from tasks import health
+from tasks.engine import health
+from tasks.engine.worker import provider_config
 from tasks.models import Provider
-from tasks.worker import provider_config
 
 
 def _yes(flag: bool) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand
 
-from tasks import maintenance
+from tasks.engine import maintenance
 
 
 class Command(BaseCommand):

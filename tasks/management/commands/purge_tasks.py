@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
+from tasks.engine.states import FINAL
 from tasks.purge import purge
-from tasks.states import FINAL
 
 
 class Command(BaseCommand):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand
 
-from tasks.supervisor import Supervisor
+from tasks.engine.supervisor import Supervisor
 
 
 class Command(BaseCommand):

@@ -59,7 +59,7 @@ def mark_reachable(provider_id: int) -> bool:
         unreachable_since=None, unreachable_error="", probed_at=timezone.now()
     )
     if cleared:
-        from tasks.dispatch import admit_soon
+        from tasks.engine.dispatch import admit_soon
 
         logger.info("provider %s: answers again; its queue resumes", provider_id)
         admit_soon(provider_id)
@@ -68,7 +68,7 @@ def mark_reachable(provider_id: int) -> bool:
 
 def probe(provider: Provider) -> str | None:
     """Ask the provider for its server info: None when it answers, else why not."""
-    from tasks.worker import provider_config
+    from tasks.engine.worker import provider_config
 
     try:
         build_driver(provider_config(provider)).server_info()

@@ -45,11 +45,11 @@ from providers.base import (
     UnreachableError,
     build_driver,
 )
-from tasks import health, transitions
+from tasks.engine import health, transitions
+from tasks.engine.states import CANCELLED, CANCELLING, COMPLETED, FAILED, TIMEOUT, ErrorCode
 from tasks.models import Task, Worker
 from tasks.operations import get_operation
 from tasks.operations.base import ExecutionContext
-from tasks.states import CANCELLED, CANCELLING, COMPLETED, FAILED, TIMEOUT, ErrorCode
 
 logger = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ def run_claimed(task: Task, *, heartbeat: bool = True, handoff: Handoff | None =
         if cancel.cancelled and cancel.reason in (CANCEL_TIMEOUT, CANCEL_USER):
             result = _cancelled_outcome(cancel.reason, task)
         elif isinstance(exc, UnreachableError):
-            # Hold the provider's queue before this finish admits the next task (tasks.health).
+            # Hold the provider's queue before this finish admits the next task (tasks.engine.health).
             _mark_unreachable(task, exc)
             result = (FAILED, {"error_code": ErrorCode.PROVIDER_UNREACHABLE, "error_message": str(exc)[:2000]})
         else:
@@ -479,9 +479,9 @@ def request_shutdown() -> None:
 
 def run_admitted_inline(provider_id: int | None = None, max_tasks: int = 10_000) -> int:
     """Admit and run pending tasks in this process, FIFO, until none is left (tests, demos)."""
-    from tasks import dispatch
+    from tasks.engine import dispatch
+    from tasks.engine.states import PENDING
     from tasks.models import Provider
-    from tasks.states import PENDING
 
     done = 0
     providers = [provider_id] if provider_id else list(Provider.objects.values_list("pk", flat=True))

@@ -23,11 +23,9 @@ from django.conf import settings
 from django.db import OperationalError, transaction
 from django.utils import timezone
 
-from tasks import crypto, sql
-from tasks.models import Instance, Provider, Task, TaskEvent, TaskSecret, UserQuota, Worker
-from tasks.operations import get_operation
-from tasks.operations.base import Outcome
-from tasks.states import (
+from tasks import crypto
+from tasks.engine import sql
+from tasks.engine.states import (
     CANCELLED,
     CANCELLING,
     COMPLETED,
@@ -40,6 +38,9 @@ from tasks.states import (
     ErrorCode,
     allowed_sources,
 )
+from tasks.models import Instance, Provider, Task, TaskEvent, TaskSecret, UserQuota, Worker
+from tasks.operations import get_operation
+from tasks.operations.base import Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -382,7 +383,7 @@ def finish(
         if (ran or task.admitted_at is not None) and provider is not None:
             # The slot is free: admit the next task in this same transaction (the
             # provider row is locked already).
-            from tasks.dispatch import admit_locked
+            from tasks.engine.dispatch import admit_locked
 
             admit_locked(provider, handoff)
         logger.info("task %s: %s -> %s by %s %s", task_id, source, target, actor, reason)

@@ -24,14 +24,14 @@ from django.db import transaction
 from django.db.models import Avg, F, Q
 from django.utils import timezone
 
-from tasks import sql
+from tasks.engine import sql
+from tasks.engine.states import COMPLETED, EXECUTING, PENDING
+from tasks.engine.transitions import claim_locked, new_token, retry_on_deadlock
 from tasks.models import Provider, Task, effective_timeout
-from tasks.states import COMPLETED, EXECUTING, PENDING
-from tasks.transitions import claim_locked, new_token, retry_on_deadlock
 
 logger = logging.getLogger(__name__)
 
-JOB_FUNC = "tasks.worker.run_job"
+JOB_FUNC = "tasks.engine.worker.run_job"
 _brokers: dict[str, object] = {}
 
 
@@ -50,7 +50,7 @@ def job_seconds(timeout_seconds: int) -> int:
 
     The worker arms its own alarm at each task's deadline + TASK_HARD_KILL_GRACE_SECONDS;
     django-q2's timer is the outer backstop, TASK_HANDOFF_SECONDS longer so the tasks a
-    job runs after its first (hand-over, see tasks.worker.run_job) fit in it.
+    job runs after its first (hand-over, see tasks.engine.worker.run_job) fit in it.
     """
     return timeout_seconds + settings.TASK_HARD_KILL_GRACE_SECONDS + settings.TASK_HANDOFF_SECONDS
 
@@ -123,7 +123,7 @@ def admit_locked(provider: Provider, handoff=None) -> list[int]:
     the same transaction (one commit less per task); the jobs go out on commit.
 
     ``handoff``: a finishing worker's offer to run the next task itself
-    (tasks.worker.Handoff). The oldest task it has room for is admitted and
+    (tasks.engine.worker.Handoff). The oldest task it has room for is admitted and
     claimed for that worker right here, and given to it on commit; it sends no
     job and needs no claim transaction of its own.
     """

@@ -37,9 +37,9 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
 
-from tasks import dispatch, health, maintenance, transitions
+from tasks.engine import dispatch, health, maintenance, transitions
+from tasks.engine.states import EXECUTING
 from tasks.models import Provider, Task, Worker
-from tasks.states import EXECUTING
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ class Supervisor:
             self.start_probes(to_probe)
 
     def start_probes(self, provider_ids: list[int]) -> None:
-        """Probe these unreachable providers (tasks.health) in a thread, one round at a time:
+        """Probe these unreachable providers (tasks.engine.health) in a thread, one round at a time:
         a probe of a dead host may take its whole connect timeout."""
         if self.prober is not None and self.prober.is_alive():
             return
@@ -371,7 +371,12 @@ def ensure_schedules() -> None:
     """
     from django_q.models import Schedule
 
-    wanted = {"func": "tasks.maintenance.sweep_job", "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1}
+    wanted = {
+        "func": "tasks.engine.maintenance.sweep_job",
+        "schedule_type": Schedule.MINUTES,
+        "minutes": 1,
+        "repeats": -1,
+    }
     rows = Schedule.objects.filter(name=SWEEP_SCHEDULE).order_by("pk")
     found = list(rows)
     if not found:

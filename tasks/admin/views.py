@@ -29,8 +29,7 @@ from django.views.decorators.http import require_GET
 from tasks.admin import charts
 from tasks.admin.common import SCRIPTS, STYLES, human_duration, progress_bar, status_badge
 from tasks.admin.other_admin import worker_alive_cutoff
-from tasks.models import Provider, Task, Worker
-from tasks.states import (
+from tasks.engine.states import (
     ACTIVE,
     ALL_STATES,
     CANCELLED,
@@ -43,6 +42,7 @@ from tasks.states import (
     TaskStatus,
     TaskType,
 )
+from tasks.models import Provider, Task, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class ProviderQueue:
     pending: int
     admitted: int
     limit: int
-    unreachable_since: datetime | None = None  # held until it answers (tasks.health)
+    unreachable_since: datetime | None = None  # held until it answers (tasks.engine.health)
 
 
 def status_counts() -> dict[str, int]:

@@ -16,9 +16,9 @@ from datetime import timedelta
 from django.conf import settings
 from django.utils import timezone
 
-from tasks import dispatch, health, transitions
+from tasks.engine import dispatch, health, transitions
+from tasks.engine.states import EXECUTING, PENDING, ErrorCode
 from tasks.models import Provider, Task, Worker
-from tasks.states import EXECUTING, PENDING, ErrorCode
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def prune_workers() -> None:
 
 
 def probe(report: SweepReport, *, dry_run: bool = False) -> None:
-    """Probe the providers held as unreachable that are due (tasks.health); an answer resumes the queue.
+    """Probe the providers held as unreachable that are due (tasks.engine.health); an answer resumes the queue.
 
     The supervisor does this in a thread of its own; here (cleanup_tasks, the
     schedule) it may wait out a dead host's connect timeout, which is fine.
