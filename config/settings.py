@@ -195,15 +195,24 @@ WORKER_REGISTRY_INTERVAL_SECONDS = env_float("WORKER_REGISTRY_INTERVAL_SECONDS",
 TASK_EXTRA_OPERATIONS = env_list("TASK_EXTRA_OPERATIONS")
 # Which providers this machine's worker tier serves: empty = all; else names or ids.
 WORKER_PROVIDERS = env_list("WORKER_PROVIDERS")
+# The pool: WORKER_POOL_MIN workers while idle, growing while admitted jobs wait for a
+# worker up to WORKER_CONCURRENCY (0: the sum of the limits of the providers served),
+# an extra cluster stopped after WORKER_POOL_IDLE_SECONDS without work.
+WORKER_CONCURRENCY = env_int("WORKER_CONCURRENCY", 0, minimum=0, maximum=512)
+WORKER_POOL_MIN = env_int("WORKER_POOL_MIN", 2, minimum=1, maximum=512)
+WORKER_POOL_IDLE_SECONDS = env_float("WORKER_POOL_IDLE_SECONDS", 60.0, minimum=1.0)
 
 # --- django-q2 ----------------------------------------------------------------------
-# A queue is a django-q2 cluster name. The run_workers supervisor starts one
-# qcluster per provider with Q_CLUSTER_NAME=provider-<id> and Q_CLUSTER_WORKERS=<n>;
-# ALT_CLUSTERS is built for that one name here because django-q2 reads it at import.
+# Each provider has its own queue (broker key ``provider-<id>``). The run_workers
+# supervisor runs one django-q2 cluster per machine (the pool) serving all of them,
+# plus extra clusters while busy: it starts each with Q_CLUSTER_WORKERS=<n> and
+# WORKER_QUEUES_FILE=<the list of provider queues>, read by the brokers of
+# tasks/engine/broker.py. Q_SCHEDULER=0 keeps an extra cluster out of the schedules.
 Q_BROKER = env_choice("Q_BROKER", "orm", ("orm", "redis"))
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
-_q_cluster_name = env_str("Q_CLUSTER_NAME")
-_q_workers = env_int("Q_CLUSTER_WORKERS", 1, minimum=1, maximum=256)
+_q_workers = env_int("Q_CLUSTER_WORKERS", 1, minimum=1, maximum=512)
+# ORM broker: a pool that finds nothing backs off from Q_POLL_SECONDS to this.
+Q_POLL_IDLE_SECONDS = env_float("Q_POLL_IDLE_SECONDS", 0.25, minimum=0.01)
 Q_CLUSTER = {
     "name": "cloudhost",
     "workers": _q_workers,
@@ -220,20 +229,20 @@ Q_CLUSTER = {
     # default (250) costs a SELECT ... FOR UPDATE over kept rows on every result.
     "save_limit": env_int("Q_SAVE_LIMIT", -1, minimum=-1),
     # Prefetch as little as django-q2 allows: a job held by a busy cluster waits
-    # (until re-sent) while another cluster of the same queue may be idle.
+    # (until re-sent) while another cluster may be idle.
     "queue_limit": 1,
     "bulk": 1,
     "poll": env_float("Q_POLL_SECONDS", 0.05, minimum=0.01),
+    "scheduler": env_bool("Q_SCHEDULER", True),
     "catch_up": False,
     "label": "Background jobs",
-    "ALT_CLUSTERS": {},
+    "ALT_CLUSTERS": {},  # (django-q2 pops it when Q_CLUSTER_NAME is set, as the benchmark's baselines do)
 }
-if _q_cluster_name:
-    Q_CLUSTER["ALT_CLUSTERS"][_q_cluster_name] = {"workers": _q_workers, "queue_limit": 1, "scheduler": False}
 if Q_BROKER == "orm":
     Q_CLUSTER["orm"] = "default"
-    # django-q2's ORM broker with precompiled SQL and no ping per poll (tasks/engine/broker.py);
-    # django_q.brokers.orm.ORM is django-q2's own (the benchmark's baseline).
+    # django-q2's ORM broker with precompiled SQL, no ping per poll and one poll over
+    # every provider queue (tasks/engine/broker.py); django_q.brokers.orm.ORM is
+    # django-q2's own (the benchmark's baseline).
     ORM_BROKERS = ("tasks.engine.broker.OrmBroker", "django_q.brokers.orm.ORM")
     Q_CLUSTER["broker_class"] = env_str("Q_BROKER_CLASS", ORM_BROKERS[0]).strip()
     if Q_CLUSTER["broker_class"] not in ORM_BROKERS:
@@ -242,6 +251,12 @@ if Q_BROKER == "orm":
         )
 else:
     Q_CLUSTER["redis"] = REDIS_URL
+    REDIS_BROKERS = ("tasks.engine.broker.RedisBroker", "django_q.brokers.redis_broker.Redis")
+    Q_CLUSTER["broker_class"] = env_str("Q_BROKER_CLASS", REDIS_BROKERS[0]).strip()
+    if Q_CLUSTER["broker_class"] not in REDIS_BROKERS:
+        raise ImproperlyConfigured(
+            f"Q_BROKER_CLASS={Q_CLUSTER['broker_class']!r} must be one of: {', '.join(REDIS_BROKERS)}"
+        )
 
 # --- caches ---------------------------------------------------------------------------
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}

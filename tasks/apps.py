@@ -1,5 +1,3 @@
-import sys
-
 from django.apps import AppConfig
 
 
@@ -10,11 +8,3 @@ class TasksConfig(AppConfig):
 
     def ready(self) -> None:
         from tasks import signals  # noqa: F401  (connects the receivers)
-
-        if sys.argv[1:2] == ["qcluster"]:
-            # django-q2 forks its workers from this process: what is imported here
-            # each worker has from the start, instead of importing it at its first job.
-            from providers.base import import_drivers
-            from tasks.engine import worker  # noqa: F401
-
-            import_drivers()

@@ -190,6 +190,8 @@ def baseline(label: str) -> dict:
     }
     if ARGS.broker == "orm":
         env["Q_BROKER_CLASS"] = f"{ORM.__module__}.{ORM.__name__}"
+    else:
+        env["Q_BROKER_CLASS"] = "django_q.brokers.redis_broker.Redis"
     cluster = spawn(["qcluster"], **env)
     broker_local = threading.local()
     enqueued: list[tuple[float, str]] = []

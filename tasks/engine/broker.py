@@ -1,48 +1,115 @@
-"""django-q2's ORM broker with a cheap poll (the default broker, ``Q_BROKER=orm``).
+"""django-q2 brokers of the worker tier: every provider queue (its own broker key) served by one pool.
 
-Every provider has its own queue, so its own django-q2 cluster, whose pusher
-polls the broker table every ``Q_POLL_SECONDS``. django-q2's ORM broker does
-per poll: close_old_connections() (which makes Django ping the server before
-the next query when CONN_HEALTH_CHECKS is on), a SELECT built by the ORM, and
-for an acknowledgement a QuerySet.delete() with its own transaction. Measured
-on the 2-core VM (bench/pipeline): a worker tier of 4 idle providers spent
-about 0.2 s of CPU per second polling, most of it in the ping and the ORM,
-and the producers paid a ping per job sent. That grows with every provider.
+Each provider keeps its own queue, a broker key ``provider-<id>`` that only its
+admitted tasks reach (tasks.engine.dispatch sends the jobs). One django-q2
+cluster per machine (the pool, tasks.engine.supervisor) serves every provider
+queue placed on that machine: its broker reads the list of keys from the file
+the supervisor writes (``WORKER_QUEUES_FILE``, re-read when it changes) and
+takes jobs from all of them in one call, plus its own key, where django-q2's
+scheduler puts the schedules' jobs:
 
-This broker keeps django-q2's table, its semantics (a job is hidden for
+- Redis (``RedisBroker``): one blocking ``BLPOP`` over all keys, the order
+  rotated at every call (BLPOP takes from the first non-empty key it is given,
+  so a fixed order would let the first provider starve the others). An idle
+  provider costs no command of its own; an idle machine one blocked read.
+- ORM (``OrmBroker``): one ``SELECT ... WHERE key IN (...)`` per poll, oldest
+  job first across all keys (arrival order: no key starves another), then the
+  compare-and-set that hides it. While nothing comes the poll backs off from
+  ``Q_POLL_SECONDS`` to ``Q_POLL_IDLE_SECONDS``, and is fast again at once
+  when a job arrives.
+
+Producers (the web tier, finishing workers) build the same classes with a
+single provider key and only enqueue.
+
+The ORM broker keeps django-q2's table, its semantics (a job is hidden for
 ``retry`` seconds once pulled, removed on acknowledgement, pulled again if
-never acknowledged) and its error handling, and does the same work with one
-precompiled statement per step:
+never acknowledged) and its error handling, and does each step with one
+precompiled statement. django-q2's own ORM broker runs close_old_connections()
+on every poll and acknowledgement (with CONN_HEALTH_CHECKS, a ping each time)
+and builds every statement with the ORM; the stale-connection check runs here
+once every CONNECTION_CHECK_SECONDS, and a connection that died in between
+costs one retry of the step on a new connection.
 
-- poll: ``SELECT id, payload ... WHERE key = ? AND lock < now ORDER BY id``
-  (oldest first) and the compare-and-set ``UPDATE ... SET lock = now + retry
-  WHERE id = ? AND lock < now`` that hides it (a competing cluster's update
-  matches no row);
-- enqueue: one INSERT, without touching the caller's connections;
-- acknowledge: one DELETE.
-
-The stale-connection check django-q2 runs on every poll and acknowledgement
-runs here once every CONNECTION_CHECK_SECONDS; in between, a dropped
-connection shows up as an error, and the step closes the connection and runs
-once more on a new one before django-q2's own handling takes over.
-
-The benchmark's "plain django-q2" baselines keep django-q2's own broker
+The benchmark's "plain django-q2" baselines keep django-q2's own brokers
 (``Q_BROKER_CLASS=django_q.brokers.orm.ORM``).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import timedelta
 
 from django import db
+from django.conf import settings
 from django.db import InterfaceError, OperationalError, connections
 from django.utils import timezone
 from django_q.brokers.orm import ORM
+from django_q.brokers.redis_broker import Redis
 from django_q.conf import Conf
 from django_q.models import OrmQ
 
 CONNECTION_CHECK_SECONDS = 5.0
+# How long a Redis pool's blocking read waits before it looks at the queue list again.
+REDIS_BLOCK_SECONDS = 1
+
+
+class QueueSet:
+    """The keys a pool's broker serves: its own, plus the provider queues listed in the
+    supervisor's file (``WORKER_QUEUES_FILE``, one name per line), re-read when the file
+    changes (one stat per call). Without the file (a producer, a test) only its own key."""
+
+    def __init__(self, own: str, path: str | None = None):
+        self.own = own
+        if path is None and own == Conf.CLUSTER_NAME:  # a pool's broker (a producer names its provider's key)
+            path = os.environ.get("WORKER_QUEUES_FILE")
+        self.path = path
+        self._stamp = None
+        self._names: list[str] = [own]
+        self._turn = 0
+
+    @property
+    def pooled(self) -> bool:
+        return bool(self.path)
+
+    def names(self) -> list[str]:
+        if self.path:
+            try:
+                st = os.stat(self.path)
+                stamp = (st.st_mtime_ns, st.st_size)
+            except FileNotFoundError:
+                stamp = None
+            if stamp != self._stamp:
+                self._stamp = stamp
+                listed = read_queues(self.path) if stamp else []
+                self._names = [self.own, *[n for n in listed if n != self.own]]
+        return self._names
+
+    def rotated(self) -> list[str]:
+        """The names in a new order at every call: each key comes first in turn."""
+        names = self.names()
+        self._turn = (self._turn + 1) % len(names)
+        return names[self._turn :] + names[: self._turn]
+
+
+def read_queues(path) -> list[str]:
+    try:
+        with open(path) as f:
+            return [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def write_queues(path, names) -> bool:
+    """Write the queue list atomically; False when it was already so (no change for the brokers)."""
+    names = sorted(set(names))
+    if read_queues(path) == names:
+        return False
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write("".join(f"{n}\n" for n in names))
+    os.replace(tmp, path)
+    return True
 
 
 class OrmBroker(ORM):
@@ -52,6 +119,14 @@ class OrmBroker(ORM):
         super().__init__(list_key=list_key)
         self._checked_at = 0.0
         self._sql: dict[str, str] | None = None
+        self.queues = QueueSet(self.list_key)
+        self._idle_sleep = Conf.POLL
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._checked_at, self._sql = 0.0, None
+        self.queues = QueueSet(self.list_key)
+        self._idle_sleep = Conf.POLL
 
     # -- SQL --------------------------------------------------------------------------
 
@@ -64,7 +139,8 @@ class OrmBroker(ORM):
             table = quote(OrmQ._meta.db_table)
             key, lock, payload = quote("key"), quote("lock"), quote("payload")
             self._sql = {
-                "pull": f"SELECT id, {payload} FROM {table} WHERE {key} = %s AND {lock} < %s ORDER BY id LIMIT %s",
+                "pull": f"SELECT id, {payload} FROM {table} WHERE {key} IN (%s) AND {lock} < %s ORDER BY id LIMIT %s",
+                "ready": f"SELECT {key}, COUNT(*) FROM {table} WHERE {key} IN (%s) AND {lock} < %s GROUP BY {key}",
                 "hide": f"UPDATE {table} SET {lock} = %s WHERE id = %s AND {lock} < %s",
                 "put": f"INSERT INTO {table} ({key}, {payload}, {lock}) VALUES (%s, %s, %s)",
                 "drop": f"DELETE FROM {table} WHERE id = %s",
@@ -87,18 +163,41 @@ class OrmBroker(ORM):
     def dequeue(self):
         pulled = self._retrying(self._pull)
         if pulled:
+            self._idle_sleep = Conf.POLL
             return pulled
-        time.sleep(Conf.POLL)  # empty queue: spare the CPU, as django-q2 does
+        # Empty: spare the CPU and the database. A pool backs off while nothing comes
+        # (Q_POLL_SECONDS doubling up to Q_POLL_IDLE_SECONDS), so an idle machine costs
+        # a few polls a second whatever the number of its providers.
+        time.sleep(self._idle_sleep)
+        if self.queues.pooled:
+            self._idle_sleep = min(max(self._idle_sleep * 2, Conf.POLL), settings.Q_POLL_IDLE_SECONDS)
         return None
+
+    def _in(self, names) -> tuple[str, str]:
+        """The pull and ready statements with as many placeholders as keys."""
+        marks = ", ".join(["%s"] * len(names))
+        st = self._statements()
+        return st["pull"].replace("IN (%s)", f"IN ({marks})"), st["ready"].replace("IN (%s)", f"IN ({marks})")
+
+    def ready_counts(self, names) -> dict[str, int]:
+        """Jobs waiting to be pulled, per key (the pool's backlog)."""
+        if not names:
+            return {}
+        _, ready = self._in(names)
+        with self._conn().cursor() as cur:
+            cur.execute(ready, [*names, self._time(timezone.now())])
+            return {key: int(n) for key, n in cur.fetchall()}
 
     def _pull(self) -> list[tuple[int, str]]:
         statements = self._statements()
+        names = self.queues.names()
+        pull, _ = self._in(names)
         now = timezone.now()
         at = self._time(now)
         hidden_until = self._time(now + timedelta(seconds=Conf.RETRY))
         pulled = []
         with self._conn().cursor() as cur:
-            cur.execute(statements["pull"], [self.list_key, at, Conf.BULK])
+            cur.execute(pull, [*names, at, Conf.BULK])
             for pk, payload in cur.fetchall():
                 cur.execute(statements["hide"], [hidden_until, pk, at])
                 if cur.rowcount == 1:  # else another cluster of this queue was faster
@@ -129,3 +228,46 @@ class OrmBroker(ORM):
                 raise  # the caller's transaction: not ours to reconnect
             conn.close()
             return step(*args)
+
+
+class RedisBroker(Redis):
+    """django-q2's Redis broker; a pool's instance reads every provider key with one BLPOP."""
+
+    def __init__(self, list_key: str | None = None):
+        super().__init__(list_key=list_key)
+        self.queues = QueueSet(self.name)
+
+    def __getstate__(self):
+        return self.name, self._info
+
+    def __setstate__(self, state):
+        name, self._info = state
+        self.list_key = redis_key(name)
+        self.connection = self.get_connection(self.list_key)
+        self.cache = self.get_cache()
+        self.queues = QueueSet(name)
+
+    @property
+    def name(self) -> str:
+        """The queue name (django-q2 stores the Redis key ``django_q:<name>:q``)."""
+        return self.list_key[len("django_q:") : -len(":q")]
+
+    def dequeue(self):
+        keys = [redis_key(n) for n in self.queues.rotated()] if self.queues.pooled else [self.list_key]
+        task = self.connection.blpop(keys, REDIS_BLOCK_SECONDS)
+        if task:
+            return [(None, task[1])]
+        return None
+
+    def ready_counts(self, names) -> dict[str, int]:
+        """Jobs waiting to be pulled, per key: one round trip for all of them."""
+        if not names:
+            return {}
+        pipe = self.connection.pipeline(transaction=False)
+        for name in names:
+            pipe.llen(redis_key(name))
+        return {name: int(n) for name, n in zip(names, pipe.execute(), strict=True) if n}
+
+
+def redis_key(name: str) -> str:
+    return f"django_q:{name}:q"

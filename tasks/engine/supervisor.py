@@ -1,19 +1,33 @@
-"""The worker tier of one machine: one django-q2 cluster per provider queue, supervised.
+"""The worker tier of one machine: one pool of django-q2 workers for every provider queue.
 
 ``manage.py run_workers`` runs a Supervisor. It
 
-- starts, for every enabled provider this machine serves, a ``qcluster``
-  process with ``Q_CLUSTER_NAME=provider-<id>`` and as many workers as the
-  provider's limit (the limit itself is enforced by admission in the database;
-  the worker count only has to be large enough), plus one small maintenance
-  cluster on the default queue for django-q2 schedules;
-- follows provider changes while it runs: a new or re-enabled provider gets a
-  cluster, a raised limit gets an extra cluster with the missing workers (running
-  tasks are never touched), a disabled provider's clusters stop once its
-  running tasks are done; a cluster that dies is started again;
-- sweeps every TASK_SWEEP_SECONDS: recovery of expired leases, re-dispatch of
-  lost jobs, admission per provider at its task_poll_interval (when polling is
-  on) and a global safety admission every 30 s, reconciliation;
+- runs the pool: one django-q2 cluster (``manage.py run_pool``, tasks.engine.pool)
+  whose broker serves every provider queue this machine serves (their names in
+  a file the brokers re-read, tasks.engine.broker), WORKER_POOL_MIN workers
+  while idle. Each provider keeps its own queue; its limit is enforced by
+  admission in the database, so the pool only has to be large enough;
+- grows the pool while admitted jobs wait in the broker for a free worker (seen
+  at two checks in a row): an extra cluster on the same broker with as many
+  workers as wait (plus the jobs busy pushers may hold), up to
+  WORKER_CONCURRENCY (default: the sum of the limits of the providers served),
+  and sends the waiting jobs again so the new workers take them (the first
+  claim wins); an extra cluster whose workers ran nothing for
+  WORKER_POOL_IDLE_SECONDS is stopped (django-q2 lets a running job end first,
+  so running tasks are never touched). A raised provider limit needs no restart;
+- follows provider changes (the queue list, the concurrency cap) and starts a
+  cluster that died again;
+- sweeps every TASK_SWEEP_SECONDS: one query over the live tasks tells what
+  needs doing (recovery of expired leases, re-dispatch of lost jobs, admission
+  of waiting tasks at their provider's task_poll_interval and a safety round
+  every 30 s); reconciliation and the registry heartbeat run less often. While
+  idle that is one query a second whatever the number of providers;
+- runs django-q2's scheduler in its base cluster (the sweep schedule), so no
+  cluster of its own is needed for maintenance;
+- is the only parent of its pool: each cluster and every process it forks die
+  when their parent dies (tasks.engine.pool), a lock file keeps a second
+  supervisor of the same node from starting beside it, and leftovers of an old
+  one (processes whose supervisor is gone) are killed at start;
 - on SIGTERM/SIGINT drains: a drain file tells its workers to claim nothing
   more; running tasks get TASK_SHUTDOWN_GRACE_SECONDS to finish, then their
   operations are cancelled and their leases released so recovery acts at once;
@@ -22,6 +36,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -31,36 +46,57 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
 
-from tasks.engine import dispatch, health, maintenance, transitions
-from tasks.engine.states import EXECUTING
+from tasks.engine import dispatch, health, maintenance, sql, transitions
+from tasks.engine.states import EXECUTING, PENDING
 from tasks.models import Provider, Task, Worker
 
 logger = logging.getLogger(__name__)
 
 SAFETY_ADMIT_SECONDS = 30.0
-# After a provider grows, its unclaimed jobs are sent again at once and once more
-# this long after, when the new cluster is polling (see reconcile_clusters).
-GROW_RESEND_SECONDS = 2.0
-MAINTENANCE_QUEUE = "maintenance"
+# After the pool grows, the waiting jobs are sent again this long after the new
+# cluster started (its pusher polls by then), and once more a little later: a busy
+# cluster's pusher holds a job in hand that its workers cannot run yet.
+GROW_RESEND_SECONDS = (0.3, 2.0)
+# A busy cluster's pusher may hold this many jobs its workers cannot take yet
+# (one in hand, one in its queue: django-q2's queue_limit 1).
+HELD_PER_CLUSTER = 2
+POOL_CHECK_SECONDS = 0.25
+# How long a grow may take before the supervisor may ask again.
+GROW_WAIT_SECONDS = 5.0
+PROVIDERS_REFRESH_SECONDS = 2.0
+HEARTBEAT_SECONDS = 5.0
+RECONCILE_SECONDS = 10.0
+OVERDUE_SECONDS = 10.0
 
 
 @dataclass
 class Cluster:
-    queue: str
-    workers: int
-    proc: subprocess.Popen
-    provider_id: int | None
-    started: float = field(default_factory=time.monotonic)
+    """A cluster of the pool as its status file tells (tasks.engine.pool)."""
 
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+    name: str
+    pid: int
+    workers: int
+    base: bool
+    retiring: bool = False
+
+
+@dataclass
+class ServedProvider:
+    pk: int
+    queue: str
+    enabled: bool
+    limit: int
+    polling: bool
+    poll_interval: float
+    unreachable_since: object
+    probed_at: object
 
 
 def served_provider_filter(qs):
@@ -87,120 +123,237 @@ def summarize_queues(queues: list[str], limit: int) -> str:
     return f"({len(queues)} queues)"[:limit]
 
 
+class AlreadyRunning(RuntimeError):
+    pass
+
+
 class Supervisor:
-    def __init__(self, *, sweep: bool = True, maintenance_cluster: bool = True, python: str | None = None):
+    def __init__(self, *, sweep: bool = True, scheduler: bool = True, python: str | None = None):
         self.sweep_enabled = sweep
-        self.maintenance_cluster = maintenance_cluster
+        self.scheduler = scheduler
         self.python = python or sys.executable
         self.manage = str(Path(settings.BASE_DIR) / "manage.py")
         self.name = f"{settings.WORKER_NODE}:{os.getpid()}"
-        self.drain_file = Path(settings.VAR_DIR) / f"drain-{settings.WORKER_NODE}-{os.getpid()}"
-        self.clusters: dict[str, list[Cluster]] = {}
+        self.run_dir = Path(settings.VAR_DIR) / f"workers-{settings.WORKER_NODE}"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.drain_file = self.run_dir / "drain"
+        self.queues_file = self.run_dir / "queues"
+        self.status_file = self.run_dir / "pool.json"
+        self.pool_proc: subprocess.Popen | None = None
+        self.growing: tuple[int, int, float] | None = None  # (workers, clusters before, asked at)
+        self.last_busy: dict[str, float] = {}
+        self.providers: list[ServedProvider] = []
+        self.providers_at = -1e9
         self.stopping = False
         self.last_poll: dict[int, float] = {}
         self.last_safety = 0.0
+        self.last_heartbeat = -1e9
+        self.last_reconcile = 0.0
+        self.last_overdue = 0.0
         self.prober: threading.Thread | None = None
-        self.resend_at: dict[int, float] = {}
+        self.resend_at: list[float] = []
+        self.backlog_seen = False
+        self._lock_fd: int | None = None
+        self._broker = None
 
     # ------------------------------------------------------------------ processes
-    def _env(self, queue: str | None, workers: int) -> dict[str, str]:
+    def acquire(self) -> None:
+        """Hold this node's lock for as long as the process lives, and kill leftovers of an
+        old supervisor of the node (its pool processes, whose supervisor is gone)."""
+        fd = os.open(self.run_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            other = (self.run_dir / "lock").read_text().strip() or "?"
+            raise AlreadyRunning(
+                f"another run_workers of node {settings.WORKER_NODE!r} is running (pid {other}); "
+                "stop it first, or give this one another WORKER_NODE"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+        killed = kill_leftovers(settings.WORKER_NODE, keep=self.name)
+        if killed:
+            logger.warning("supervisor: killed %d leftover process(es) of an old supervisor: %s", len(killed), killed)
+
+    def _env(self, workers: int) -> dict[str, str]:
         env = dict(os.environ)
         env.pop("Q_CLUSTER_NAME", None)
-        if queue:
-            env["Q_CLUSTER_NAME"] = queue
         env["Q_CLUSTER_WORKERS"] = str(workers)
+        env["Q_SCHEDULER"] = "1" if self.scheduler else "0"
+        env["WORKER_QUEUES_FILE"] = str(self.queues_file)
+        env["WORKER_POOL_STATUS_FILE"] = str(self.status_file)
         env["WORKER_DRAIN_FILE"] = str(self.drain_file)
         env["WORKER_NODE"] = settings.WORKER_NODE
         env["WORKER_SUPERVISOR"] = self.name
+        env["WORKER_SUPERVISOR_PID"] = str(os.getpid())
         return env
 
-    def _spawn(self, queue: str, workers: int, provider_id: int | None) -> Cluster:
-        env = self._env(None if queue == MAINTENANCE_QUEUE else queue, workers)
-        proc = subprocess.Popen(
-            [self.python, self.manage, "qcluster"],
-            env=env,
+    def start_pool(self) -> None:
+        workers = min(settings.WORKER_POOL_MIN, self.capacity())
+        self.status_file.unlink(missing_ok=True)
+        self.pool_proc = subprocess.Popen(
+            [self.python, self.manage, "run_pool"],
+            env=self._env(workers),
             cwd=str(settings.BASE_DIR),
-            start_new_session=True,  # its own process group: killpg reaches its workers
+            stdin=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own process group: killpg reaches every process of the pool
         )
-        logger.info("supervisor: started cluster %s (%d workers) pid %s", queue, workers, proc.pid)
-        cluster = Cluster(queue=queue, workers=workers, proc=proc, provider_id=provider_id)
-        self.clusters.setdefault(queue, []).append(cluster)
-        return cluster
+        self.growing = None
+        self.last_busy.clear()
+        logger.info("supervisor: started the pool (%d workers) pid %s", workers, self.pool_proc.pid)
 
-    def _stop_clusters(self, queue: str) -> None:
-        for cluster in self.clusters.pop(queue, []):
-            if cluster.alive:
-                cluster.proc.send_signal(signal.SIGTERM)
-                logger.info("supervisor: stopping cluster %s pid %s", queue, cluster.proc.pid)
+    def pool_alive(self) -> bool:
+        return self.pool_proc is not None and self.pool_proc.poll() is None
 
-    def reconcile_clusters(self) -> None:
-        """Make the running clusters match the providers this machine should serve."""
+    def command(self, line: str) -> None:
+        """Tell the pool (grow N, retire NAME)."""
+        try:
+            self.pool_proc.stdin.write(line + "\n")
+            self.pool_proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            logger.warning("supervisor: the pool did not take %r (it is restarting)", line)
+
+    def clusters(self) -> list[Cluster]:
+        from tasks.engine.pool import read_status
+
+        status = read_status(self.status_file)
+        if not self.pool_alive() or status.get("pid") != self.pool_proc.pid:
+            return []
+        return [Cluster(**row) for row in status["clusters"]]
+
+    @property
+    def pool_size(self) -> int:
+        """Workers of the clusters that serve (not retiring), and of one asked for but not started yet."""
+        size = sum(c.workers for c in self.clusters() if not c.retiring)
+        if self.growing is not None:
+            size += self.growing[0]
+        return size
+
+    def capacity(self) -> int:
+        """The most workers this machine runs: WORKER_CONCURRENCY, else the served providers' limits."""
+        if settings.WORKER_CONCURRENCY:
+            return settings.WORKER_CONCURRENCY
+        return max(1, sum(p.limit for p in self.providers if p.enabled))
+
+    def refresh_providers(self, force: bool = False) -> None:
         now = time.monotonic()
-        for pk, at in list(self.resend_at.items()):
-            if now >= at:
-                del self.resend_at[pk]
-                dispatch.redispatch_stale(cutoff=timezone.now(), provider_ids=[pk])
-        providers = {
-            p.queue_name: p
-            for p in served_provider_filter(Provider.objects.all()).only(
-                "id", "enabled", "allow_concurrent_tasks", "max_concurrent_tasks"
+        if not force and now - self.providers_at < PROVIDERS_REFRESH_SECONDS:
+            return
+        self.providers_at = now
+        self.providers = [
+            ServedProvider(
+                pk=p.pk,
+                queue=p.queue_name,
+                enabled=p.enabled,
+                limit=p.concurrency_limit,
+                polling=p.enable_task_polling,
+                poll_interval=p.task_poll_interval,
+                unreachable_since=p.unreachable_since,
+                probed_at=p.probed_at,
             )
-        }
-        # Reap dead clusters so they are started again below.
-        for queue, group in list(self.clusters.items()):
-            for cluster in list(group):
-                if not cluster.alive:
-                    logger.warning(
-                        "supervisor: cluster %s pid %s exited (%s)", queue, cluster.proc.pid, cluster.proc.returncode
-                    )
-                    group.remove(cluster)
-            if not group:
-                self.clusters.pop(queue)
-        if self.maintenance_cluster and MAINTENANCE_QUEUE not in self.clusters:
-            self._spawn(MAINTENANCE_QUEUE, 1, None)
-        for queue, provider in providers.items():
-            have = sum(c.workers for c in self.clusters.get(queue, []))
-            if provider.enabled:
-                want = provider.concurrency_limit
-                if have < want:
-                    # Never restart a cluster to resize it: that would touch running tasks.
-                    self._spawn(queue, want - have, provider.pk)
-                    if have:
-                        # A busy cluster's pusher may hold jobs its workers cannot run yet;
-                        # send copies so the new workers take them (first claim wins). Now,
-                        # and again once the new cluster polls: the busy cluster's pusher,
-                        # still polling while the new one starts, may take the first copies
-                        # too (django-q2's pusher holds one more, blocked on its full queue).
-                        dispatch.redispatch_stale(cutoff=timezone.now(), provider_ids=[provider.pk])
-                        self.resend_at[provider.pk] = time.monotonic() + GROW_RESEND_SECONDS
-            elif (
-                queue in self.clusters
-                and not Task.objects.filter(provider_id=provider.pk, status__in=EXECUTING).exists()
-            ):
-                self._stop_clusters(queue)
-        for queue in list(self.clusters):
-            if queue != MAINTENANCE_QUEUE and queue not in providers:
-                self._stop_clusters(queue)
+            for p in served_provider_filter(Provider.objects.all()).only(
+                "id",
+                "enabled",
+                "allow_concurrent_tasks",
+                "max_concurrent_tasks",
+                "enable_task_polling",
+                "task_poll_interval",
+                "unreachable_since",
+                "probed_at",
+            )
+        ]
+        from tasks.engine.broker import write_queues
+
+        if write_queues(self.queues_file, [p.queue for p in self.providers]):
+            logger.info("supervisor: serving %d provider queue(s)", len(self.providers))
+
+    def broker(self):
+        if self._broker is None:
+            from django_q.brokers import get_broker
+
+            self._broker = get_broker()
+        return self._broker
+
+    def backlog(self) -> int:
+        """Jobs of this machine's provider queues waiting in the broker for a worker."""
+        names = [p.queue for p in self.providers]
+        try:
+            return sum(self.broker().ready_counts(names).values())
+        except Exception:
+            self._broker = None
+            raise
+
+    def reconcile_pool(self) -> None:
+        """Keep the pool alive and sized to the work: the base cluster, extras while jobs wait."""
+        now = time.monotonic()
+        self.refresh_providers()
+        if not self.pool_alive():
+            if self.pool_proc is not None:
+                logger.warning("supervisor: the pool pid %s exited (%s)", self.pool_proc.pid, self.pool_proc.returncode)
+            self.start_pool()
+            return
+        clusters = self.clusters()
+        if not clusters:
+            return  # the pool is starting: its base cluster will take what waits
+        if self.growing is not None and len(clusters) > self.growing[1]:
+            # The new cluster runs: send the waiting jobs again for it, as its pusher polls.
+            self.growing = None
+            self.resend_at = [now + d for d in GROW_RESEND_SECONDS]
+        elif self.growing is not None and now - self.growing[2] > GROW_WAIT_SECONDS:
+            self.growing = None  # the pool never made it: ask again if jobs still wait
+        if self.resend_at and now >= self.resend_at[0]:
+            self.resend_at.pop(0)
+            dispatch.redispatch_stale(cutoff=timezone.now(), provider_ids=[p.pk for p in self.providers])
+        cap = self.capacity()
+        waiting = self.backlog()
+        if waiting and self.backlog_seen and self.growing is None and self.pool_size < cap:
+            # Jobs waited at two checks in a row: every worker is busy. Add room for them
+            # and for the jobs the busy clusters' pushers may hold.
+            held = HELD_PER_CLUSTER * sum(1 for c in clusters if not c.retiring)
+            workers = min(cap - self.pool_size, waiting + held)
+            self.command(f"grow {workers}")
+            self.growing = (workers, len(clusters), now)
+            waiting = 0
+        self.backlog_seen = bool(waiting)
+
+    def retire_idle(self) -> None:
+        """Stop an extra cluster whose workers ran no task for WORKER_POOL_IDLE_SECONDS."""
+        extras = [c for c in self.clusters() if not c.base and not c.retiring]
+        if not extras:
+            return
+        now = time.monotonic()
+        busy_pids = set()
+        prefix = f"{settings.WORKER_NODE}:"
+        for worker in Task.objects.filter(status__in=EXECUTING, worker__startswith=prefix).values_list(
+            "worker", flat=True
+        ):
+            try:
+                busy_pids.add(int(worker.rsplit(":", 1)[1]))
+            except (IndexError, ValueError):
+                continue
+        for cluster in extras:
+            last = self.last_busy.setdefault(cluster.name, now)
+            if self.backlog_seen or busy_pids & set(cluster_pids(cluster.pid)):
+                self.last_busy[cluster.name] = now
+            elif now - last >= settings.WORKER_POOL_IDLE_SECONDS:
+                logger.info("supervisor: cluster %s idle for %.0f s; stopping it", cluster.name, now - last)
+                self.command(f"retire {cluster.name}")
+                self.last_busy.pop(cluster.name, None)
 
     def child_pids(self) -> list[int]:
-        import psutil
-
-        pids = []
-        for group in self.clusters.values():
-            for cluster in group:
-                try:
-                    proc = psutil.Process(cluster.proc.pid)
-                    pids.append(proc.pid)
-                    pids.extend(child.pid for child in proc.children(recursive=True))
-                except psutil.NoSuchProcess:
-                    continue
-        return pids
+        return cluster_pids(self.pool_proc.pid) if self.pool_alive() else []
 
     # ---------------------------------------------------------------------- sweep
     def tick(self) -> None:
         """One round of the loop's database work. Each step fails alone: a registry
         write that breaks must not keep recovery from running."""
-        self.step("heartbeat", self.heartbeat)
+        now = time.monotonic()
+        if now - self.last_heartbeat >= HEARTBEAT_SECONDS:
+            if self.step("heartbeat", self.heartbeat):
+                self.last_heartbeat = now
         if self.sweep_enabled:
             self.step("sweep", self.sweep)
 
@@ -217,7 +370,7 @@ class Supervisor:
 
     def queue_summary(self) -> str:
         """The queues this machine serves, as the registry's queue column can hold them."""
-        return summarize_queues(sorted(self.clusters), Worker._meta.get_field("queue").max_length)
+        return summarize_queues(sorted(p.queue for p in self.providers), Worker._meta.get_field("queue").max_length)
 
     def heartbeat(self) -> None:
         now = timezone.now()
@@ -234,33 +387,45 @@ class Supervisor:
             )
 
     def sweep(self) -> None:
+        """Recovery, re-dispatch and admission, driven by one summary of the live tasks."""
         report = maintenance.SweepReport()
-        maintenance.recover(report)
-        maintenance.redispatch(report)
+        live = live_summary()
         now = time.monotonic()
+        if live.expired:
+            maintenance.recover(report)
+        elif live.executing and now - self.last_overdue >= OVERDUE_SECONDS:
+            self.last_overdue = now
+            maintenance.recover(report)  # (also ends tasks far past their deadline: rare, checked less often)
+        if live.stale_dispatch:
+            maintenance.redispatch(report)
+        self.refresh_providers()
         due = []
-        served = served_provider_filter(Provider.objects.filter(enabled=True)).values_list(
-            "pk", "enable_task_polling", "task_poll_interval", "unreachable_since", "probed_at"
-        )
         safety = now - self.last_safety >= SAFETY_ADMIT_SECONDS
-        probe_cutoff = health.probe_cutoff()
-        to_probe = []
-        for pk, polling, interval, unreachable_since, probed_at in served:
-            if unreachable_since is not None:
-                if probed_at is None or probed_at < probe_cutoff:
-                    to_probe.append(pk)
-                continue  # held: nothing to admit until it answers
-            if safety or (polling and now - self.last_poll.get(pk, 0.0) >= interval):
-                due.append(pk)
-                self.last_poll[pk] = now
         if safety:
             self.last_safety = now
+        probe_cutoff = health.probe_cutoff()
+        to_probe = []
+        for p in self.providers:
+            if not p.enabled:
+                continue
+            if p.unreachable_since is not None:
+                if p.probed_at is None or p.probed_at < probe_cutoff:
+                    to_probe.append(p.pk)
+                continue  # held: nothing to admit until it answers
+            if p.pk not in live.waiting:
+                continue  # nothing waits for admission: no query for this provider
+            if safety or (p.polling and now - self.last_poll.get(p.pk, 0.0) >= p.poll_interval):
+                due.append(p.pk)
+                self.last_poll[p.pk] = now
         if due:
             maintenance.admit_all(report, due)
-        maintenance.reconcile(report)
+        if now - self.last_reconcile >= RECONCILE_SECONDS:
+            self.last_reconcile = now
+            maintenance.reconcile(report)
         for line in report.changes:
             logger.info("sweep: %s", line)
         if to_probe:
+            self.providers_at = -1e9  # see the probe's outcome at the next round
             self.start_probes(to_probe)
 
     def start_probes(self, provider_ids: list[int]) -> None:
@@ -282,28 +447,33 @@ class Supervisor:
 
     # ----------------------------------------------------------------------- loop
     def run(self) -> None:
+        self.acquire()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.drain_file.unlink(missing_ok=True)
-        ensure_schedules()
+        if self.scheduler:
+            ensure_schedules()
         logger.info("supervisor %s starting (providers: %s)", self.name, settings.WORKER_PROVIDERS or "all")
+        self.refresh_providers(force=True)
         # Jobs a previous run of this machine took but never ran: send them again now.
-        served = list(served_provider_filter(Provider.objects.all()).values_list("pk", flat=True))
-        dispatch.redispatch_stale(cutoff=timezone.now(), provider_ids=served)
+        dispatch.redispatch_stale(cutoff=timezone.now(), provider_ids=[p.pk for p in self.providers])
         if self.sweep_enabled:
-            self.sweep()  # recovery at start-up (expired leases only)
-        next_clusters = 0.0
+            self.step("sweep", self.sweep)  # recovery at start-up (expired leases only)
+        next_pool = next_tick = next_retire = 0.0
         while not self.stopping:
-            started = time.monotonic()
-            close_old_connections()
-            if started >= next_clusters:
-                self.step("clusters", self.reconcile_clusters)
-                next_clusters = started + 1.0
-            self.tick()
-            remaining = settings.TASK_SWEEP_SECONDS - (time.monotonic() - started)
-            deadline = time.monotonic() + max(0.05, remaining)
-            while not self.stopping and time.monotonic() < deadline:
-                time.sleep(0.05)
+            now = time.monotonic()
+            if now >= next_pool:
+                close_old_connections()
+                self.step("pool", self.reconcile_pool)
+                next_pool = now + POOL_CHECK_SECONDS
+            if now >= next_retire:
+                self.step("retire", self.retire_idle)
+                next_retire = now + 5.0
+            if now >= next_tick:
+                close_old_connections()
+                self.tick()
+                next_tick = now + settings.TASK_SWEEP_SECONDS
+            time.sleep(max(0.01, min(next_pool, next_tick) - time.monotonic()))
         self.shutdown()
 
     def _on_signal(self, signum, frame) -> None:
@@ -318,25 +488,19 @@ class Supervisor:
         #    cancel their running operations once the file is `grace` seconds old.
         self.drain_file.touch()
         pids = self.child_pids()
-        for queue in list(self.clusters):
-            for cluster in self.clusters[queue]:
-                if cluster.alive:
-                    cluster.proc.send_signal(signal.SIGTERM)
-        # 2. Give running tasks the grace period, plus a little for the operations to wind down.
-        deadline = time.monotonic() + grace + 3.0
-        while time.monotonic() < deadline and any(c.alive for g in self.clusters.values() for c in g):
-            time.sleep(0.1)
-        for group in self.clusters.values():
-            for cluster in group:
-                if cluster.alive:
-                    logger.warning(
-                        "supervisor: cluster %s pid %s did not stop; killing it", cluster.queue, cluster.proc.pid
-                    )
-                    try:
-                        os.killpg(cluster.proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    cluster.proc.wait(timeout=10)
+        if self.pool_alive():
+            self.pool_proc.send_signal(signal.SIGTERM)
+            # 2. Give running tasks the grace period, plus a little for the operations to wind down.
+            try:
+                self.pool_proc.wait(timeout=grace + 3.0)
+            except subprocess.TimeoutExpired:
+                logger.warning("supervisor: the pool pid %s did not stop; killing it", self.pool_proc.pid)
+        if self.pool_proc is not None:
+            try:
+                os.killpg(self.pool_proc.pid, signal.SIGKILL)  # its process group: whatever is left of it
+            except ProcessLookupError:
+                pass
+            self.pool_proc.wait(timeout=10)
         # 3. Release what is left so recovery acts at once, and run it.
         try:
             close_old_connections()
@@ -347,14 +511,102 @@ class Supervisor:
             if held:
                 logger.warning("supervisor: released %d unfinished task(s): %s", len(held), [h[0] for h in held])
                 maintenance.recover(maintenance.SweepReport())
-            served = list(served_provider_filter(Provider.objects.all()).values_list("pk", flat=True))
-            dispatch.redispatch_stale(cutoff=timezone.now(), provider_ids=served)
+            dispatch.redispatch_stale(cutoff=timezone.now(), provider_ids=[p.pk for p in self.providers])
             Worker.objects.filter(name=self.name).delete()
             Worker.objects.filter(name__in=names).delete()
         except Exception:
             logger.exception("supervisor: could not release tasks at shutdown; recovery will act when leases expire")
         self.drain_file.unlink(missing_ok=True)
         logger.info("supervisor %s stopped", self.name)
+
+
+def cluster_pids(pid: int) -> list[int]:
+    """A cluster's process and all its descendants."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return [proc.pid, *(child.pid for child in proc.children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_leftovers(node: str, keep: str) -> list[int]:
+    """SIGKILL processes of this node's worker tier whose supervisor is not ``keep`` and is gone.
+
+    They are found by the environment every pool process inherits (WORKER_NODE,
+    WORKER_SUPERVISOR): processes an old supervisor left behind (an old release
+    without the parent-death tie, or a supervisor killed before its pool).
+    """
+    import psutil
+
+    killed = []
+    me = os.getpid()
+    for proc in psutil.process_iter(["pid", "environ"]):
+        try:
+            env = proc.info["environ"] or {}
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+        owner = env.get("WORKER_SUPERVISOR")
+        if proc.pid == me or env.get("WORKER_NODE") != node or not owner or owner == keep:
+            continue
+        try:
+            owner_pid = int(owner.rsplit(":", 1)[1])
+        except (IndexError, ValueError):
+            owner_pid = None
+        if owner_pid is not None and owner_pid != proc.pid and psutil.pid_exists(owner_pid) and owner_pid != me:
+            try:
+                if "run_workers" in " ".join(psutil.Process(owner_pid).cmdline()):
+                    continue  # a live supervisor's (of another checkout): not ours to kill
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            proc.kill()
+            killed.append(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return killed
+
+
+@dataclass
+class LiveSummary:
+    executing: int = 0
+    expired: bool = False
+    stale_dispatch: bool = False
+    waiting: set = field(default_factory=set)  # providers with tasks waiting for admission
+
+
+def live_summary() -> LiveSummary:
+    """What the sweep needs to know, from one query over the live tasks (the status index)."""
+    t = sql.table(Task)
+    status, provider, admitted = sql.col(Task, "status"), sql.col(Task, "provider"), sql.col(Task, "admitted_at")
+    lease, dispatched = sql.col(Task, "lease_expires_at"), sql.col(Task, "dispatched_at")
+    running, cancelling = sorted(EXECUTING)
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=settings.TASK_DISPATCH_TIMEOUT_SECONDS)
+    rows = sql.fetchall(
+        f"SELECT {provider}, {status}, {admitted} IS NULL, COUNT(*),"
+        f" MAX(CASE WHEN {lease} < %s THEN 1 ELSE 0 END), MAX(CASE WHEN {dispatched} < %s THEN 1 ELSE 0 END)"
+        f" FROM {t.name} WHERE {status} IN (%s, %s, %s) GROUP BY {provider}, {status}, {admitted} IS NULL",
+        [
+            sql.prep(Task._meta.get_field("lease_expires_at"), now),
+            sql.prep(Task._meta.get_field("dispatched_at"), cutoff),
+            PENDING,
+            running,
+            cancelling,
+        ],
+    )
+    summary = LiveSummary()
+    for provider_id, state, unadmitted, count, lease_expired, dispatch_stale in rows:
+        if state == PENDING:
+            if unadmitted:
+                summary.waiting.add(provider_id)
+            elif dispatch_stale:
+                summary.stale_dispatch = True
+        else:
+            summary.executing += int(count)
+            summary.expired = summary.expired or bool(lease_expired)
+    return summary
 
 
 SWEEP_SCHEDULE = "cloudhost-sweep"

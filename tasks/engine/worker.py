@@ -257,7 +257,7 @@ def _registry_due() -> dict | None:
         "node": settings.WORKER_NODE,
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "queue": os.environ.get("Q_CLUSTER_NAME", "default"),
+        "queue": os.environ.get("WORKER_POOL_NAME", "default"),
         "tasks_run": _registry["unreported"] + 1,
     }
 

@@ -12,7 +12,7 @@ from django_q.brokers.orm import ORM
 from django_q.conf import Conf
 from django_q.models import OrmQ
 
-from tasks.engine.broker import OrmBroker
+from tasks.engine.broker import OrmBroker, QueueSet, RedisBroker, write_queues
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -92,3 +92,84 @@ def test_a_connection_dropped_between_polls_costs_no_poll(broker):
         assert cur.fetchone()[0] != old_id
     broker.acknowledge(job)
     assert not OrmQ.objects.filter(pk=job).exists()
+
+
+@pytest.fixture
+def queues_file(tmp_path, monkeypatch):
+    path = tmp_path / "queues"
+    monkeypatch.setenv("WORKER_QUEUES_FILE", str(path))
+    return path
+
+
+def test_a_pool_takes_from_every_listed_queue_oldest_first_and_follows_the_list(queues_file, monkeypatch):
+    monkeypatch.setattr(Conf, "POLL", 0.001)
+    write_queues(queues_file, ["provider-1", "provider-2"])
+    pool = OrmBroker()  # the pool's own key (django-q2's schedules) plus the listed ones
+    a = OrmBroker(list_key="provider-1").enqueue("a")
+    b = OrmBroker(list_key="provider-2").enqueue("b")
+    OrmBroker(list_key="provider-3").enqueue("not served here")
+    schedule = OrmBroker(list_key=Conf.CLUSTER_NAME).enqueue("schedule")
+    assert [pool.dequeue(), pool.dequeue(), pool.dequeue(), pool.dequeue()] == [
+        [(a, "a")],
+        [(b, "b")],
+        [(schedule, "schedule")],
+        None,
+    ]
+    assert pool.ready_counts(["provider-1", "provider-3"]) == {"provider-3": 1}
+    write_queues(queues_file, ["provider-1", "provider-2", "provider-3"])
+    assert pool.dequeue()[0][1] == "not served here", "a provider added while running is served at once"
+    assert OrmBroker(list_key="provider-1").queues.names() == ["provider-1"], "a producer serves nothing else"
+
+
+def test_an_idle_pool_backs_off_and_is_fast_again_when_a_job_comes(queues_file, monkeypatch, settings):
+    monkeypatch.setattr(Conf, "POLL", 0.001)
+    settings.Q_POLL_IDLE_SECONDS = 0.004
+    write_queues(queues_file, ["provider-1"])
+    pool = OrmBroker()
+    slept = []
+    monkeypatch.setattr("tasks.engine.broker.time.sleep", slept.append)
+    for _ in range(5):
+        assert pool.dequeue() is None
+    assert slept == [0.001, 0.002, 0.004, 0.004, 0.004]
+    OrmBroker(list_key="provider-1").enqueue("x")
+    assert pool.dequeue()
+    assert pool.dequeue() is None and slept[-1] == 0.001
+
+
+def test_the_redis_pool_reads_all_keys_in_one_call_rotating_so_none_starves(queues_file, monkeypatch):
+    redis = pytest.importorskip("redis")
+    from tasks.engine.broker import redis_key
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/15")
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    client.flushdb()
+    names = [f"provider-{n}" for n in range(1, 4)]
+    write_queues(queues_file, names)
+    monkeypatch.setattr(Conf, "REDIS", "redis://127.0.0.1:6379/15")
+    try:
+        pool = RedisBroker(list_key=Conf.CLUSTER_NAME)
+        calls = []
+        real = pool.connection.blpop
+        pool.connection.blpop = lambda keys, timeout: calls.append(list(keys)) or real(keys, timeout)
+        # provider-1 has a backlog; the others one job each: they are not left behind it.
+        for n in range(20):
+            client.rpush(redis_key("provider-1"), f"1-{n}")
+        client.rpush(redis_key("provider-2"), "2-0")
+        client.rpush(redis_key("provider-3"), "3-0")
+        got = [pool.dequeue()[0][1].decode() for _ in range(4)]
+        assert "2-0" in got and "3-0" in got, got
+        assert len(calls) == 4 and all(len(keys) == 4 for keys in calls), "one call over every key"
+        assert len({keys[0] for keys in calls}) == 4, "each key comes first in turn"
+        assert pool.ready_counts(names) == {"provider-1": 18}
+    finally:
+        client.flushdb()
+
+
+def test_queue_set_rotation_visits_every_key():
+    q = QueueSet("own", path="")
+    q._names = ["own", "a", "b"]
+    q.path = ""
+    assert [q.rotated()[0] for _ in range(3)] == ["a", "b", "own"]

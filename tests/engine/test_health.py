@@ -122,7 +122,7 @@ def test_the_supervisor_probes_held_providers_in_a_thread(provider, settings, mo
     settings.PROVIDER_PROBE_SECONDS = 1.0
     health.mark_unreachable(provider.pk, "cannot connect")
     Provider.objects.filter(pk=provider.pk).update(probed_at=timezone.now() - timedelta(seconds=5))
-    supervisor = Supervisor(sweep=True, maintenance_cluster=False)
+    supervisor = Supervisor(sweep=True, scheduler=False)
     supervisor.sweep()
     assert supervisor.prober is not None
     supervisor.prober.join(10)

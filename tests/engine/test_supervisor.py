@@ -2,92 +2,207 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tasks.engine import supervisor as sup
 from tasks.models import Provider
 
 
-class FakeProc:
-    def __init__(self):
-        self.pid, self.returncode, self.signals = 4242, None, []
+class FakePool:
+    """What the supervisor sees of its pool: the clusters, and the commands it sends."""
 
-    def poll(self):
-        return self.returncode
+    def __init__(self, supervisor, workers=2):
+        self.commands = []
+        self.rows = [sup.Cluster(name="pool-1", pid=os.getpid(), workers=workers, base=True)]
+        supervisor.pool_alive = lambda: True
+        supervisor.clusters = lambda: list(self.rows)
+        supervisor.command = self.commands.append
 
-    def send_signal(self, sig):
-        self.signals.append(sig)
+    def grown(self, name, workers):
+        self.rows.append(sup.Cluster(name=name, pid=os.getpid(), workers=workers, base=False))
 
 
 @pytest.fixture
-def spawned(monkeypatch):
-    calls = []
-
-    def fake_spawn(self, queue, workers, provider_id):
-        calls.append((queue, workers))
-        cluster = sup.Cluster(queue=queue, workers=workers, proc=FakeProc(), provider_id=provider_id)
-        self.clusters.setdefault(queue, []).append(cluster)
-        return cluster
-
-    monkeypatch.setattr(sup.Supervisor, "_spawn", fake_spawn)
+def supervisor(db, monkeypatch, tmp_path, settings):
+    settings.VAR_DIR = tmp_path
     monkeypatch.setattr(sup.dispatch, "redispatch_stale", lambda **kw: [])
-    return calls
+    return sup.Supervisor(scheduler=False)
 
 
-def test_one_cluster_per_provider_sized_to_its_limit_and_grown_not_restarted(db, spawned):
+def test_the_pool_serves_every_provider_queue_and_follows_changes(supervisor, settings):
+    from tasks.engine.broker import QueueSet, read_queues
+
     a = Provider.objects.create(name="a")
     b = Provider.objects.create(name="b", allow_concurrent_tasks=True, max_concurrent_tasks=3)
-    s = sup.Supervisor(maintenance_cluster=False)
-    s.reconcile_clusters()
-    assert sorted(spawned) == sorted([(a.queue_name, 1), (b.queue_name, 3)])
-    Provider.objects.filter(pk=a.pk).update(allow_concurrent_tasks=True, max_concurrent_tasks=4)
-    s.reconcile_clusters()
-    assert spawned[-1] == (a.queue_name, 3), "the missing workers come as an extra cluster"
-    assert not any(c.proc.signals for c in s.clusters[a.queue_name]), "running clusters are left alone"
-    Provider.objects.filter(pk=b.pk).update(enabled=False)
-    s.reconcile_clusters()
-    assert b.queue_name not in s.clusters, "a disabled provider with nothing running is let go"
+    supervisor.refresh_providers(force=True)
+    assert read_queues(supervisor.queues_file) == sorted([a.queue_name, b.queue_name])
+    assert supervisor.capacity() == 4, "the sum of the limits"
+    queues = QueueSet("cloudhost", str(supervisor.queues_file))
+    assert queues.names() == ["cloudhost", a.queue_name, b.queue_name]
+    c = Provider.objects.create(name="c")
+    Provider.objects.filter(pk=b.pk).update(max_concurrent_tasks=10)
+    supervisor.refresh_providers(force=True)
+    assert supervisor.capacity() == 12, "a raised limit raises the cap: no restart"
+    assert queues.names() == ["cloudhost", a.queue_name, b.queue_name, c.queue_name], "the broker re-reads the list"
+    settings.WORKER_CONCURRENCY = 5
+    assert supervisor.capacity() == 5
 
 
-def test_worker_providers_places_queues_on_chosen_machines(db, spawned, settings):
+def test_worker_providers_places_queues_on_chosen_machines(supervisor, settings):
+    from tasks.engine.broker import read_queues
+
     a = Provider.objects.create(name="eu-1")
     Provider.objects.create(name="us-1")
     c = Provider.objects.create(name="eu-2")
     settings.WORKER_PROVIDERS = ["eu-1", str(c.pk)]
-    sup.Supervisor(maintenance_cluster=False).reconcile_clusters()
-    assert sorted(q for q, _ in spawned) == sorted([a.queue_name, c.queue_name])
+    supervisor.refresh_providers(force=True)
+    assert read_queues(supervisor.queues_file) == sorted([a.queue_name, c.queue_name])
 
 
-def test_a_dead_cluster_is_started_again(db, spawned):
-    p = Provider.objects.create(name="x")
-    s = sup.Supervisor(maintenance_cluster=False)
-    s.reconcile_clusters()
-    s.clusters[p.queue_name][0].proc.returncode = -9
-    s.reconcile_clusters()
-    assert spawned == [(p.queue_name, 1), (p.queue_name, 1)]
+def test_the_pool_grows_when_jobs_wait_twice_and_not_beyond_the_cap(supervisor, monkeypatch):
+    Provider.objects.create(name="a", allow_concurrent_tasks=True, max_concurrent_tasks=10)
+    pool = FakePool(supervisor)
+    waiting = {"n": 0}
+    monkeypatch.setattr(supervisor, "backlog", lambda: waiting["n"])
+    supervisor.reconcile_pool()
+    assert pool.commands == [], "nothing waits"
+    waiting["n"] = 3
+    supervisor.reconcile_pool()
+    assert pool.commands == [], "a job seen once may just be on its way to an idle worker"
+    supervisor.reconcile_pool()
+    assert pool.commands == ["grow 5"], "room for the 3 waiting and the 2 a busy pusher may hold"
+    supervisor.reconcile_pool()
+    assert pool.commands == ["grow 5"], "no second grow while the first is starting"
+    pool.grown("pool-2", 5)
+    supervisor.reconcile_pool()  # the new cluster runs: the waiting jobs are sent again for it
+    assert supervisor.resend_at
+    waiting["n"] = 50
+    supervisor.reconcile_pool()
+    supervisor.reconcile_pool()
+    assert pool.commands[-1] == "grow 3", "up to the cap of 10 (sum of the limits)"
+    pool.grown("pool-3", 3)
+    supervisor.reconcile_pool()
+    supervisor.reconcile_pool()
+    supervisor.reconcile_pool()
+    assert pool.commands[-1] == "grow 3", "at the cap: no more"
 
 
-def test_the_registry_row_holds_a_long_queue_list_and_a_failing_step_does_not_stop_recovery(db, spawned, monkeypatch):
+def test_an_idle_extra_cluster_is_retired_and_a_busy_one_is_not(supervisor, monkeypatch, settings, alice):
+    from tasks.models import Instance, Task
+
+    settings.WORKER_POOL_IDLE_SECONDS = 1.0
+    pool = FakePool(supervisor)
+    pool.grown("pool-2", 4)
+    supervisor.retire_idle()
+    assert pool.commands == []
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(sup.time, "monotonic", lambda: clock["now"])
+    supervisor.last_busy.clear()
+    supervisor.retire_idle()
+    # A worker of the extra cluster runs a task: it stays.
+    provider = Provider.objects.create(name="p")
+    instance = Instance.objects.create(owner=alice, provider=provider, name="i", live_name="i", image="x")
+    Task.objects.create(
+        task_type="start",
+        owner=alice,
+        initiator=alice,
+        provider=provider,
+        instance=instance,
+        status="running",
+        worker=f"{settings.WORKER_NODE}:{os.getpid()}",
+    )
+    clock["now"] += 5
+    supervisor.retire_idle()
+    assert pool.commands == [], "busy: never touched"
+    Task.objects.update(status="completed")
+    clock["now"] += 0.5
+    supervisor.retire_idle()
+    assert pool.commands == []
+    clock["now"] += 1.0
+    supervisor.retire_idle()
+    assert pool.commands == ["retire pool-2"], "idle for WORKER_POOL_IDLE_SECONDS: stopped; the base never"
+
+
+def test_the_registry_row_holds_a_long_queue_list_and_a_failing_step_does_not_stop_recovery(supervisor, monkeypatch):
     """Twenty providers' queue names overflow the registry's queue column: it is summarised.
     And when the registry write fails anyway, the recovery sweep of the same round still runs."""
     from tasks.models import Worker
 
     for n in range(20):
         Provider.objects.create(name=f"p{n}")
-    s = sup.Supervisor(maintenance_cluster=False)
-    s.reconcile_clusters()
-    s.tick()
-    row = Worker.objects.get(name=s.name)
+    supervisor.refresh_providers(force=True)
+    supervisor.tick()
+    row = Worker.objects.get(name=supervisor.name)
     assert len(row.queue) <= 100 and row.queue.endswith("more)") and row.role == "supervisor"
     assert sup.summarize_queues(["provider-1", "provider-2"], 100) == "provider-1,provider-2"
     assert sup.summarize_queues([], 100) == "-"
 
     swept = []
-    monkeypatch.setattr(s, "heartbeat", lambda: 1 / 0)
-    monkeypatch.setattr(s, "sweep", lambda: swept.append(True))
-    s.sweep_enabled = True
-    s.tick()
+    monkeypatch.setattr(supervisor, "heartbeat", lambda: 1 / 0)
+    monkeypatch.setattr(supervisor, "sweep", lambda: swept.append(True))
+    supervisor.last_heartbeat = -1e9
+    supervisor.sweep_enabled = True
+    supervisor.tick()
     assert swept == [True]
+
+
+def test_the_idle_sweep_is_one_query_whatever_the_number_of_providers(supervisor, django_assert_max_num_queries):
+    for n in range(40):
+        Provider.objects.create(name=f"p{n}", enable_task_polling=True, task_poll_interval=1)
+    supervisor.refresh_providers(force=True)
+    supervisor.last_reconcile = supervisor.last_safety = sup.time.monotonic()
+    with django_assert_max_num_queries(1):
+        supervisor.sweep()
+
+
+def test_the_live_summary_tells_what_the_sweep_must_do(supervisor, alice, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tasks.models import Instance, Task
+
+    provider = Provider.objects.create(name="p")
+    other = Provider.objects.create(name="q")
+    instance = Instance.objects.create(owner=alice, provider=provider, name="i", live_name="i", image="x")
+    assert sup.live_summary() == sup.LiveSummary()
+    now = timezone.now()
+    base = dict(task_type="start", owner=alice, initiator=alice, instance=instance)
+    Task.objects.create(provider=other, status="pending", **base)
+    summary = sup.live_summary()
+    assert summary.waiting == {other.pk} and not summary.expired and not summary.stale_dispatch
+    Task.objects.create(provider=provider, status="running", lease_expires_at=now + timedelta(seconds=30), **base)
+    assert sup.live_summary().executing == 1 and not sup.live_summary().expired
+    Task.objects.create(provider=provider, status="cancelling", lease_expires_at=now - timedelta(seconds=1), **base)
+    assert sup.live_summary().expired
+    stale = now - timedelta(seconds=settings.TASK_DISPATCH_TIMEOUT_SECONDS + 1)
+    Task.objects.create(provider=provider, status="pending", admitted_at=stale, dispatched_at=stale, **base)
+    assert sup.live_summary().stale_dispatch
+
+
+def test_a_second_supervisor_of_the_node_is_refused_and_leftovers_are_killed(supervisor, tmp_path):
+    import subprocess
+    import sys
+
+    # A leftover of an old supervisor (pid that no longer runs) of this node.
+    env = dict(os.environ, WORKER_NODE=sup.settings.WORKER_NODE, WORKER_SUPERVISOR=f"{sup.settings.WORKER_NODE}:999999")
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+    # Another node's process is not touched.
+    other_env = dict(os.environ, WORKER_NODE="elsewhere", WORKER_SUPERVISOR="elsewhere:999999")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=other_env)
+    try:
+        supervisor.acquire()
+        assert leftover.wait(5) == -9
+        assert other.poll() is None
+        second = sup.Supervisor(scheduler=False)
+        second.run_dir = supervisor.run_dir
+        with pytest.raises(sup.AlreadyRunning, match="another run_workers"):
+            second.acquire()
+    finally:
+        other.kill()
+        leftover.kill()
 
 
 def test_the_sweep_schedule_is_one_row_even_after_machines_started_at_once(db):

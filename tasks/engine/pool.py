@@ -1,0 +1,262 @@
+"""A machine's worker pool, as the supervisor starts it (``manage.py run_pool``).
+
+The pool process runs django-q2 clusters (each a sentinel with its pusher,
+monitor and workers, on the same broker): the base cluster from the start,
+extra ones when the supervisor asks (a line ``grow <workers>`` on its stdin),
+stopped again when it says so (``retire <name>``). It forks each cluster from
+itself, so an extra cluster is serving within a fraction of a second instead
+of the seconds a new interpreter takes to import Django. What it runs it
+writes to a status file (``WORKER_POOL_STATUS_FILE``: name, sentinel pid,
+workers, base) for the supervisor.
+
+Before it forks anything, this process
+
+- imports everything a task needs (the engine, every operation, every driver and
+  the client libraries they use), so the forked workers share those pages
+  instead of each importing its own copy;
+- collects and freezes the garbage collector's heap (``gc.freeze``): a
+  collection in a worker no longer writes to the inherited objects' headers,
+  which would copy their pages, so a worker's PSS is its own work;
+- ties itself and every process it forks to its parent: each one gets
+  ``PR_SET_PDEATHSIG`` = SIGKILL, so when the supervisor dies (kill -9,
+  crash), its pool dies at once instead of serving jobs unsupervised with old
+  code. A child whose parent died before the signal was set exits by itself.
+
+  Its stdin closing (the supervisor gone) stops it too.
+
+The broker (tasks.engine.broker) serves every provider queue listed in
+``WORKER_QUEUES_FILE``. django-q2's Sentinel stops its pusher first and lets a
+job in progress end, so retiring a cluster never touches a running task.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib
+import json
+import logging
+import os
+import select
+import signal
+import sys
+import uuid
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+PRELOAD = (
+    "django_q.cluster",
+    "django_q.worker",
+    "tasks.engine.worker",
+    "tasks.engine.dispatch",
+    "tasks.engine.transitions",
+    "tasks.engine.health",
+    "tasks.engine.maintenance",
+    "tasks.reconcile",
+    "tasks.traffic",
+)
+
+_parent: dict[str, int] = {}
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent(expected_parent: int | None) -> None:
+    """SIGKILL this process when its parent dies; exit now if it already has."""
+    if not sys.platform.startswith("linux"):
+        return
+    if _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        logger.warning("pool: prctl(PR_SET_PDEATHSIG) failed: errno %s", ctypes.get_errno())
+        return
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os._exit(1)  # the parent died before the signal was set
+
+
+def _before_fork() -> None:
+    _parent["pid"] = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    die_with_parent(_parent.get("pid"))
+
+
+def tie_to_parent(supervisor_pid: int | None) -> None:
+    """This process and every process it forks die with their parent."""
+    die_with_parent(supervisor_pid)
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def preload() -> list[str]:
+    """Import what the workers will need; return the modules that could not be imported."""
+    from providers.base import import_drivers
+    from tasks.operations import get_operation
+
+    get_operation("create")  # loads every operation module (and TASK_EXTRA_OPERATIONS)
+    import_drivers()
+    missing = []
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:  # an optional client library absent: the driver loads on use
+            missing.append(f"{name} ({exc})")
+    return missing
+
+
+def _sentinel(stop_event, start_event, workers: int, scheduler: bool) -> None:
+    """A forked cluster: django-q2's Sentinel with this many workers."""
+    from django_q.brokers import get_broker
+    from django_q.cluster import Sentinel
+    from django_q.conf import Conf
+
+    Conf.WORKERS = workers  # (this process's own copy: the sentinel sizes its pool from it)
+    Conf.SCHEDULER = scheduler
+    os.environ["WORKER_POOL_NAME"] = multiprocessing_name()
+    Sentinel(stop_event, start_event, uuid.uuid4(), get_broker())
+
+
+@dataclass
+class Member:
+    name: str
+    workers: int
+    base: bool
+    process: object
+    stop_event: object
+    retiring: bool = False
+
+
+class Pool:
+    def __init__(self, status_file: str | None):
+        from django_q.cluster import get_mp_context
+
+        self.ctx = get_mp_context()
+        self.status_file = status_file
+        self.members: list[Member] = []
+        self.serial = 0
+        self.stopping = False
+
+    def add(self, workers: int, *, base: bool) -> Member:
+        from django.db import connections
+        from django_q.conf import Conf
+
+        connections.close_all()
+        self.serial += 1
+        stop_event, start_event = self.ctx.Event(), self.ctx.Event()
+        scheduler = base and Conf.SCHEDULER
+        process = self.ctx.Process(
+            target=_sentinel, args=(stop_event, start_event, workers, scheduler), name=f"pool-{self.serial}"
+        )
+        process.start()
+        member = Member(f"pool-{self.serial}", workers, base, process, stop_event)
+        self.members.append(member)
+        logger.info(
+            "pool: %s cluster %s started (%d workers, pid %s)",
+            "base" if base else "extra",
+            member.name,
+            workers,
+            process.pid,
+        )
+        self.write_status()
+        return member
+
+    def retire(self, name: str) -> None:
+        for member in self.members:
+            if member.name == name and not member.retiring:
+                member.retiring = True
+                member.stop_event.set()
+                logger.info("pool: stopping cluster %s", name)
+        self.write_status()
+
+    def reap(self) -> None:
+        changed = False
+        for member in list(self.members):
+            if member.process.is_alive():
+                continue
+            member.process.join()
+            self.members.remove(member)
+            changed = True
+            if not member.retiring and not self.stopping:
+                logger.warning("pool: cluster %s exited (%s); starting it again", member.name, member.process.exitcode)
+                self.add(member.workers, base=member.base)
+        if changed:
+            self.write_status()
+
+    def stop(self) -> None:
+        self.stopping = True
+        for member in self.members:
+            member.stop_event.set()
+        for member in self.members:
+            member.process.join()
+        self.members = []
+        self.write_status()
+
+    def write_status(self) -> None:
+        if not self.status_file:
+            return
+        rows = [
+            {"name": m.name, "pid": m.process.pid, "workers": m.workers, "base": m.base, "retiring": m.retiring}
+            for m in self.members
+        ]
+        tmp = f"{self.status_file}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"pid": os.getpid(), "clusters": rows}, f)
+        os.replace(tmp, self.status_file)
+
+
+def multiprocessing_name() -> str:
+    import multiprocessing
+
+    return multiprocessing.current_process().name
+
+
+def read_status(path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return {"pid": None, "clusters": []}
+
+
+def run() -> None:
+    supervisor = os.environ.get("WORKER_SUPERVISOR_PID")
+    tie_to_parent(int(supervisor) if supervisor else None)
+    missing = preload()
+    if missing:
+        logger.info("pool: not preloaded: %s", ", ".join(missing))
+    from django.db import connections
+    from django_q.conf import Conf
+
+    connections.close_all()  # nothing open to share with the forked processes
+    gc.collect()
+    gc.freeze()
+    pool = Pool(os.environ.get("WORKER_POOL_STATUS_FILE"))
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *a: stop.append(1))
+    pool.add(int(Conf.WORKERS), base=True)
+    commands = sys.stdin
+    while not stop:
+        try:
+            ready, _, _ = select.select([commands], [], [], 0.5)
+        except InterruptedError:
+            continue
+        if ready:
+            line = commands.readline()
+            if not line:
+                logger.warning("pool: the supervisor is gone; stopping")
+                break
+            _command(pool, line.split())
+        pool.reap()
+    pool.stop()
+
+
+def _command(pool: Pool, words: list[str]) -> None:
+    if len(words) == 2 and words[0] == "grow" and words[1].isdigit() and int(words[1]) > 0:
+        pool.add(int(words[1]), base=False)
+    elif len(words) == 2 and words[0] == "retire":
+        pool.retire(words[1])
+    else:
+        logger.error("pool: unknown command %r", " ".join(words))
