@@ -59,6 +59,7 @@ PRELOAD = (
 )
 
 _parent: dict[str, int] = {}
+START_WAIT_SECONDS = 30
 
 
 def _libc():
@@ -152,6 +153,9 @@ class Pool:
         process.start()
         member = Member(f"pool-{self.serial}", workers, base, process, stop_event)
         self.members.append(member)
+        # Its sentinel sets start_event once its workers, monitor and pusher run.
+        if not start_event.wait(START_WAIT_SECONDS):
+            logger.warning("pool: cluster %s not running after %s s", member.name, START_WAIT_SECONDS)
         logger.info(
             "pool: %s cluster %s started (%d workers, pid %s)",
             "base" if base else "extra",

@@ -64,9 +64,6 @@ SAFETY_ADMIT_SECONDS = 30.0
 # cluster started (its pusher polls by then), and once more a little later: a busy
 # cluster's pusher holds a job in hand that its workers cannot run yet.
 GROW_RESEND_SECONDS = (0.3, 2.0)
-# A busy cluster's pusher may hold this many jobs its workers cannot take yet
-# (one in hand, one in its queue: django-q2's queue_limit 1).
-HELD_PER_CLUSTER = 2
 POOL_CHECK_SECONDS = 0.25
 # How long a grow may take before the supervisor may ask again.
 GROW_WAIT_SECONDS = 5.0
@@ -74,6 +71,8 @@ PROVIDERS_REFRESH_SECONDS = 2.0
 HEARTBEAT_SECONDS = 5.0
 RECONCILE_SECONDS = 10.0
 OVERDUE_SECONDS = 10.0
+# An admitted job not claimed this long after it was sent waits for a worker.
+UNCLAIMED_SECONDS = 0.5
 
 
 @dataclass
@@ -141,6 +140,7 @@ class Supervisor:
         self.status_file = self.run_dir / "pool.json"
         self.pool_proc: subprocess.Popen | None = None
         self.growing: tuple[int, int, float] | None = None  # (workers, clusters before, asked at)
+        self.grow_quiet_until = 0.0  # after a grow, until its re-sent jobs had their chance
         self.last_busy: dict[str, float] = {}
         self.providers: list[ServedProvider] = []
         self.providers_at = -1e9
@@ -302,22 +302,46 @@ class Supervisor:
             # The new cluster runs: send the waiting jobs again for it, as its pusher polls.
             self.growing = None
             self.resend_at = [now + d for d in GROW_RESEND_SECONDS]
+            self.grow_quiet_until = now + GROW_RESEND_SECONDS[-1]
         elif self.growing is not None and now - self.growing[2] > GROW_WAIT_SECONDS:
             self.growing = None  # the pool never made it: ask again if jobs still wait
         if self.resend_at and now >= self.resend_at[0]:
             self.resend_at.pop(0)
             dispatch.redispatch_stale(cutoff=timezone.now(), provider_ids=[p.pk for p in self.providers])
-        cap = self.capacity()
         waiting = self.backlog()
-        if waiting and self.backlog_seen and self.growing is None and self.pool_size < cap:
-            # Jobs waited at two checks in a row: every worker is busy. Add room for them
-            # and for the jobs the busy clusters' pushers may hold.
-            held = HELD_PER_CLUSTER * sum(1 for c in clusters if not c.retiring)
-            workers = min(cap - self.pool_size, waiting + held)
-            self.command(f"grow {workers}")
-            self.growing = (workers, len(clusters), now)
-            waiting = 0
+        if waiting and self.backlog_seen:
+            # Jobs waited in the broker at two checks in a row: every worker is busy.
+            waiting = 0 if self.grow(waiting, clusters) else waiting
         self.backlog_seen = bool(waiting)
+
+    def grow(self, waiting: int, clusters: list[Cluster]) -> bool:
+        """Ask the pool for an extra cluster with room for the work this machine should run now,
+        within the cap. False when it cannot grow now."""
+        now = time.monotonic()
+        cap = self.capacity()
+        size = self.pool_size
+        if self.growing is not None or not clusters or size >= cap or now < self.grow_quiet_until:
+            return False
+        # The jobs seen waiting are a lower bound: busy pushers hold some out of sight.
+        # The database knows them all: admitted and unclaimed, plus what runs here.
+        want = max(size + waiting, self.demand())
+        workers = min(cap, want) - size
+        if workers <= 0:
+            return False
+        logger.info("supervisor: %d job(s) wait for a worker; growing the pool by %d", waiting, workers)
+        self.command(f"grow {workers}")
+        self.growing = (workers, len(clusters), now)
+        return True
+
+    def demand(self) -> int:
+        """Tasks of the served providers admitted but not claimed, and tasks running on this machine."""
+        from django.db.models import Q
+
+        return Task.objects.filter(
+            Q(status=PENDING, admitted_at__isnull=False)
+            | Q(status__in=EXECUTING, worker__startswith=f"{settings.WORKER_NODE}:"),
+            provider_id__in=[p.pk for p in self.providers],
+        ).count()
 
     def retire_idle(self) -> None:
         """Stop an extra cluster whose workers ran no task for WORKER_POOL_IDLE_SECONDS."""
@@ -399,6 +423,12 @@ class Supervisor:
         if live.stale_dispatch:
             maintenance.redispatch(report)
         self.refresh_providers()
+        served = {p.pk for p in self.providers}
+        unclaimed = sum(n for pk, n in live.unclaimed.items() if pk in served)
+        if unclaimed and self.pool_alive():
+            # Admitted jobs nobody claimed for a while, though none waits in the broker:
+            # busy pushers hold them (prefetch). A grow re-sends them for the new workers.
+            self.grow(unclaimed, self.clusters())
         due = []
         safety = now - self.last_safety >= SAFETY_ADMIT_SECONDS
         if safety:
@@ -574,6 +604,7 @@ class LiveSummary:
     expired: bool = False
     stale_dispatch: bool = False
     waiting: set = field(default_factory=set)  # providers with tasks waiting for admission
+    unclaimed: dict = field(default_factory=dict)  # provider -> admitted jobs not claimed within UNCLAIMED_SECONDS
 
 
 def live_summary() -> LiveSummary:
@@ -586,23 +617,27 @@ def live_summary() -> LiveSummary:
     cutoff = now - timedelta(seconds=settings.TASK_DISPATCH_TIMEOUT_SECONDS)
     rows = sql.fetchall(
         f"SELECT {provider}, {status}, {admitted} IS NULL, COUNT(*),"
-        f" MAX(CASE WHEN {lease} < %s THEN 1 ELSE 0 END), MAX(CASE WHEN {dispatched} < %s THEN 1 ELSE 0 END)"
+        f" MAX(CASE WHEN {lease} < %s THEN 1 ELSE 0 END), MAX(CASE WHEN {dispatched} < %s THEN 1 ELSE 0 END),"
+        f" SUM(CASE WHEN {dispatched} < %s THEN 1 ELSE 0 END)"
         f" FROM {t.name} WHERE {status} IN (%s, %s, %s) GROUP BY {provider}, {status}, {admitted} IS NULL",
         [
             sql.prep(Task._meta.get_field("lease_expires_at"), now),
             sql.prep(Task._meta.get_field("dispatched_at"), cutoff),
+            sql.prep(Task._meta.get_field("dispatched_at"), now - timedelta(seconds=UNCLAIMED_SECONDS)),
             PENDING,
             running,
             cancelling,
         ],
     )
     summary = LiveSummary()
-    for provider_id, state, unadmitted, count, lease_expired, dispatch_stale in rows:
+    for provider_id, state, unadmitted, count, lease_expired, dispatch_stale, unclaimed in rows:
         if state == PENDING:
             if unadmitted:
                 summary.waiting.add(provider_id)
-            elif dispatch_stale:
-                summary.stale_dispatch = True
+                continue
+            summary.stale_dispatch = summary.stale_dispatch or bool(dispatch_stale)
+            if unclaimed:
+                summary.unclaimed[provider_id] = int(unclaimed)
         else:
             summary.executing += int(count)
             summary.expired = summary.expired or bool(lease_expired)

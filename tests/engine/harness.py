@@ -78,8 +78,13 @@ class WorkerTier:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_ready(self, timeout: float = 60) -> WorkerTier:
+        """Until the pool's base cluster runs (its workers take jobs)."""
+        wait_until(lambda: "base cluster pool-1 started" in self.log(), timeout, 0.1, f"the pool of {self.node}")
+        return self
+
     def __enter__(self) -> WorkerTier:
-        return self.start()
+        return self.start().wait_ready()
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -264,7 +264,6 @@ def test_graceful_shutdown_finishes_short_tasks_and_releases_long_ones(alice, tm
 def test_tier_follows_provider_changes_while_running(alice, tmp_path, node):
     first = make_provider("pc1", 1)
     with WorkerTier(tmp_path, node) as tier:
-        wait_until(lambda: f"started cluster provider-{first.pk}" in tier.log(), 20, message="first cluster")
         # A provider added while the tier runs gets served.
         added = make_provider("pc2", 1)
         task = queue(alice, make_instances(alice, added, 1)[0], sleep=0)
@@ -278,9 +277,10 @@ def test_tier_follows_provider_changes_while_running(alice, tmp_path, node):
         raised = time.time()
         p.save()  # the post_save wake-up admits at once
         extra = [queue(alice, inst, sleep=1) for inst in make_instances(alice, added, 2)]
-        # Both extras start on the new workers while the first task still runs, before the
-        # jobs a busy cluster's pusher took (it blocks on its full queue with one in hand)
-        # would be sent again for being unclaimed (TASK_DISPATCH_TIMEOUT_SECONDS, 5 s here).
+        # Both extras start while the first task still runs (the pool grows if its idle
+        # size is not enough), before the jobs a busy cluster's pusher took (it blocks on
+        # its full queue with one in hand) would be sent again for being unclaimed
+        # (TASK_DISPATCH_TIMEOUT_SECONDS, 5 s here).
         wait_until(lambda: all_final([running.pk, *(e.pk for e in extra)]), 25, message="all three to finish")
         done = {t.pk: t for t in Task.objects.filter(pk__in=[running.pk, *(e.pk for e in extra)])}
         assert {t.status for t in done.values()} == {"completed"}
@@ -322,3 +322,55 @@ def test_an_unreachable_provider_holds_its_queue_until_it_answers(alice, tmp_pat
         wait_until(lambda: all_final([t.pk for t in tasks]), 20, message="the held tasks to run")
     assert [Task.objects.get(pk=t.pk).status for t in tasks] == ["failed", "completed", "completed", "completed"]
     assert Provider.objects.get(pk=provider.pk).unreachable_since is None
+
+
+def node_processes(node: str) -> list[int]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "environ"]):
+        try:
+            if (proc.info["environ"] or {}).get("WORKER_NODE") == node and proc.pid != os.getpid():
+                found.append(proc.pid)
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+    return found
+
+
+def test_killing_the_supervisor_stops_its_whole_pool_at_once(alice, tmp_path, node):
+    """Outside systemd (./run.sh), kill -9 of run_workers must not leave its pool serving jobs."""
+    provider = make_provider("orphan", 2)
+    tier = WorkerTier(tmp_path, node, WORKER_POOL_MIN="2").start().wait_ready()
+    try:
+        assert len(node_processes(node)) >= 6, "supervisor, pool, sentinel, pusher, monitor, 2 workers"
+        running = queue(alice, make_instances(alice, provider, 1)[0], sleep=30)
+        wait_until(lambda: Task.objects.filter(pk=running.pk, status="running").exists(), 20)
+        os.kill(tier.proc.pid, signal.SIGKILL)  # the supervisor alone
+        killed = time.monotonic()
+        wait_until(lambda: not node_processes(node), 5, message="every pool process to die with the supervisor")
+        assert time.monotonic() - killed < 3
+        # A new tier of the node starts (no leftover holds it) and recovers the task.
+        with WorkerTier(tmp_path, node):
+            wait_until(lambda: Task.objects.get(pk=running.pk).status in FINAL, 30, message="recovery")
+    finally:
+        tier.kill()
+
+
+def test_the_pool_grows_while_jobs_wait_and_shrinks_when_idle(alice, tmp_path, node):
+    """Idle: 2 workers. Six admitted at once on a provider of limit 6: the pool grows and
+    each starts within 2 s of its admission; idle again, the extra cluster is stopped."""
+    provider = make_provider("elastic", 6)
+    instances = make_instances(alice, provider, 6)
+    env = {"WORKER_POOL_MIN": "2", "WORKER_POOL_IDLE_SECONDS": "2"}
+    with WorkerTier(tmp_path, node, **env) as tier:
+        idle = len(node_processes(node))
+        tasks = [queue(alice, inst, sleep=4) for inst in instances]
+        wait_until(lambda: all_final([t.pk for t in tasks]), 30, message="all six")
+        done = list(Task.objects.filter(pk__in=[t.pk for t in tasks]))
+        assert {t.status for t in done} == {"completed"}
+        delays = sorted((t.started_at - t.admitted_at).total_seconds() for t in done)
+        assert delays[-1] < 2.0, delays
+        assert max(n for _, n in max_concurrency(done)) == 6, "all six ran at once: the pool grew"
+        assert "extra cluster pool-2 started" in tier.log()
+        wait_until(lambda: "pool: stopping cluster pool-2" in tier.log(), 15, message="the idle extra cluster to stop")
+        wait_until(lambda: len(node_processes(node)) == idle, 15, message="back to the idle pool")

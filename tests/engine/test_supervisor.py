@@ -72,21 +72,51 @@ def test_the_pool_grows_when_jobs_wait_twice_and_not_beyond_the_cap(supervisor, 
     supervisor.reconcile_pool()
     assert pool.commands == [], "a job seen once may just be on its way to an idle worker"
     supervisor.reconcile_pool()
-    assert pool.commands == ["grow 5"], "room for the 3 waiting and the 2 a busy pusher may hold"
+    assert pool.commands == ["grow 3"], "room for the 3 waiting"
     supervisor.reconcile_pool()
-    assert pool.commands == ["grow 5"], "no second grow while the first is starting"
-    pool.grown("pool-2", 5)
+    assert pool.commands == ["grow 3"], "no second grow while the first is starting"
+    pool.grown("pool-2", 3)
     supervisor.reconcile_pool()  # the new cluster runs: the waiting jobs are sent again for it
     assert supervisor.resend_at
     waiting["n"] = 50
     supervisor.reconcile_pool()
     supervisor.reconcile_pool()
-    assert pool.commands[-1] == "grow 3", "up to the cap of 10 (sum of the limits)"
-    pool.grown("pool-3", 3)
+    assert pool.commands == ["grow 3"], "not before the re-sent jobs had their chance"
+    supervisor.grow_quiet_until = 0
+    supervisor.reconcile_pool()
+    assert pool.commands[-1] == "grow 5", "up to the cap of 10 (sum of the limits)"
+    pool.grown("pool-3", 5)
     supervisor.reconcile_pool()
     supervisor.reconcile_pool()
+    supervisor.grow_quiet_until = 0
     supervisor.reconcile_pool()
-    assert pool.commands[-1] == "grow 3", "at the cap: no more"
+    assert pool.commands[-1] == "grow 5" and len(pool.commands) == 2, "at the cap: no more"
+
+
+def test_jobs_held_by_busy_pushers_grow_the_pool_too(supervisor, monkeypatch, alice, settings):
+    """Nothing waits in the broker (a busy cluster's pusher holds the jobs), but admitted
+    jobs stay unclaimed: the sweep's summary sees them and the pool grows by what the
+    database says this machine should run (here two running on it, three unclaimed)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tasks.models import Instance, Task
+
+    provider = Provider.objects.create(name="a", allow_concurrent_tasks=True, max_concurrent_tasks=4)
+    pool = FakePool(supervisor)
+    monkeypatch.setattr(supervisor, "backlog", lambda: 0)
+    instance = Instance.objects.create(owner=alice, provider=provider, name="i", live_name="i", image="x")
+    sent = timezone.now() - timedelta(seconds=1)
+    base = dict(task_type="start", owner=alice, initiator=alice, provider=provider, instance=instance)
+    for _ in range(3):
+        Task.objects.create(status="pending", admitted_at=sent, dispatched_at=sent, lease_token="t", **base)
+    for _ in range(2):
+        Task.objects.create(status="running", worker=f"{settings.WORKER_NODE}:1", **base)
+    Task.objects.create(status="running", worker="another-machine:1", **base)
+    supervisor.refresh_providers(force=True)
+    supervisor.sweep()
+    assert pool.commands == ["grow 2"], "2 running here + 3 unclaimed = 5, within the cap of 4: 2 more"
 
 
 def test_an_idle_extra_cluster_is_retired_and_a_busy_one_is_not(supervisor, monkeypatch, settings, alice):
