@@ -344,23 +344,23 @@ class Supervisor:
         ).count()
 
     def retire_idle(self) -> None:
-        """Stop an extra cluster whose workers ran no task for WORKER_POOL_IDLE_SECONDS."""
+        """Stop an extra cluster whose workers took no task for WORKER_POOL_IDLE_SECONDS.
+
+        A worker's registry row (tasks.models.Worker) is written by its claims (at most
+        every WORKER_REGISTRY_INTERVAL_SECONDS) and by its heartbeat while a task runs:
+        a cluster none of whose workers' rows moved within the window ran nothing.
+        """
         extras = [c for c in self.clusters() if not c.base and not c.retiring]
         if not extras:
             return
         now = time.monotonic()
-        busy_pids = set()
-        prefix = f"{settings.WORKER_NODE}:"
-        for worker in Task.objects.filter(status__in=EXECUTING, worker__startswith=prefix).values_list(
-            "worker", flat=True
-        ):
-            try:
-                busy_pids.add(int(worker.rsplit(":", 1)[1]))
-            except (IndexError, ValueError):
-                continue
+        window = timezone.now() - timedelta(seconds=settings.WORKER_POOL_IDLE_SECONDS)
+        active = set(
+            Worker.objects.filter(node=settings.WORKER_NODE, last_heartbeat__gte=window).values_list("pid", flat=True)
+        )
         for cluster in extras:
             last = self.last_busy.setdefault(cluster.name, now)
-            if self.backlog_seen or busy_pids & set(cluster_pids(cluster.pid)):
+            if self.backlog_seen or active & set(cluster_pids(cluster.pid)):
                 self.last_busy[cluster.name] = now
             elif now - last >= settings.WORKER_POOL_IDLE_SECONDS:
                 logger.info("supervisor: cluster %s idle for %.0f s; stopping it", cluster.name, now - last)

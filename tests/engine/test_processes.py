@@ -263,7 +263,7 @@ def test_graceful_shutdown_finishes_short_tasks_and_releases_long_ones(alice, tm
 
 def test_tier_follows_provider_changes_while_running(alice, tmp_path, node):
     first = make_provider("pc1", 1)
-    with WorkerTier(tmp_path, node) as tier:
+    with WorkerTier(tmp_path, node):
         # A provider added while the tier runs gets served.
         added = make_provider("pc2", 1)
         task = queue(alice, make_instances(alice, added, 1)[0], sleep=0)

@@ -119,38 +119,37 @@ def test_jobs_held_by_busy_pushers_grow_the_pool_too(supervisor, monkeypatch, al
     assert pool.commands == ["grow 2"], "2 running here + 3 unclaimed = 5, within the cap of 4: 2 more"
 
 
-def test_an_idle_extra_cluster_is_retired_and_a_busy_one_is_not(supervisor, monkeypatch, settings, alice):
-    from tasks.models import Instance, Task
+def test_an_idle_extra_cluster_is_retired_and_a_busy_one_is_not(supervisor, monkeypatch, settings):
+    from datetime import timedelta
 
-    settings.WORKER_POOL_IDLE_SECONDS = 1.0
+    from django.utils import timezone
+
+    from tasks.models import Worker
+
+    settings.WORKER_POOL_IDLE_SECONDS = 60.0
     pool = FakePool(supervisor)
     pool.grown("pool-2", 4)
-    supervisor.retire_idle()
-    assert pool.commands == []
     clock = {"now": 1000.0}
     monkeypatch.setattr(sup.time, "monotonic", lambda: clock["now"])
-    supervisor.last_busy.clear()
-    supervisor.retire_idle()
-    # A worker of the extra cluster runs a task: it stays.
-    provider = Provider.objects.create(name="p")
-    instance = Instance.objects.create(owner=alice, provider=provider, name="i", live_name="i", image="x")
-    Task.objects.create(
-        task_type="start",
-        owner=alice,
-        initiator=alice,
-        provider=provider,
-        instance=instance,
-        status="running",
-        worker=f"{settings.WORKER_NODE}:{os.getpid()}",
-    )
-    clock["now"] += 5
-    supervisor.retire_idle()
-    assert pool.commands == [], "busy: never touched"
-    Task.objects.update(status="completed")
-    clock["now"] += 0.5
     supervisor.retire_idle()
     assert pool.commands == []
-    clock["now"] += 1.0
+    # One of its workers claimed a task 30 s ago (its registry row moved): busy.
+    Worker.objects.create(
+        name=f"{settings.WORKER_NODE}:{os.getpid()}",
+        node=settings.WORKER_NODE,
+        host="h",
+        pid=os.getpid(),
+        queue="pool-2",
+        last_heartbeat=timezone.now() - timedelta(seconds=30),
+    )
+    clock["now"] += 61
+    supervisor.retire_idle()
+    assert pool.commands == [], "it took work within the window: never touched"
+    Worker.objects.update(last_heartbeat=timezone.now() - timedelta(seconds=61))
+    clock["now"] += 30
+    supervisor.retire_idle()
+    assert pool.commands == [], "idle for 30 s only"
+    clock["now"] += 31
     supervisor.retire_idle()
     assert pool.commands == ["retire pool-2"], "idle for WORKER_POOL_IDLE_SECONDS: stopped; the base never"
 

@@ -84,7 +84,7 @@ def setup_providers(owner, per_provider: int) -> list[tuple[Provider, list[Insta
 
 
 def wait_for_pushers(redis_server, count: int) -> None:
-    """Until ``count`` django-q2 pushers block on the queues (every machine's clusters are up).
+    """Until ``count`` django-q2 pushers block on the queues (every machine's pool is up).
 
     Hand-over keeps a provider's backlog on the worker that ran its first task, so
     a machine that is still starting when the first jobs go out may get none.
@@ -136,7 +136,7 @@ def test_three_machines_share_the_limits(alice, tmp_path, redis_server, db_proxy
     # No faults here: a longer lease, so a starved heartbeat on 2 busy cores is not taken for a death.
     tiers = [WorkerTier(tmp_path, n, exec_log=log, TASK_LEASE_SECONDS="10", **env).start() for n in nodes]
     try:
-        wait_for_pushers(redis_server, len(nodes) * len(LIMITS))
+        wait_for_pushers(redis_server, len(nodes))  # one pool, so one pusher, per machine
         ids = []
         for n in range(100):
             for _provider, instances in setup:
