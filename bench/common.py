@@ -169,7 +169,7 @@ def cpu_snapshot() -> dict[int, tuple[str, float]]:
             role = "database server"
         elif "redis-server" in name:
             role = "redis"
-        elif "qcluster" in cmd:
+        elif "run_pool" in cmd or "qcluster" in cmd:
             # Workers, pushers, monitors and sentinels look alike without setproctitle, which
             # is left out on purpose: it overwrites /proc/<pid>/environ, where the test
             # harness finds a machine's processes by WORKER_NODE.
