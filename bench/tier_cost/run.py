@@ -213,7 +213,7 @@ def cpu_seconds(procs) -> dict[int, float]:
 
 
 def start_tier(node: str, **env) -> subprocess.Popen:
-    tier = spawn(["run_workers"], WORKER_NODE=node, DATABASE_URL=tier_database_url(), **env)
+    tier = spawn(["run_workers"], WORKER_NODE=node, DATABASE_URL=tier_database_url(), LOG_LEVEL="info", **env)
     status = Path(os.environ["VAR_DIR"]) / f"workers-{node}" / "pool.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -52,6 +52,9 @@ from django_q.models import OrmQ
 CONNECTION_CHECK_SECONDS = 5.0
 # How long a Redis pool's blocking read waits before it looks at the queue list again.
 REDIS_BLOCK_SECONDS = 1
+# How long a gated pusher waits for a free worker before it returns to django-q2's loop
+# (which checks whether the cluster is stopping).
+GATE_WAIT_SECONDS = 0.5
 
 
 class QueueSet:
@@ -161,6 +164,9 @@ class OrmBroker(ORM):
             return cur.lastrowid
 
     def dequeue(self):
+        gate = getattr(self, "gate", None)  # a pool's pusher: only for a free worker (tasks.engine.pool)
+        if gate is not None and not gate.wait(GATE_WAIT_SECONDS):
+            return None
         pulled = self._retrying(self._pull)
         if pulled:
             self._idle_sleep = Conf.POLL
@@ -253,6 +259,9 @@ class RedisBroker(Redis):
         return self.list_key[len("django_q:") : -len(":q")]
 
     def dequeue(self):
+        gate = getattr(self, "gate", None)  # a pool's pusher: only for a free worker (tasks.engine.pool)
+        if gate is not None and not gate.wait(GATE_WAIT_SECONDS):
+            return None
         keys = [redis_key(n) for n in self.queues.rotated()] if self.queues.pooled else [self.list_key]
         task = self.connection.blpop(keys, REDIS_BLOCK_SECONDS)
         if task:

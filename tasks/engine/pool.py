@@ -108,15 +108,107 @@ def preload() -> list[str]:
 
 
 def _sentinel(stop_event, start_event, workers: int, scheduler: bool) -> None:
-    """A forked cluster: django-q2's Sentinel with this many workers."""
+    """A forked cluster: django-q2's Sentinel with this many workers, its pusher gated."""
     from django_q.brokers import get_broker
-    from django_q.cluster import Sentinel
     from django_q.conf import Conf
 
     Conf.WORKERS = workers  # (this process's own copy: the sentinel sizes its pool from it)
     Conf.SCHEDULER = scheduler
     os.environ["WORKER_POOL_NAME"] = multiprocessing_name()
-    Sentinel(stop_event, start_event, uuid.uuid4(), get_broker())
+    gated_sentinel_class()(stop_event, start_event, uuid.uuid4(), get_broker())
+
+
+class GatedQueue:
+    """A worker's view of its cluster's task queue: taking a job raises the worker's busy
+    flag, asking for the next one lowers it (shared memory the pusher reads)."""
+
+    def __init__(self, queue, flag):
+        self.queue, self.flag = queue, flag
+
+    def get(self, *args, **kwargs):
+        self.flag.value = 0
+        item = self.queue.get(*args, **kwargs)
+        self.flag.value = 1
+        return item
+
+    def __getattr__(self, name):
+        return getattr(self.queue, name)
+
+
+class Gate:
+    """The pusher takes a job from the broker only for a worker that is free to run it.
+
+    django-q2's pusher pulls whenever its task queue has room, so a cluster whose
+    workers are all busy holds up to two jobs (one queued, one in hand) that other
+    clusters could run: with one pool serving every provider, another provider's
+    job would wait behind long tasks. Here a job is pulled only while more workers
+    wait for work than jobs are queued for them; otherwise jobs stay in the broker,
+    where an idle cluster (or a new one: the supervisor grows the pool when they
+    wait) takes them.
+    """
+
+    POLL = 0.005
+
+    def __init__(self, flags, queue):
+        self.flags, self.queue = flags, queue
+
+    def free(self) -> int:
+        idle = sum(1 for flag in self.flags if flag.value == 0)
+        try:
+            queued = self.queue.qsize()
+        except NotImplementedError:  # (macOS) no qsize: fall back to an empty-queue check
+            queued = 0 if self.queue.empty() else 1
+        return idle - queued
+
+    def wait(self, timeout: float) -> bool:
+        """True as soon as a worker is free for one more job; False after ``timeout``."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.free() <= 0:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(self.POLL)
+        return True
+
+
+_gated: list = []
+
+
+def gated_sentinel_class():
+    """django-q2's Sentinel whose workers report busy/idle and whose pusher waits for a free one."""
+    if _gated:
+        return _gated[0]
+    from multiprocessing import Value
+
+    from django_q.cluster import Sentinel
+    from django_q.worker import worker
+
+    class GatedSentinel(Sentinel):
+        def __init__(self, *args, **kwargs):
+            from django_q.conf import Conf
+
+            # One busy flag per worker slot, made before any process is forked (the pusher
+            # reads them all); a slot's flag is 1 (busy) until a worker waits on it.
+            self.flags = [Value("b", 1, lock=False) for _ in range(int(Conf.WORKERS))]
+            self.slot_process: list = [None] * len(self.flags)
+            super().__init__(*args, **kwargs)
+
+        def spawn_worker(self):
+            slot = next(
+                i for i, p in enumerate(self.slot_process) if p is None or not p.is_alive()
+            )  # a dead worker's slot: django-q2 spawns one worker for each it lost
+            self.flags[slot].value = 1
+            queue = GatedQueue(self.task_queue, self.flags[slot])
+            self.spawn_process(worker, queue, self.result_queue, Value("f", -1), self.timeout)
+            self.slot_process[slot] = self.pool[-1]
+
+        def spawn_pusher(self):
+            self.broker.gate = Gate(self.flags, self.task_queue)
+            return super().spawn_pusher()
+
+    _gated.append(GatedSentinel)
+    return GatedSentinel
 
 
 @dataclass

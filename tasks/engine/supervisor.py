@@ -60,10 +60,6 @@ from tasks.models import Provider, Task, Worker
 logger = logging.getLogger(__name__)
 
 SAFETY_ADMIT_SECONDS = 30.0
-# After the pool grows, the waiting jobs are sent again this long after the new
-# cluster started (its pusher polls by then), and once more a little later: a busy
-# cluster's pusher holds a job in hand that its workers cannot run yet.
-GROW_RESEND_SECONDS = (0.3, 2.0)
 POOL_CHECK_SECONDS = 0.25
 # How long a grow may take before the supervisor may ask again.
 GROW_WAIT_SECONDS = 5.0
@@ -140,7 +136,6 @@ class Supervisor:
         self.status_file = self.run_dir / "pool.json"
         self.pool_proc: subprocess.Popen | None = None
         self.growing: tuple[int, int, float] | None = None  # (workers, clusters before, asked at)
-        self.grow_quiet_until = 0.0  # after a grow, until its re-sent jobs had their chance
         self.last_busy: dict[str, float] = {}
         self.providers: list[ServedProvider] = []
         self.providers_at = -1e9
@@ -151,7 +146,6 @@ class Supervisor:
         self.last_reconcile = 0.0
         self.last_overdue = 0.0
         self.prober: threading.Thread | None = None
-        self.resend_at: list[float] = []
         self.backlog_seen = False
         self._lock_fd: int | None = None
         self._broker = None
@@ -298,16 +292,8 @@ class Supervisor:
         clusters = self.clusters()
         if not clusters:
             return  # the pool is starting: its base cluster will take what waits
-        if self.growing is not None and len(clusters) > self.growing[1]:
-            # The new cluster runs: send the waiting jobs again for it, as its pusher polls.
-            self.growing = None
-            self.resend_at = [now + d for d in GROW_RESEND_SECONDS]
-            self.grow_quiet_until = now + GROW_RESEND_SECONDS[-1]
-        elif self.growing is not None and now - self.growing[2] > GROW_WAIT_SECONDS:
-            self.growing = None  # the pool never made it: ask again if jobs still wait
-        if self.resend_at and now >= self.resend_at[0]:
-            self.resend_at.pop(0)
-            dispatch.redispatch_stale(cutoff=timezone.now(), provider_ids=[p.pk for p in self.providers])
+        if self.growing is not None and (len(clusters) > self.growing[1] or now - self.growing[2] > GROW_WAIT_SECONDS):
+            self.growing = None  # the new cluster runs (or the pool never made it: ask again if jobs still wait)
         waiting = self.backlog()
         if waiting and self.backlog_seen:
             # Jobs waited in the broker at two checks in a row: every worker is busy.
@@ -315,22 +301,23 @@ class Supervisor:
         self.backlog_seen = bool(waiting)
 
     def grow(self, waiting: int, clusters: list[Cluster]) -> bool:
-        """Ask the pool for an extra cluster with room for the work this machine should run now,
-        within the cap. False when it cannot grow now."""
-        now = time.monotonic()
+        """Ask the pool for an extra cluster sized to the work this machine should run now,
+        within the cap. False when it cannot grow now.
+
+        The jobs seen waiting only trigger it (a copy sent twice counts twice there); the
+        size comes from the database: the served providers' tasks admitted and not yet
+        claimed, plus the tasks running on this machine.
+        """
         cap = self.capacity()
         size = self.pool_size
-        if self.growing is not None or not clusters or size >= cap or now < self.grow_quiet_until:
+        if self.growing is not None or not clusters or size >= cap:
             return False
-        # The jobs seen waiting are a lower bound: busy pushers hold some out of sight.
-        # The database knows them all: admitted and unclaimed, plus what runs here.
-        want = max(size + waiting, self.demand())
-        workers = min(cap, want) - size
+        workers = min(cap, self.demand()) - size
         if workers <= 0:
             return False
         logger.info("supervisor: %d job(s) wait for a worker; growing the pool by %d", waiting, workers)
         self.command(f"grow {workers}")
-        self.growing = (workers, len(clusters), now)
+        self.growing = (workers, len(clusters), time.monotonic())
         return True
 
     def demand(self) -> int:

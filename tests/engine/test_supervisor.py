@@ -61,45 +61,61 @@ def test_worker_providers_places_queues_on_chosen_machines(supervisor, settings)
     assert read_queues(supervisor.queues_file) == sorted([a.queue_name, c.queue_name])
 
 
-def test_the_pool_grows_when_jobs_wait_twice_and_not_beyond_the_cap(supervisor, monkeypatch):
-    Provider.objects.create(name="a", allow_concurrent_tasks=True, max_concurrent_tasks=10)
+def admitted(alice, provider, n):
+    """n tasks admitted and not claimed (their jobs sent a second ago)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tasks.models import Instance, Task
+
+    sent = timezone.now() - timedelta(seconds=1)
+    for _ in range(n):
+        name = f"i{Instance.objects.count()}"
+        instance = Instance.objects.create(owner=alice, provider=provider, name=name, live_name=name, image="x")
+        Task.objects.create(
+            task_type="start",
+            owner=alice,
+            initiator=alice,
+            provider=provider,
+            instance=instance,
+            status="pending",
+            admitted_at=sent,
+            dispatched_at=sent,
+            lease_token="t",
+        )
+
+
+def test_the_pool_grows_when_jobs_wait_twice_by_what_the_database_says_within_the_cap(supervisor, monkeypatch, alice):
+    provider = Provider.objects.create(name="a", allow_concurrent_tasks=True, max_concurrent_tasks=10)
     pool = FakePool(supervisor)
     waiting = {"n": 0}
     monkeypatch.setattr(supervisor, "backlog", lambda: waiting["n"])
     supervisor.reconcile_pool()
     assert pool.commands == [], "nothing waits"
+    admitted(alice, provider, 5)
     waiting["n"] = 3
     supervisor.reconcile_pool()
     assert pool.commands == [], "a job seen once may just be on its way to an idle worker"
     supervisor.reconcile_pool()
-    assert pool.commands == ["grow 3"], "room for the 3 waiting"
+    assert pool.commands == ["grow 3"], "5 admitted and unclaimed, 2 workers: 3 more (not the broker's count)"
     supervisor.reconcile_pool()
     assert pool.commands == ["grow 3"], "no second grow while the first is starting"
     pool.grown("pool-2", 3)
-    supervisor.reconcile_pool()  # the new cluster runs: the waiting jobs are sent again for it
-    assert supervisor.resend_at
-    waiting["n"] = 50
+    admitted(alice, provider, 20)
     supervisor.reconcile_pool()
     supervisor.reconcile_pool()
-    assert pool.commands == ["grow 3"], "not before the re-sent jobs had their chance"
-    supervisor.grow_quiet_until = 0
-    supervisor.reconcile_pool()
-    assert pool.commands[-1] == "grow 5", "up to the cap of 10 (sum of the limits)"
+    assert pool.commands[-1] == "grow 5", "up to the cap of 10 (the sum of the limits)"
     pool.grown("pool-3", 5)
     supervisor.reconcile_pool()
     supervisor.reconcile_pool()
-    supervisor.grow_quiet_until = 0
-    supervisor.reconcile_pool()
-    assert pool.commands[-1] == "grow 5" and len(pool.commands) == 2, "at the cap: no more"
+    assert len(pool.commands) == 2, "at the cap: no more"
 
 
-def test_jobs_held_by_busy_pushers_grow_the_pool_too(supervisor, monkeypatch, alice, settings):
-    """Nothing waits in the broker (a busy cluster's pusher holds the jobs), but admitted
-    jobs stay unclaimed: the sweep's summary sees them and the pool grows by what the
-    database says this machine should run (here two running on it, three unclaimed)."""
-    from datetime import timedelta
-
-    from django.utils import timezone
+def test_unclaimed_jobs_grow_the_pool_from_the_sweep_too(supervisor, monkeypatch, alice, settings):
+    """Nothing seen waiting in the broker (another machine's copy, a lost wake-up), but
+    admitted jobs stay unclaimed: the sweep's summary sees them and the pool grows by what
+    the database says this machine should run (here two running on it, three unclaimed)."""
 
     from tasks.models import Instance, Task
 
@@ -107,10 +123,8 @@ def test_jobs_held_by_busy_pushers_grow_the_pool_too(supervisor, monkeypatch, al
     pool = FakePool(supervisor)
     monkeypatch.setattr(supervisor, "backlog", lambda: 0)
     instance = Instance.objects.create(owner=alice, provider=provider, name="i", live_name="i", image="x")
-    sent = timezone.now() - timedelta(seconds=1)
+    admitted(alice, provider, 3)
     base = dict(task_type="start", owner=alice, initiator=alice, provider=provider, instance=instance)
-    for _ in range(3):
-        Task.objects.create(status="pending", admitted_at=sent, dispatched_at=sent, lease_token="t", **base)
     for _ in range(2):
         Task.objects.create(status="running", worker=f"{settings.WORKER_NODE}:1", **base)
     Task.objects.create(status="running", worker="another-machine:1", **base)

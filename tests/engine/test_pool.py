@@ -1,0 +1,60 @@
+"""tasks.engine.pool: the pusher's gate, and the ties of the pool to its supervisor."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+
+from tasks.engine.pool import Gate, GatedQueue
+
+
+def test_the_gate_lets_a_job_through_only_for_a_free_worker():
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    flags = [ctx.Value("b", 1, lock=False) for _ in range(2)]
+    gate = Gate(flags, queue)
+    assert gate.free() == 0 and not gate.wait(0.01), "no worker waits yet"
+    first, second = GatedQueue(queue, flags[0]), GatedQueue(queue, flags[1])
+    # A worker waiting on the queue lowers its flag; taking a job raises it again.
+    flags[0].value = 0
+    assert gate.free() == 1 and gate.wait(0.01)
+    queue.put("job-1")
+    deadline = time.monotonic() + 2
+    while gate.free() != 0 and time.monotonic() < deadline:  # (the feeder thread delivers it)
+        time.sleep(0.005)
+    assert gate.free() == 0, "one waiting worker, one job queued for it: nothing more"
+    assert first.get(timeout=2) == "job-1"
+    assert flags[0].value == 1 and gate.free() == 0, "busy with it"
+    flags[1].value = 0
+    assert gate.free() == 1
+    queue.put("job-2")
+    assert second.get(timeout=2) == "job-2" and gate.free() == 0
+
+
+def test_a_pool_process_dies_with_its_parent():
+    """The tie every pool process gets (PR_SET_PDEATHSIG): kill -9 of the parent kills the child."""
+    code = (
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', "
+        "'import os, time; from tasks.engine.pool import tie_to_parent; tie_to_parent(os.getppid()); "
+        "print(os.getpid(), flush=True); time.sleep(60)'], stdout=subprocess.PIPE, text=True)\n"
+        "print(child.stdout.readline().strip(), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)  # alive
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(child, 9)
+    raise AssertionError("the child outlived its parent")
