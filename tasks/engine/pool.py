@@ -207,6 +207,21 @@ def gated_sentinel_class():
             self.broker.gate = Gate(self.flags, self.task_queue)
             return super().spawn_pusher()
 
+        def spawn_cluster(self):
+            # django-q2 forks the workers first and the pusher last: a cluster of 50 would
+            # take no job until its last worker is forked. With the gate, the pusher can
+            # come first: it hands out jobs as the workers appear.
+            from django import db
+            from django_q.status import Stat
+
+            self.pool = []
+            Stat(self).save()
+            db.connections.close_all()
+            self.monitor = self.spawn_monitor()
+            self.pusher = self.spawn_pusher()
+            for _ in range(self.pool_size):
+                self.spawn_worker()
+
     _gated.append(GatedSentinel)
     return GatedSentinel
 

@@ -306,13 +306,15 @@ class Supervisor:
 
         The jobs seen waiting only trigger it (a copy sent twice counts twice there); the
         size comes from the database: the served providers' tasks admitted and not yet
-        claimed, plus the tasks running on this machine.
+        claimed, plus the tasks running on this machine, doubled.
         """
         cap = self.capacity()
         size = self.pool_size
         if self.growing is not None or not clusters or size >= cap:
             return False
-        workers = min(cap, self.demand()) - size
+        # Twice the demand: a burst seen arriving usually goes on arriving (the extra
+        # workers are retired after WORKER_POOL_IDLE_SECONDS if it did not).
+        workers = min(cap, 2 * self.demand()) - size
         if workers <= 0:
             return False
         logger.info("supervisor: %d job(s) wait for a worker; growing the pool by %d", waiting, workers)

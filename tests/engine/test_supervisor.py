@@ -93,20 +93,22 @@ def test_the_pool_grows_when_jobs_wait_twice_by_what_the_database_says_within_th
     monkeypatch.setattr(supervisor, "backlog", lambda: waiting["n"])
     supervisor.reconcile_pool()
     assert pool.commands == [], "nothing waits"
-    admitted(alice, provider, 5)
+    admitted(alice, provider, 2)
     waiting["n"] = 3
     supervisor.reconcile_pool()
     assert pool.commands == [], "a job seen once may just be on its way to an idle worker"
     supervisor.reconcile_pool()
-    assert pool.commands == ["grow 3"], "5 admitted and unclaimed, 2 workers: 3 more (not the broker's count)"
+    assert pool.commands == ["grow 2"], (
+        "2 admitted and unclaimed, 2 workers: twice the demand is 4 (not the broker's count)"
+    )
     supervisor.reconcile_pool()
-    assert pool.commands == ["grow 3"], "no second grow while the first is starting"
-    pool.grown("pool-2", 3)
+    assert pool.commands == ["grow 2"], "no second grow while the first is starting"
+    pool.grown("pool-2", 2)
     admitted(alice, provider, 20)
     supervisor.reconcile_pool()
     supervisor.reconcile_pool()
-    assert pool.commands[-1] == "grow 5", "up to the cap of 10 (the sum of the limits)"
-    pool.grown("pool-3", 5)
+    assert pool.commands[-1] == "grow 6", "up to the cap of 10 (the sum of the limits)"
+    pool.grown("pool-3", 6)
     supervisor.reconcile_pool()
     supervisor.reconcile_pool()
     assert len(pool.commands) == 2, "at the cap: no more"
@@ -130,7 +132,7 @@ def test_unclaimed_jobs_grow_the_pool_from_the_sweep_too(supervisor, monkeypatch
     Task.objects.create(status="running", worker="another-machine:1", **base)
     supervisor.refresh_providers(force=True)
     supervisor.sweep()
-    assert pool.commands == ["grow 2"], "2 running here + 3 unclaimed = 5, within the cap of 4: 2 more"
+    assert pool.commands == ["grow 2"], "2 running here + 3 unclaimed, doubled, within the cap of 4: 2 more"
 
 
 def test_an_idle_extra_cluster_is_retired_and_a_busy_one_is_not(supervisor, monkeypatch, settings):
