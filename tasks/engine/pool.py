@@ -59,7 +59,6 @@ PRELOAD = (
 )
 
 _parent: dict[str, int] = {}
-START_WAIT_SECONDS = 30
 
 
 def _libc():
@@ -233,7 +232,9 @@ class Member:
     base: bool
     process: object
     stop_event: object
+    start_event: object
     retiring: bool = False
+    running: bool = False
 
 
 class Pool:
@@ -308,7 +309,14 @@ class Pool:
         if not self.status_file:
             return
         rows = [
-            {"name": m.name, "pid": m.process.pid, "workers": m.workers, "base": m.base, "retiring": m.retiring}
+            {
+                "name": m.name,
+                "pid": m.process.pid,
+                "workers": m.workers,
+                "base": m.base,
+                "retiring": m.retiring,
+                "running": m.running,
+            }
             for m in self.members
         ]
         tmp = f"{self.status_file}.tmp"
@@ -351,7 +359,7 @@ def run() -> None:
     commands = sys.stdin
     while not stop:
         try:
-            ready, _, _ = select.select([commands], [], [], 0.5)
+            ready, _, _ = select.select([commands], [], [], 0.1)
         except InterruptedError:
             continue
         if ready:
@@ -360,6 +368,7 @@ def run() -> None:
                 logger.warning("pool: the supervisor is gone; stopping")
                 break
             _command(pool, line.split())
+        pool.check_started()
         pool.reap()
     pool.stop()
 

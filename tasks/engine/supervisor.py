@@ -80,6 +80,7 @@ class Cluster:
     workers: int
     base: bool
     retiring: bool = False
+    running: bool = False  # its workers take jobs (else still starting)
 
 
 @dataclass
@@ -290,7 +291,7 @@ class Supervisor:
             self.start_pool()
             return
         clusters = self.clusters()
-        if not clusters:
+        if not any(c.running for c in clusters):
             return  # the pool is starting: its base cluster will take what waits
         if self.growing is not None and (len(clusters) > self.growing[1] or now - self.growing[2] > GROW_WAIT_SECONDS):
             self.growing = None  # the new cluster runs (or the pool never made it: ask again if jobs still wait)

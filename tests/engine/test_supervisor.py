@@ -15,13 +15,13 @@ class FakePool:
 
     def __init__(self, supervisor, workers=2):
         self.commands = []
-        self.rows = [sup.Cluster(name="pool-1", pid=os.getpid(), workers=workers, base=True)]
+        self.rows = [sup.Cluster(name="pool-1", pid=os.getpid(), workers=workers, base=True, running=True)]
         supervisor.pool_alive = lambda: True
         supervisor.clusters = lambda: list(self.rows)
         supervisor.command = self.commands.append
 
     def grown(self, name, workers):
-        self.rows.append(sup.Cluster(name=name, pid=os.getpid(), workers=workers, base=False))
+        self.rows.append(sup.Cluster(name=name, pid=os.getpid(), workers=workers, base=False, running=True))
 
 
 @pytest.fixture
