@@ -259,20 +259,21 @@ class Pool:
             target=_sentinel, args=(stop_event, start_event, workers, scheduler), name=f"pool-{self.serial}"
         )
         process.start()
-        member = Member(f"pool-{self.serial}", workers, base, process, stop_event)
+        member = Member(f"pool-{self.serial}", workers, base, process, stop_event, start_event)
         self.members.append(member)
-        # Its sentinel sets start_event once its workers, monitor and pusher run.
-        if not start_event.wait(START_WAIT_SECONDS):
-            logger.warning("pool: cluster %s not running after %s s", member.name, START_WAIT_SECONDS)
-        logger.info(
-            "pool: %s cluster %s started (%d workers, pid %s)",
-            "base" if base else "extra",
-            member.name,
-            workers,
-            process.pid,
-        )
         self.write_status()
         return member
+
+    def check_started(self) -> None:
+        """Note the clusters whose sentinel says they run (workers, monitor and pusher up)."""
+        changed = False
+        for m in self.members:
+            if not m.running and m.start_event.is_set():
+                m.running = changed = True
+                kind = "base" if m.base else "extra"
+                logger.info("pool: %s cluster %s started (%d workers, pid %s)", kind, m.name, m.workers, m.process.pid)
+        if changed:
+            self.write_status()
 
     def retire(self, name: str) -> None:
         for member in self.members:
