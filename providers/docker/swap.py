@@ -32,14 +32,25 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------ ports
 
 
+def host_ip(listen_ip: str | None) -> str:
+    """HostIp of a binding: "" for every address. An explicit "0.0.0.0" becomes a
+    ``-d 0.0.0.0/32`` DNAT rule on Podman, which nothing ever matches."""
+    return "" if listen_ip in (None, "", "0.0.0.0") else listen_ip
+
+
 def bindings_with(bindings: dict, port: PortSpec) -> dict:
     out = bindings_without(bindings, port)
     for i in range(port.host_port_end - port.host_port_start + 1):
         key = f"{port.guest_port_start + i}/{port.protocol}"
-        out.setdefault(key, []).append(
-            {"HostIp": port.listen_ip or "0.0.0.0", "HostPort": str(port.host_port_start + i)}
-        )
+        out.setdefault(key, []).append({"HostIp": host_ip(port.listen_ip), "HostPort": str(port.host_port_start + i)})
     return out
+
+
+def bindings_for(ports: list[PortSpec]) -> dict:
+    bindings: dict = {}
+    for port in ports:
+        bindings = bindings_with(bindings, port)
+    return bindings
 
 
 def bindings_without(bindings: dict, port: PortSpec) -> dict:
@@ -57,7 +68,9 @@ def bindings_without(bindings: dict, port: PortSpec) -> dict:
 
 def normal_bindings(bindings: dict | None) -> dict:
     return {
-        k: sorted((e.get("HostIp") or "", e.get("HostPort") or "") for e in v) for k, v in (bindings or {}).items() if v
+        k: sorted((host_ip(e.get("HostIp")), e.get("HostPort") or "") for e in v)
+        for k, v in (bindings or {}).items()
+        if v
     }
 
 
@@ -91,7 +104,10 @@ class ContainerSwap:
     def _volume_name(self, name: str, generation: int) -> str:
         return f"{name}-data" if generation == 0 else f"{name}-data-{generation}"
 
-    def _container_config(self, spec: GuestSpec, image: str, bindings: dict, generation: int) -> dict[str, Any]:
+    def _container_config(self, spec: GuestSpec, image: str, bindings: dict | None, generation: int) -> dict[str, Any]:
+        """A new container's settings; ``bindings`` None: publish ``spec.ports``."""
+        if bindings is None:
+            bindings = bindings_for(spec.ports)
         conn = self.config.connection
         labels = {f"cloudhost.label.{k}": str(v) for k, v in spec.labels.items()}
         labels.update({LABEL_NAME: spec.name, LABEL_IMAGE: spec.image, LABEL_GENERATION: str(generation)})
@@ -145,8 +161,26 @@ class ContainerSwap:
         config["ExposedPorts"] = {key: {} for key in bindings}
         host_keys = ("NanoCpus", "Memory", "MemorySwap", "Mounts", "RestartPolicy", "StorageOpt", "NetworkMode", "Init")
         config["HostConfig"] = {k: h[k] for k in host_keys if h.get(k) is not None}
+        config["HostConfig"]["Mounts"] = ContainerSwap._mounts_of(old)
         config["HostConfig"]["PortBindings"] = bindings
         return config
+
+    @staticmethod
+    def _mounts_of(old: dict) -> list[dict]:
+        """The old container's mounts as HostConfig.Mounts. Docker echoes HostConfig.Mounts;
+        Podman leaves it empty and reports them only in the top-level ``Mounts`` (and as
+        ``HostConfig.Binds`` strings), so they are rebuilt from there."""
+        mounts = (old.get("HostConfig") or {}).get("Mounts")
+        if mounts:
+            return [dict(m) for m in mounts]
+        out = []
+        for m in old.get("Mounts") or []:
+            kind, target = m.get("Type"), m.get("Destination")
+            if kind == "volume" and m.get("Name") and target:
+                out.append({"Type": "volume", "Source": m["Name"], "Target": target, "ReadOnly": not m.get("RW", True)})
+            elif kind == "bind" and m.get("Source") and target:
+                out.append({"Type": "bind", "Source": m["Source"], "Target": target, "ReadOnly": not m.get("RW", True)})
+        return out
 
     # -- the swap (port change, rebuild)
 
@@ -182,10 +216,15 @@ class ContainerSwap:
     ) -> dict:
         was_running = bool(old.get("State", {}).get("Running"))
         start = was_running if start is None else start
-        if was_running:
-            progress(20, "stopping the container")
-            self._stop(name, cancel, self.swap_stop_timeout, op)
+        stopping = False
         try:
+            if was_running:
+                # Inside the try: a cancel or a failure while stopping brings the old
+                # container back as it was (running), like one later in the swap.
+                progress(20, "stopping the container")
+                stopping = True
+                self._stop(name, cancel, self.swap_stop_timeout, op)
+                stopping = False
             if commit:
                 progress(35, "saving the container's filesystem")
                 self._call(
@@ -213,14 +252,26 @@ class ContainerSwap:
             )
             try:
                 self._recover_swap(name, op)  # renamed aside: back under its name, started if it ran
-                if was_running and not (self._inspect(name, op) or {}).get("State", {}).get("Running"):
-                    self._call(None, op, self.api.start, old["Id"], mutation=True)
+                if was_running:
+                    self._restore_running(old["Id"], op, stop_in_flight=stopping)
             except ProviderError as undo:
                 logger.error("docker %s: could not restore %s: %s", self.config.name, name, undo)
             raise
         progress(85, "removing the old container")
         self._call(None, op, self.api.remove_container, old["Id"], force=True, mutation=True)
         return created
+
+    def _restore_running(self, container_id: str, op: str, *, stop_in_flight: bool) -> None:
+        """Start the old container again. A stop abandoned on cancel still runs on the
+        daemon: wait for it to end first (a stop of a stopping container waits for
+        it), or it would stop the container right after this start."""
+        if stop_in_flight:
+            try:
+                self._call(None, op, self.api.stop, container_id, timeout=self.swap_stop_timeout, mutation=True)
+            except (ProviderError, AmbiguousOutcome) as exc:
+                logger.warning("docker %s: waiting for the stop of %s: %s", self.config.name, container_id[:12], exc)
+        if not (self._inspect(container_id, op) or {}).get("State", {}).get("Running"):
+            self._call(None, op, self.api.start, container_id, mutation=True)
 
     def _stop(self, name: str, cancel: CancelToken, timeout: int, op: str) -> None:
         remaining = cancel.remaining()
