@@ -9,6 +9,7 @@ start it, remove the old one; a failure or a crash midway is repaired by
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from providers.base import (
@@ -96,6 +97,11 @@ def ports_from_bindings(bindings: dict | None) -> list[PortSpec]:
         else:
             specs.append(PortSpec(proto, host, host, guest, guest, listen_ip=ip))
     return specs
+
+
+def created_image(driver: Any, created: dict, op: str) -> str:
+    """The image id a just-created container runs on."""
+    return (driver._inspect(created.get("Id", ""), op) or {}).get("Image", "")
 
 
 class ContainerSwap:
@@ -199,7 +205,7 @@ class ContainerSwap:
                 self._call(None, op, self.api.remove_container, current["Id"], force=True, mutation=True)
             self._call(None, op, self.api.rename, aside["Id"], name, mutation=True)
             if was_running:
-                self._call(None, op, self.api.start, name, mutation=True)
+                self._start_again(name, op)
             return
 
     def _swap(
@@ -217,6 +223,8 @@ class ContainerSwap:
         was_running = bool(old.get("State", {}).get("Running"))
         start = was_running if start is None else start
         stopping = False
+        committed = ""
+        state_tag = f"{STATE_REPO}/{name}:current"
         try:
             if was_running:
                 # Inside the try: a cancel or a failure while stopping brings the old
@@ -227,7 +235,7 @@ class ContainerSwap:
                 stopping = False
             if commit:
                 progress(35, "saving the container's filesystem")
-                self._call(
+                committed = self._call(
                     cancel,
                     op,
                     self.api.commit,
@@ -235,8 +243,8 @@ class ContainerSwap:
                     repository=f"{STATE_REPO}/{name}",
                     tag="current",
                     mutation=True,
-                )
-                new_config["Image"] = f"{STATE_REPO}/{name}:current"
+                ).get("Id", "")
+                new_config["Image"] = state_tag
             cancel.raise_if_cancelled()
             self._call(cancel, op, self.api.rename, old["Id"], self._swap_name(name, was_running), mutation=True)
             progress(55, "creating the new container")
@@ -254,12 +262,26 @@ class ContainerSwap:
                 self._recover_swap(name, op)  # renamed aside: back under its name, started if it ran
                 if was_running:
                     self._restore_running(old["Id"], op, stop_in_flight=stopping)
+                if committed:
+                    # The commit of this attempt goes; the tag goes back to the image the
+                    # old container runs on (delete removes the state image by its tag).
+                    if old.get("Config", {}).get("Image") == state_tag:
+                        self._call(None, op, self.api.tag, old["Image"], f"{STATE_REPO}/{name}", "current", force=True)
+                    self._drop_image(committed, op)
             except ProviderError as undo:
                 logger.error("docker %s: could not restore %s: %s", self.config.name, name, undo)
             raise
         progress(85, "removing the old container")
         self._call(None, op, self.api.remove_container, old["Id"], force=True, mutation=True)
+        if old.get("Config", {}).get("Image") == state_tag and old.get("Image") != created_image(self, created, op):
+            self._drop_image(old["Image"], op)  # the previous commit, untagged and now unused
         return created
+
+    def _drop_image(self, image_id: str, op: str) -> None:
+        try:
+            self._call(None, op, self.api.remove_image, image_id, mutation=True)
+        except ProviderError as exc:  # in use or gone: nothing to free
+            logger.info("docker %s: image %s kept: %s", self.config.name, image_id[:19], exc)
 
     def _restore_running(self, container_id: str, op: str, *, stop_in_flight: bool) -> None:
         """Start the old container again. A stop abandoned on cancel still runs on the
@@ -271,7 +293,21 @@ class ContainerSwap:
             except (ProviderError, AmbiguousOutcome) as exc:
                 logger.warning("docker %s: waiting for the stop of %s: %s", self.config.name, container_id[:12], exc)
         if not (self._inspect(container_id, op) or {}).get("State", {}).get("Running"):
-            self._call(None, op, self.api.start, container_id, mutation=True)
+            self._start_again(container_id, op)
+
+    def _start_again(self, container: str, op: str, seconds: float = 10.0) -> None:
+        """Start the old container on the ports it had. Podman frees the ports of the
+        new container it just removed a moment later: "address already in use" is
+        retried for a few seconds."""
+        limit = time.monotonic() + seconds
+        while True:
+            try:
+                self._call(None, op, self.api.start, container, mutation=True)
+                return
+            except ConflictError:
+                if time.monotonic() > limit:
+                    raise
+                time.sleep(0.3)
 
     def _stop(self, name: str, cancel: CancelToken, timeout: int, op: str) -> None:
         remaining = cancel.remaining()

@@ -40,6 +40,7 @@ def timed(provider, task: Task) -> float:
 def test_nine_operations(alice, daemon, provider_for, request):
     provider = provider_for(daemon)
     docker = daemon.provider_type == "docker"
+    images_before = {i["Id"] for i in daemon.api.images()} if docker else set()
 
     # 1. create: running, password set, the port block published, Docker's /data mounted.
     instance, task = services.create_instance(alice, provider=provider, image=daemon.image, memory_mb=256, disk_mb=1024)
@@ -117,5 +118,7 @@ def test_nine_operations(alice, daemon, provider_for, request):
     run(provider, services.request_operation(alice, instance.pk, "delete"))
     assert daemon.status(guest) is None and daemon.leftovers(guest) == []
     assert refused(ssh.host_port_start)
+    if docker:  # no committed state image left, tagged or dangling
+        assert {i["Id"] for i in daemon.api.images()} == images_before
     instance.refresh_from_db()
     assert instance.status == "deleted"

@@ -215,6 +215,17 @@ class FakeDocker:
             if image is None:
                 raise DockerError(404, f"No such image: {m.group(1)}")
             return _json({"Id": image.id, "RepoTags": image.tags, "Config": image.config})
+        m = re.fullmatch(r"/images/(.+)/tag", path)
+        if m and method == "POST":
+            image = self._image(m.group(1))
+            if image is None:
+                raise DockerError(404, f"No such image: {m.group(1)}")
+            ref = f"{q.get('repo')}:{q.get('tag') or 'latest'}"
+            for other in self.images.values():
+                if ref in other.tags:
+                    other.tags.remove(ref)
+            image.tags.append(ref)
+            return Response(status=201)
         m = re.fullmatch(r"/images/(.+)", path)
         if m and method == "DELETE":
             image = self._image(m.group(1))

@@ -730,3 +730,19 @@ def test_api_version_is_negotiated_down_to_what_the_daemon_speaks(fake):
     pinned = DockerDriver(config(fake, api_version="1.44"))  # an explicit version is used as is
     with pytest.raises(PermanentError, match="too new"):
         pinned.server_info()
+
+
+def test_port_changes_keep_one_state_image_and_a_failed_one_none_extra(driver, fake):
+    ref = make(driver)
+    base = set(fake.images)
+    driver.add_port(ref, SSH, CancelToken(), Progress())
+    driver.add_port(ref, PortSpec("tcp", 20023, 20023, 80, 80), CancelToken(), Progress())
+    state = [i for i in fake.images.values() if i.id not in base]
+    assert [i.tags for i in state] == [[f"cloudhost-state/{NAME}:current"]]  # the previous commit removed
+    fake.busy_host_ports.add("tcp/20024")
+    with pytest.raises(ConflictError):
+        driver.add_port(ref, PortSpec("tcp", 20024, 20024, 81, 81), CancelToken(), Progress())
+    assert [i.id for i in fake.images.values() if i.id not in base] == [state[0].id]  # this attempt's commit gone
+    assert state[0].tags == [f"cloudhost-state/{NAME}:current"]
+    driver.delete(ref, CancelToken(), Progress())
+    assert set(fake.images) == base
