@@ -46,14 +46,21 @@ def http_get(port: int, seconds: float = 10.0) -> str:
         time.sleep(0.2)
 
 
-def refused(port: int) -> bool:
-    """Nothing listens on 127.0.0.1:port any more."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            return GUEST_PAGE.encode() not in sock.recv(4096)
-    except OSError:
-        return True
+def refused(port: int, seconds: float = 10.0) -> bool:
+    """Nothing of a guest answers on 127.0.0.1:port (within ``seconds``: LXD and Incus end a
+    deleted proxy device's listener a moment after the call returns)."""
+    limit = time.monotonic() + seconds
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                if GUEST_PAGE.encode() not in sock.recv(4096):
+                    return True
+        except OSError:
+            return True
+        if time.monotonic() > limit:
+            return False
+        time.sleep(0.2)
 
 
 def password_matches(shadow_hash: str, password: str) -> bool:
@@ -197,9 +204,14 @@ class LxdHost(Host):
         return [i for i in self.query("/1.0/instances") or [] if i.rsplit("/", 1)[-1].startswith(guest)]
 
     def purge(self, guest: str) -> None:
-        for path in self.leftovers(guest):
-            name = path.rsplit("/", 1)[-1]
-            subprocess.run([*self.cli, "delete", "--force", name], capture_output=True, env=self.env, timeout=120)
+        for _ in range(5):  # a daemon just restarted may still be busy with the instance
+            left = self.leftovers(guest)
+            if not left:
+                return
+            for path in left:
+                name = path.rsplit("/", 1)[-1]
+                subprocess.run([*self.cli, "delete", "--force", name], capture_output=True, env=self.env, timeout=120)
+            time.sleep(1)
 
 
 def host(name: str) -> Host:
