@@ -9,6 +9,7 @@ start it, remove the old one; a failure or a crash midway is repaired by
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -29,6 +30,8 @@ from providers.docker.engine import (
 )
 
 logger = logging.getLogger(__name__)
+
+SHELLS = {"sh", "bash", "ash", "dash", "zsh", "ksh", "mksh"}
 
 # ------------------------------------------------------------------ ports
 
@@ -144,7 +147,28 @@ class ContainerSwap:
         }
         if conn.get("command"):
             config["Cmd"] = list(conn["command"])
+        signal = self._stop_signal(config.get("Cmd"), image)
+        if signal:
+            config["StopSignal"] = signal
         return config
+
+    def _stop_signal(self, cmd: list | None, image: str) -> str:
+        """connection.stop_signal; "auto" (the default): SIGHUP when the container's command
+        is a shell. An interactive shell (it has a TTY here) ignores SIGTERM, so even under
+        an init every stop would wait the full timeout; a hang-up ends it at once. Any
+        other command keeps the image's stop signal."""
+        setting = str(self.config.connection.get("stop_signal", "auto"))
+        if setting != "auto":
+            return setting
+        if not cmd:
+            try:
+                found = self.api.inspect_image(image).get("Config") or {}
+            except Exception:  # only a hint; the create itself reports a missing image
+                return ""
+            if found.get("Entrypoint"):
+                return ""
+            cmd = found.get("Cmd")
+        return "SIGHUP" if cmd and os.path.basename(str(cmd[0])) in SHELLS else ""
 
     @staticmethod
     def _config_from(old: dict, image: str, bindings: dict) -> dict[str, Any]:

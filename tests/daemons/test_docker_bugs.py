@@ -100,3 +100,24 @@ def test_paused_reads_running_the_api_version_is_negotiated_and_guests_run_an_in
     assert engine.status(guest) == "stopped"
     assert stop_seconds < 10, f"a stop took {stop_seconds:.1f} s: the guest's init did not end it"
     assert driver.get_state(instance.provider_ref).status == "stopped"
+
+
+@pytest.mark.django_db
+def test_a_guest_whose_command_is_a_shell_stops_at_once(alice, engine, provider_for, request):
+    """A distro image's command is an interactive shell (TTY), which ignores SIGTERM even
+    under an init: the driver stops such a guest with SIGHUP (connection.stop_signal auto)."""
+    engine.connection = {**engine.connection, "command": ["sh"]}
+    provider = provider_for(engine)
+    instance, task = services.create_instance(alice, provider=provider, image=engine.image, memory_mb=256, disk_mb=1024)
+    request.addfinalizer(lambda: engine.purge(instance.guest_name))
+    run_admitted_inline(provider.pk)
+    task.refresh_from_db()
+    assert task.status == "completed", task.error_message
+    assert engine.inspect(instance.guest_name)["Config"]["StopSignal"] in ("SIGHUP", "1")  # Podman: the number
+    stop = services.request_operation(alice, instance.pk, "stop")
+    started = time.monotonic()
+    run_admitted_inline(provider.pk)
+    stop_seconds = time.monotonic() - started
+    stop.refresh_from_db()
+    assert stop.status == "completed" and engine.status(instance.guest_name) == "stopped"
+    assert stop_seconds < 10, f"the stop took {stop_seconds:.1f} s: the shell did not end before the timeout"

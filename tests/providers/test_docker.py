@@ -746,3 +746,18 @@ def test_port_changes_keep_one_state_image_and_a_failed_one_none_extra(driver, f
     assert state[0].tags == [f"cloudhost-state/{NAME}:current"]
     driver.delete(ref, CancelToken(), Progress())
     assert set(fake.images) == base
+
+
+def test_a_shell_command_stops_on_a_hang_up(fake):
+    """An interactive shell ignores SIGTERM, init or not: a stop would wait the timeout."""
+    driver = DockerDriver(config(fake))
+    driver.create(spec(), CancelToken(), Progress())  # debian:12's command is bash
+    assert fake.by_name(NAME).config["StopSignal"] == "SIGHUP"
+    other = DockerDriver(config(fake, command=["/sbin/init"]))
+    other.create(spec(name="vps-other"), CancelToken(), Progress())
+    assert "StopSignal" not in fake.by_name("vps-other").config  # the image's own
+    explicit = DockerDriver(config(fake, stop_signal="SIGRTMIN+3"))
+    explicit.create(spec(name="vps-explicit"), CancelToken(), Progress())
+    assert fake.by_name("vps-explicit").config["StopSignal"] == "SIGRTMIN+3"
+    driver.add_port(driver.get_state({"name": NAME}).ref, SSH, CancelToken(), Progress())
+    assert fake.by_name(NAME).config["StopSignal"] == "SIGHUP"  # kept by a swap
