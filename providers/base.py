@@ -158,6 +158,10 @@ class GuestSpec:
     bandwidth_mbps: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     ref: dict[str, Any] = field(default_factory=dict)  # pre-reserved native handle (e.g. Proxmox vmid)
+    # The guest's port mappings when known at create. A driver whose ports are fixed at
+    # creation (Docker) publishes them then; the add_port calls that follow find them
+    # in place. Others ignore it.
+    ports: list[PortSpec] = field(default_factory=list)
 
 
 @dataclass

@@ -37,6 +37,7 @@ from providers.docker.engine import (
     NEVER_STARTED,
     STATE_REPO,
     STATUS,
+    TRANSIENT,
     EngineApi,
     raw_socket,
 )
@@ -58,6 +59,7 @@ class DockerDriver(EngineApi, ContainerSwap):
         self.swap_stop_timeout = int(conn.get("swap_stop_timeout", 10))
         self.images: dict[str, str] = conn.get("images", {}) or {}
         self.poll_interval = float(conn.get("poll_interval", 0.2))
+        self.settle_seconds = float(conn.get("settle_seconds", 5))
         self._pem = PemFiles("cloudhost-docker-")
         self.api = self._connect(conn, config.secrets)
         self._closers: list = [self._pem.cleanup]
@@ -118,7 +120,8 @@ class DockerDriver(EngineApi, ContainerSwap):
         self._ensure_image(image, cancel, progress, 5, 75)
         cancel.raise_if_cancelled()
         progress(80, "creating the container")
-        config = self._container_config(spec, image, {}, generation=0)
+        # Published at creation (spec.ports): no stop, commit and swap per port spec.
+        config = self._container_config(spec, image, None, generation=0)
         try:
             created = self._call(
                 cancel, op, self.api.create_container_from_config, config, name, mutation=True, creating=True
@@ -344,6 +347,11 @@ class DockerDriver(EngineApi, ContainerSwap):
         if container is None:
             return GuestState(exists=False, status=InstanceStatus.UNKNOWN, ref=ref)
         state = container.get("State", {})
+        settle = time.monotonic() + self.settle_seconds
+        while state.get("Status") in TRANSIENT and time.monotonic() < settle:
+            time.sleep(self.poll_interval)  # a stop under way (Podman): wait for it to end
+            container = self._inspect(container["Id"], op) or container
+            state = container.get("State", {})
         status = STATUS.get(state.get("Status", ""), InstanceStatus.UNKNOWN)
         addresses = []
         for net in (container.get("NetworkSettings", {}).get("Networks") or {}).values():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import threading
 from collections.abc import Callable
@@ -34,7 +35,12 @@ from tasks.engine.states import InstanceStatus
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_API_VERSION = "1.44"
+# The newest Engine API version the driver speaks; "auto" (the default) settles on
+# min(this, the daemon's ApiVersion) at the first call: Debian's Docker 20.10 and
+# Podman 4 stop at 1.41 and refuse anything newer with a 400.
+MAX_API_VERSION = "1.44"
+MIN_API_VERSION = "1.24"
+DEFAULT_API_VERSION = "auto"
 STATE_REPO = "cloudhost-state"
 LABEL_NAME = "cloudhost.name"
 LABEL_IMAGE = "cloudhost.image"
@@ -51,7 +57,27 @@ STATUS = {
     "exited": InstanceStatus.STOPPED,
     "dead": InstanceStatus.STOPPED,
     "removing": InstanceStatus.DELETING,
+    # Podman: a container whose stop is still under way keeps running until it ends
+    # (get_state waits a little for it to settle first); a paused one is up, frozen
+    # (Docker says State.Running for it too). Podman's "configured" is Docker's "created".
+    "stopping": InstanceStatus.RUNNING,
+    "paused": InstanceStatus.RUNNING,
+    "configured": InstanceStatus.STOPPED,
+    "stopped": InstanceStatus.STOPPED,
 }
+# States that end by themselves within seconds: get_state waits for them to settle.
+TRANSIENT = ("stopping",)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def negotiated_version(server: str | None) -> str:
+    """The API version to speak with a daemon that offers ``server`` (its ApiVersion)."""
+    if not server:
+        return MIN_API_VERSION
+    return min(server, MAX_API_VERSION, key=version_tuple)
 
 
 # ------------------------------------------------------------------ errors
@@ -133,11 +159,14 @@ class EngineApi:
                 )
             except docker.errors.TLSParameterError as exc:
                 raise PermanentError(f"docker: TLS settings: {exc}", op="config") from exc
+        version = str(conn.get("api_version") or DEFAULT_API_VERSION)
+        # docker-py's own "auto" would make a request in the constructor: the driver
+        # negotiates at its first call instead (_negotiate), starting from the newest.
+        self._negotiate_version = version == "auto"
         try:
-            # An explicit version: "auto" would make a request in the constructor.
             api = docker.APIClient(
                 base_url=base_url,
-                version=str(conn.get("api_version", DEFAULT_API_VERSION)),
+                version=MAX_API_VERSION if self._negotiate_version else version,
                 timeout=self.timeout,
                 tls=tls,
             )
@@ -146,6 +175,21 @@ class EngineApi:
         # The worker machine's HTTPS_PROXY / REQUESTS_CA_BUNDLE must not apply.
         api.trust_env = False
         return api
+
+    def _negotiate(self, cancel: CancelToken | None, op: str) -> None:
+        """Settle the API version on the first call: GET /version (unversioned) and
+        take min(the daemon's ApiVersion, MAX_API_VERSION)."""
+        if not self._negotiate_version:
+            return
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        try:
+            server = self.api.version(api_version=False).get("ApiVersion")
+        except Exception as exc:
+            raise classify(exc, op) from exc
+        self.api._version = negotiated_version(server)
+        self._negotiate_version = False
+        logger.debug("docker %s: API version %s (the daemon offers %s)", self.config.name, self.api._version, server)
 
     # -- plumbing
 
@@ -170,6 +214,7 @@ class EngineApi:
             self.api.timeout = max(1.0, min(self.timeout, cancel.remaining() + 1))
         if cancel is not None:
             cancel.raise_if_cancelled()
+        self._negotiate(cancel, op)
         if not abandon or cancel is None:
             try:
                 return fn(*args, **kwargs)
@@ -252,6 +297,7 @@ class EngineApi:
             headers["X-Registry-Auth"] = auth.encode_header(registry_auth).decode()
         progress(lo, f"pulling {image}")
         cancel.raise_if_cancelled()
+        self._negotiate(cancel, op)
         try:
             response = self.api.post(
                 self.api._url("/images/create"),

@@ -9,6 +9,8 @@ start it, remove the old one; a failure or a crash midway is repaired by
 from __future__ import annotations
 
 import logging
+import os
+import time
 from typing import Any
 
 from providers.base import (
@@ -29,17 +31,30 @@ from providers.docker.engine import (
 
 logger = logging.getLogger(__name__)
 
+SHELLS = {"sh", "bash", "ash", "dash", "zsh", "ksh", "mksh"}
+
 # ------------------------------------------------------------------ ports
+
+
+def host_ip(listen_ip: str | None) -> str:
+    """HostIp of a binding: "" for every address. An explicit "0.0.0.0" becomes a
+    ``-d 0.0.0.0/32`` DNAT rule on Podman, which nothing ever matches."""
+    return "" if listen_ip in (None, "", "0.0.0.0") else listen_ip
 
 
 def bindings_with(bindings: dict, port: PortSpec) -> dict:
     out = bindings_without(bindings, port)
     for i in range(port.host_port_end - port.host_port_start + 1):
         key = f"{port.guest_port_start + i}/{port.protocol}"
-        out.setdefault(key, []).append(
-            {"HostIp": port.listen_ip or "0.0.0.0", "HostPort": str(port.host_port_start + i)}
-        )
+        out.setdefault(key, []).append({"HostIp": host_ip(port.listen_ip), "HostPort": str(port.host_port_start + i)})
     return out
+
+
+def bindings_for(ports: list[PortSpec]) -> dict:
+    bindings: dict = {}
+    for port in ports:
+        bindings = bindings_with(bindings, port)
+    return bindings
 
 
 def bindings_without(bindings: dict, port: PortSpec) -> dict:
@@ -57,7 +72,9 @@ def bindings_without(bindings: dict, port: PortSpec) -> dict:
 
 def normal_bindings(bindings: dict | None) -> dict:
     return {
-        k: sorted((e.get("HostIp") or "", e.get("HostPort") or "") for e in v) for k, v in (bindings or {}).items() if v
+        k: sorted((host_ip(e.get("HostIp")), e.get("HostPort") or "") for e in v)
+        for k, v in (bindings or {}).items()
+        if v
     }
 
 
@@ -85,13 +102,21 @@ def ports_from_bindings(bindings: dict | None) -> list[PortSpec]:
     return specs
 
 
+def created_image(driver: Any, created: dict, op: str) -> str:
+    """The image id a just-created container runs on."""
+    return (driver._inspect(created.get("Id", ""), op) or {}).get("Image", "")
+
+
 class ContainerSwap:
     # -- container settings
 
     def _volume_name(self, name: str, generation: int) -> str:
         return f"{name}-data" if generation == 0 else f"{name}-data-{generation}"
 
-    def _container_config(self, spec: GuestSpec, image: str, bindings: dict, generation: int) -> dict[str, Any]:
+    def _container_config(self, spec: GuestSpec, image: str, bindings: dict | None, generation: int) -> dict[str, Any]:
+        """A new container's settings; ``bindings`` None: publish ``spec.ports``."""
+        if bindings is None:
+            bindings = bindings_for(spec.ports)
         conn = self.config.connection
         labels = {f"cloudhost.label.{k}": str(v) for k, v in spec.labels.items()}
         labels.update({LABEL_NAME: spec.name, LABEL_IMAGE: spec.image, LABEL_GENERATION: str(generation)})
@@ -122,7 +147,28 @@ class ContainerSwap:
         }
         if conn.get("command"):
             config["Cmd"] = list(conn["command"])
+        signal = self._stop_signal(config.get("Cmd"), image)
+        if signal:
+            config["StopSignal"] = signal
         return config
+
+    def _stop_signal(self, cmd: list | None, image: str) -> str:
+        """connection.stop_signal; "auto" (the default): SIGHUP when the container's command
+        is a shell. An interactive shell (it has a TTY here) ignores SIGTERM, so even under
+        an init every stop would wait the full timeout; a hang-up ends it at once. Any
+        other command keeps the image's stop signal."""
+        setting = str(self.config.connection.get("stop_signal", "auto"))
+        if setting != "auto":
+            return setting
+        if not cmd:
+            try:
+                found = self.api.inspect_image(image).get("Config") or {}
+            except Exception:  # only a hint; the create itself reports a missing image
+                return ""
+            if found.get("Entrypoint"):
+                return ""
+            cmd = found.get("Cmd")
+        return "SIGHUP" if cmd and os.path.basename(str(cmd[0])) in SHELLS else ""
 
     @staticmethod
     def _config_from(old: dict, image: str, bindings: dict) -> dict[str, Any]:
@@ -145,8 +191,26 @@ class ContainerSwap:
         config["ExposedPorts"] = {key: {} for key in bindings}
         host_keys = ("NanoCpus", "Memory", "MemorySwap", "Mounts", "RestartPolicy", "StorageOpt", "NetworkMode", "Init")
         config["HostConfig"] = {k: h[k] for k in host_keys if h.get(k) is not None}
+        config["HostConfig"]["Mounts"] = ContainerSwap._mounts_of(old)
         config["HostConfig"]["PortBindings"] = bindings
         return config
+
+    @staticmethod
+    def _mounts_of(old: dict) -> list[dict]:
+        """The old container's mounts as HostConfig.Mounts. Docker echoes HostConfig.Mounts;
+        Podman leaves it empty and reports them only in the top-level ``Mounts`` (and as
+        ``HostConfig.Binds`` strings), so they are rebuilt from there."""
+        mounts = (old.get("HostConfig") or {}).get("Mounts")
+        if mounts:
+            return [dict(m) for m in mounts]
+        out = []
+        for m in old.get("Mounts") or []:
+            kind, target = m.get("Type"), m.get("Destination")
+            if kind == "volume" and m.get("Name") and target:
+                out.append({"Type": "volume", "Source": m["Name"], "Target": target, "ReadOnly": not m.get("RW", True)})
+            elif kind == "bind" and m.get("Source") and target:
+                out.append({"Type": "bind", "Source": m["Source"], "Target": target, "ReadOnly": not m.get("RW", True)})
+        return out
 
     # -- the swap (port change, rebuild)
 
@@ -165,7 +229,7 @@ class ContainerSwap:
                 self._call(None, op, self.api.remove_container, current["Id"], force=True, mutation=True)
             self._call(None, op, self.api.rename, aside["Id"], name, mutation=True)
             if was_running:
-                self._call(None, op, self.api.start, name, mutation=True)
+                self._start_again(name, op)
             return
 
     def _swap(
@@ -182,13 +246,20 @@ class ContainerSwap:
     ) -> dict:
         was_running = bool(old.get("State", {}).get("Running"))
         start = was_running if start is None else start
-        if was_running:
-            progress(20, "stopping the container")
-            self._stop(name, cancel, self.swap_stop_timeout, op)
+        stopping = False
+        committed = ""
+        state_tag = f"{STATE_REPO}/{name}:current"
         try:
+            if was_running:
+                # Inside the try: a cancel or a failure while stopping brings the old
+                # container back as it was (running), like one later in the swap.
+                progress(20, "stopping the container")
+                stopping = True
+                self._stop(name, cancel, self.swap_stop_timeout, op)
+                stopping = False
             if commit:
                 progress(35, "saving the container's filesystem")
-                self._call(
+                committed = self._call(
                     cancel,
                     op,
                     self.api.commit,
@@ -196,8 +267,8 @@ class ContainerSwap:
                     repository=f"{STATE_REPO}/{name}",
                     tag="current",
                     mutation=True,
-                )
-                new_config["Image"] = f"{STATE_REPO}/{name}:current"
+                ).get("Id", "")
+                new_config["Image"] = state_tag
             cancel.raise_if_cancelled()
             self._call(cancel, op, self.api.rename, old["Id"], self._swap_name(name, was_running), mutation=True)
             progress(55, "creating the new container")
@@ -213,14 +284,54 @@ class ContainerSwap:
             )
             try:
                 self._recover_swap(name, op)  # renamed aside: back under its name, started if it ran
-                if was_running and not (self._inspect(name, op) or {}).get("State", {}).get("Running"):
-                    self._call(None, op, self.api.start, old["Id"], mutation=True)
+                if was_running:
+                    self._restore_running(old["Id"], op, stop_in_flight=stopping)
+                if committed:
+                    # The commit of this attempt goes; the tag goes back to the image the
+                    # old container runs on (delete removes the state image by its tag).
+                    if old.get("Config", {}).get("Image") == state_tag:
+                        self._call(None, op, self.api.tag, old["Image"], f"{STATE_REPO}/{name}", "current", force=True)
+                    self._drop_image(committed, op)
             except ProviderError as undo:
                 logger.error("docker %s: could not restore %s: %s", self.config.name, name, undo)
             raise
         progress(85, "removing the old container")
         self._call(None, op, self.api.remove_container, old["Id"], force=True, mutation=True)
+        if old.get("Config", {}).get("Image") == state_tag and old.get("Image") != created_image(self, created, op):
+            self._drop_image(old["Image"], op)  # the previous commit, untagged and now unused
         return created
+
+    def _drop_image(self, image_id: str, op: str) -> None:
+        try:
+            self._call(None, op, self.api.remove_image, image_id, mutation=True)
+        except ProviderError as exc:  # in use or gone: nothing to free
+            logger.info("docker %s: image %s kept: %s", self.config.name, image_id[:19], exc)
+
+    def _restore_running(self, container_id: str, op: str, *, stop_in_flight: bool) -> None:
+        """Start the old container again. A stop abandoned on cancel still runs on the
+        daemon: wait for it to end first (a stop of a stopping container waits for
+        it), or it would stop the container right after this start."""
+        if stop_in_flight:
+            try:
+                self._call(None, op, self.api.stop, container_id, timeout=self.swap_stop_timeout, mutation=True)
+            except (ProviderError, AmbiguousOutcome) as exc:
+                logger.warning("docker %s: waiting for the stop of %s: %s", self.config.name, container_id[:12], exc)
+        if not (self._inspect(container_id, op) or {}).get("State", {}).get("Running"):
+            self._start_again(container_id, op)
+
+    def _start_again(self, container: str, op: str, seconds: float = 10.0) -> None:
+        """Start the old container on the ports it had. Podman frees the ports of the
+        new container it just removed a moment later: "address already in use" is
+        retried for a few seconds."""
+        limit = time.monotonic() + seconds
+        while True:
+            try:
+                self._call(None, op, self.api.start, container, mutation=True)
+                return
+            except ConflictError:
+                if time.monotonic() > limit:
+                    raise
+                time.sleep(0.3)
 
     def _stop(self, name: str, cancel: CancelToken, timeout: int, op: str) -> None:
         remaining = cancel.remaining()

@@ -76,7 +76,7 @@ def parse_progress(metadata: Any) -> tuple[int | None, str]:
         except (TypeError, ValueError):
             pct = None
         stage = _stage(str(prog.get("stage") or "working"))
-        speed = f" ({prog['speed']})" if prog.get("speed") else ""
+        speed = f" ({_rate(prog['speed'])})" if prog.get("speed") else ""
         return pct, f"{stage}: {pct}%{speed}" if pct is not None else stage
     for key, value in metadata.items():
         if key.endswith("_progress") and isinstance(value, str):
@@ -84,6 +84,19 @@ def parse_progress(metadata: Any) -> tuple[int | None, str]:
             detail = value.split(":", 1)[-1].strip() if ":" in value else value
             return (int(float(m.group(1))) if m else None), f"{_stage(key[: -len('_progress')])}: {detail}"
     return None, ""
+
+
+def _rate(speed: Any) -> str:
+    """The structured progress gives the speed as raw bytes per second ("1170000000"): "1.2GB/s"."""
+    try:
+        value = float(speed)
+    except (TypeError, ValueError):
+        return str(speed)  # already formatted
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f}{unit}/s" if unit == "B" else f"{value:.1f}{unit}/s"
+        value /= 1000
+    return f"{value:.1f}GB/s"  # pragma: no cover - the loop returns
 
 
 def _stage(raw: str) -> str:

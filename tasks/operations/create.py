@@ -72,6 +72,8 @@ class CreateOperation(Operation):
         )
         steps.step(2, "preparing")
         spec = guest_spec(instance)
+        # Drivers whose ports are fixed at creation (Docker) publish them with the guest.
+        spec.ports = [port for mapping in mappings for port in port_specs(mapping)]
         reserve = getattr(driver, "reserve", None)
         if reserve is not None:
             # Drivers with host-allocated ids (Proxmox VMIDs) reserve one first; it is

@@ -104,6 +104,10 @@ class FakeDocker:
         self.exec_hang = False  # an exec that never finishes (until release)
         self.ignore_stop = False  # the process survives SIGTERM and the daemon's own kill (a stuck one)
         self.busy_host_ports: set[str] = set()  # "tcp/20022": bound by something else on the host
+        # Podman's answers: volumes only in the top-level Mounts and HostConfig.Binds,
+        # API versions up to 1.41 only (set api_version too).
+        self.podman = False
+        self.api_version = "1.47"  # the newest the daemon accepts; newer -> 400, as Docker 20.10 does
         self._released = threading.Event()
         self._ips = itertools.count(2)
 
@@ -156,6 +160,9 @@ class FakeDocker:
         if m:
             self.versions_seen.add(m.group(1))
             path = m.group(2)
+            if _vt(m.group(1)) > _vt(self.api_version):
+                message = f"client version {m.group(1)} is too new. Maximum supported API version is {self.api_version}"
+                return _json({"message": message}, 400)(environ, start_response)
         body: Any = None
         if request.method in ("POST", "PUT") and request.content_type == "application/json":
             body = request.get_json(silent=True)
@@ -194,8 +201,8 @@ class FakeDocker:
         if (method, path) == ("GET", "/version"):
             return _json(
                 {
-                    "Version": "27.3.1",
-                    "ApiVersion": "1.47",
+                    "Version": "4.3.1" if self.podman else "27.3.1",
+                    "ApiVersion": self.api_version,
                     "MinAPIVersion": "1.24",
                     "Os": "linux",
                     "Arch": "amd64",
@@ -208,6 +215,17 @@ class FakeDocker:
             if image is None:
                 raise DockerError(404, f"No such image: {m.group(1)}")
             return _json({"Id": image.id, "RepoTags": image.tags, "Config": image.config})
+        m = re.fullmatch(r"/images/(.+)/tag", path)
+        if m and method == "POST":
+            image = self._image(m.group(1))
+            if image is None:
+                raise DockerError(404, f"No such image: {m.group(1)}")
+            ref = f"{q.get('repo')}:{q.get('tag') or 'latest'}"
+            for other in self.images.values():
+                if ref in other.tags:
+                    other.tags.remove(ref)
+            image.tags.append(ref)
+            return Response(status=201)
         m = re.fullmatch(r"/images/(.+)", path)
         if m and method == "DELETE":
             image = self._image(m.group(1))
@@ -358,6 +376,10 @@ class FakeDocker:
 
     def _inspect(self, c: Container) -> dict:
         vols = _volumes_of(c)
+        host_config = dict(c.host_config)
+        if self.podman:
+            host_config.pop("Mounts", None)
+            host_config["Binds"] = [f"{v}:{dest}:rw,rprivate,nosuid,nodev,rbind" for v, dest in vols.items()] or None
         return {
             "Id": c.id,
             "Name": f"/{c.name}",
@@ -365,8 +387,8 @@ class FakeDocker:
             "Created": now_iso(),
             "State": {
                 "Status": c.status,
-                "Running": c.status == "running",
-                "Paused": False,
+                "Running": c.status in ("running", "stopping", "paused"),
+                "Paused": c.status == "paused",
                 "Restarting": False,
                 "Dead": False,
                 "Pid": 4242 if c.status == "running" else 0,
@@ -376,7 +398,7 @@ class FakeDocker:
                 "FinishedAt": NEVER,
             },
             "Config": {**c.config, "Image": c.image},
-            "HostConfig": c.host_config,
+            "HostConfig": host_config,
             "Mounts": [
                 {
                     "Type": "volume",
@@ -519,6 +541,10 @@ def _bound(c: Container) -> set[str]:
         for key, entries in (c.host_config.get("PortBindings") or {}).items()
         for e in entries or []
     }
+
+
+def _vt(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
 
 
 def _json(data: Any, status: int = 200) -> Response:

@@ -415,7 +415,7 @@ def test_add_port_recreates_keeping_data_password_and_state(driver, fake):
     new = fake.by_name(NAME)
     assert new.id != old_id and old_id not in fake.containers
     assert new.status == "running"
-    assert new.host_config["PortBindings"] == {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": "20022"}]}
+    assert new.host_config["PortBindings"] == {"22/tcp": [{"HostIp": "", "HostPort": "20022"}]}
     assert new.fs["password:root"] == "s3cret-Pass"  # the writable layer was committed
     assert fake.volumes[f"{NAME}-data"]["data"] == {"notes.txt": "kept"}
     assert new.host_config["NanoCpus"] == 2 * 10**9 and new.config["Labels"]["cloudhost.name"] == NAME
@@ -461,18 +461,25 @@ def test_port_conflict_restores_the_old_container(driver, fake):
 
 
 @pytest.mark.parametrize("reason", [CANCEL_USER, CANCEL_TIMEOUT])
-def test_cancel_mid_port_change_leaves_a_repairable_container(driver, fake, reason):
+def test_cancel_while_a_port_change_stops_the_container_brings_it_back_running(driver, fake, reason):
+    """Bug 3: the stop ran before the try that restores the old container, so a cancel
+    there left a running guest stopped (the row said running)."""
     ref = make(driver)
+    old_id = fake.by_name(NAME).id
     fake.hang_actions.add("stop")
+    threading.Timer(0.6, fake.release).start()  # the daemon ends the stop a moment later
     started = time.monotonic()
     with pytest.raises(OperationCancelled):
         driver.add_port(ref, SSH, token(reason), Progress())
-    assert time.monotonic() - started < 2
+    # The restore waits for the abandoned stop (bounded by swap_stop_timeout), then starts it.
+    assert time.monotonic() - started < 5
+    restored = fake.by_name(NAME)
+    assert (restored.id, restored.status) == (old_id, "running")
+    assert not restored.host_config.get("PortBindings")
+    assert [c.name for c in fake.containers.values()] == [NAME]
     fake.hang_actions.clear()
-    fake.release()
-    wait_for(lambda: fake.by_name(NAME).status == "exited")  # the abandoned stop ends on the daemon
     driver.add_port(ref, SSH, CancelToken(), Progress())
-    assert fake.by_name(NAME).host_config["PortBindings"]
+    assert fake.by_name(NAME).host_config["PortBindings"] and fake.by_name(NAME).status == "running"
     assert [c.name for c in fake.containers.values()] == [NAME]
 
 
@@ -523,7 +530,7 @@ def test_rebuild_with_a_new_image_keeps_ports_and_gets_a_fresh_volume(driver, fa
     c = fake.by_name(NAME)
     assert new_ref == {"id": c.id, "name": NAME}
     assert c.image == "ubuntu:24.04" and c.status == "running" and "password:root" not in c.fs
-    assert c.host_config["PortBindings"] == {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": "20022"}]}
+    assert c.host_config["PortBindings"] == {"22/tcp": [{"HostIp": "", "HostPort": "20022"}]}
     assert list(fake.volumes) == [f"{NAME}-data-1"]
     assert not any(t.startswith("cloudhost-state/") for i in fake.images.values() for t in i.tags)
 
@@ -544,15 +551,16 @@ def test_rebuild_with_an_unknown_image_changes_nothing(driver, fake):
     assert fake.by_name(NAME).id == old_id and fake.by_name(NAME).status == "running"
 
 
-def test_rebuild_deadline_while_stopping_restores_on_the_next_call(driver, fake):
+def test_rebuild_deadline_while_stopping_keeps_the_old_container_running(driver, fake):
     ref = make(driver)
+    old_id = fake.by_name(NAME).id
     fake.hang_actions.add("stop")
+    threading.Timer(0.6, fake.release).start()
     with pytest.raises(OperationCancelled) as err:
         driver.rebuild(ref, spec(), token(CANCEL_TIMEOUT, 0.3), Progress())
     assert err.value.reason == CANCEL_TIMEOUT
+    assert (fake.by_name(NAME).id, fake.by_name(NAME).status) == (old_id, "running")
     fake.hang_actions.clear()
-    fake.release()
-    wait_for(lambda: fake.by_name(NAME).status == "exited")
     driver.rebuild(ref, spec(), CancelToken(), Progress())
     assert [c.name for c in fake.containers.values()] == [NAME]
 
@@ -633,3 +641,123 @@ def test_tls_without_client_certificate_or_with_another_ca_fails(tls_fake, ca):
         DockerDriver(tls_config(tls_fake, ca, client=False)).server_info()
     with pytest.raises(AuthError, match="TLS"):
         DockerDriver(tls_config(tls_fake, ca, ca_pem=trustme.CA().cert_pem.bytes().decode())).server_info()
+
+
+# ------------------------------------------------------------------ bugs found on real daemons
+
+
+def test_create_publishes_its_ports_at_creation_without_a_swap(driver, fake):
+    """Bug 6: ports published at creation; the add_port calls of the create task find them in place."""
+    ports = [SSH, PortSpec("tcp", 20023, 20024, 20023, 20024), PortSpec("udp", 20023, 20024, 20023, 20024)]
+    ref = driver.create(spec(ports=ports), CancelToken(), Progress())
+    driver.start(ref, CancelToken(), Progress())
+    c = fake.by_name(NAME)
+    assert c.host_config["PortBindings"] == {
+        "22/tcp": [{"HostIp": "", "HostPort": "20022"}],
+        "20023/tcp": [{"HostIp": "", "HostPort": "20023"}],
+        "20024/tcp": [{"HostIp": "", "HostPort": "20024"}],
+        "20023/udp": [{"HostIp": "", "HostPort": "20023"}],
+        "20024/udp": [{"HostIp": "", "HostPort": "20024"}],
+    }
+    assert set(c.config["ExposedPorts"]) == set(c.host_config["PortBindings"])
+    assert c.host_config["Init"] is True  # a stop takes a second, not the timeout
+    for port in ports:
+        driver.add_port(ref, port, CancelToken(), Progress())
+    assert fake.by_name(NAME).id == c.id  # nothing recreated
+    assert not fake.calls_to("POST", r"/commit$") and not fake.calls_to("POST", r"/rename$")
+    assert not fake.calls_to("POST", r"/stop$")
+    assert driver.get_state(ref).ports == [
+        PortSpec("tcp", 20022, 20022, 22, 22),
+        PortSpec("tcp", 20023, 20024, 20023, 20024),
+        PortSpec("udp", 20023, 20024, 20023, 20024),
+    ]
+
+
+def test_an_old_binding_on_0000_counts_as_every_address(driver, fake):
+    """Bug 2: "" is every address on both daemons ("0.0.0.0" is a dead /32 DNAT on Podman);
+    a container published earlier with "0.0.0.0" is not recreated for the same port."""
+    ref = driver.create(spec(), CancelToken(), Progress())
+    c = fake.by_name(NAME)
+    c.host_config["PortBindings"] = {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": "20022"}]}
+    driver.add_port(ref, SSH, CancelToken(), Progress())
+    assert fake.by_name(NAME).id == c.id and not fake.calls_to("POST", r"/rename$")
+
+
+def test_podman_volume_survives_a_port_change_and_nothing_leaks(driver, fake):
+    """Bug 1: Podman reports volumes only in the top-level Mounts and HostConfig.Binds."""
+    fake.podman = True
+    ref = make(driver)
+    fake.volumes[f"{NAME}-data"]["data"]["notes.txt"] = "kept"
+    inspected = driver.api.inspect_container(NAME)
+    assert not inspected["HostConfig"].get("Mounts") and inspected["HostConfig"]["Binds"]
+    driver.add_port(ref, SSH, CancelToken(), Progress())
+    new = fake.by_name(NAME)
+    assert new.host_config["Mounts"] == [
+        {"Type": "volume", "Source": f"{NAME}-data", "Target": "/data", "ReadOnly": False}
+    ]
+    assert fake.volumes[f"{NAME}-data"]["data"] == {"notes.txt": "kept"}
+    driver.rebuild(ref, spec(), CancelToken(), Progress())
+    assert set(fake.volumes) == {f"{NAME}-data-1"}  # the old volume removed, the fresh one mounted
+    driver.delete(ref, CancelToken(), Progress())
+    assert fake.volumes == {} and fake.containers == {}
+
+
+def test_a_stop_under_way_settles_and_paused_reads_running(driver, fake):
+    """Bug 4: Podman's "stopping" and "paused" read as error before."""
+    ref = make(driver)
+    c = fake.by_name(NAME)
+    c.status = "stopping"
+    threading.Timer(0.3, lambda: setattr(c, "status", "exited")).start()
+    assert driver.get_state(ref).status == "stopped"  # waited for the stop to end
+    c.status = "paused"
+    assert driver.get_state(ref).status == "running"
+
+
+def test_a_stop_that_does_not_settle_reads_running(fake):
+    driver = DockerDriver(config(fake, settle_seconds=0.2))
+    ref = make(driver)
+    fake.by_name(NAME).status = "stopping"
+    assert driver.get_state(ref).status == "running"
+
+
+def test_api_version_is_negotiated_down_to_what_the_daemon_speaks(fake):
+    """Bug 5: Debian's Docker 20.10 and Podman 4.3 refuse anything newer than 1.41."""
+    fake.api_version = "1.41"
+    driver = DockerDriver(config(fake, api_version=None))
+    assert driver.server_info().details["client_api_version"] == "1.41"
+    make(driver)
+    assert fake.versions_seen == {"1.41"}
+    pinned = DockerDriver(config(fake, api_version="1.44"))  # an explicit version is used as is
+    with pytest.raises(PermanentError, match="too new"):
+        pinned.server_info()
+
+
+def test_port_changes_keep_one_state_image_and_a_failed_one_none_extra(driver, fake):
+    ref = make(driver)
+    base = set(fake.images)
+    driver.add_port(ref, SSH, CancelToken(), Progress())
+    driver.add_port(ref, PortSpec("tcp", 20023, 20023, 80, 80), CancelToken(), Progress())
+    state = [i for i in fake.images.values() if i.id not in base]
+    assert [i.tags for i in state] == [[f"cloudhost-state/{NAME}:current"]]  # the previous commit removed
+    fake.busy_host_ports.add("tcp/20024")
+    with pytest.raises(ConflictError):
+        driver.add_port(ref, PortSpec("tcp", 20024, 20024, 81, 81), CancelToken(), Progress())
+    assert [i.id for i in fake.images.values() if i.id not in base] == [state[0].id]  # this attempt's commit gone
+    assert state[0].tags == [f"cloudhost-state/{NAME}:current"]
+    driver.delete(ref, CancelToken(), Progress())
+    assert set(fake.images) == base
+
+
+def test_a_shell_command_stops_on_a_hang_up(fake):
+    """An interactive shell ignores SIGTERM, init or not: a stop would wait the timeout."""
+    driver = DockerDriver(config(fake))
+    driver.create(spec(), CancelToken(), Progress())  # debian:12's command is bash
+    assert fake.by_name(NAME).config["StopSignal"] == "SIGHUP"
+    other = DockerDriver(config(fake, command=["/sbin/init"]))
+    other.create(spec(name="vps-other"), CancelToken(), Progress())
+    assert "StopSignal" not in fake.by_name("vps-other").config  # the image's own
+    explicit = DockerDriver(config(fake, stop_signal="SIGRTMIN+3"))
+    explicit.create(spec(name="vps-explicit"), CancelToken(), Progress())
+    assert fake.by_name("vps-explicit").config["StopSignal"] == "SIGRTMIN+3"
+    driver.add_port(driver.get_state({"name": NAME}).ref, SSH, CancelToken(), Progress())
+    assert fake.by_name(NAME).config["StopSignal"] == "SIGHUP"  # kept by a swap

@@ -2,9 +2,9 @@
 
 services.create_instance on a Provider row of type docker, then
 tasks.engine.worker.run_admitted_inline: the task completes, the container runs with its
-limits and its data volume, the root password set through exec stdin survived the
-recreations that published the port block, and the instance row records the
-container's address and the active mappings.
+limits and its data volume, its port block published when it was created (no
+stop, commit or swap), the root password set through exec stdin, and the
+instance row records the container's address and the active mappings.
 """
 
 from __future__ import annotations
@@ -55,7 +55,11 @@ def test_create_task_ends_with_a_running_container_its_address_password_and_port
     container = fake.by_name(instance.guest_name)
     assert container.status == "running"
     assert (container.host_config["NanoCpus"], container.host_config["Memory"]) == (2 * 10**9, 1024 * 2**20)
-    assert container.fs.get("password:root")  # set through exec stdin, kept by the commits
+    assert container.fs.get("password:root")  # set through exec stdin
+    # The ports were published at creation: one container, never stopped, committed or swapped.
+    assert len(fake.calls_to("POST", r"^/containers/create$")) == 1
+    assert not fake.calls_to("POST", r"/commit$") and not fake.calls_to("POST", r"/rename$")
+    assert not fake.calls_to("POST", r"/stop$")
     assert [c.name for c in fake.containers.values()] == [instance.guest_name]  # no swap leftovers
     assert instance.status == "running" and instance.addresses == [container.ip]
     assert instance.provider_ref["name"] == instance.guest_name

@@ -207,3 +207,11 @@ def test_progress_parsing_of_both_metadata_forms():
     structured = {"progress": {"stage": "create_instance_from_image_unpack", "percent": "80", "speed": "2MB/s"}}
     assert parse_progress(structured) == (80, "unpacking image: 80% (2MB/s)")
     assert parse_progress({"fds": {}}) == (None, "")
+
+
+def test_unpack_speed_in_raw_bytes_per_second_is_shown_in_units():
+    """LXD 5.0 and Incus 6.0 give the unpack speed as a bare byte rate ("1170000000")."""
+    raw = {"progress": {"stage": "create_instance_from_image_unpack", "percent": "100", "speed": "1170000000"}}
+    assert parse_progress(raw) == (100, "unpacking image: 100% (1.2GB/s)")
+    slow = {"progress": {"stage": "create_instance_from_image_unpack", "percent": "5", "speed": "2500"}}
+    assert parse_progress(slow) == (5, "unpacking image: 5% (2.5kB/s)")

@@ -1,0 +1,176 @@
+"""What goes wrong, on the real daemons: a cancel mid-create, a host port taken by
+another program, the daemon stopped under a queue, and VMs where KVM is missing."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from providers.base import DRIVERS
+from tasks import services
+from tasks.engine import health
+from tasks.engine.worker import run_admitted_inline
+from tasks.errors import InvalidInput
+from tasks.models import PortMapping, Provider, Task
+from tests.daemons.hosts import http_get, refused
+
+pytestmark = [pytest.mark.daemons]
+
+
+def driver_class(provider: Provider):
+    import importlib
+
+    module, name = DRIVERS[provider.provider_type]
+    return getattr(importlib.import_module(module), name)
+
+
+def created(alice, daemon, provider, request):
+    instance, task = services.create_instance(alice, provider=provider, image=daemon.image, memory_mb=256, disk_mb=1024)
+    request.addfinalizer(lambda: daemon.purge(instance.guest_name))
+    run_admitted_inline(provider.pk)
+    task.refresh_from_db()
+    instance.refresh_from_db()
+    assert (task.status, task.error_message) == ("completed", "")
+    return instance
+
+
+@pytest.mark.django_db(transaction=True)  # the worker runs in a thread with its own connection
+def test_cancel_in_the_middle_of_a_create_leaves_nothing_behind(alice, daemon, provider_for, monkeypatch, settings):
+    settings.TASK_CANCEL_POLL_SECONDS = 0.1
+    provider = provider_for(daemon)
+    cls = driver_class(provider)
+    original = cls.set_password
+    reached = threading.Event()
+
+    def set_password_then_wait(self, ref, password, cancel, progress):
+        original(self, ref, password, cancel, progress)  # the guest exists and runs by now
+        reached.set()
+        cancel.sleep(60)  # the user's cancel arrives here, mid-create
+
+    monkeypatch.setattr(cls, "set_password", set_password_then_wait)
+    instance, task = services.create_instance(alice, provider=provider, image=daemon.image, memory_mb=256, disk_mb=1024)
+    guest = instance.guest_name
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            run_admitted_inline(provider.pk)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    runner = threading.Thread(target=work)
+    runner.start()
+    try:
+        assert reached.wait(60), "the create never got to the password"
+        assert daemon.status(guest) == "running"
+        services.cancel_task(alice, task.pk)
+    finally:
+        runner.join(timeout=120)
+        daemon_leftovers = daemon.leftovers(guest)
+        daemon.purge(guest)
+    assert not runner.is_alive() and not errors
+    task.refresh_from_db()
+    instance.refresh_from_db()
+    assert (task.status, task.error_code) == ("cancelled", "cancelled_by_user")
+    assert instance.status == "failed"
+    assert daemon_leftovers == [] and daemon.status(guest) is None
+    assert not instance.port_mappings.filter(status__in=[PortMapping.STATUS_ACTIVE, PortMapping.STATUS_PENDING])
+    low = provider.port_range_start
+    assert refused(low)
+
+
+@pytest.mark.django_db
+def test_a_busy_host_port_fails_cleanly_and_the_instance_stays_as_it_was(alice, daemon, provider_for, request):
+    provider = provider_for(daemon)
+    instance = created(alice, daemon, provider, request)
+    guest = instance.guest_name
+    ssh = instance.port_mappings.order_by("host_port_start").first()
+    daemon.run(guest, "mkdir -p /data && echo kept > /data/marker")
+    busy = provider.port_range_end - 1
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind(("0.0.0.0", busy))  # another program on the host holds it (no traffic is sent to it)
+    blocker.listen(1)
+    try:
+        task, mapping = services.create_port(alice, instance.pk, protocol="tcp", guest_port=80, host_port=busy)
+        run_admitted_inline(provider.pk)
+    finally:
+        blocker.close()
+    task.refresh_from_db()
+    mapping.refresh_from_db()
+    instance.refresh_from_db()
+    assert task.status == "failed", task.error_message
+    assert mapping.status == PortMapping.STATUS_FAILED
+    # The instance as it was: running, its SSH port answering, its data and one guest.
+    assert instance.status == "running" and daemon.status(guest) == "running"
+    assert http_get(ssh.host_port_start)
+    assert daemon.run(guest, "cat /data/marker") == "kept"
+    assert daemon.leftovers(guest) in ([f"/{guest}", f"{guest}-data"], [guest], [f"/1.0/instances/{guest}"])
+    # Once the port is free, the same mapping can be asked for again and works.
+    task, mapping = services.create_port(alice, instance.pk, protocol="tcp", guest_port=80, host_port=busy)
+    run_admitted_inline(provider.pk)
+    task.refresh_from_db()
+    assert task.status == "completed", task.error_message
+    assert http_get(busy)
+
+
+@pytest.mark.django_db
+def test_a_stopped_daemon_holds_the_provider_and_its_return_resumes_it(alice, daemon, provider_for, request):
+    provider = provider_for(daemon)
+    instance = created(alice, daemon, provider, request)
+    guest = instance.guest_name
+    request.addfinalizer(lambda: daemon.up() or daemon.start_daemon())
+    daemon.stop_daemon()
+    try:
+        first = services.request_operation(alice, instance.pk, "restart")
+        run_admitted_inline(provider.pk)
+        first.refresh_from_db()
+        assert (first.status, first.error_code) == ("failed", "provider_unreachable"), first.error_message
+        provider.refresh_from_db()
+        assert provider.unreachable_since is not None and not provider.accepts_work
+        held = services.request_operation(alice, instance.pk, "stop")
+        assert run_admitted_inline(provider.pk) == 0  # held: not admitted, not failed
+        held.refresh_from_db()
+        assert held.status == "pending"
+        later = timezone.now() + timedelta(minutes=1)
+        assert health.probe_due(Provider.objects.filter(pk=provider.pk), now=later)[provider.pk]  # still down
+    finally:
+        daemon.start_daemon()
+    later = timezone.now() + timedelta(minutes=2)
+    assert health.probe_due(Provider.objects.filter(pk=provider.pk), now=later) == {provider.pk: None}
+    provider.refresh_from_db()
+    assert provider.unreachable_since is None and provider.accepts_work
+    assert run_admitted_inline(provider.pk) == 1
+    held.refresh_from_db()
+    assert held.status == "completed", held.error_message
+    deadline = time.monotonic() + 30
+    while daemon.status(guest) != "stopped" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert daemon.status(guest) == "stopped"
+
+
+@pytest.mark.django_db
+def test_vms_are_refused_where_they_cannot_run(alice, daemon, provider_for):
+    """No KVM here: Docker refuses a VM up front; LXD/Incus fail the create and keep nothing."""
+    provider = provider_for(daemon)
+    if daemon.provider_type == "docker":
+        with pytest.raises(InvalidInput, match="containers only"):
+            services.create_instance(alice, provider=provider, image=daemon.image, instance_type="vm")
+        return
+    instance, task = services.create_instance(
+        alice, provider=provider, image=daemon.image, instance_type="vm", memory_mb=256, disk_mb=1024
+    )
+    run_admitted_inline(provider.pk)
+    task = Task.objects.get(pk=task.pk)
+    instance.refresh_from_db()
+    assert task.status == "failed" and task.error_message
+    assert instance.status == "failed"
+    assert daemon.leftovers(instance.guest_name) == []
