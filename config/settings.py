@@ -173,6 +173,15 @@ TASK_HANDOFF_SECONDS = env_int("TASK_HANDOFF_SECONDS", 30, minimum=0)
 TASK_SWEEP_SECONDS = env_float("TASK_SWEEP_SECONDS", 1.0, minimum=0.1)
 # A provider held as unreachable (tasks.engine.health) is probed this often by the worker tier.
 PROVIDER_PROBE_SECONDS = env_float("PROVIDER_PROBE_SECONDS", 15.0, minimum=1.0)
+# Retention (tasks.purge.retention_job, a django-q2 schedule): finished tasks older
+# than this many days are purged in short batches; 0 keeps everything.
+TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 90, minimum=0)
+TASK_RETENTION_EVERY_MINUTES = env_int("TASK_RETENTION_EVERY_MINUTES", 10, minimum=1, maximum=1440)
+TASK_RETENTION_BATCH_SIZE = env_int("TASK_RETENTION_BATCH_SIZE", 1000, minimum=1, maximum=100000)
+TASK_RETENTION_MAX_SECONDS = env_float("TASK_RETENTION_MAX_SECONDS", 60.0, minimum=1.0)
+# Traffic counters (tasks.traffic_counters): how often running instances are sampled
+# (0: only at start/stop/restart/reset/delete), and what a GB of max_traffic_gb is.
+TRAFFIC_SAMPLE_MINUTES = env_int("TRAFFIC_SAMPLE_MINUTES", 5, minimum=0, maximum=1440)
 TASK_SHUTDOWN_GRACE_SECONDS = env_float("TASK_SHUTDOWN_GRACE_SECONDS", 5.0, minimum=0.0)
 TASK_PROGRESS_MIN_INTERVAL = env_float("TASK_PROGRESS_MIN_INTERVAL", 0.25, minimum=0.0)
 TASK_MAX_TIMEOUT_SECONDS = env_int("TASK_MAX_TIMEOUT_SECONDS", 86400, minimum=60)

@@ -9,7 +9,7 @@ class TasksConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from tasks import signals  # noqa: F401  (connects the receivers)
+        from tasks import signals, traffic_counters  # noqa: F401  (connects the receivers)
 
         if sys.argv[1:2] == ["qcluster"]:
             # django-q2 forks its workers from this process: what is imported here

@@ -59,6 +59,10 @@ class QuotaExceeded(Conflict):
     code = "quota_exceeded"
 
 
+class TrafficLimitExceeded(Conflict):
+    code = "traffic_limit_exceeded"
+
+
 class CapacityExceeded(Conflict):
     code = "capacity_exceeded"
 

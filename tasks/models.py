@@ -143,6 +143,9 @@ class UserQuota(models.Model):
     used_cpu = models.PositiveIntegerField(default=0, editable=False)
     used_memory_mb = models.PositiveBigIntegerField(default=0, editable=False)
     used_disk_mb = models.PositiveBigIntegerField(default=0, editable=False)
+    # Monthly traffic (received + sent) each of the user's instances may move, in GB
+    # (10^9 bytes); empty: no limit. An instance over it is stopped (tasks.traffic_counters).
+    max_traffic_gb = models.PositiveIntegerField(null=True, blank=True)
 
     def __str__(self) -> str:
         return f"quota of {self.user}"
@@ -466,6 +469,35 @@ class Worker(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class InstanceTraffic(models.Model):
+    """Bytes an instance received and sent in one calendar month (UTC), from the accounting samples.
+
+    ``last_rx``/``last_tx`` are the raw cumulative counters of the last sample and
+    ``sampled_at`` its time; they matter on the newest row of an instance, where
+    the next sample's difference starts (tasks.traffic_counters).
+    """
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="traffic")
+    period = models.DateField(help_text="first day of the month (UTC)")
+    rx_bytes = models.PositiveBigIntegerField(default=0)
+    tx_bytes = models.PositiveBigIntegerField(default=0)
+    last_rx = models.PositiveBigIntegerField(default=0)
+    last_tx = models.PositiveBigIntegerField(default=0)
+    sampled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["instance", "period"], name="traffic_instance_period"),
+        ]
+        indexes = [
+            # over-limit check: WHERE period=? (the month's rows)
+            models.Index(fields=["period", "instance"], name="traffic_period_instance"),
+        ]
+
+    def __str__(self) -> str:
+        return f"traffic of {self.instance_id} in {self.period:%Y-%m}"
 
 
 class TaskDeletions(models.Model):

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from tasks import ports, resources
+from tasks import ports, resources, traffic_counters
 from tasks.engine import dispatch, sql, transitions
 from tasks.engine.states import (
     ALLOWED_INSTANCE_STATUS,
@@ -35,6 +35,7 @@ from tasks.errors import (
     NotCancellable,
     NotFound,
     ProviderUnavailable,
+    TrafficLimitExceeded,
 )
 from tasks.models import Instance, InstanceType, PortMapping, Provider, Task, TaskEvent, UserQuota
 
@@ -272,6 +273,8 @@ def request_operation(
             raise InstanceBusy(instance.active_task_id)
         if instance.status not in ALLOWED_INSTANCE_STATUS[task_type]:
             raise InvalidState(f"cannot {task_type} an instance that is {instance.status}", status=instance.status)
+        if task_type in (TaskType.START, TaskType.RESTART) and not admin and traffic_counters.over_limit(instance):
+            raise TrafficLimitExceeded("the instance has used its monthly traffic")
         return _new_task(
             provider=provider,
             task_type=task_type,

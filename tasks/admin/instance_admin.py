@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 
 from django.contrib import admin
-from django.db.models import QuerySet
+from django.db.models import Prefetch, QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
-from tasks import services
+from tasks import services, traffic_counters
 from tasks.admin.common import (
     BulkResult,
     ConfirmForm,
@@ -30,7 +30,7 @@ from tasks.admin.common import (
 )
 from tasks.admin.lists import moment_field, search_by_identity
 from tasks.engine.states import TaskType
-from tasks.models import Instance, PortMapping, Task
+from tasks.models import Instance, InstanceTraffic, PortMapping, Task
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
         "status_col",
         "resources",
         "ssh_port",
+        "traffic_col",
         "active_task_col",
         "needs_reconcile",
         "created_at",
@@ -102,6 +103,7 @@ class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
         "bandwidth_mbps",
         "addresses",
         "ssh_port",
+        "traffic_detail",
         "provider_ref",
         "guest_name",
         "active_task_detail",
@@ -115,7 +117,7 @@ class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("uuid", "name", "owner", "provider", "instance_type", "image", "status_col")}),
         ("Resources", {"fields": ("resources", "bandwidth_mbps", "holds_resources")}),
-        ("Network", {"fields": ("addresses", "ssh_port")}),
+        ("Network", {"fields": ("addresses", "ssh_port", "traffic_detail")}),
         ("Provider", {"fields": ("guest_name", "provider_ref", "needs_reconcile")}),
         ("Tasks", {"fields": ("active_task_detail", "recent_tasks")}),
         ("Dates", {"fields": ("created_time", "updated_time", "deleted_time")}),
@@ -147,6 +149,10 @@ class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
             ]
         return super().change_view(request, object_id, form_url, extra_context=extra)
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        this_month = Prefetch("traffic", queryset=traffic_counters.this_month(), to_attr="traffic_this_month")
+        return super().get_queryset(request).prefetch_related(this_month)
+
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
         found, may_have_duplicates = super().get_search_results(request, queryset, search_term)
         exact = search_by_identity(search_term) if search_term else None
@@ -163,6 +169,45 @@ class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
     @admin.display(description="resources")
     def resources(self, instance: Instance) -> str:
         return f"{instance.cpu} CPU · {_memory(instance.memory_mb)} RAM · {_memory(instance.disk_mb)} disk"
+
+    @admin.display(description="traffic this month")
+    def traffic_col(self, instance: Instance) -> str:
+        used = traffic_counters.current(instance)
+        return f"↓ {traffic_counters.human(used['rx_bytes'])} ↑ {traffic_counters.human(used['tx_bytes'])}"
+
+    @admin.display(description="traffic")
+    def traffic_detail(self, instance: Instance):
+        rows = list(InstanceTraffic.objects.filter(instance=instance).order_by("-period")[:12])
+        limit = traffic_counters.limit_bytes(instance)
+        head = format_html(
+            "<p>{}</p>",
+            "monthly limit: " + (traffic_counters.human(limit) if limit is not None else "none") + " (received + sent)",
+        )
+        if not rows:
+            return format_html("{}<p>{}</p>", head, "no sample yet")
+        body = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    f"{r.period:%Y-%m}",
+                    traffic_counters.human(r.rx_bytes),
+                    traffic_counters.human(r.tx_bytes),
+                    traffic_counters.human(r.rx_bytes + r.tx_bytes),
+                )
+                for r in rows
+            ),
+        )
+        return format_html(
+            '{}<table class="tc-table"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead>'
+            "<tbody>{}</tbody></table>",
+            head,
+            "month",
+            "received",
+            "sent",
+            "total",
+            body,
+        )
 
     @admin.display(description="active task")
     def active_task_col(self, instance: Instance):

@@ -31,6 +31,7 @@ class UserQuotaAdmin(admin.ModelAdmin):
         "cpu",
         "memory",
         "disk",
+        "traffic_limit",
     )
     search_fields = ("user__username",)
     list_select_related = ("user",)
@@ -52,6 +53,10 @@ class UserQuotaAdmin(admin.ModelAdmin):
     @admin.display(description="disk (MB)")
     def disk(self, q: UserQuota) -> str:
         return f"{q.used_disk_mb} / {q.max_disk_mb}"
+
+    @admin.display(description="traffic per instance per month", ordering="max_traffic_gb")
+    def traffic_limit(self, q: UserQuota) -> str:
+        return "—" if q.max_traffic_gb is None else f"{q.max_traffic_gb} GB"
 
     def has_delete_permission(self, request, obj=None) -> bool:
         # The row carries the user's live usage; a new one would start from zero.

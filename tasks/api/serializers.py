@@ -16,6 +16,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from tasks import traffic_counters
 from tasks.api.queueinfo import EMPTY as NO_QUEUE_INFO
 from tasks.api.queueinfo import QueueInfo
 from tasks.engine.states import CANCELLABLE, FINAL, RUNNING
@@ -233,8 +234,15 @@ class ResourcesSerializer(serializers.Serializer):
     bandwidth_mbps = serializers.IntegerField()
 
 
+class TrafficSerializer(serializers.Serializer):
+    period = serializers.CharField(help_text="the calendar month (UTC), YYYY-MM")
+    rx_bytes = serializers.IntegerField(help_text="bytes received this month")
+    tx_bytes = serializers.IntegerField(help_text="bytes sent this month")
+
+
 class InstanceSerializer(serializers.ModelSerializer):
     provider = ProviderRefSerializer(read_only=True)
+    traffic = serializers.SerializerMethodField()
     resources = serializers.SerializerMethodField()
     ports = serializers.SerializerMethodField()
     active_task = serializers.IntegerField(source="active_task_id", read_only=True, allow_null=True)
@@ -255,6 +263,7 @@ class InstanceSerializer(serializers.ModelSerializer):
             "active_task",
             "addresses",
             "ssh_port",
+            "traffic",
             "needs_reconcile",
             "created_at",
             "updated_at",
@@ -270,6 +279,11 @@ class InstanceSerializer(serializers.ModelSerializer):
             "disk_mb": instance.disk_mb,
             "bandwidth_mbps": instance.bandwidth_mbps,
         }
+
+    @extend_schema_field(TrafficSerializer)
+    def get_traffic(self, instance: Instance) -> dict:
+        # The views prefetch this month's row into ``traffic_this_month``.
+        return traffic_counters.current(instance)
 
     @extend_schema_field(PortMappingSerializer(many=True))
     def get_ports(self, instance: Instance) -> list[dict]:

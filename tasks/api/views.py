@@ -24,7 +24,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 
-from tasks import services, stats
+from tasks import services, stats, traffic_counters
 from tasks.api import serializers as s
 from tasks.api.filters import MAX_ID, InstanceFilter, TaskFilter
 from tasks.api.permissions import IsStaff
@@ -258,7 +258,10 @@ class BaseInstanceViewSet(APIViewSetMixin, mixins.ListModelMixin, mixins.Retriev
         return (
             services.visible_instances(self.request.user, admin=self.admin)
             .select_related("provider", "owner")
-            .prefetch_related(Prefetch("port_mappings", queryset=live_ports, to_attr="live_ports"))
+            .prefetch_related(
+                Prefetch("port_mappings", queryset=live_ports, to_attr="live_ports"),
+                Prefetch("traffic", queryset=traffic_counters.this_month(), to_attr="traffic_this_month"),
+            )
         )
 
     def accepted(self, task: Task, **extra) -> Response:
