@@ -1,6 +1,8 @@
+import os
 import sys
 
 from django.apps import AppConfig
+from django.utils import translation
 
 
 class TasksConfig(AppConfig):
@@ -10,6 +12,13 @@ class TasksConfig(AppConfig):
 
     def ready(self) -> None:
         from tasks import signals, traffic_counters  # noqa: F401  (connects the receivers)
+
+        if os.path.basename(sys.argv[0]) in ("manage.py", "django-admin"):
+            # Management commands and the worker tier (qcluster runs under manage.py)
+            # speak English whatever LANGUAGE_CODE says: their output is for logs,
+            # and what they store (step messages, errors) is translated when shown.
+            # Requests still get their own language from LocaleMiddleware.
+            translation.activate("en")
 
         if sys.argv[1:2] == ["qcluster"]:
             # django-q2 forks its workers from this process: what is imported here

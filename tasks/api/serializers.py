@@ -12,11 +12,12 @@ from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
+from django.utils.translation import gettext as _
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from tasks import traffic_counters
+from tasks import messages, traffic_counters
 from tasks.api.queueinfo import EMPTY as NO_QUEUE_INFO
 from tasks.api.queueinfo import QueueInfo
 from tasks.engine.states import CANCELLABLE, FINAL, RUNNING
@@ -65,6 +66,11 @@ class TaskEventSerializer(serializers.ModelSerializer):
     class Meta:
         model = TaskEvent
         fields = ["from_status", "to_status", "actor", "reason", "progress", "message", "at", "kind"]
+
+    def to_representation(self, event: TaskEvent) -> dict:
+        data = super().to_representation(event)
+        data["message"] = messages.translate(data["message"])  # stored in English (tasks/messages.py)
+        return data
 
 
 # --- tasks ----------------------------------------------------------------------------
@@ -157,6 +163,14 @@ class TaskSerializer(serializers.ModelSerializer):
     @extend_schema_field(serializers.CharField(allow_null=True))
     def get_blocked_reason(self, task: Task) -> str | None:
         return self._queue(task)["blocked_reason"]
+
+    def to_representation(self, task: Task) -> dict:
+        data = super().to_representation(task)
+        # Stored in English by the workers, shown in the reader's language (tasks/messages.py).
+        for name in ("status_message", "error_message"):
+            if name in data:
+                data[name] = messages.translate(data[name])
+        return data
 
 
 class TaskDetailSerializer(TaskSerializer):
@@ -447,7 +461,11 @@ class AdminProviderSerializer(serializers.ModelSerializer):
             unknown = [key for key in data if key not in self.WRITABLE]
             if unknown:
                 raise serializers.ValidationError(
-                    {str(unknown[0]): [f"not writable; PATCH accepts only {', '.join(self.WRITABLE)}"]}
+                    {
+                        str(unknown[0]): [
+                            _("not writable; PATCH accepts only %(fields)s") % {"fields": ", ".join(self.WRITABLE)}
+                        ]
+                    }
                 )
         return super().to_internal_value(data)
 

@@ -13,6 +13,7 @@ import logging
 
 from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
+from django.utils.translation import gettext as _
 from django_filters.rest_framework import DjangoFilterBackend
 from django_filters.utils import translate_validation
 from drf_spectacular.types import OpenApiTypes
@@ -56,9 +57,9 @@ def _parse_id(value) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise NotFound("no such object") from None
+        raise NotFound(_("no such object")) from None
     if not 1 <= number <= MAX_ID:
-        raise NotFound("no such object")
+        raise NotFound(_("no such object"))
     return number
 
 
@@ -80,7 +81,7 @@ class APIViewSetMixin:
         # A detail lookup ignores list filters (?status=.. on a detail URL changes nothing).
         obj = self.get_queryset().filter(pk=_parse_id(self.kwargs.get(self.lookup_field))).first()
         if obj is None:
-            raise NotFound("no such object")
+            raise NotFound(_("no such object"))
         self.check_object_permissions(self.request, obj)
         return obj
 
