@@ -17,53 +17,52 @@ from __future__ import annotations
 
 import re
 
-from django.utils.translation import gettext
-from django.utils.translation import gettext_noop as N
+from django.utils.translation import gettext, gettext_noop
 
 # Exact messages: the operations' steps (tasks/operations), the simulated
 # provider's progress (providers/simulated) and the engine's.
 MESSAGES = (
     # engine (tasks/services.py, tasks/engine)
-    N("queued"),
-    N("waiting for a worker"),
-    N("started"),
-    N("cancel requested"),
-    N("force-stopped"),
-    N("the worker running this task stopped renewing its lease"),
-    N("timed out and the worker did not stop; lease revoked"),
+    gettext_noop("queued"),
+    gettext_noop("waiting for a worker"),
+    gettext_noop("started"),
+    gettext_noop("cancel requested"),
+    gettext_noop("force-stopped"),
+    gettext_noop("the worker running this task stopped renewing its lease"),
+    gettext_noop("timed out and the worker did not stop; lease revoked"),
     # operations
-    N("preparing"),
-    N("reserving the guest id"),
-    N("creating the guest"),
-    N("starting the guest"),
-    N("stopping the guest"),
-    N("restarting the guest"),
-    N("deleting the guest"),
-    N("setting the root password"),
-    N("generating a new password"),
-    N("password changed"),
-    N("reading the addresses"),
-    N("reading the guest's state"),
-    N("verifying the guest is gone"),
-    N("reinstalling from the image"),
-    N("removing the partly created guest"),
-    N("syncing traffic counters"),
-    N("created"),
-    N("running"),
-    N("stopped"),
-    N("deleted"),
-    N("reset"),
+    gettext_noop("preparing"),
+    gettext_noop("reserving the guest id"),
+    gettext_noop("creating the guest"),
+    gettext_noop("starting the guest"),
+    gettext_noop("stopping the guest"),
+    gettext_noop("restarting the guest"),
+    gettext_noop("deleting the guest"),
+    gettext_noop("setting the root password"),
+    gettext_noop("generating a new password"),
+    gettext_noop("password changed"),
+    gettext_noop("reading the addresses"),
+    gettext_noop("reading the guest's state"),
+    gettext_noop("verifying the guest is gone"),
+    gettext_noop("reinstalling from the image"),
+    gettext_noop("removing the partly created guest"),
+    gettext_noop("syncing traffic counters"),
+    gettext_noop("created"),
+    gettext_noop("running"),
+    gettext_noop("stopped"),
+    gettext_noop("deleted"),
+    gettext_noop("reset"),
     # the simulated provider
-    N("guest already exists"),
-    N("already running"),
-    N("already stopped"),
-    N("already gone"),
-    N("unpacking the root filesystem"),
-    N("configuring limits and network"),
-    N("booting"),
-    N("shutting down"),
-    N("forcing the stop"),
-    N("removing the guest"),
+    gettext_noop("guest already exists"),
+    gettext_noop("already running"),
+    gettext_noop("already stopped"),
+    gettext_noop("already gone"),
+    gettext_noop("unpacking the root filesystem"),
+    gettext_noop("configuring limits and network"),
+    gettext_noop("booting"),
+    gettext_noop("shutting down"),
+    gettext_noop("forcing the stop"),
+    gettext_noop("removing the guest"),
 )
 
 # Messages with figures: (the English message as a pattern, its template).
@@ -71,16 +70,16 @@ MESSAGES = (
 PATTERNS = (
     (
         re.compile(r"^(?P<what>.+): provider error, retry (?P<n>\d+) of (?P<m>\d+)$"),
-        N("%(what)s: provider error, retry %(n)s of %(m)s"),
+        gettext_noop("%(what)s: provider error, retry %(n)s of %(m)s"),
     ),
-    (re.compile(r"^downloading image (?P<image>\S+)$"), N("downloading image %(image)s")),
-    (re.compile(r"^mapping (?P<port>\S+)$"), N("mapping %(port)s")),
-    (re.compile(r"^unmapping (?P<port>\S+)$"), N("unmapping %(port)s")),
-    (re.compile(r"^mapped (?P<mapping>.+)$"), N("mapped %(mapping)s")),
-    (re.compile(r"^unmapped (?P<mapping>.+)$"), N("unmapped %(mapping)s")),
+    (re.compile(r"^downloading image (?P<image>\S+)$"), gettext_noop("downloading image %(image)s")),
+    (re.compile(r"^mapping (?P<port>\S+)$"), gettext_noop("mapping %(port)s")),
+    (re.compile(r"^unmapping (?P<port>\S+)$"), gettext_noop("unmapping %(port)s")),
+    (re.compile(r"^mapped (?P<mapping>.+)$"), gettext_noop("mapped %(mapping)s")),
+    (re.compile(r"^unmapped (?P<mapping>.+)$"), gettext_noop("unmapped %(mapping)s")),
     (
         re.compile(r"^timed out after (?P<n>\d+) s; the worker did not stop and was killed$"),
-        N("timed out after %(n)s s; the worker did not stop and was killed"),
+        gettext_noop("timed out after %(n)s s; the worker did not stop and was killed"),
     ),
 )
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
+from django.utils.translation import gettext as _
 
 
 @dataclass
@@ -84,8 +85,12 @@ def queues(rows: Sequence[QueueRow], *, label: str, width: int = 520, row: int =
         y = i * row + 2
         x_run = label_width + r.running * unit
         x_limit = label_width + r.limit * unit
-        state = "" if r.enabled else " (disabled)"
-        tip = escape(f"{r.label}{state}: {r.running} running of {r.limit} allowed, {r.pending} pending")
+        state = "" if r.enabled else " " + _("(disabled)")
+        tip = escape(
+            f"{r.label}{state}: "
+            + _("%(running)s running of %(limit)s allowed, %(pending)s pending")
+            % {"running": r.running, "limit": r.limit, "pending": r.pending}
+        )
         body.append(
             f'<g class="tc-chart__row"><title>{tip}</title>'
             f'<text class="tc-chart__label" x="{label_width - 6}" y="{y + row * 0.65:.1f}" text-anchor="end">'
@@ -98,7 +103,8 @@ def queues(rows: Sequence[QueueRow], *, label: str, width: int = 520, row: int =
             f'width="{r.pending * unit:.1f}" height="{row - 10}"/>'
             f'<line class="tc-chart__limit" x1="{x_limit:.1f}" x2="{x_limit:.1f}" y1="{y + 1}" y2="{y + row - 3}"/>'
             f'<text class="tc-chart__value" x="{label_width + track + 6}" y="{y + row * 0.65:.1f}">'
-            f"{r.running}/{r.limit} · {r.pending} pending</text></g>"
+            f"{escape(_('%(running)s/%(limit)s · %(pending)s pending') % {'running': r.running, 'limit': r.limit, 'pending': r.pending})}"
+            "</text></g>"
         )
     return _svg(width, height, label, body)
 
