@@ -3,11 +3,12 @@ import sys
 
 from django.apps import AppConfig
 from django.utils import translation
+from django.utils.translation import gettext_lazy as _
 
 
 class TasksConfig(AppConfig):
     name = "tasks"
-    verbose_name = "Tasks"
+    verbose_name = _("Tasks")
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:

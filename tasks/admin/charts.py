@@ -86,6 +86,11 @@ def queues(rows: Sequence[QueueRow], *, label: str, width: int = 520, row: int =
         x_run = label_width + r.running * unit
         x_limit = label_width + r.limit * unit
         state = "" if r.enabled else " " + _("(disabled)")
+        value = _("%(running)s/%(limit)s · %(pending)s pending") % {
+            "running": r.running,
+            "limit": r.limit,
+            "pending": r.pending,
+        }
         tip = escape(
             f"{r.label}{state}: "
             + _("%(running)s running of %(limit)s allowed, %(pending)s pending")
@@ -103,8 +108,7 @@ def queues(rows: Sequence[QueueRow], *, label: str, width: int = 520, row: int =
             f'width="{r.pending * unit:.1f}" height="{row - 10}"/>'
             f'<line class="tc-chart__limit" x1="{x_limit:.1f}" x2="{x_limit:.1f}" y1="{y + 1}" y2="{y + row - 3}"/>'
             f'<text class="tc-chart__value" x="{label_width + track + 6}" y="{y + row * 0.65:.1f}">'
-            f"{escape(_('%(running)s/%(limit)s · %(pending)s pending') % {'running': r.running, 'limit': r.limit, 'pending': r.pending})}"
-            "</text></g>"
+            f"{escape(value)}</text></g>"
         )
     return _svg(width, height, label, body)
 
