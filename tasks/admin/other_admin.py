@@ -14,6 +14,7 @@ from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
 from tasks.admin.common import SCRIPTS, STYLES, BulkResult, admin_link, age, status_badge
+from tasks.messages import translate as translate_message
 from tasks.models import TaskEvent, UserQuota, Worker
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class WorkerAdmin(admin.ModelAdmin):
 class TaskEventAdmin(admin.ModelAdmin):
     """The audit trail across tasks (each task's page shows its own timeline)."""
 
-    list_display = ("at", "task_link", "kind", "transition", "actor", "reason", "progress", "message")
+    list_display = ("at", "task_link", "kind", "transition", "actor", "reason", "progress", "message_col")
     list_filter = ("kind", "to_status", ("at", admin.DateFieldListFilter))
     search_fields = ("actor", "reason", "message")
     search_help_text = _("Actor (e.g. admin:root), reason or message.")
@@ -182,10 +183,14 @@ class TaskEventAdmin(admin.ModelAdmin):
     @admin.display(description=_("transition"))
     def transition(self, event: TaskEvent):
         if event.kind == TaskEvent.KIND_STEP:
-            return "step"
+            return _("step")
         if not event.from_status:
             return format_html("→ {}", status_badge(None, event.to_status))
         return format_html("{} → {}", status_badge(None, event.from_status), status_badge(None, event.to_status))
+
+    @admin.display(description=_("message"))
+    def message_col(self, event: TaskEvent) -> str:
+        return translate_message(event.message)  # stored in English (tasks/messages.py)
 
     # The audit trail is append-only.
     def has_add_permission(self, request) -> bool:
