@@ -12,6 +12,7 @@ import secrets
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.translation import gettext_lazy
 
 from config.env import (
     env_bool,
@@ -242,7 +243,7 @@ Q_CLUSTER = {
     "bulk": 1,
     "poll": env_float("Q_POLL_SECONDS", 0.05, minimum=0.01),
     "catch_up": False,
-    "label": "Background jobs",
+    "label": gettext_lazy("Background jobs"),  # the django-q2 section of the admin
     "ALT_CLUSTERS": {},
 }
 if _q_cluster_name:

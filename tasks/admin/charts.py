@@ -234,6 +234,8 @@ def _legend(series: Sequence[Series], x: float, y: float) -> list[str]:
     out = []
     for s in series:
         out.append(f'<rect class="tc-fill {s.css}" x="{x:.1f}" y="{y - 9}" width="10" height="10" rx="2"/>')
-        out.append(f'<text class="tc-chart__label" x="{x + 14:.1f}" y="{y}">{escape(s.label)}</text>')
-        x += 24 + 7 * len(s.label)
+        label = str(s.label)
+        out.append(f'<text class="tc-chart__label" x="{x + 14:.1f}" y="{y}">{escape(label)}</text>')
+        # About 7 px per Latin character at the label's size, 13 per CJK one (twice as wide).
+        x += 24 + sum(13 if ord(c) > 0x2E7F else 7 for c in label)
     return out
