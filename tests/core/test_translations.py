@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -194,3 +195,26 @@ def test_the_admin_language_switch_overrides_accept_language(client, root, runni
 def test_the_login_page_has_the_switch_too(client):
     page = client.get("/admin/login/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
     assert 'id="tc-language"' in page and "登录" in page and "切换" in page
+
+
+STEP_MESSAGE_CALLS = (
+    re.compile(r'\bprogress\([^,()]*,\s*"([^"]+)"\)'),  # drivers' progress callbacks
+    re.compile(r'\bsteps?\.step\(\s*\d+,\s*"([^"]+)"\)'),  # operations' steps
+    re.compile(r'\bsteps\.call\(\s*"([^"]+)"'),  # operations' provider calls (the step's label)
+    re.compile(r'\b_spend\([^)]*,\s*"([^"]+)"\)'),  # the simulated provider's delays
+)
+
+
+def test_every_step_message_the_code_writes_has_a_chinese_translation():
+    """Workers store step messages in English (tasks/messages.py translates them when shown):
+    a new literal message in an operation or a driver must be listed there and translated."""
+    found = set()
+    for folder in ("providers", "tasks/operations"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text(encoding="utf-8")
+            for pattern in STEP_MESSAGE_CALLS:
+                found.update((m, path.name) for m in pattern.findall(text))
+    assert len({m for m, _ in found}) > 40  # the scan itself works
+    with translation.override("zh-hans"):
+        missing = sorted((name, m) for m, name in found if messages.translate(m) == m)
+    assert not missing, "add these to tasks/messages.py and translate them (scripts/messages): " + repr(missing)
