@@ -3,7 +3,7 @@
 # Extra arguments go to pytest, e.g. ./test.sh tests/core -x
 set -euo pipefail
 cd "$(dirname "$0")"
-scripts/setup browser
+scripts/setup browser monitoring
 export SIMULATED_SPEED=${SIMULATED_SPEED:-0.01}
 # chromium is installed above: a missing browser must fail the browser test, not skip it.
 export REQUIRE_BROWSER=${REQUIRE_BROWSER:-1}

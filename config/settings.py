@@ -12,6 +12,7 @@ import secrets
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.translation import gettext_lazy
 
 from config.env import (
     env_bool,
@@ -75,6 +76,9 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    # The language of human texts: the admin's language switch (cookie), else
+    # Accept-Language, else LANGUAGE_CODE (API and admin alike).
+    "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -114,7 +118,12 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
 
-LANGUAGE_CODE = "en-us"
+# Human texts in English and Simplified Chinese (README "Languages"); codes and
+# field names never change. LANGUAGE_CODE is the default when a request asks
+# for neither; management commands and workers always write English.
+LANGUAGES = [("en", "English"), ("zh-hans", "简体中文")]
+LANGUAGE_CODE = env_choice("LANGUAGE_CODE", "en", tuple(code for code, _name in LANGUAGES))
+LOCALE_PATHS = [BASE_DIR / "locale"]
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
@@ -173,6 +182,15 @@ TASK_HANDOFF_SECONDS = env_int("TASK_HANDOFF_SECONDS", 30, minimum=0)
 TASK_SWEEP_SECONDS = env_float("TASK_SWEEP_SECONDS", 1.0, minimum=0.1)
 # A provider held as unreachable (tasks.engine.health) is probed this often by the worker tier.
 PROVIDER_PROBE_SECONDS = env_float("PROVIDER_PROBE_SECONDS", 15.0, minimum=1.0)
+# Retention (tasks.purge.retention_job, a django-q2 schedule): finished tasks older
+# than this many days are purged in short batches; 0 keeps everything.
+TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 90, minimum=0)
+TASK_RETENTION_EVERY_MINUTES = env_int("TASK_RETENTION_EVERY_MINUTES", 10, minimum=1, maximum=1440)
+TASK_RETENTION_BATCH_SIZE = env_int("TASK_RETENTION_BATCH_SIZE", 1000, minimum=1, maximum=100000)
+TASK_RETENTION_MAX_SECONDS = env_float("TASK_RETENTION_MAX_SECONDS", 60.0, minimum=1.0)
+# Traffic counters (tasks.traffic_counters): how often running instances are sampled
+# (0: only at start/stop/restart/reset/delete), and what a GB of max_traffic_gb is.
+TRAFFIC_SAMPLE_MINUTES = env_int("TRAFFIC_SAMPLE_MINUTES", 5, minimum=0, maximum=1440)
 TASK_SHUTDOWN_GRACE_SECONDS = env_float("TASK_SHUTDOWN_GRACE_SECONDS", 5.0, minimum=0.0)
 TASK_PROGRESS_MIN_INTERVAL = env_float("TASK_PROGRESS_MIN_INTERVAL", 0.25, minimum=0.0)
 TASK_MAX_TIMEOUT_SECONDS = env_int("TASK_MAX_TIMEOUT_SECONDS", 86400, minimum=60)
@@ -235,7 +253,7 @@ Q_CLUSTER = {
     "poll": env_float("Q_POLL_SECONDS", 0.05, minimum=0.01),
     "scheduler": env_bool("Q_SCHEDULER", True),
     "catch_up": False,
-    "label": "Background jobs",
+    "label": gettext_lazy("Background jobs"),  # the django-q2 section of the admin
     "ALT_CLUSTERS": {},  # (django-q2 pops it when Q_CLUSTER_NAME is set, as the benchmark's baselines do)
 }
 if Q_BROKER == "orm":

@@ -6,6 +6,8 @@ fields (the field at fault, the id of the task in the way).
 
 from __future__ import annotations
 
+from django.utils.translation import gettext as _
+
 
 class ServiceError(Exception):
     code = "error"
@@ -44,7 +46,9 @@ class InstanceBusy(Conflict):
     code = "instance_busy"
 
     def __init__(self, active_task_id: int | None):
-        super().__init__(f"the instance already has an active task ({active_task_id})", active_task=active_task_id)
+        super().__init__(
+            _("the instance already has an active task (%(id)s)") % {"id": active_task_id}, active_task=active_task_id
+        )
 
 
 class InvalidState(Conflict):
@@ -57,6 +61,10 @@ class NotCancellable(Conflict):
 
 class QuotaExceeded(Conflict):
     code = "quota_exceeded"
+
+
+class TrafficLimitExceeded(Conflict):
+    code = "traffic_limit_exceeded"
 
 
 class CapacityExceeded(Conflict):

@@ -10,6 +10,8 @@ Exposed (prefix ``cloudhost_``):
 
 - ``tasks{status,provider}`` gauge: tasks by state and provider (zeros included).
 - ``task_queue_length{provider}`` gauge: pending tasks.
+- ``task_queue_wait_seconds{provider}`` gauge: how long the oldest pending task
+  has waited (0 for an empty queue): what the queue alert watches.
 - ``tasks_running{provider}`` gauge: tasks holding a slot (running or cancelling).
 - ``provider_concurrency_limit{provider}`` gauge, ``provider_enabled{provider}`` gauge,
   ``provider_reachable{provider}`` gauge (0 while its queue is held, tasks.engine.health).
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from django.utils import timezone
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -36,7 +39,7 @@ from prometheus_client.utils import floatToGoString
 
 from tasks import stats
 from tasks.engine.states import ALL_STATES, CANCELLING, COMPLETED, FAILED, FINAL, PENDING, RUNNING, TIMEOUT, ErrorCode
-from tasks.models import Provider
+from tasks.models import Provider, Task
 
 PREFIX = "cloudhost"
 
@@ -77,12 +80,19 @@ class TaskCollector(Collector):
             "0 while the provider is held as unreachable (its queue waits for it to answer)",
             labels=["provider"],
         )
+        wait = GaugeMetricFamily(
+            f"{PREFIX}_task_queue_wait_seconds",
+            "Seconds the oldest pending task of the provider has waited (0 when none waits)",
+            labels=["provider"],
+        )
+        now = timezone.now()
         slots = 0
         for pid, provider in providers.items():
             name = provider.name
             for status in ALL_STATES:
                 tasks.add_metric([status, name], by_status_provider.get((status, pid), 0))
             queue.add_metric([name], by_status_provider.get((PENDING, pid), 0))
+            wait.add_metric([name], _oldest_wait(pid, now) if by_status_provider.get((PENDING, pid)) else 0.0)
             in_use = by_status_provider.get((RUNNING, pid), 0) + by_status_provider.get((CANCELLING, pid), 0)
             running.add_metric([name], in_use)
             limit.add_metric([name], provider.concurrency_limit)
@@ -90,7 +100,7 @@ class TaskCollector(Collector):
             reachable.add_metric([name], 0 if provider.unreachable_since is not None else 1)
             if provider.enabled:
                 slots += provider.concurrency_limit
-        yield from (tasks, queue, running, limit, enabled, reachable)
+        yield from (tasks, queue, wait, running, limit, enabled, reachable)
 
         histogram = HistogramMetricFamily(
             f"{PREFIX}_task_duration_seconds", "Run time of completed tasks", labels=["task_type"]
@@ -132,6 +142,17 @@ class TaskCollector(Collector):
             "Tasks holding a slot / sum of the limits of enabled providers",
             in_use / slots if slots else 0.0,
         )
+
+
+def _oldest_wait(provider_id: int, now) -> float:
+    """Age of the provider's oldest pending task: one seek in the admission index."""
+    oldest = (
+        Task.objects.filter(provider_id=provider_id, status=PENDING)
+        .order_by("created_at", "id")
+        .values_list("created_at", flat=True)
+        .first()
+    )
+    return max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
 
 
 registry = CollectorRegistry(auto_describe=False)

@@ -15,6 +15,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from tasks import crypto
 from tasks.engine.states import (
@@ -27,84 +28,92 @@ from tasks.engine.states import (
 
 
 class ProviderType(models.TextChoices):
-    SIMULATED = "simulated", "Simulated"
-    LXD = "lxd", "LXD"
-    INCUS = "incus", "Incus"
-    PROXMOX = "proxmox", "Proxmox VE"
-    DOCKER = "docker", "Docker"
+    SIMULATED = "simulated", _("Simulated")
+    LXD = "lxd", _("LXD")
+    INCUS = "incus", _("Incus")
+    PROXMOX = "proxmox", _("Proxmox VE")
+    DOCKER = "docker", _("Docker")
 
 
 class InstanceType(models.TextChoices):
-    CONTAINER = "container", "Container"
-    VM = "vm", "Virtual machine"
+    CONTAINER = "container", _("Container")
+    VM = "vm", _("Virtual machine")
 
 
 class Protocol(models.TextChoices):
-    TCP = "tcp", "TCP"
-    UDP = "udp", "UDP"
-    BOTH = "both", "TCP and UDP"
+    TCP = "tcp", _("TCP")
+    UDP = "udp", _("UDP")
+    BOTH = "both", _("TCP and UDP")
 
 
 class Provider(models.Model):
     """A host (LXD, Incus, Proxmox VE, Docker or simulated) with its own task queue."""
 
-    name = models.CharField(max_length=100, unique=True)
-    provider_type = models.CharField(max_length=20, choices=ProviderType.choices, default=ProviderType.SIMULATED)
-    enabled = models.BooleanField(default=True)
+    name = models.CharField(max_length=100, unique=True, verbose_name=_("name"))
+    provider_type = models.CharField(
+        max_length=20, choices=ProviderType.choices, default=ProviderType.SIMULATED, verbose_name=_("provider type")
+    )
+    enabled = models.BooleanField(default=True, verbose_name=_("enabled"))
     # Connection settings that are not secret (endpoint, node, socket path, TLS
     # fingerprints); secrets (tokens, client keys, passwords) live encrypted in
     # secrets_encrypted and are decrypted only when a driver is built.
-    connection = models.JSONField(default=dict, blank=True)
-    secrets_encrypted = models.TextField(blank=True, default="", editable=False)
+    connection = models.JSONField(default=dict, blank=True, verbose_name=_("connection"))
+    secrets_encrypted = models.TextField(blank=True, default="", editable=False, verbose_name=_("secrets encrypted"))
 
     # Concurrency: serial unless allow_concurrent_tasks; read at every admission.
-    allow_concurrent_tasks = models.BooleanField(default=False)
+    allow_concurrent_tasks = models.BooleanField(default=False, verbose_name=_("allow concurrent tasks"))
     max_concurrent_tasks = models.PositiveIntegerField(
-        default=1, validators=[MinValueValidator(1), MaxValueValidator(256)]
+        default=1, validators=[MinValueValidator(1), MaxValueValidator(256)], verbose_name=_("max concurrent tasks")
     )
     task_poll_interval = models.PositiveIntegerField(
         default=5,
         validators=[MinValueValidator(1), MaxValueValidator(3600)],
         help_text="seconds between admission sweeps",
+        verbose_name=_("task poll interval"),
     )
-    enable_task_polling = models.BooleanField(default=True)
+    enable_task_polling = models.BooleanField(default=True, verbose_name=_("enable task polling"))
 
     # Health: set when a task failed because the provider could not be reached at
     # all (tasks.engine.health). Admission holds its queue, and the worker tier probes it,
     # until it answers again.
-    unreachable_since = models.DateTimeField(null=True, blank=True, editable=False)
-    unreachable_error = models.CharField(max_length=500, blank=True, default="", editable=False)
-    probed_at = models.DateTimeField(null=True, blank=True, editable=False)
+    unreachable_since = models.DateTimeField(null=True, blank=True, editable=False, verbose_name=_("unreachable since"))
+    unreachable_error = models.CharField(
+        max_length=500, blank=True, default="", editable=False, verbose_name=_("unreachable error")
+    )
+    probed_at = models.DateTimeField(null=True, blank=True, editable=False, verbose_name=_("probed at"))
 
     # Capacity: totals set by the operator, *_used kept by reservations.
-    cpu_total = models.PositiveIntegerField(default=64)
-    memory_total_mb = models.PositiveBigIntegerField(default=256 * 1024)
-    disk_total_mb = models.PositiveBigIntegerField(default=4 * 1024 * 1024)
-    max_containers = models.PositiveIntegerField(default=200)
-    max_vms = models.PositiveIntegerField(default=100)
-    cpu_used = models.PositiveIntegerField(default=0, editable=False)
-    memory_used_mb = models.PositiveBigIntegerField(default=0, editable=False)
-    disk_used_mb = models.PositiveBigIntegerField(default=0, editable=False)
-    containers_used = models.PositiveIntegerField(default=0, editable=False)
-    vms_used = models.PositiveIntegerField(default=0, editable=False)
+    cpu_total = models.PositiveIntegerField(default=64, verbose_name=_("cpu total"))
+    memory_total_mb = models.PositiveBigIntegerField(default=256 * 1024, verbose_name=_("memory total mb"))
+    disk_total_mb = models.PositiveBigIntegerField(default=4 * 1024 * 1024, verbose_name=_("disk total mb"))
+    max_containers = models.PositiveIntegerField(default=200, verbose_name=_("max containers"))
+    max_vms = models.PositiveIntegerField(default=100, verbose_name=_("max vms"))
+    cpu_used = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("cpu used"))
+    memory_used_mb = models.PositiveBigIntegerField(default=0, editable=False, verbose_name=_("memory used mb"))
+    disk_used_mb = models.PositiveBigIntegerField(default=0, editable=False, verbose_name=_("disk used mb"))
+    containers_used = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("containers used"))
+    vms_used = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("vms used"))
 
     # Host ports available for mappings, and the block every new instance gets.
     port_range_start = models.PositiveIntegerField(
-        default=20000, validators=[MinValueValidator(1), MaxValueValidator(65535)]
+        default=20000, validators=[MinValueValidator(1), MaxValueValidator(65535)], verbose_name=_("port range start")
     )
     port_range_end = models.PositiveIntegerField(
-        default=29999, validators=[MinValueValidator(1), MaxValueValidator(65535)]
+        default=29999, validators=[MinValueValidator(1), MaxValueValidator(65535)], verbose_name=_("port range end")
     )
     default_port_block = models.PositiveIntegerField(
         default=5,
         validators=[MaxValueValidator(100)],
         help_text="host ports given to each new instance; the first maps SSH",
+        verbose_name=_("default port block"),
     )
 
-    created_at = models.DateTimeField(auto_now_add=True)
-    updated_at = models.DateTimeField(auto_now=True)
+    created_at = models.DateTimeField(auto_now_add=True, verbose_name=_("created at"))
+    updated_at = models.DateTimeField(auto_now=True, verbose_name=_("updated at"))
 
     class Meta:
+        verbose_name = _("provider")
+        verbose_name_plural = _("providers")
         ordering = ["name"]
 
     def __str__(self) -> str:
@@ -134,15 +143,24 @@ class Provider(models.Model):
 class UserQuota(models.Model):
     """Per-user limits and what the user's live instances and pending creates hold."""
 
-    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="quota")
-    max_instances = models.PositiveIntegerField(default=10)
-    max_cpu = models.PositiveIntegerField(default=16)
-    max_memory_mb = models.PositiveBigIntegerField(default=32 * 1024)
-    max_disk_mb = models.PositiveBigIntegerField(default=500 * 1024)
-    used_instances = models.PositiveIntegerField(default=0, editable=False)
-    used_cpu = models.PositiveIntegerField(default=0, editable=False)
-    used_memory_mb = models.PositiveBigIntegerField(default=0, editable=False)
-    used_disk_mb = models.PositiveBigIntegerField(default=0, editable=False)
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="quota", verbose_name=_("user")
+    )
+    max_instances = models.PositiveIntegerField(default=10, verbose_name=_("max instances"))
+    max_cpu = models.PositiveIntegerField(default=16, verbose_name=_("max cpu"))
+    max_memory_mb = models.PositiveBigIntegerField(default=32 * 1024, verbose_name=_("max memory mb"))
+    max_disk_mb = models.PositiveBigIntegerField(default=500 * 1024, verbose_name=_("max disk mb"))
+    used_instances = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("used instances"))
+    used_cpu = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("used cpu"))
+    used_memory_mb = models.PositiveBigIntegerField(default=0, editable=False, verbose_name=_("used memory mb"))
+    used_disk_mb = models.PositiveBigIntegerField(default=0, editable=False, verbose_name=_("used disk mb"))
+    # Monthly traffic (received + sent) each of the user's instances may move, in GB
+    # (10^9 bytes); empty: no limit. An instance over it is stopped (tasks.traffic_counters).
+    max_traffic_gb = models.PositiveIntegerField(null=True, blank=True, verbose_name=_("max traffic gb"))
+
+    class Meta:
+        verbose_name = _("user quota")
+        verbose_name_plural = _("user quotas")
 
     def __str__(self) -> str:
         return f"quota of {self.user}"
@@ -151,38 +169,54 @@ class UserQuota(models.Model):
 class Instance(models.Model):
     """A container or VM on a provider. Rows are never deleted: status=deleted."""
 
-    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="instances")
-    provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="instances")
-    name = models.CharField(max_length=63)
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False, verbose_name=_("uuid"))
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="instances", verbose_name=_("owner")
+    )
+    provider = models.ForeignKey(
+        Provider, on_delete=models.PROTECT, related_name="instances", verbose_name=_("provider")
+    )
+    name = models.CharField(max_length=63, verbose_name=_("name"))
     # name while the instance lives, NULL once deleted or failed: unique per
     # provider so a deleted instance's name can be reused (NULLs never collide).
-    live_name = models.CharField(max_length=63, null=True, blank=True, editable=False)
-    instance_type = models.CharField(max_length=10, choices=InstanceType.choices, default=InstanceType.CONTAINER)
-    image = models.CharField(max_length=200)
-    status = models.CharField(max_length=20, choices=InstanceStatus.choices, default=InstanceStatus.CREATING)
-    cpu = models.PositiveIntegerField(default=1)
-    memory_mb = models.PositiveIntegerField(default=512)
-    disk_mb = models.PositiveIntegerField(default=10240)
-    bandwidth_mbps = models.PositiveIntegerField(default=100)
-    addresses = models.JSONField(default=list, blank=True)
-    ssh_port = models.PositiveIntegerField(null=True, blank=True)
+    live_name = models.CharField(max_length=63, null=True, blank=True, editable=False, verbose_name=_("live name"))
+    instance_type = models.CharField(
+        max_length=10, choices=InstanceType.choices, default=InstanceType.CONTAINER, verbose_name=_("instance type")
+    )
+    image = models.CharField(max_length=200, verbose_name=_("image"))
+    status = models.CharField(
+        max_length=20, choices=InstanceStatus.choices, default=InstanceStatus.CREATING, verbose_name=_("status")
+    )
+    cpu = models.PositiveIntegerField(default=1, verbose_name=_("cpu"))
+    memory_mb = models.PositiveIntegerField(default=512, verbose_name=_("memory mb"))
+    disk_mb = models.PositiveIntegerField(default=10240, verbose_name=_("disk mb"))
+    bandwidth_mbps = models.PositiveIntegerField(default=100, verbose_name=_("bandwidth mbps"))
+    addresses = models.JSONField(default=list, blank=True, verbose_name=_("addresses"))
+    ssh_port = models.PositiveIntegerField(null=True, blank=True, verbose_name=_("ssh port"))
     # Provider-native handle (LXD name, Proxmox node/vmid, Docker id), set by create.
-    provider_ref = models.JSONField(default=dict, blank=True)
+    provider_ref = models.JSONField(default=dict, blank=True, verbose_name=_("provider ref"))
     # The one pending or running task: a unique column, so the database itself
     # refuses a second active task (set by compare-and-set where it is NULL).
     active_task = models.OneToOneField(
-        "Task", null=True, blank=True, on_delete=models.SET_NULL, related_name="active_for", editable=False
+        "Task",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="active_for",
+        editable=False,
+        verbose_name=_("active task"),
     )
     # True while the instance's quota and provider capacity are counted.
-    holds_resources = models.BooleanField(default=False, editable=False)
+    holds_resources = models.BooleanField(default=False, editable=False, verbose_name=_("holds resources"))
     # Set when a task ended without a trustworthy final state (worker lost, force-stop).
-    needs_reconcile = models.BooleanField(default=False)
-    created_at = models.DateTimeField(auto_now_add=True)
-    updated_at = models.DateTimeField(auto_now=True)
-    deleted_at = models.DateTimeField(null=True, blank=True)
+    needs_reconcile = models.BooleanField(default=False, verbose_name=_("needs reconcile"))
+    created_at = models.DateTimeField(auto_now_add=True, verbose_name=_("created at"))
+    updated_at = models.DateTimeField(auto_now=True, verbose_name=_("updated at"))
+    deleted_at = models.DateTimeField(null=True, blank=True, verbose_name=_("deleted at"))
 
     class Meta:
+        verbose_name = _("instance")
+        verbose_name_plural = _("instances")
         constraints = [
             models.UniqueConstraint(fields=["provider", "live_name"], name="instance_unique_live_name"),
         ]
@@ -223,45 +257,70 @@ class Task(models.Model):
     off a late worker.
     """
 
-    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
-    task_type = models.CharField(max_length=20, choices=TaskType.choices)
-    status = models.CharField(max_length=12, choices=TaskStatus.choices, default=TaskStatus.PENDING, editable=False)
-    progress = models.PositiveSmallIntegerField(default=0, editable=False)
-    status_message = models.CharField(max_length=255, blank=True, default="", editable=False)
-    error_code = models.CharField(max_length=40, choices=ErrorCode.choices, blank=True, default="", editable=False)
-    error_message = models.TextField(blank=True, default="", editable=False)
-    cancel_reason = models.CharField(max_length=500, blank=True, default="", editable=False)
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False, verbose_name=_("uuid"))
+    task_type = models.CharField(max_length=20, choices=TaskType.choices, verbose_name=_("task type"))
+    status = models.CharField(
+        max_length=12, choices=TaskStatus.choices, default=TaskStatus.PENDING, editable=False, verbose_name=_("status")
+    )
+    progress = models.PositiveSmallIntegerField(default=0, editable=False, verbose_name=_("progress"))
+    status_message = models.CharField(
+        max_length=255, blank=True, default="", editable=False, verbose_name=_("status message")
+    )
+    error_code = models.CharField(
+        max_length=40, choices=ErrorCode.choices, blank=True, default="", editable=False, verbose_name=_("error code")
+    )
+    error_message = models.TextField(blank=True, default="", editable=False, verbose_name=_("error message"))
+    cancel_reason = models.CharField(
+        max_length=500, blank=True, default="", editable=False, verbose_name=_("cancel reason")
+    )
     # Operation parameters and results; never secrets.
-    task_data = models.JSONField(default=dict, blank=True, editable=False)
+    task_data = models.JSONField(default=dict, blank=True, editable=False, verbose_name=_("task data"))
 
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="tasks")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="tasks", verbose_name=_("owner")
+    )
     initiator = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="initiated_tasks"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="initiated_tasks",
+        verbose_name=_("initiator"),
     )
-    provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="tasks")
-    instance = models.ForeignKey(Instance, on_delete=models.PROTECT, null=True, blank=True, related_name="tasks")
+    provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="tasks", verbose_name=_("provider"))
+    instance = models.ForeignKey(
+        Instance, on_delete=models.PROTECT, null=True, blank=True, related_name="tasks", verbose_name=_("instance")
+    )
     port_mapping = models.ForeignKey(
-        "PortMapping", on_delete=models.SET_NULL, null=True, blank=True, related_name="tasks", editable=False
+        "PortMapping",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="tasks",
+        editable=False,
+        verbose_name=_("port mapping"),
     )
-    timeout_seconds = models.PositiveIntegerField(default=0)
+    timeout_seconds = models.PositiveIntegerField(default=0, verbose_name=_("timeout seconds"))
 
-    created_at = models.DateTimeField(default=timezone.now, editable=False)
-    admitted_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False, verbose_name=_("created at"))
+    admitted_at = models.DateTimeField(null=True, blank=True, editable=False, verbose_name=_("admitted at"))
     # When its job was last sent (admission, or a re-send of a job nobody claimed):
     # admitted_at stays the admission time, so admission order remains visible.
-    dispatched_at = models.DateTimeField(null=True, blank=True, editable=False)
-    started_at = models.DateTimeField(null=True, blank=True, editable=False)
-    completed_at = models.DateTimeField(null=True, blank=True, editable=False)
+    dispatched_at = models.DateTimeField(null=True, blank=True, editable=False, verbose_name=_("dispatched at"))
+    started_at = models.DateTimeField(null=True, blank=True, editable=False, verbose_name=_("started at"))
+    completed_at = models.DateTimeField(null=True, blank=True, editable=False, verbose_name=_("completed at"))
 
     # Lease: who runs it, the fencing token, and until when the claim holds.
-    lease_token = models.CharField(max_length=32, blank=True, default="", editable=False)
-    lease_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
-    heartbeat_at = models.DateTimeField(null=True, blank=True, editable=False)
-    worker = models.CharField(max_length=200, blank=True, default="", editable=False)
-    attempt_count = models.PositiveIntegerField(default=0, editable=False)
-    dispatch_count = models.PositiveIntegerField(default=0, editable=False)
+    lease_token = models.CharField(max_length=32, blank=True, default="", editable=False, verbose_name=_("lease token"))
+    lease_expires_at = models.DateTimeField(null=True, blank=True, editable=False, verbose_name=_("lease expires at"))
+    heartbeat_at = models.DateTimeField(null=True, blank=True, editable=False, verbose_name=_("heartbeat at"))
+    worker = models.CharField(max_length=200, blank=True, default="", editable=False, verbose_name=_("worker"))
+    attempt_count = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("attempt count"))
+    dispatch_count = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("dispatch count"))
 
     class Meta:
+        verbose_name = _("task")
+        verbose_name_plural = _("tasks")
         indexes = [
             # user task list: WHERE owner_id=? [AND status IN ..] ORDER BY created_at DESC, id DESC
             models.Index(fields=["owner", "-created_at", "-id"], name="task_owner_created"),
@@ -351,17 +410,19 @@ class TaskEvent(models.Model):
     KIND_TRANSITION = "transition"
     KIND_STEP = "step"
 
-    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="events")
-    kind = models.CharField(max_length=12, default=KIND_TRANSITION)
-    from_status = models.CharField(max_length=12, blank=True, default="")
-    to_status = models.CharField(max_length=12)
-    actor = models.CharField(max_length=200)
-    reason = models.CharField(max_length=500, blank=True, default="")
-    progress = models.PositiveSmallIntegerField(default=0)
-    message = models.TextField(blank=True, default="")
-    at = models.DateTimeField(default=timezone.now)
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="events", verbose_name=_("task"))
+    kind = models.CharField(max_length=12, default=KIND_TRANSITION, verbose_name=_("kind"))
+    from_status = models.CharField(max_length=12, blank=True, default="", verbose_name=_("from status"))
+    to_status = models.CharField(max_length=12, verbose_name=_("to status"))
+    actor = models.CharField(max_length=200, verbose_name=_("actor"))
+    reason = models.CharField(max_length=500, blank=True, default="", verbose_name=_("reason"))
+    progress = models.PositiveSmallIntegerField(default=0, verbose_name=_("progress"))
+    message = models.TextField(blank=True, default="", verbose_name=_("message"))
+    at = models.DateTimeField(default=timezone.now, verbose_name=_("at"))
 
     class Meta:
+        verbose_name = _("task event")
+        verbose_name_plural = _("task events")
         ordering = ["at", "id"]
         indexes = [
             # task timeline: WHERE task_id=? ORDER BY at, id
@@ -385,28 +446,44 @@ class PortMapping(models.Model):
     STATUS_DELETED = "deleted"
     STATUS_FAILED = "failed"
     STATUS_CHOICES = [
-        (STATUS_PENDING, "Pending"),
-        (STATUS_ACTIVE, "Active"),
-        (STATUS_DELETING, "Deleting"),
-        (STATUS_DELETED, "Deleted"),
-        (STATUS_FAILED, "Failed"),
+        (STATUS_PENDING, _("Pending")),
+        (STATUS_ACTIVE, _("Active")),
+        (STATUS_DELETING, _("Deleting")),
+        (STATUS_DELETED, _("Deleted")),
+        (STATUS_FAILED, _("Failed")),
     ]
     LIVE_STATUSES = (STATUS_PENDING, STATUS_ACTIVE, STATUS_DELETING)
 
-    instance = models.ForeignKey(Instance, on_delete=models.PROTECT, related_name="port_mappings")
-    provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="port_mappings")
-    protocol = models.CharField(max_length=4, choices=Protocol.choices, default=Protocol.TCP)
-    host_port_start = models.PositiveIntegerField(validators=[MinValueValidator(1), MaxValueValidator(65535)])
-    host_port_end = models.PositiveIntegerField(validators=[MinValueValidator(1), MaxValueValidator(65535)])
-    guest_port_start = models.PositiveIntegerField(validators=[MinValueValidator(1), MaxValueValidator(65535)])
-    guest_port_end = models.PositiveIntegerField(validators=[MinValueValidator(1), MaxValueValidator(65535)])
-    is_ssh = models.BooleanField(default=False)
-    description = models.CharField(max_length=100, blank=True, default="")
-    status = models.CharField(max_length=10, choices=STATUS_CHOICES, default=STATUS_PENDING)
-    created_at = models.DateTimeField(auto_now_add=True)
-    updated_at = models.DateTimeField(auto_now=True)
+    instance = models.ForeignKey(
+        Instance, on_delete=models.PROTECT, related_name="port_mappings", verbose_name=_("instance")
+    )
+    provider = models.ForeignKey(
+        Provider, on_delete=models.PROTECT, related_name="port_mappings", verbose_name=_("provider")
+    )
+    protocol = models.CharField(
+        max_length=4, choices=Protocol.choices, default=Protocol.TCP, verbose_name=_("protocol")
+    )
+    host_port_start = models.PositiveIntegerField(
+        validators=[MinValueValidator(1), MaxValueValidator(65535)], verbose_name=_("host port start")
+    )
+    host_port_end = models.PositiveIntegerField(
+        validators=[MinValueValidator(1), MaxValueValidator(65535)], verbose_name=_("host port end")
+    )
+    guest_port_start = models.PositiveIntegerField(
+        validators=[MinValueValidator(1), MaxValueValidator(65535)], verbose_name=_("guest port start")
+    )
+    guest_port_end = models.PositiveIntegerField(
+        validators=[MinValueValidator(1), MaxValueValidator(65535)], verbose_name=_("guest port end")
+    )
+    is_ssh = models.BooleanField(default=False, verbose_name=_("is ssh"))
+    description = models.CharField(max_length=100, blank=True, default="", verbose_name=_("description"))
+    status = models.CharField(max_length=10, choices=STATUS_CHOICES, default=STATUS_PENDING, verbose_name=_("status"))
+    created_at = models.DateTimeField(auto_now_add=True, verbose_name=_("created at"))
+    updated_at = models.DateTimeField(auto_now=True, verbose_name=_("updated at"))
 
     class Meta:
+        verbose_name = _("port mapping")
+        verbose_name_plural = _("port mappings")
         indexes = [
             # overlap check: WHERE provider_id=? AND status IN (live) AND host_port_start<=? AND host_port_end>=?
             models.Index(fields=["provider", "status", "host_port_start"], name="port_provider_status_start"),
@@ -433,11 +510,15 @@ class PortMapping(models.Model):
 class TaskSecret(models.Model):
     """A password produced by a task, encrypted, readable once by the task's owner."""
 
-    task = models.OneToOneField(Task, on_delete=models.CASCADE, related_name="secret")
-    ciphertext = models.TextField(blank=True, default="")
-    created_at = models.DateTimeField(default=timezone.now)
-    read_at = models.DateTimeField(null=True, blank=True)
-    expires_at = models.DateTimeField()
+    task = models.OneToOneField(Task, on_delete=models.CASCADE, related_name="secret", verbose_name=_("task"))
+    ciphertext = models.TextField(blank=True, default="", verbose_name=_("ciphertext"))
+    created_at = models.DateTimeField(default=timezone.now, verbose_name=_("created at"))
+    read_at = models.DateTimeField(null=True, blank=True, verbose_name=_("read at"))
+    expires_at = models.DateTimeField(verbose_name=_("expires at"))
+
+    class Meta:
+        verbose_name = _("task secret")
+        verbose_name_plural = _("task secrets")
 
     def __str__(self) -> str:
         return f"secret of task {self.task_id}"
@@ -446,19 +527,23 @@ class TaskSecret(models.Model):
 class Worker(models.Model):
     """A live worker process (one django-q2 worker of one queue, or a supervisor)."""
 
-    name = models.CharField(max_length=200, unique=True)  # node:pid
-    node = models.CharField(max_length=100)
-    host = models.CharField(max_length=200)
-    pid = models.PositiveIntegerField()
-    queue = models.CharField(max_length=100)
-    role = models.CharField(max_length=20, default="worker")  # worker | supervisor
-    started_at = models.DateTimeField(default=timezone.now)
-    last_heartbeat = models.DateTimeField(default=timezone.now)
-    current_task = models.ForeignKey(Task, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
-    tasks_run = models.PositiveIntegerField(default=0)
-    draining = models.BooleanField(default=False)
+    name = models.CharField(max_length=200, unique=True, verbose_name=_("name"))  # node:pid
+    node = models.CharField(max_length=100, verbose_name=_("node"))
+    host = models.CharField(max_length=200, verbose_name=_("host"))
+    pid = models.PositiveIntegerField(verbose_name=_("pid"))
+    queue = models.CharField(max_length=100, verbose_name=_("queue"))
+    role = models.CharField(max_length=20, default="worker", verbose_name=_("role"))  # worker | supervisor
+    started_at = models.DateTimeField(default=timezone.now, verbose_name=_("started at"))
+    last_heartbeat = models.DateTimeField(default=timezone.now, verbose_name=_("last heartbeat"))
+    current_task = models.ForeignKey(
+        Task, on_delete=models.SET_NULL, null=True, blank=True, related_name="+", verbose_name=_("current task")
+    )
+    tasks_run = models.PositiveIntegerField(default=0, verbose_name=_("tasks run"))
+    draining = models.BooleanField(default=False, verbose_name=_("draining"))
 
     class Meta:
+        verbose_name = _("worker")
+        verbose_name_plural = _("workers")
         indexes = [
             # live workers: WHERE last_heartbeat >= ?
             models.Index(fields=["last_heartbeat"], name="worker_heartbeat"),
@@ -466,6 +551,37 @@ class Worker(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class InstanceTraffic(models.Model):
+    """Bytes an instance received and sent in one calendar month (UTC), from the accounting samples.
+
+    ``last_rx``/``last_tx`` are the raw cumulative counters of the last sample and
+    ``sampled_at`` its time; they matter on the newest row of an instance, where
+    the next sample's difference starts (tasks.traffic_counters).
+    """
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="traffic", verbose_name=_("instance"))
+    period = models.DateField(help_text="first day of the month (UTC)", verbose_name=_("period"))
+    rx_bytes = models.PositiveBigIntegerField(default=0, verbose_name=_("rx bytes"))
+    tx_bytes = models.PositiveBigIntegerField(default=0, verbose_name=_("tx bytes"))
+    last_rx = models.PositiveBigIntegerField(default=0, verbose_name=_("last rx"))
+    last_tx = models.PositiveBigIntegerField(default=0, verbose_name=_("last tx"))
+    sampled_at = models.DateTimeField(null=True, blank=True, verbose_name=_("sampled at"))
+
+    class Meta:
+        verbose_name = _("instance traffic")
+        verbose_name_plural = _("instance traffic")
+        constraints = [
+            models.UniqueConstraint(fields=["instance", "period"], name="traffic_instance_period"),
+        ]
+        indexes = [
+            # over-limit check: WHERE period=? (the month's rows)
+            models.Index(fields=["period", "instance"], name="traffic_period_instance"),
+        ]
+
+    def __str__(self) -> str:
+        return f"traffic of {self.instance_id} in {self.period:%Y-%m}"
 
 
 class TaskDeletions(models.Model):
@@ -477,10 +593,11 @@ class TaskDeletions(models.Model):
     built at another count is rebuilt.
     """
 
-    deleted = models.PositiveBigIntegerField(default=0)
+    deleted = models.PositiveBigIntegerField(default=0, verbose_name=_("deleted"))
 
     class Meta:
-        verbose_name_plural = "task deletions"
+        verbose_name = _("task deletions")
+        verbose_name_plural = _("task deletions")
 
     def __str__(self) -> str:
         return f"{self.deleted} task(s) deleted"

@@ -7,6 +7,8 @@ the IMMEDIATE transaction serialises them the same way.
 
 from __future__ import annotations
 
+from django.utils.translation import gettext as _
+
 from tasks.errors import InvalidInput, PortConflict
 from tasks.models import Instance, PortMapping, Protocol, Provider
 
@@ -58,13 +60,13 @@ def find_free(
 
 def validate_request(protocol: str, guest_port: int, host_port: int | None, count: int) -> None:
     if protocol not in Protocol.values:
-        raise InvalidInput("protocol must be tcp, udp or both", field="protocol")
+        raise InvalidInput(_("protocol must be tcp, udp or both"), field="protocol")
     if not 1 <= count <= MAX_RANGE:
-        raise InvalidInput(f"count must be between 1 and {MAX_RANGE}", field="count")
+        raise InvalidInput(_("count must be between 1 and %(max)s") % {"max": MAX_RANGE}, field="count")
     if not 1 <= guest_port <= 65535 or guest_port + count - 1 > 65535:
-        raise InvalidInput("guest_port (and the range from it) must lie within 1-65535", field="guest_port")
+        raise InvalidInput(_("guest_port (and the range from it) must lie within 1-65535"), field="guest_port")
     if host_port is not None and (not 1 <= host_port <= 65535 or host_port + count - 1 > 65535):
-        raise InvalidInput("host_port (and the range from it) must lie within 1-65535", field="host_port")
+        raise InvalidInput(_("host_port (and the range from it) must lie within 1-65535"), field="host_port")
 
 
 def reserve(
@@ -84,19 +86,30 @@ def reserve(
     if host_port is None:
         host_port = find_free(provider, protocol, count)
         if host_port is None:
-            raise PortConflict(f"no {count} free port(s) left in {provider.name}'s range", field="host_port")
+            raise PortConflict(
+                _("no %(count)s free port(s) left in %(name)s's range") % {"count": count, "name": provider.name},
+                field="host_port",
+            )
     else:
         if restrict_to_range and not (
             provider.port_range_start <= host_port and host_port + count - 1 <= provider.port_range_end
         ):
             raise InvalidInput(
-                f"host_port must lie within the provider's range {provider.port_range_start}-{provider.port_range_end}",
+                _("host_port must lie within the provider's range %(start)s-%(end)s")
+                % {"start": provider.port_range_start, "end": provider.port_range_end},
                 field="host_port",
             )
         clash = overlapping(provider.pk, protocol, host_port, host_port + count - 1).first()
         if clash is not None:
             raise PortConflict(
-                f"host port(s) {host_port}-{host_port + count - 1}/{protocol} overlap mapping {clash.pk} ({clash})",
+                _("host port(s) %(first)s-%(last)s/%(protocol)s overlap mapping %(id)s (%(mapping)s)")
+                % {
+                    "first": host_port,
+                    "last": host_port + count - 1,
+                    "protocol": protocol,
+                    "id": clash.pk,
+                    "mapping": clash,
+                },
                 field="host_port",
                 conflicting_port=clash.pk,
             )
@@ -121,7 +134,10 @@ def reserve_default_block(provider: Provider, instance: Instance) -> list[PortMa
         return []
     start = find_free(provider, Protocol.BOTH, size)
     if start is None:
-        raise PortConflict(f"provider {provider.name} has no block of {size} free host ports", field="provider")
+        raise PortConflict(
+            _("provider %(name)s has no block of %(size)s free host ports") % {"name": provider.name, "size": size},
+            field="provider",
+        )
     mappings = [
         reserve(
             provider, instance, protocol=Protocol.TCP, guest_port=22, host_port=start, is_ssh=True, description="ssh"

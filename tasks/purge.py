@@ -10,6 +10,7 @@ import logging
 import time
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -32,12 +33,19 @@ def purge(
     batch_size: int = 1000,
     dry_run: bool = False,
     pause: float = 0.0,
+    max_seconds: float | None = None,
 ) -> int:
-    """Delete matching tasks; return how many (or would be, with dry_run)."""
+    """Delete matching tasks; return how many (or would be, with dry_run).
+
+    ``max_seconds``: stop after the batch that crosses this budget (the scheduled
+    retention, so one run never holds the maintenance cluster long; the next run
+    goes on where it stopped).
+    """
     qs = purge_queryset(older_than_days, statuses)
     if dry_run:
         return qs.count()
     total = 0
+    deadline = time.monotonic() + max_seconds if max_seconds is not None else None
     while True:
         ids = list(qs.order_by("completed_at", "id").values_list("id", flat=True)[:batch_size])
         if not ids:
@@ -56,8 +64,31 @@ def purge(
         logger.info("purge: deleted %d task(s), %d so far", deleted, total)
         if not ids:
             return total
+        if deadline is not None and time.monotonic() >= deadline:
+            logger.info("purge: time budget used, %d deleted; the next run goes on", total)
+            return total
         if pause:
             time.sleep(pause)
+
+
+def retention_job() -> str:
+    """The retention schedule (tasks.schedules): finished tasks older than TASK_RETENTION_DAYS.
+
+    The same short batches as ``manage.py purge_tasks``, with a short pause between
+    them and at most TASK_RETENTION_MAX_SECONDS per run.
+    """
+    days = settings.TASK_RETENTION_DAYS
+    if days <= 0:
+        return "retention off (TASK_RETENTION_DAYS=0)"
+    n = purge(
+        float(days),
+        batch_size=settings.TASK_RETENTION_BATCH_SIZE,
+        pause=0.05,
+        max_seconds=settings.TASK_RETENTION_MAX_SECONDS,
+    )
+    if n:
+        logger.info("retention: purged %d task(s) finished over %d day(s) ago", n, days)
+    return f"purged {n} task(s)"
 
 
 def purge_job(older_than_days: float = 30, statuses: str = "") -> str:

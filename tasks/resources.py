@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db.models import F
+from django.utils.translation import gettext as _
 
 from tasks.errors import CapacityExceeded, QuotaExceeded
 from tasks.models import Instance, InstanceType, PortMapping, Provider, UserQuota
@@ -27,6 +28,17 @@ def ensure_quota(user) -> UserQuota:
     return quota
 
 
+# What a quota or capacity message calls each resource (translated when raised).
+RESOURCE_NAMES = {
+    "instances": lambda: _("instances"),
+    "cpu": lambda: _("CPU"),
+    "memory_mb": lambda: _("MB of memory"),
+    "disk_mb": lambda: _("MB of disk"),
+    "vms": lambda: _("virtual machines"),
+    "containers": lambda: _("containers"),
+}
+
+
 def check_and_reserve(
     quota: UserQuota, provider: Provider, *, instance_type: str, cpu: int, memory_mb: int, disk_mb: int
 ) -> None:
@@ -40,7 +52,8 @@ def check_and_reserve(
     for name, wanted, limit in checks:
         if wanted > limit:
             raise QuotaExceeded(
-                f"your quota allows {limit} {name.replace('_mb', ' MB')}; this would use {wanted}",
+                _("your quota allows %(limit)s %(resource)s; this would use %(wanted)s")
+                % {"limit": limit, "resource": RESOURCE_NAMES[name](), "wanted": wanted},
                 field=name if name != "instances" else None,
                 resource=name,
                 limit=limit,
@@ -60,7 +73,8 @@ def check_and_reserve(
     for name, wanted, limit in cap:
         if wanted > limit:
             raise CapacityExceeded(
-                f"provider {provider.name} has no room: {name} would be {wanted} of {limit}",
+                _("provider %(name)s has no room: %(resource)s would be %(wanted)s of %(limit)s")
+                % {"name": provider.name, "resource": RESOURCE_NAMES[name](), "wanted": wanted, "limit": limit},
                 resource=name,
                 limit=limit,
                 requested=wanted,

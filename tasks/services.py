@@ -15,8 +15,9 @@ import secrets
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
-from tasks import ports, resources
+from tasks import ports, resources, traffic_counters
 from tasks.engine import dispatch, sql, transitions
 from tasks.engine.states import (
     ALLOWED_INSTANCE_STATUS,
@@ -25,7 +26,9 @@ from tasks.engine.states import (
     PENDING,
     RUNNING,
     InstanceStatus,
+    TaskStatus,
     TaskType,
+    word,
 )
 from tasks.errors import (
     InstanceBusy,
@@ -35,6 +38,7 @@ from tasks.errors import (
     NotCancellable,
     NotFound,
     ProviderUnavailable,
+    TrafficLimitExceeded,
 )
 from tasks.models import Instance, InstanceType, PortMapping, Provider, Task, TaskEvent, UserQuota
 
@@ -55,10 +59,11 @@ def validate_timeout(timeout_seconds) -> int:
     try:
         value = int(timeout_seconds)
     except (TypeError, ValueError):
-        raise InvalidInput("timeout_seconds must be an integer", field="timeout_seconds") from None
+        raise InvalidInput(_("timeout_seconds must be an integer"), field="timeout_seconds") from None
     if value < 0 or value > settings.TASK_MAX_TIMEOUT_SECONDS:
         raise InvalidInput(
-            f"timeout_seconds must be between 0 (type default) and {settings.TASK_MAX_TIMEOUT_SECONDS}",
+            _("timeout_seconds must be between 0 (type default) and %(max)s")
+            % {"max": settings.TASK_MAX_TIMEOUT_SECONDS},
             field="timeout_seconds",
         )
     return value
@@ -146,7 +151,7 @@ def get_instance_for(user, instance_id, *, admin: bool = False, lock: bool = Fal
         qs = qs.select_for_update()
     instance = qs.filter(pk=instance_id).first()
     if instance is None:
-        raise NotFound("no such instance")
+        raise NotFound(_("no such instance"))
     return instance
 
 
@@ -162,14 +167,14 @@ def _lock_for_new_task(user, instance_id, *, admin: bool) -> tuple[Provider, Ins
     try:
         instance_pk = int(instance_id)
     except (TypeError, ValueError):
-        raise NotFound("no such instance") from None
+        raise NotFound(_("no such instance")) from None
     head = sql.values(Instance, instance_pk, ["provider"], where=owner, params=params)
     if head is None:
-        raise NotFound("no such instance")
+        raise NotFound(_("no such instance"))
     provider = sql.get(Provider, head[0], lock=True)
     instance = sql.get(Instance, instance_pk, lock=True, where=owner, params=params)
     if provider is None or instance is None:
-        raise NotFound("no such instance")
+        raise NotFound(_("no such instance"))
     instance.provider = provider
     return provider, instance
 
@@ -192,16 +197,18 @@ def create_instance(
     initiator = initiator or owner
     timeout = validate_timeout(timeout_seconds)
     if instance_type not in InstanceType.values:
-        raise InvalidInput("instance_type must be container or vm", field="instance_type")
+        raise InvalidInput(_("instance_type must be container or vm"), field="instance_type")
     for field, value, low in (("cpu", cpu, 1), ("memory_mb", memory_mb, 64), ("disk_mb", disk_mb, 512)):
         if not isinstance(value, int) or value < low:
-            raise InvalidInput(f"{field} must be an integer of at least {low}", field=field)
+            raise InvalidInput(
+                _("%(field)s must be an integer of at least %(low)s") % {"field": field, "low": low}, field=field
+            )
     if not image or len(image) > 200:
-        raise InvalidInput("image is required (at most 200 characters)", field="image")
+        raise InvalidInput(_("image is required (at most 200 characters)"), field="image")
     if name:
         name = name.strip().lower()
         if not NAME_RE.match(name):
-            raise InvalidInput("name: lowercase letters, digits and hyphens, at most 63 characters", field="name")
+            raise InvalidInput(_("name: lowercase letters, digits and hyphens, at most 63 characters"), field="name")
     else:
         name = f"vps-{secrets.token_hex(4)}"
     provider_id = provider.pk if isinstance(provider, Provider) else provider
@@ -210,13 +217,19 @@ def create_instance(
         quota = UserQuota.objects.select_for_update().get(user=owner)
         provider_row = Provider.objects.select_for_update().filter(pk=provider_id).first()
         if provider_row is None:
-            raise InvalidInput("no such provider", field="provider")
+            raise InvalidInput(_("no such provider"), field="provider")
         if not provider_row.enabled:
-            raise ProviderUnavailable(f"provider {provider_row.name} is disabled", field="provider")
+            raise ProviderUnavailable(
+                _("provider %(name)s is disabled") % {"name": provider_row.name}, field="provider"
+            )
         if instance_type == InstanceType.VM and provider_row.provider_type == "docker":
-            raise InvalidInput("a Docker provider runs containers only", field="instance_type")
+            raise InvalidInput(_("a Docker provider runs containers only"), field="instance_type")
         if Instance.objects.filter(provider=provider_row, live_name=name).exists():
-            raise NameTaken(f"an instance named {name} already exists on {provider_row.name}", field="name")
+            raise NameTaken(
+                _("an instance named %(name)s already exists on %(provider)s")
+                % {"name": name, "provider": provider_row.name},
+                field="name",
+            )
         resources.check_and_reserve(
             quota, provider_row, instance_type=instance_type, cpu=cpu, memory_mb=memory_mb, disk_mb=disk_mb
         )
@@ -264,14 +277,20 @@ def request_operation(
     or running task; 409 invalid_state when its status forbids the operation.
     """
     if task_type not in ALLOWED_INSTANCE_STATUS or task_type in (TaskType.CREATE_PORT, TaskType.DELETE_PORT):
-        raise InvalidInput(f"unknown operation {task_type!r}", field="task_type")
+        raise InvalidInput(_("unknown operation %(op)r") % {"op": task_type}, field="task_type")
     timeout = validate_timeout(timeout_seconds)
     with sql.atomic():
         provider, instance = _lock_for_new_task(user, instance_id, admin=admin)
         if instance.active_task_id is not None:
             raise InstanceBusy(instance.active_task_id)
         if instance.status not in ALLOWED_INSTANCE_STATUS[task_type]:
-            raise InvalidState(f"cannot {task_type} an instance that is {instance.status}", status=instance.status)
+            raise InvalidState(
+                _("cannot %(op)s an instance that is %(status)s")
+                % {"op": word(TaskType, task_type), "status": word(InstanceStatus, instance.status)},
+                status=instance.status,
+            )
+        if task_type in (TaskType.START, TaskType.RESTART) and not admin and traffic_counters.over_limit(instance):
+            raise TrafficLimitExceeded(_("the instance has used its monthly traffic"))
         return _new_task(
             provider=provider,
             task_type=task_type,
@@ -302,7 +321,11 @@ def create_port(
         if instance.active_task_id is not None:
             raise InstanceBusy(instance.active_task_id)
         if instance.status not in ALLOWED_INSTANCE_STATUS[TaskType.CREATE_PORT]:
-            raise InvalidState(f"cannot add a port to an instance that is {instance.status}", status=instance.status)
+            raise InvalidState(
+                _("cannot add a port to an instance that is %(status)s")
+                % {"status": word(InstanceStatus, instance.status)},
+                status=instance.status,
+            )
         mapping = ports.reserve(
             provider,
             instance,
@@ -331,11 +354,15 @@ def delete_port(user, instance_id, port_id, *, admin: bool = False, timeout_seco
         provider, instance = _lock_for_new_task(user, instance_id, admin=admin)
         mapping = PortMapping.objects.filter(pk=port_id, instance=instance).first()
         if mapping is None or mapping.status not in (PortMapping.STATUS_ACTIVE, PortMapping.STATUS_FAILED):
-            raise NotFound("no such port mapping")
+            raise NotFound(_("no such port mapping"))
         if instance.active_task_id is not None:
             raise InstanceBusy(instance.active_task_id)
         if instance.status not in ALLOWED_INSTANCE_STATUS[TaskType.DELETE_PORT]:
-            raise InvalidState(f"cannot remove a port of an instance that is {instance.status}", status=instance.status)
+            raise InvalidState(
+                _("cannot remove a port of an instance that is %(status)s")
+                % {"status": word(InstanceStatus, instance.status)},
+                status=instance.status,
+            )
         return _new_task(
             provider=provider,
             task_type=TaskType.DELETE_PORT,
@@ -362,16 +389,23 @@ def user_may_cancel(task: Task) -> bool:
 def cancel_task(user, task_id, *, admin: bool = False, reason: str = "") -> Task:
     task = visible_tasks(user, admin=admin).filter(pk=task_id).first()
     if task is None:
-        raise NotFound("no such task")
+        raise NotFound(_("no such task"))
     if task.status not in CANCELLABLE or (not admin and not user_may_cancel(task)):
-        raise NotCancellable(f"a {task.status} {task.task_type} task cannot be cancelled", status=task.status)
+        raise NotCancellable(
+            _("a %(status)s %(type)s task cannot be cancelled")
+            % {"status": word(TaskStatus, task.status), "type": word(TaskType, task.task_type)},
+            status=task.status,
+        )
     reason = (reason or "").strip()
     if admin and not reason and user.pk != task.owner_id:
-        raise InvalidInput("an administrator's cancel needs a reason", field="reason")
+        raise InvalidInput(_("an administrator's cancel needs a reason"), field="reason")
     by_admin = admin and user.pk != task.owner_id
     if not transitions.request_cancel(task.pk, actor=actor_of(user, admin=by_admin), reason=reason, by_admin=by_admin):
         task.refresh_from_db()
-        raise NotCancellable(f"the task is {task.status} and can no longer be cancelled", status=task.status)
+        raise NotCancellable(
+            _("the task is %(status)s and can no longer be cancelled") % {"status": word(TaskStatus, task.status)},
+            status=task.status,
+        )
     task.refresh_from_db()
     return task
 
@@ -379,13 +413,16 @@ def cancel_task(user, task_id, *, admin: bool = False, reason: str = "") -> Task
 def force_stop_task(user, task_id, *, reason: str) -> Task:
     reason = (reason or "").strip()
     if not reason:
-        raise InvalidInput("force-stop needs a reason", field="reason")
+        raise InvalidInput(_("force-stop needs a reason"), field="reason")
     task = Task.objects.filter(pk=task_id).first()
     if task is None:
-        raise NotFound("no such task")
+        raise NotFound(_("no such task"))
     if task.status in FINAL or not transitions.force_stop(task.pk, actor=actor_of(user, admin=True), reason=reason):
         task.refresh_from_db()
-        raise NotCancellable(f"the task is {task.status}; nothing to stop", status=task.status)
+        raise NotCancellable(
+            _("the task is %(status)s; nothing to stop") % {"status": word(TaskStatus, task.status)},
+            status=task.status,
+        )
     task.refresh_from_db()
     return task
 
@@ -398,19 +435,19 @@ def read_password_once(user, task_id) -> str:
 
     task = Task.objects.filter(pk=task_id, owner=user).first()
     if task is None:
-        raise NotFound("no such task")
+        raise NotFound(_("no such task"))
     secret = TaskSecret.objects.filter(task=task).first()
     now = timezone.now()
     if secret is None:
         if task.status in FINAL:
-            raise Gone("this task produced no password")
-        raise InvalidState("the task has not finished yet", status=task.status)
+            raise Gone(_("this task produced no password"))
+        raise InvalidState(_("the task has not finished yet"), status=task.status)
     if not secret.ciphertext or secret.expires_at <= now:
-        raise Gone("the password was already read or has expired")
+        raise Gone(_("the password was already read or has expired"))
     # Compare-and-set: of two concurrent reads only one gets the password.
     won = TaskSecret.objects.filter(pk=secret.pk, read_at__isnull=True, ciphertext=secret.ciphertext).update(
         ciphertext="", read_at=now
     )
     if won != 1:
-        raise Gone("the password was already read")
+        raise Gone(_("the password was already read"))
     return crypto.decrypt(secret.ciphertext)

@@ -16,8 +16,8 @@ away). Which implementation runs is chosen per provider by
   the instance id), ``timeout`` seconds (default 10).
 
 Every sample is sent as the ``traffic_synced`` signal (instance_id, task_id,
-phase, sample), so a billing or capping module can subscribe without this
-module knowing about it. A failed read is logged and never fails the operation:
+phase, sample); tasks.traffic_counters keeps the monthly counters from it, and
+a billing module can subscribe too. A failed read is logged and never fails the operation:
 a stop must not be refused because the accounting daemon is down.
 """
 
@@ -41,7 +41,8 @@ BEFORE_STOP = "before_stop"
 BEFORE_RESTART = "before_restart"
 BEFORE_RESET = "before_reset"
 BEFORE_DELETE = "before_delete"
-PHASES = (AFTER_CREATE, AFTER_START, BEFORE_STOP, BEFORE_RESTART, BEFORE_RESET, BEFORE_DELETE)
+PERIODIC = "periodic"  # the traffic schedule's sampling of running instances (tasks.traffic_counters)
+PHASES = (AFTER_CREATE, AFTER_START, BEFORE_STOP, BEFORE_RESTART, BEFORE_RESET, BEFORE_DELETE, PERIODIC)
 
 # Sent with instance_id, task_id, phase, sample (a TrafficSample) after every read.
 traffic_synced = Signal()

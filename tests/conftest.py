@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from django.conf import settings as dj_settings
 from django.contrib.auth import get_user_model
+from django.utils import translation
 
 from providers.simulated import SimulatedStore
 from tasks.engine.states import InstanceStatus
@@ -46,6 +47,14 @@ def root(db):
 @pytest.fixture
 def provider(db):
     return Provider.objects.create(name="sim-a", provider_type="simulated")
+
+
+@pytest.fixture(autouse=True)
+def _language_reset():
+    """A request in Chinese leaves Chinese active in the thread (LocaleMiddleware does not
+    reset it); the next test starts from LANGUAGE_CODE again."""
+    yield
+    translation.deactivate()
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
+from django.utils.translation import gettext as _
 
 
 @dataclass
@@ -84,8 +85,17 @@ def queues(rows: Sequence[QueueRow], *, label: str, width: int = 520, row: int =
         y = i * row + 2
         x_run = label_width + r.running * unit
         x_limit = label_width + r.limit * unit
-        state = "" if r.enabled else " (disabled)"
-        tip = escape(f"{r.label}{state}: {r.running} running of {r.limit} allowed, {r.pending} pending")
+        state = "" if r.enabled else " " + _("(disabled)")
+        value = _("%(running)s/%(limit)s · %(pending)s pending") % {
+            "running": r.running,
+            "limit": r.limit,
+            "pending": r.pending,
+        }
+        tip = escape(
+            f"{r.label}{state}: "
+            + _("%(running)s running of %(limit)s allowed, %(pending)s pending")
+            % {"running": r.running, "limit": r.limit, "pending": r.pending}
+        )
         body.append(
             f'<g class="tc-chart__row"><title>{tip}</title>'
             f'<text class="tc-chart__label" x="{label_width - 6}" y="{y + row * 0.65:.1f}" text-anchor="end">'
@@ -98,7 +108,7 @@ def queues(rows: Sequence[QueueRow], *, label: str, width: int = 520, row: int =
             f'width="{r.pending * unit:.1f}" height="{row - 10}"/>'
             f'<line class="tc-chart__limit" x1="{x_limit:.1f}" x2="{x_limit:.1f}" y1="{y + 1}" y2="{y + row - 3}"/>'
             f'<text class="tc-chart__value" x="{label_width + track + 6}" y="{y + row * 0.65:.1f}">'
-            f"{r.running}/{r.limit} · {r.pending} pending</text></g>"
+            f"{escape(value)}</text></g>"
         )
     return _svg(width, height, label, body)
 
@@ -224,6 +234,8 @@ def _legend(series: Sequence[Series], x: float, y: float) -> list[str]:
     out = []
     for s in series:
         out.append(f'<rect class="tc-fill {s.css}" x="{x:.1f}" y="{y - 9}" width="10" height="10" rx="2"/>')
-        out.append(f'<text class="tc-chart__label" x="{x + 14:.1f}" y="{y}">{escape(s.label)}</text>')
-        x += 24 + 7 * len(s.label)
+        label = str(s.label)
+        out.append(f'<text class="tc-chart__label" x="{x + 14:.1f}" y="{y}">{escape(label)}</text>')
+        # About 7 px per Latin character at the label's size, 13 per CJK one (twice as wide).
+        x += 24 + sum(13 if ord(c) > 0x2E7F else 7 for c in label)
     return out

@@ -23,15 +23,18 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
+from django.utils.translation import gettext, gettext_lazy, gettext_noop
+from django.utils.translation import gettext as _
 
 from tasks.engine.states import FINAL, InstanceStatus, TaskStatus
 from tasks.errors import ServiceError
+from tasks.messages import translate as translate_message
 
 logger = logging.getLogger(__name__)
 
 # Keys whose values never leave the server: matched as substrings, case-insensitive.
 SECRET_MARKERS = ("password", "secret", "token", "key")
-REDACTED = "•••••• (redacted)"
+REDACTED = gettext_noop("•••••• (redacted)")  # shown translated (redact)
 # A confirmation page lists the objects it acts on; beyond this, narrow the selection.
 MAX_BULK = 500
 STYLES = ("tasks/admin.css",)
@@ -102,7 +105,7 @@ def progress_bar(task_id: int, status: str, progress: int, message: str = "", *,
         url=progress_url(),
         progress=int(progress),
         sep=" · " if message else "",
-        message=message,
+        message=translate_message(message),  # stored in English (tasks/messages.py)
     )
 
 
@@ -113,22 +116,22 @@ def human_duration(delta: timedelta | float | None) -> str:
     seconds = delta.total_seconds() if isinstance(delta, timedelta) else float(delta)
     seconds = max(0.0, seconds)
     if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
+        return _("%(n)s ms") % {"n": f"{seconds * 1000:.0f}"}
     if seconds < 60:
-        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+        return _("%(n)s s") % {"n": f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"}
     minutes, sec = divmod(int(seconds), 60)
     if minutes < 60:
-        return f"{minutes} min {sec:02d} s"
+        return _("%(min)s min %(s)s s") % {"min": minutes, "s": f"{sec:02d}"}
     hours, minutes = divmod(minutes, 60)
     if hours < 48:
-        return f"{hours} h {minutes:02d} min"
-    return f"{hours // 24} d {hours % 24} h"
+        return _("%(h)s h %(min)s min") % {"h": hours, "min": f"{minutes:02d}"}
+    return _("%(d)s d %(h)s h") % {"d": hours // 24, "h": hours % 24}
 
 
 def age(moment: datetime | None, now: datetime | None = None) -> str:
     if moment is None:
         return "—"
-    return f"{human_duration((now or timezone.now()) - moment)} ago"
+    return _("%(duration)s ago") % {"duration": human_duration((now or timezone.now()) - moment)}
 
 
 def exact_time(moment: datetime | None, now: datetime | None = None) -> str:
@@ -137,7 +140,10 @@ def exact_time(moment: datetime | None, now: datetime | None = None) -> str:
         return "—"
     local = timezone.localtime(moment)
     delta = (now or timezone.now()) - moment
-    relative = f"{human_duration(delta)} ago" if delta.total_seconds() >= 0 else f"in {human_duration(-delta)}"
+    if delta.total_seconds() >= 0:
+        relative = _("%(duration)s ago") % {"duration": human_duration(delta)}
+    else:
+        relative = _("in %(duration)s") % {"duration": human_duration(-delta)}
     return f"{local:%Y-%m-%d %H:%M:%S}.{local.microsecond // 1000:03d} {local:%Z} ({relative})"
 
 
@@ -145,7 +151,7 @@ def redact(value: Any) -> Any:
     """A copy of JSON-like data with the values of secret-looking keys replaced."""
     if isinstance(value, dict):
         return {
-            key: (REDACTED if any(m in str(key).lower() for m in SECRET_MARKERS) else redact(item))
+            key: (gettext(REDACTED) if any(m in str(key).lower() for m in SECRET_MARKERS) else redact(item))
             for key, item in value.items()
         }
     if isinstance(value, list):
@@ -178,9 +184,13 @@ class BulkResult:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
-        text = f"{self.verb}: {len(self.done)} done, {len(self.skipped)} skipped"
+        text = _("%(verb)s: %(done)s done, %(skipped)s skipped") % {
+            "verb": self.verb,
+            "done": len(self.done),
+            "skipped": len(self.skipped),
+        }
         if self.failed:
-            text += f", {len(self.failed)} failed"
+            text += _(", %(n)s failed") % {"n": len(self.failed)}
         details = [f"{label}: {why}" for label, why in (self.skipped + self.failed)[:10]]
         if len(self.skipped) + len(self.failed) > 10:
             details.append("…")
@@ -229,7 +239,8 @@ class ReasonForm(forms.Form):
         required=True,
         strip=True,
         widget=forms.Textarea(attrs={"rows": 3, "cols": 60, "autofocus": True}),
-        help_text="Recorded in each task's timeline and shown to its owner.",
+        label=gettext_lazy("Reason"),
+        help_text=gettext_lazy("Recorded in each task's timeline and shown to its owner."),
     )
 
 
@@ -248,7 +259,7 @@ def confirm_action(
     perform: Callable[[dict], BulkResult],
     form_class: type[forms.Form] = ReasonForm,
     danger: bool = False,
-    button: str = "Confirm",
+    button: str = "",
     post_url: str = "",
 ) -> TemplateResponse | None:
     """The intermediate page of an action: ask (a reason), then act and report.
@@ -266,7 +277,8 @@ def confirm_action(
     if count > MAX_BULK:
         modeladmin.message_user(
             request,
-            f"{count} objects selected; act on at most {MAX_BULK} at a time (narrow the filter).",
+            _("%(count)s objects selected; act on at most %(max)s at a time (narrow the filter).")
+            % {"count": count, "max": MAX_BULK},
             messages.ERROR,
         )
         return None
@@ -281,7 +293,7 @@ def confirm_action(
         "explanation": explanation,
         "form": form,
         "danger": danger,
-        "button": button,
+        "button": button or _("Confirm"),
         "post_url": post_url,
         "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
         "changelist_url": reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist"),

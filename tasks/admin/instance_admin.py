@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 
 from django.contrib import admin
-from django.db.models import QuerySet
+from django.db.models import Prefetch, QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext_lazy as _
 
-from tasks import services
+from tasks import services, traffic_counters
 from tasks.admin.common import (
     BulkResult,
     ConfirmForm,
@@ -30,7 +31,7 @@ from tasks.admin.common import (
 )
 from tasks.admin.lists import moment_field, search_by_identity
 from tasks.engine.states import TaskType
-from tasks.models import Instance, PortMapping, Task
+from tasks.models import Instance, InstanceTraffic, PortMapping, Task
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +44,11 @@ class PortMappingInline(admin.TabularInline):
     fields = ("protocol", "host_ports", "guest_ports", "is_ssh", "status", "description")
     readonly_fields = fields
 
-    @admin.display(description="host ports")
+    @admin.display(description=_("host ports"))
     def host_ports(self, mapping: PortMapping) -> str:
         return _port_range(mapping.host_port_start, mapping.host_port_end)
 
-    @admin.display(description="guest ports")
+    @admin.display(description=_("guest ports"))
     def guest_ports(self, mapping: PortMapping) -> str:
         return _port_range(mapping.guest_port_start, mapping.guest_port_end)
 
@@ -77,13 +78,14 @@ class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
         "status_col",
         "resources",
         "ssh_port",
+        "traffic_col",
         "active_task_col",
         "needs_reconcile",
         "created_at",
     )
     list_filter = ("status", "instance_type", "provider", "needs_reconcile")
     search_fields = ("name", "owner__username")
-    search_help_text = "Instance name, owner's username, instance id or uuid."
+    search_help_text = _("Instance name, owner's username, instance id or uuid.")
     list_select_related = ("owner", "provider", "active_task")
     ordering = ("-created_at", "-id")
     list_per_page = 50
@@ -102,6 +104,7 @@ class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
         "bandwidth_mbps",
         "addresses",
         "ssh_port",
+        "traffic_detail",
         "provider_ref",
         "guest_name",
         "active_task_detail",
@@ -114,16 +117,16 @@ class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
     )
     fieldsets = (
         (None, {"fields": ("uuid", "name", "owner", "provider", "instance_type", "image", "status_col")}),
-        ("Resources", {"fields": ("resources", "bandwidth_mbps", "holds_resources")}),
-        ("Network", {"fields": ("addresses", "ssh_port")}),
-        ("Provider", {"fields": ("guest_name", "provider_ref", "needs_reconcile")}),
-        ("Tasks", {"fields": ("active_task_detail", "recent_tasks")}),
-        ("Dates", {"fields": ("created_time", "updated_time", "deleted_time")}),
+        (_("Resources"), {"fields": ("resources", "bandwidth_mbps", "holds_resources")}),
+        (_("Network"), {"fields": ("addresses", "ssh_port", "traffic_detail")}),
+        (_("Provider"), {"fields": ("guest_name", "provider_ref", "needs_reconcile")}),
+        (_("Tasks"), {"fields": ("active_task_detail", "recent_tasks")}),
+        (_("Dates"), {"fields": ("created_time", "updated_time", "deleted_time")}),
     )
 
-    created_time = moment_field("created_at", "created")
-    updated_time = moment_field("updated_at", "updated")
-    deleted_time = moment_field("deleted_at", "deleted")
+    created_time = moment_field("created_at", _("created"))
+    updated_time = moment_field("updated_at", _("updated"))
+    deleted_time = moment_field("deleted_at", _("deleted"))
 
     def has_delete_permission(self, request: HttpRequest, obj: Instance | None = None) -> bool:
         # Rows are never deleted (status=deleted); the delete action queues a delete task.
@@ -139,13 +142,17 @@ class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
         if self.has_change_permission(request):
             extra["has_instance_actions"] = True
             extra["instance_actions"] = [
-                ("start_instances", "Start"),
-                ("stop_instances", "Stop"),
-                ("restart_instances", "Restart"),
-                ("reset_instances", "Reset…"),
-                ("delete_instances", "Delete…"),
+                ("start_instances", _("Start")),
+                ("stop_instances", _("Stop")),
+                ("restart_instances", _("Restart")),
+                ("reset_instances", _("Reset…")),
+                ("delete_instances", _("Delete…")),
             ]
         return super().change_view(request, object_id, form_url, extra_context=extra)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        this_month = Prefetch("traffic", queryset=traffic_counters.this_month(), to_attr="traffic_this_month")
+        return super().get_queryset(request).prefetch_related(this_month)
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
         found, may_have_duplicates = super().get_search_results(request, queryset, search_term)
@@ -156,15 +163,59 @@ class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
 
     # ------------------------------------------------------------ columns
 
-    @admin.display(description="status", ordering="status")
+    @admin.display(description=_("status"), ordering="status")
     def status_col(self, instance: Instance):
         return instance_badge(instance.pk, instance.status)
 
-    @admin.display(description="resources")
+    @admin.display(description=_("resources"))
     def resources(self, instance: Instance) -> str:
-        return f"{instance.cpu} CPU · {_memory(instance.memory_mb)} RAM · {_memory(instance.disk_mb)} disk"
+        return _("%(cpu)s CPU · %(memory)s RAM · %(disk)s disk") % {
+            "cpu": instance.cpu,
+            "memory": _memory(instance.memory_mb),
+            "disk": _memory(instance.disk_mb),
+        }
 
-    @admin.display(description="active task")
+    @admin.display(description=_("traffic this month"))
+    def traffic_col(self, instance: Instance) -> str:
+        used = traffic_counters.current(instance)
+        return f"↓ {traffic_counters.human(used['rx_bytes'])} ↑ {traffic_counters.human(used['tx_bytes'])}"
+
+    @admin.display(description=_("traffic"))
+    def traffic_detail(self, instance: Instance):
+        rows = list(InstanceTraffic.objects.filter(instance=instance).order_by("-period")[:12])
+        limit = traffic_counters.limit_bytes(instance)
+        head = format_html(
+            "<p>{}</p>",
+            _("monthly limit: %(limit)s (received + sent)")
+            % {"limit": traffic_counters.human(limit) if limit is not None else _("none")},
+        )
+        if not rows:
+            return format_html("{}<p>{}</p>", head, _("no sample yet"))
+        body = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    f"{r.period:%Y-%m}",
+                    traffic_counters.human(r.rx_bytes),
+                    traffic_counters.human(r.tx_bytes),
+                    traffic_counters.human(r.rx_bytes + r.tx_bytes),
+                )
+                for r in rows
+            ),
+        )
+        return format_html(
+            '{}<table class="tc-table"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr></thead>'
+            "<tbody>{}</tbody></table>",
+            head,
+            _("month"),
+            _("received"),
+            _("sent"),
+            _("total"),
+            body,
+        )
+
+    @admin.display(description=_("active task"))
     def active_task_col(self, instance: Instance):
         task = instance.active_task
         if task is None:
@@ -176,11 +227,11 @@ class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
             progress_bar(task.pk, task.status, task.progress, task.status_message),
         )
 
-    @admin.display(description="active task")
+    @admin.display(description=_("active task"))
     def active_task_detail(self, instance: Instance):
         return self.active_task_col(instance)
 
-    @admin.display(description="recent tasks")
+    @admin.display(description=_("recent tasks"))
     def recent_tasks(self, instance: Instance):
         tasks = list(Task.objects.filter(instance=instance).order_by("-created_at", "-id")[:10])
         if not tasks:
@@ -215,52 +266,52 @@ class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
     def _queue_now(self, request: HttpRequest, queryset: QuerySet, task_type: str, verb: str) -> None:
         self._queue(request, queryset, task_type, verb).report(self, request)
 
-    @admin.action(description="Start selected instances", permissions=["change"])
+    @admin.action(description=_("Start selected instances"), permissions=["change"])
     def start_instances(self, request: HttpRequest, queryset: QuerySet) -> None:
-        self._queue_now(request, queryset, TaskType.START, "Start")
+        self._queue_now(request, queryset, TaskType.START, _("Start"))
 
-    @admin.action(description="Stop selected instances", permissions=["change"])
+    @admin.action(description=_("Stop selected instances"), permissions=["change"])
     def stop_instances(self, request: HttpRequest, queryset: QuerySet) -> None:
-        self._queue_now(request, queryset, TaskType.STOP, "Stop")
+        self._queue_now(request, queryset, TaskType.STOP, _("Stop"))
 
-    @admin.action(description="Restart selected instances", permissions=["change"])
+    @admin.action(description=_("Restart selected instances"), permissions=["change"])
     def restart_instances(self, request: HttpRequest, queryset: QuerySet) -> None:
-        self._queue_now(request, queryset, TaskType.RESTART, "Restart")
+        self._queue_now(request, queryset, TaskType.RESTART, _("Restart"))
 
-    @admin.action(description="Reset selected instances (reinstall; asks to confirm)", permissions=["change"])
+    @admin.action(description=_("Reset selected instances (reinstall; asks to confirm)"), permissions=["change"])
     def reset_instances(self, request: HttpRequest, queryset: QuerySet):
         return confirm_action(
             self,
             request,
             queryset,
             action="reset_instances",
-            title="Reset instances",
-            explanation=(
+            title=_("Reset instances"),
+            explanation=_(
                 "Reset reinstalls each instance from its image: everything on its disk is lost. The "
                 "instance keeps its name, resources and ports. Busy instances are skipped."
             ),
-            perform=lambda data: self._queue(request, queryset, TaskType.RESET, "Reset"),
+            perform=lambda data: self._queue(request, queryset, TaskType.RESET, _("Reset")),
             form_class=ConfirmForm,
             danger=True,
-            button="Reset these instances",
+            button=_("Reset these instances"),
         )
 
-    @admin.action(description="Delete selected instances (asks to confirm)", permissions=["change"])
+    @admin.action(description=_("Delete selected instances (asks to confirm)"), permissions=["change"])
     def delete_instances(self, request: HttpRequest, queryset: QuerySet):
         return confirm_action(
             self,
             request,
             queryset,
             action="delete_instances",
-            title="Delete instances",
-            explanation=(
+            title=_("Delete instances"),
+            explanation=_(
                 "Delete removes each guest from its provider, frees its ports, quota and capacity. "
                 "It cannot be undone. Busy instances are skipped."
             ),
-            perform=lambda data: self._queue(request, queryset, TaskType.DELETE, "Delete"),
+            perform=lambda data: self._queue(request, queryset, TaskType.DELETE, _("Delete")),
             form_class=ConfirmForm,
             danger=True,
-            button="Delete these instances",
+            button=_("Delete these instances"),
         )
 
 
@@ -272,15 +323,15 @@ class PortMappingAdmin(admin.ModelAdmin):
     list_select_related = ("instance", "provider")
     readonly_fields = [f.name for f in PortMapping._meta.fields]
 
-    @admin.display(description="instance", ordering="instance__name")
+    @admin.display(description=_("instance"), ordering="instance__name")
     def instance_link(self, mapping: PortMapping):
         return admin_link(mapping.instance, mapping.instance.name)
 
-    @admin.display(description="host ports", ordering="host_port_start")
+    @admin.display(description=_("host ports"), ordering="host_port_start")
     def host_ports(self, mapping: PortMapping) -> str:
         return _port_range(mapping.host_port_start, mapping.host_port_end)
 
-    @admin.display(description="guest ports")
+    @admin.display(description=_("guest ports"))
     def guest_ports(self, mapping: PortMapping) -> str:
         return _port_range(mapping.guest_port_start, mapping.guest_port_end)
 

@@ -9,6 +9,7 @@ from django.contrib import admin
 from django.core.paginator import Paginator
 from django.db.models import Q
 from django.utils.functional import cached_property
+from django.utils.translation import gettext_lazy as _
 
 from tasks.admin.common import exact_time
 from tasks.engine.states import ACTIVE, FAILED, FINAL, TIMEOUT
@@ -46,17 +47,17 @@ class KnownCountPaginator(Paginator):
 
 
 class StateGroupFilter(admin.SimpleListFilter):
-    title = "state group"
+    title = _("state group")
     parameter_name = "state"
 
     GROUPS = {
-        "active": ("Active (pending, running, cancelling)", ACTIVE),
-        "finished": ("Finished", FINAL),
-        "problem": ("Failed or timed out", frozenset({FAILED, TIMEOUT})),
+        "active": (_("Active (pending, running, cancelling)"), ACTIVE),
+        "finished": (_("Finished"), FINAL),
+        "problem": (_("Failed or timed out"), frozenset({FAILED, TIMEOUT})),
     }
 
     def lookups(self, request, model_admin):
-        return [(key, label) for key, (label, _) in self.GROUPS.items()]
+        return [(key, group[0]) for key, group in self.GROUPS.items()]
 
     def queryset(self, request, queryset):
         group = self.GROUPS.get(self.value() or "")

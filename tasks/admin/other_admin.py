@@ -11,8 +11,10 @@ from django.contrib import admin
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
+from django.utils.translation import gettext_lazy as _
 
 from tasks.admin.common import SCRIPTS, STYLES, BulkResult, admin_link, age, status_badge
+from tasks.messages import translate as translate_message
 from tasks.models import TaskEvent, UserQuota, Worker
 
 logger = logging.getLogger(__name__)
@@ -31,27 +33,32 @@ class UserQuotaAdmin(admin.ModelAdmin):
         "cpu",
         "memory",
         "disk",
+        "traffic_limit",
     )
     search_fields = ("user__username",)
     list_select_related = ("user",)
     readonly_fields = ("used_instances", "used_cpu", "used_memory_mb", "used_disk_mb")
     raw_id_fields = ("user",)
 
-    @admin.display(description="instances")
+    @admin.display(description=_("instances"))
     def instances(self, q: UserQuota) -> str:
         return f"{q.used_instances} / {q.max_instances}"
 
-    @admin.display(description="CPU")
+    @admin.display(description=_("CPU"))
     def cpu(self, q: UserQuota) -> str:
         return f"{q.used_cpu} / {q.max_cpu}"
 
-    @admin.display(description="memory (MB)")
+    @admin.display(description=_("memory (MB)"))
     def memory(self, q: UserQuota) -> str:
         return f"{q.used_memory_mb} / {q.max_memory_mb}"
 
-    @admin.display(description="disk (MB)")
+    @admin.display(description=_("disk (MB)"))
     def disk(self, q: UserQuota) -> str:
         return f"{q.used_disk_mb} / {q.max_disk_mb}"
+
+    @admin.display(description=_("traffic per instance per month"), ordering="max_traffic_gb")
+    def traffic_limit(self, q: UserQuota) -> str:
+        return "—" if q.max_traffic_gb is None else f"{q.max_traffic_gb} GB"
 
     def has_delete_permission(self, request, obj=None) -> bool:
         # The row carries the user's live usage; a new one would start from zero.
@@ -70,11 +77,11 @@ class UserQuotaAdmin(admin.ModelAdmin):
 
 
 class AliveFilter(admin.SimpleListFilter):
-    title = "liveness"
+    title = _("liveness")
     parameter_name = "alive"
 
     def lookups(self, request, model_admin):
-        return [("yes", "Alive (recent heartbeat)"), ("no", "Stale")]
+        return [("yes", _("Alive (recent heartbeat)")), ("no", _("Stale"))]
 
     def queryset(self, request, queryset):
         if self.value() == "yes":
@@ -107,15 +114,15 @@ class WorkerAdmin(admin.ModelAdmin):
         css = {"all": STYLES}
         js = SCRIPTS
 
-    @admin.display(description="alive", boolean=True)
+    @admin.display(description=_("alive"), boolean=True)
     def alive(self, worker: Worker) -> bool:
         return worker.last_heartbeat >= worker_alive_cutoff()
 
-    @admin.display(description="last heartbeat", ordering="last_heartbeat")
+    @admin.display(description=_("last heartbeat"), ordering="last_heartbeat")
     def heartbeat(self, worker: Worker) -> str:
         return age(worker.last_heartbeat)
 
-    @admin.display(description="current task")
+    @admin.display(description=_("current task"))
     def current(self, worker: Worker):
         task = worker.current_task
         if task is None:
@@ -141,15 +148,15 @@ class WorkerAdmin(admin.ModelAdmin):
         actions.pop("delete_selected", None)  # it would delete live workers' rows too
         return actions
 
-    @admin.action(description="Delete selected stale worker rows", permissions=["delete"])
+    @admin.action(description=_("Delete selected stale worker rows"), permissions=["delete"])
     def delete_stale(self, request: HttpRequest, queryset) -> None:
-        result = BulkResult("Delete")
+        result = BulkResult(_("Delete"))
         for worker in queryset.order_by("name"):
             # Guarded: a worker that beat meanwhile is alive and keeps its row.
             if Worker.objects.filter(pk=worker.pk, last_heartbeat__lt=worker_alive_cutoff()).delete()[0]:
                 result.done.append(worker.name)
             else:
-                result.skipped.append((worker.name, "alive (recent heartbeat)"))
+                result.skipped.append((worker.name, _("alive (recent heartbeat)")))
         result.report(self, request)
 
 
@@ -157,10 +164,10 @@ class WorkerAdmin(admin.ModelAdmin):
 class TaskEventAdmin(admin.ModelAdmin):
     """The audit trail across tasks (each task's page shows its own timeline)."""
 
-    list_display = ("at", "task_link", "kind", "transition", "actor", "reason", "progress", "message")
+    list_display = ("at", "task_link", "kind", "transition", "actor", "reason", "progress", "message_col")
     list_filter = ("kind", "to_status", ("at", admin.DateFieldListFilter))
     search_fields = ("actor", "reason", "message")
-    search_help_text = "Actor (e.g. admin:root), reason or message."
+    search_help_text = _("Actor (e.g. admin:root), reason or message.")
     list_select_related = ("task",)
     ordering = ("-at", "-id")
     show_full_result_count = False
@@ -169,17 +176,21 @@ class TaskEventAdmin(admin.ModelAdmin):
     class Media:
         css = {"all": STYLES}
 
-    @admin.display(description="task", ordering="task_id")
+    @admin.display(description=_("task"), ordering="task_id")
     def task_link(self, event: TaskEvent):
         return admin_link(event.task, f"#{event.task_id} {event.task.task_type}")
 
-    @admin.display(description="transition")
+    @admin.display(description=_("transition"))
     def transition(self, event: TaskEvent):
         if event.kind == TaskEvent.KIND_STEP:
-            return "step"
+            return _("step")
         if not event.from_status:
             return format_html("→ {}", status_badge(None, event.to_status))
         return format_html("{} → {}", status_badge(None, event.from_status), status_badge(None, event.to_status))
+
+    @admin.display(description=_("message"))
+    def message_col(self, event: TaskEvent) -> str:
+        return translate_message(event.message)  # stored in English (tasks/messages.py)
 
     # The audit trail is append-only.
     def has_add_permission(self, request) -> bool:

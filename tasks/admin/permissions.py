@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 FORCE_STOP_CODENAME = "force_stop_task"
 FORCE_STOP_PERMISSION = f"tasks.{FORCE_STOP_CODENAME}"
-FORCE_STOP_NAME = "Can force-stop task (ends it at once, revokes its lease)"
+FORCE_STOP_NAME = "Can force-stop task (ends it at once, revokes its lease)"  # a database row: stays English
 
 
 def ensure_force_stop_permission(using: str = "default") -> None:

@@ -20,6 +20,7 @@ from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
+from django.utils.translation import gettext_lazy as _
 
 from tasks.admin.common import SCRIPTS, STYLES
 from tasks.engine import dispatch
@@ -52,14 +53,14 @@ def _task_count(statuses) -> Coalesce:
 class ProviderForm(forms.ModelForm):
     new_secrets = forms.CharField(
         required=False,
-        label="Set secrets",
+        label=_("Set secrets"),
         widget=forms.Textarea(attrs={"rows": 3, "cols": 60, "autocomplete": "off", "spellcheck": "false"}),
-        help_text=(
+        help_text=_(
             'Write-only. A JSON object, e.g. {"token": "..."}; it REPLACES the stored secrets, '
             "which are encrypted and never shown. Leave empty to keep them."
         ),
     )
-    clear_secrets = forms.BooleanField(required=False, label="Remove all stored secrets")
+    clear_secrets = forms.BooleanField(required=False, label=_("Remove all stored secrets"))
 
     class Meta:
         model = Provider
@@ -73,18 +74,20 @@ class ProviderForm(forms.ModelForm):
             value = json.loads(raw)
         except ValueError as exc:
             # The message must not echo the input: it is a secret.
-            raise forms.ValidationError(f"not valid JSON (line {getattr(exc, 'lineno', '?')})") from None
+            raise forms.ValidationError(
+                _("not valid JSON (line %(line)s)") % {"line": getattr(exc, "lineno", "?")}
+            ) from None
         if not isinstance(value, dict) or not value:
-            raise forms.ValidationError('a non-empty JSON object is required, e.g. {"token": "..."}')
+            raise forms.ValidationError(_('a non-empty JSON object is required, e.g. {"token": "..."}'))
         return value
 
     def clean(self):
         data = super().clean()
         start, end = data.get("port_range_start"), data.get("port_range_end")
         if start is not None and end is not None and start > end:
-            self.add_error("port_range_end", "must not be below the start of the port range")
+            self.add_error("port_range_end", _("must not be below the start of the port range"))
         if data.get("new_secrets") and data.get("clear_secrets"):
-            self.add_error("clear_secrets", "either set new secrets or remove them, not both")
+            self.add_error("clear_secrets", _("either set new secrets or remove them, not both"))
         return data
 
 
@@ -122,9 +125,9 @@ class ProviderAdmin(admin.ModelAdmin):
     )
     fieldsets = (
         (None, {"fields": ("name", "provider_type", "enabled", "health", "connection")}),
-        ("Secrets", {"fields": ("secrets_state", "new_secrets", "clear_secrets")}),
+        (_("Secrets"), {"fields": ("secrets_state", "new_secrets", "clear_secrets")}),
         (
-            "Concurrency (applied at the next admission, within a second or two)",
+            _("Concurrency (applied at the next admission, within a second or two)"),
             {
                 "fields": (
                     "load",
@@ -148,8 +151,8 @@ class ProviderAdmin(admin.ModelAdmin):
                 )
             },
         ),
-        ("Ports", {"fields": ("port_range_start", "port_range_end", "default_port_block")}),
-        ("Dates", {"fields": ("created_at", "updated_at")}),
+        (_("Ports"), {"fields": ("port_range_start", "port_range_end", "default_port_block")}),
+        (_("Dates"), {"fields": ("created_at", "updated_at")}),
     )
 
     class Media:
@@ -172,21 +175,21 @@ class ProviderAdmin(admin.ModelAdmin):
 
     # ------------------------------------------------------------ columns
 
-    @admin.display(description="health")
+    @admin.display(description=_("health"))
     def health(self, provider: Provider):
         if provider.pk is None:
             return "—"
         if provider.unreachable_since is None:
-            return format_html('<span class="tc-badge tc-badge--completed">{}</span>', "reachable")
+            return format_html('<span class="tc-badge tc-badge--completed">{}</span>', _("reachable"))
         return format_html(
-            '<span class="tc-badge tc-badge--failed" title="{}">unreachable since {}</span>'
-            '<div class="tc-muted">queue held until it answers; last error: {}</div>',
+            '<span class="tc-badge tc-badge--failed" title="{}">{}</span><div class="tc-muted">{}</div>',
             provider.unreachable_error,
-            timezone.localtime(provider.unreachable_since).strftime("%Y-%m-%d %H:%M:%S"),
-            provider.unreachable_error,
+            _("unreachable since %(since)s")
+            % {"since": timezone.localtime(provider.unreachable_since).strftime("%Y-%m-%d %H:%M:%S")},
+            _("queue held until it answers; last error: %(error)s") % {"error": provider.unreachable_error},
         )
 
-    @admin.display(description="running / limit · pending", ordering="n_running")
+    @admin.display(description=_("running / limit · pending"), ordering="n_running")
     def load(self, provider: Provider):
         running = getattr(provider, "n_running", None)
         pending = getattr(provider, "n_pending", None)
@@ -196,38 +199,43 @@ class ProviderAdmin(admin.ModelAdmin):
         full = running >= limit
         percent = min(100, round(100 * running / limit)) if limit else 100
         return format_html(
-            '<div class="tc-gauge{}" title="{} running of {} allowed; {} pending">'
+            '<div class="tc-gauge{}" title="{}">'
             '<div class="tc-gauge__bar" style="width: {}%"></div>'
-            '<span class="tc-gauge__label">{} / {} · {} pending</span></div>',
+            '<span class="tc-gauge__label">{}</span></div>',
             " tc-gauge--full" if full else "",
-            running,
-            limit,
-            pending,
+            _("%(running)s running of %(limit)s allowed; %(pending)s pending")
+            % {"running": running, "limit": limit, "pending": pending},
             percent,
-            running,
-            limit,
-            pending,
+            _("%(running)s / %(limit)s · %(pending)s pending")
+            % {"running": running, "limit": limit, "pending": pending},
         )
 
-    @admin.display(description="capacity used")
+    @admin.display(description=_("capacity used"))
     def capacity(self, provider: Provider) -> str:
-        return (
-            f"CPU {provider.cpu_used}/{provider.cpu_total} · "
-            f"RAM {provider.memory_used_mb}/{provider.memory_total_mb} MB · "
-            f"containers {provider.containers_used}/{provider.max_containers} · "
-            f"VMs {provider.vms_used}/{provider.max_vms}"
-        )
+        return _(
+            "CPU %(cpu)s/%(cpu_total)s · RAM %(memory)s/%(memory_total)s MB · "
+            "containers %(containers)s/%(max_containers)s · VMs %(vms)s/%(max_vms)s"
+        ) % {
+            "cpu": provider.cpu_used,
+            "cpu_total": provider.cpu_total,
+            "memory": provider.memory_used_mb,
+            "memory_total": provider.memory_total_mb,
+            "containers": provider.containers_used,
+            "max_containers": provider.max_containers,
+            "vms": provider.vms_used,
+            "max_vms": provider.max_vms,
+        }
 
-    @admin.display(description="stored secrets")
+    @admin.display(description=_("stored secrets"))
     def secrets_state(self, provider: Provider) -> str:
         if not provider.secrets_encrypted:
-            return "none"
+            return _("none")
         try:
             names = sorted(provider.get_secrets())
         except Exception:
-            return "set, but cannot be decrypted with the current SECRETS_KEY"
+            return _("set, but cannot be decrypted with the current SECRETS_KEY")
         # The names are configuration ("token", "password"); the values never leave the server.
-        return f"set, encrypted ({', '.join(names)})"
+        return _("set, encrypted (%(names)s)") % {"names": ", ".join(names)}
 
     # ------------------------------------------------------------ saving
 
@@ -255,7 +263,7 @@ class ProviderAdmin(admin.ModelAdmin):
 
     # ------------------------------------------------------------ actions
 
-    @admin.action(description="Check connectivity (asks each provider for its version; resumes held queues)")
+    @admin.action(description=_("Check connectivity (asks each provider for its version; resumes held queues)"))
     def check_connectivity(self, request: HttpRequest, queryset: QuerySet) -> None:
         from providers.base import build_driver
         from tasks.engine.worker import provider_config
@@ -268,20 +276,27 @@ class ProviderAdmin(admin.ModelAdmin):
             except Exception as exc:
                 failed += 1
                 logger.warning("provider %s: connectivity check failed: %s", provider.pk, exc)
-                held = " Its queue stays held." if provider.unreachable_since is not None else ""
-                self.message_user(
-                    request,
-                    f"{provider.name}: unreachable or refused ({type(exc).__name__}: {exc}).{held}",
-                    messages.ERROR,
-                )
+                text = _("%(name)s: unreachable or refused (%(error)s).") % {
+                    "name": provider.name,
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
+                if provider.unreachable_since is not None:
+                    text += " " + _("Its queue stays held.")
+                self.message_user(request, text, messages.ERROR)
                 continue
             ok += 1
             elapsed = time.monotonic() - started
-            resumed = " Its held queue resumes." if provider_health.mark_reachable(provider.pk) else ""
+            text = _("%(name)s: OK, version %(version)s (%(ms)s ms).") % {
+                "name": provider.name,
+                "version": info.version,
+                "ms": f"{elapsed * 1000:.0f}",
+            }
+            if provider_health.mark_reachable(provider.pk):
+                text += " " + _("Its held queue resumes.")
+            self.message_user(request, text, messages.SUCCESS)
+        if ok + failed > 1:
             self.message_user(
                 request,
-                f"{provider.name}: OK, version {info.version} ({elapsed * 1000:.0f} ms).{resumed}",
-                messages.SUCCESS,
+                _("Connectivity: %(ok)s reachable, %(failed)s failed.") % {"ok": ok, "failed": failed},
+                messages.INFO,
             )
-        if ok + failed > 1:
-            self.message_user(request, f"Connectivity: {ok} reachable, {failed} failed.", messages.INFO)

@@ -19,6 +19,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
+from django.utils.translation import gettext_lazy as _
 
 from tasks import services
 from tasks.admin import views as admin_views
@@ -37,12 +38,23 @@ from tasks.admin.common import (
 from tasks.admin.lists import KnownCountPaginator, StateGroupFilter, moment_field, search_by_identity
 from tasks.admin.permissions import FORCE_STOP_PERMISSION
 from tasks.engine import dispatch
-from tasks.engine.states import CANCELLABLE, EXECUTING, FINAL, PENDING
+from tasks.engine.states import CANCELLABLE, EXECUTING, FINAL, PENDING, TaskStatus, word
+from tasks.messages import translate as translate_message
 from tasks.models import Task, TaskEvent
 
 logger = logging.getLogger(__name__)
 
 TIMELINE_LIMIT = 500
+
+
+def _task_label(task: Task) -> str:
+    return _("task %(id)s") % {"id": task.pk}
+
+
+def _shown(event: TaskEvent) -> TaskEvent:
+    """The event with its step message in the reader's language (stored in English, tasks/messages.py)."""
+    event.message = translate_message(event.message)
+    return event
 
 
 @admin.register(Task)
@@ -69,7 +81,7 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
         ("created_at", admin.DateFieldListFilter),
     )
     search_fields = ("owner__username", "initiator__username", "instance__name")
-    search_help_text = "Username, instance name, task id or task uuid."
+    search_help_text = _("Username, instance name, task id or task uuid.")
     list_select_related = ("provider", "instance", "owner", "initiator")
     ordering = ("-created_at", "-id")
     list_per_page = 50
@@ -121,10 +133,10 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
                 )
             },
         ),
-        ("Timing", {"fields": ("created_time", "admitted_time", "started_time", "completed_time", "duration_col")}),
-        ("Error", {"fields": ("error_code", "error_message", "cancel_reason")}),
+        (_("Timing"), {"fields": ("created_time", "admitted_time", "started_time", "completed_time", "duration_col")}),
+        (_("Error"), {"fields": ("error_code", "error_message", "cancel_reason")}),
         (
-            "Lease",
+            _("Lease"),
             {
                 "fields": (
                     "worker",
@@ -136,7 +148,7 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
                 )
             },
         ),
-        ("Task data (secrets redacted)", {"fields": ("task_data_redacted",)}),
+        (_("Task data (secrets redacted)"), {"fields": ("task_data_redacted",)}),
     )
 
     # ------------------------------------------------------------ permissions
@@ -157,52 +169,52 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
 
     # ------------------------------------------------------------ list columns
 
-    @admin.display(description="status", ordering="status")
+    @admin.display(description=_("status"), ordering="status")
     def status_col(self, task: Task):
         return status_badge(task.pk, task.status, task.get_status_display())
 
-    @admin.display(description="progress", ordering="progress")
+    @admin.display(description=_("progress"), ordering="progress")
     def progress_col(self, task: Task):
         return progress_bar(task.pk, task.status, task.progress, task.status_message)
 
-    @admin.display(description="instance", ordering="instance__name")
+    @admin.display(description=_("instance"), ordering="instance__name")
     def instance_col(self, task: Task):
         if task.instance is None:
             return "—"
         return admin_link(task.instance, task.instance.name)
 
-    @admin.display(description="age", ordering="created_at")
+    @admin.display(description=_("age"), ordering="created_at")
     def age_col(self, task: Task) -> str:
         return age(task.created_at)
 
-    @admin.display(description="duration")
+    @admin.display(description=_("duration"))
     def duration_col(self, task: Task) -> str:
         if task.started_at is None:
             if task.status == PENDING:
-                return f"queued {human_duration(timezone.now() - task.created_at)}"
-            return "never ran"
+                return _("queued %(duration)s") % {"duration": human_duration(timezone.now() - task.created_at)}
+            return _("never ran")
         end = task.completed_at or timezone.now()
         text = human_duration(end - task.started_at)
-        return text if task.completed_at else f"{text} so far"
+        return text if task.completed_at else _("%(duration)s so far") % {"duration": text}
 
     # ------------------------------------------------------------ detail fields
 
-    created_time = moment_field("created_at", "created")
-    admitted_time = moment_field("admitted_at", "admitted")
-    started_time = moment_field("started_at", "started")
-    completed_time = moment_field("completed_at", "completed")
-    heartbeat_time = moment_field("heartbeat_at", "last heartbeat")
-    lease_expires_time = moment_field("lease_expires_at", "lease expires")
+    created_time = moment_field("created_at", _("created"))
+    admitted_time = moment_field("admitted_at", _("admitted"))
+    started_time = moment_field("started_at", _("started"))
+    completed_time = moment_field("completed_at", _("completed"))
+    heartbeat_time = moment_field("heartbeat_at", _("last heartbeat"))
+    lease_expires_time = moment_field("lease_expires_at", _("lease expires"))
 
-    @admin.display(description="status")
+    @admin.display(description=_("status"))
     def status_detail(self, task: Task):
         return status_badge(task.pk, task.status, task.get_status_display())
 
-    @admin.display(description="progress")
+    @admin.display(description=_("progress"))
     def progress_detail(self, task: Task):
         return progress_bar(task.pk, task.status, task.progress, task.status_message, wide=True)
 
-    @admin.display(description="instance")
+    @admin.display(description=_("instance"))
     def instance_detail(self, task: Task):
         if task.instance is None:
             return "—"
@@ -211,39 +223,46 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
             "{} · {} · {}", admin_link(inst, inst.name), inst.get_instance_type_display(), inst.get_status_display()
         )
 
-    @admin.display(description="timeout")
+    @admin.display(description=_("timeout"))
     def timeout_detail(self, task: Task) -> str:
-        text = f"{task.effective_timeout} s" + ("" if task.timeout_seconds else " (type default)")
+        if task.timeout_seconds:
+            text = _("%(n)s s") % {"n": task.effective_timeout}
+        else:
+            text = _("%(n)s s (type default)") % {"n": task.effective_timeout}
         if task.status in EXECUTING and task.deadline is not None:
             left = (task.deadline - timezone.now()).total_seconds()
-            text += f"; {human_duration(left)} left" if left > 0 else "; past its deadline"
+            if left > 0:
+                text += _("; %(duration)s left") % {"duration": human_duration(left)}
+            else:
+                text += _("; past its deadline")
         return text
 
-    @admin.display(description="queue")
+    @admin.display(description=_("queue"))
     def queue_detail(self, task: Task) -> str:
         if task.status != PENDING:
             return "—"
         info = dispatch.queue_info(task)
-        return (
-            f"{info['blocked_reason']}; position {info['queue_position']}, "
-            f"about {human_duration(info['estimated_wait_seconds'])} to wait"
-        )
+        return _("%(reason)s; position %(position)s, about %(wait)s to wait") % {
+            "reason": info["blocked_reason"],
+            "position": info["queue_position"],
+            "wait": human_duration(info["estimated_wait_seconds"]),
+        }
 
-    @admin.display(description="lease")
+    @admin.display(description=_("lease"))
     def lease_detail(self, task: Task) -> str:
         # The token itself is a fencing credential: say whether one exists, not what it is.
         if task.status in FINAL:
-            return "none: the task has finished"
+            return _("none: the task has finished")
         if not task.lease_token:
-            return "none: waiting for admission"
+            return _("none: waiting for admission")
         if task.lease_expires_at is None:
-            return "granted at admission, waiting for a worker to claim it"
+            return _("granted at admission, waiting for a worker to claim it")
         left = (task.lease_expires_at - timezone.now()).total_seconds()
         if left >= 0:
-            return f"held, expires in {human_duration(left)}"
-        return f"EXPIRED {human_duration(-left)} ago: recovery will act"
+            return _("held, expires in %(duration)s") % {"duration": human_duration(left)}
+        return _("EXPIRED %(duration)s ago: recovery will act") % {"duration": human_duration(-left)}
 
-    @admin.display(description="task data")
+    @admin.display(description=_("task data"))
     def task_data_redacted(self, task: Task):
         if not task.task_data:
             return "—"
@@ -322,7 +341,7 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
         if task is not None:
             events = list(TaskEvent.objects.filter(task=task).order_by("at", "id")[: TIMELINE_LIMIT + 1])
             extra.update(
-                timeline=[(e, human_duration(e.at - task.created_at)) for e in events[:TIMELINE_LIMIT]],
+                timeline=[(_shown(e), human_duration(e.at - task.created_at)) for e in events[:TIMELINE_LIMIT]],
                 timeline_truncated=len(events) > TIMELINE_LIMIT,
                 can_cancel=task.status in CANCELLABLE and self.has_change_permission(request),
                 can_force_stop=task.status not in FINAL and self.has_force_stop_permission(request),
@@ -352,7 +371,7 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
 
     # ------------------------------------------------------------ actions
 
-    @admin.action(description="Cancel selected tasks (asks for a reason)", permissions=["change"])
+    @admin.action(description=_("Cancel selected tasks (asks for a reason)"), permissions=["change"])
     def cancel_selected(self, request: HttpRequest, queryset: QuerySet):
         def perform(data: dict) -> BulkResult:
             reason = data["reason"]
@@ -361,24 +380,24 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
                 services.cancel_task(request.user, task.pk, admin=True, reason=reason)
                 logger.info("task %s: cancel requested by %s in the console: %s", task.pk, request.user, reason)
 
-            return run_bulk("Cancel", queryset.order_by("pk"), cancel, label=lambda t: f"task {t.pk}")
+            return run_bulk(_("Cancel"), queryset.order_by("pk"), cancel, label=_task_label)
 
         return confirm_action(
             self,
             request,
             queryset,
             action="cancel_selected",
-            title="Cancel tasks",
-            explanation=(
+            title=_("Cancel tasks"),
+            explanation=_(
                 "Pending tasks end cancelled at once. Running tasks are asked to stop: their worker "
                 "sees the request within about a second and stops at its next safe point. Tasks "
                 "that have already finished (or are already cancelling) are skipped and left as they are."
             ),
             perform=perform,
-            button="Cancel these tasks",
+            button=_("Cancel these tasks"),
         )
 
-    @admin.action(description="Force-stop selected tasks: DANGEROUS (asks for a reason)", permissions=["force_stop"])
+    @admin.action(description=_("Force-stop selected tasks: DANGEROUS (asks for a reason)"), permissions=["force_stop"])
     def force_stop_selected(self, request: HttpRequest, queryset: QuerySet):
         def perform(data: dict) -> BulkResult:
             reason = data["reason"]
@@ -387,15 +406,15 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
                 services.force_stop_task(request.user, task.pk, reason=reason)
                 logger.warning("task %s: force-stopped by %s in the console: %s", task.pk, request.user, reason)
 
-            return run_bulk("Force-stop", queryset.order_by("pk"), force_stop, label=lambda t: f"task {t.pk}")
+            return run_bulk(_("Force-stop"), queryset.order_by("pk"), force_stop, label=_task_label)
 
         return confirm_action(
             self,
             request,
             queryset,
             action="force_stop_selected",
-            title="Force-stop tasks",
-            explanation=(
+            title=_("Force-stop tasks"),
+            explanation=_(
                 "Force-stop ends each task NOW as cancelled (reason force_stopped) without waiting for "
                 "its worker: the lease is revoked, the provider slot freed, and the instance marked "
                 "for reconciliation. The operation may still be running on the provider; its late "
@@ -403,16 +422,18 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
             ),
             perform=perform,
             danger=True,
-            button="Force-stop these tasks",
+            button=_("Force-stop these tasks"),
         )
 
-    @admin.action(description="Delete selected finished tasks", permissions=["delete"])
+    @admin.action(description=_("Delete selected finished tasks"), permissions=["delete"])
     def delete_finished(self, request: HttpRequest, queryset: QuerySet):
-        result = BulkResult("Delete")
+        result = BulkResult(_("Delete"))
         for task in queryset.order_by("pk"):
             # Guarded delete: a task that is still active (or became active) stays.
             if Task.objects.filter(pk=task.pk, status__in=FINAL).delete()[0]:
-                result.done.append(f"task {task.pk}")
+                result.done.append(_task_label(task))
             else:
-                result.skipped.append((f"task {task.pk}", f"{task.status}, not finished"))
+                result.skipped.append(
+                    (_task_label(task), _("%(status)s, not finished") % {"status": word(TaskStatus, task.status)})
+                )
         result.report(self, request)

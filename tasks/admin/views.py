@@ -23,6 +23,7 @@ from django.db.models.functions import TruncMinute
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.template.response import TemplateResponse
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
@@ -39,9 +40,12 @@ from tasks.engine.states import (
     FINAL,
     PENDING,
     TIMEOUT,
+    InstanceStatus,
     TaskStatus,
     TaskType,
+    word,
 )
+from tasks.messages import translate as translate_message
 from tasks.models import Provider, Task, Worker
 
 logger = logging.getLogger(__name__)
@@ -67,17 +71,22 @@ def _may_view_tasks(user) -> bool:
 def progress_json(request: HttpRequest) -> JsonResponse:
     """``{id: {status, progress, status_message, ...}}`` for the task ids asked (staff only)."""
     if not _may_view_tasks(request.user):
-        return JsonResponse({"code": "forbidden", "detail": "staff with task view permission only"}, status=403)
+        return JsonResponse({"code": "forbidden", "detail": _("staff with task view permission only")}, status=403)
     raw = request.GET.get("ids", "")
     parts = [p for p in raw.split(",") if p.strip()]
     # Ids are positive 64-bit integers; anything else is bad input, not a database error.
     if not parts or not all(p.strip().isdigit() and 0 < int(p) < 2**63 for p in parts):
         return JsonResponse(
-            {"code": "invalid", "field": "ids", "detail": "ids: a comma-separated list of task ids"}, status=400
+            {"code": "invalid", "field": "ids", "detail": _("ids: a comma-separated list of task ids")}, status=400
         )
     if len(parts) > MAX_PROGRESS_IDS:
         return JsonResponse(
-            {"code": "invalid", "field": "ids", "detail": f"ids: at most {MAX_PROGRESS_IDS} per request"}, status=400
+            {
+                "code": "invalid",
+                "field": "ids",
+                "detail": _("ids: at most %(max)s per request") % {"max": MAX_PROGRESS_IDS},
+            },
+            status=400,
         )
     ids = {int(p) for p in parts}
     rows = Task.objects.filter(pk__in=ids).values_list(
@@ -87,12 +96,15 @@ def progress_json(request: HttpRequest) -> JsonResponse:
         {
             str(pk): {
                 "status": status,
-                "status_display": TaskStatus(status).label if status in TaskStatus.values else status,
+                "status_display": str(TaskStatus(status).label) if status in TaskStatus.values else status,
                 "progress": progress,
-                "status_message": message,
+                "status_message": translate_message(message),  # stored in English (tasks/messages.py)
                 "final": status in FINAL,
                 "instance_id": instance_id,
                 "instance_status": instance_status,
+                "instance_status_display": str(InstanceStatus(instance_status).label)
+                if instance_status in InstanceStatus.values
+                else instance_status,
             }
             for pk, status, progress, message, instance_id, instance_status in rows
         }
@@ -277,10 +289,10 @@ def _percent(rate: float | None) -> float | None:
 # ------------------------------------------------------------------- dashboard
 
 FINISHED_SERIES = [
-    charts.Series(COMPLETED, "Completed", "tc-s-completed"),
-    charts.Series(FAILED, "Failed", "tc-s-failed"),
-    charts.Series(TIMEOUT, "Timed out", "tc-s-timeout"),
-    charts.Series(CANCELLED, "Cancelled", "tc-s-cancelled"),
+    charts.Series(COMPLETED, TaskStatus.COMPLETED.label, "tc-s-completed"),
+    charts.Series(FAILED, TaskStatus.FAILED.label, "tc-s-failed"),
+    charts.Series(TIMEOUT, TaskStatus.TIMEOUT.label, "tc-s-timeout"),
+    charts.Series(CANCELLED, TaskStatus.CANCELLED.label, "tc-s-cancelled"),
 ]
 
 
@@ -309,7 +321,8 @@ def dashboard_context(now: datetime | None = None) -> dict:
     # An x label every hour, on the bucket that starts the hour.
     x_labels = {i: f"{b['start']:%H:%M}" for i, b in enumerate(series) if b["start"].minute == 0}
     status_bars = [
-        charts.Bar(TaskStatus(s).label, counts[s], css=f"tc-s-{s}", title=f"{counts[s]} {s}") for s in ALL_STATES
+        charts.Bar(TaskStatus(s).label, counts[s], css=f"tc-s-{s}", title=f"{counts[s]} {word(TaskStatus, s)}")
+        for s in ALL_STATES
     ]
     duration_bars = []
     for d in per_type:
@@ -318,10 +331,14 @@ def dashboard_context(now: datetime | None = None) -> dict:
                 d["task_type"],
                 d["p95"],
                 css="tc-s-running",
-                title=(
-                    f"{d['task_type']}: {d['count']} completed; avg {human_duration(d['avg'])}, "
-                    f"p50 {human_duration(d['p50'])}, p95 {human_duration(d['p95'])}"
-                ),
+                title=_("%(type)s: %(count)s completed; avg %(avg)s, p50 %(p50)s, p95 %(p95)s")
+                % {
+                    "type": d["task_type"],
+                    "count": d["count"],
+                    "avg": human_duration(d["avg"]),
+                    "p50": human_duration(d["p50"]),
+                    "p95": human_duration(d["p95"]),
+                },
                 text=f"p95 {human_duration(d['p95'])} · p50 {human_duration(d['p50'])}",
             )
         )
@@ -349,30 +366,37 @@ def dashboard_context(now: datetime | None = None) -> dict:
         ],
         "pending_count": counts[PENDING],
         "from_stats_api": stats is not None,
-        "chart_status": charts.hbars(status_bars, label="Tasks by status"),
+        "chart_status": charts.hbars(status_bars, label=_("Tasks by status")),
         "chart_queues": charts.queues(
             [charts.QueueRow(q.name, q.running, q.pending, q.limit, q.enabled) for q in queues],
-            label="Running and pending tasks per provider against its limit",
+            label=_("Running and pending tasks per provider against its limit"),
         )
         if queues
         else None,
         "chart_throughput": charts.columns(
             series,
             FINISHED_SERIES,
-            label=f"Tasks finished per {BUCKET_MINUTES} minutes over the last {WINDOW_HOURS} hours",
+            label=_("Tasks finished per %(minutes)s minutes over the last %(hours)s hours")
+            % {"minutes": BUCKET_MINUTES, "hours": WINDOW_HOURS},
             x_labels=x_labels,
         ),
         "chart_errors": charts.line(
             [b["error_rate"] for b in series],
-            label=f"Error rate per {BUCKET_MINUTES} minutes over the last {WINDOW_HOURS} hours",
+            label=_("Error rate per %(minutes)s minutes over the last %(hours)s hours")
+            % {"minutes": BUCKET_MINUTES, "hours": WINDOW_HOURS},
             x_labels=x_labels,
             tips=[
-                f"{b['label']}: " + ("no task finished" if b["error_rate"] is None else f"{b['error_rate']}% failed")
+                f"{b['label']}: "
+                + (
+                    _("no task finished")
+                    if b["error_rate"] is None
+                    else _("%(rate)s%% failed") % {"rate": b["error_rate"]}
+                )
                 for b in series
             ],
         ),
         "chart_durations": charts.hbars(
-            duration_bars, label="Run time per task type (p95)", label_width=110, value_width=190
+            duration_bars, label=_("Run time per task type (p95)"), label_width=110, value_width=190
         )
         if duration_bars
         else None,
@@ -386,7 +410,7 @@ def dashboard(request: HttpRequest, model_admin: ModelAdmin) -> HttpResponse:
     context = {
         **model_admin.admin_site.each_context(request),
         **dashboard_context(),
-        "title": "Task dashboard",
+        "title": _("Task dashboard"),
         "subtitle": None,
         "opts": model_admin.model._meta,
         "media": forms.Media(css={"all": STYLES}, js=(*SCRIPTS, "tasks/dashboard.js")),

@@ -21,6 +21,7 @@ import logging
 
 from django.db import DataError
 from django.http import Http404, JsonResponse
+from django.utils.translation import gettext as _
 from django.views import defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -58,7 +59,7 @@ def _first_error(data, prefix: str = "") -> tuple[str | None, str]:
 
 
 def validation_body(data) -> dict:
-    body: dict = {"code": "invalid", "detail": "invalid input", "errors": data}
+    body: dict = {"code": "invalid", "detail": _("invalid input"), "errors": data}
     field, message = _first_error(data)
     if field:
         body["field"] = field
@@ -77,7 +78,8 @@ def exception_handler(exc, context):
         view = context.get("view")
         logger.warning("%s: input the database refused: %s", type(view).__name__, exc)
         return Response(
-            {"code": "invalid", "detail": "a value is out of range for its field"}, status=status.HTTP_400_BAD_REQUEST
+            {"code": "invalid", "detail": _("a value is out of range for its field")},
+            status=status.HTTP_400_BAD_REQUEST,
         )
     if isinstance(exc, Http404):
         exc = exceptions.NotFound(str(exc) or None)
@@ -97,11 +99,11 @@ def exception_handler(exc, context):
 
 def not_found(request, exception=None):
     if request.path.startswith("/api/"):
-        return JsonResponse({"code": "not_found", "detail": "no such endpoint or object"}, status=404)
+        return JsonResponse({"code": "not_found", "detail": _("no such endpoint or object")}, status=404)
     return defaults.page_not_found(request, exception)
 
 
 def server_error(request):
     if request.path.startswith("/api/"):
-        return JsonResponse({"code": "internal_error", "detail": "internal error; it has been logged"}, status=500)
+        return JsonResponse({"code": "internal_error", "detail": _("internal error; it has been logged")}, status=500)
     return defaults.server_error(request)

@@ -14,6 +14,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.utils import timezone
+from django.utils.translation import gettext as _
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
@@ -41,7 +42,7 @@ class CommaChoiceField(forms.Field):
         bad = [item for item in items if item not in self.valid]
         if bad:
             raise ValidationError(
-                "unknown value %(bad)s; expected a comma-separated list of: %(valid)s",
+                _("unknown value %(bad)s; expected a comma-separated list of: %(valid)s"),
                 code="invalid_choice",
                 params={"bad": ", ".join(repr(b) for b in bad[:5]), "valid": ", ".join(self.valid)},
             )
@@ -96,14 +97,14 @@ class UtcDateTimeField(forms.DateTimeField):
         try:
             parsed = datetime.fromisoformat(text)
         except ValueError:
-            raise ValidationError("enter an ISO 8601 date-time, e.g. 2026-01-31T12:00:00Z", code="invalid") from None
+            raise ValidationError(_("enter an ISO 8601 date-time, e.g. 2026-01-31T12:00:00Z"), code="invalid") from None
         if timezone.is_naive(parsed):
             parsed = parsed.replace(tzinfo=UTC)
         try:
             return parsed.astimezone(UTC)
         except OverflowError:
             # Year 1 with a positive offset or year 9999 with a negative one.
-            raise ValidationError("date-time out of range", code="invalid") from None
+            raise ValidationError(_("date-time out of range"), code="invalid") from None
 
 
 @extend_schema_field(OpenApiTypes.DATETIME)

@@ -8,6 +8,7 @@ import logging
 from django.conf import settings
 from django.db import connection
 from django.http import HttpResponse, JsonResponse
+from django.utils.translation import gettext as _
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from tasks import metrics
@@ -60,10 +61,10 @@ def metrics_view(request):
     if token:
         sent = request.headers.get("Authorization", "")
         if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-            return JsonResponse({"code": "not_authenticated", "detail": "metrics need the bearer token"}, status=401)
+            return JsonResponse({"code": "not_authenticated", "detail": _("metrics need the bearer token")}, status=401)
     try:
         body = metrics.render()
     except Exception as exc:
         logger.warning("metrics: scrape failed: %s", exc)
-        return JsonResponse({"code": "unavailable", "detail": "database unavailable"}, status=503)
+        return JsonResponse({"code": "unavailable", "detail": _("database unavailable")}, status=503)
     return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

@@ -8,6 +8,7 @@ past the last one stays DRF's 404.
 from __future__ import annotations
 
 from django.core.paginator import Paginator
+from django.utils.translation import gettext as _
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import PageNumberPagination as _Base
 
@@ -21,9 +22,9 @@ def _positive(params, name: str, maximum: int | None = None) -> int | None:
     try:
         value = int(raw)
     except (TypeError, ValueError):
-        raise ValidationError({name: ["must be a positive integer"]}) from None
+        raise ValidationError({name: [_("must be a positive integer")]}) from None
     if value < 1:
-        raise ValidationError({name: ["must be a positive integer"]})
+        raise ValidationError({name: [_("must be a positive integer")]})
     if maximum is not None:
         value = min(value, maximum)
     return value

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from django.utils.translation import gettext_lazy
 from rest_framework.permissions import BasePermission
 
 
 class IsStaff(BasePermission):
     """Admin endpoints: staff only; anyone else authenticated gets 403."""
 
-    message = "staff only"
+    message = gettext_lazy("staff only")
 
     def has_permission(self, request, view) -> bool:
         user = request.user

@@ -12,10 +12,12 @@ from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
+from django.utils.translation import gettext as _
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from tasks import messages, traffic_counters
 from tasks.api.queueinfo import EMPTY as NO_QUEUE_INFO
 from tasks.api.queueinfo import QueueInfo
 from tasks.engine.states import CANCELLABLE, FINAL, RUNNING
@@ -64,6 +66,11 @@ class TaskEventSerializer(serializers.ModelSerializer):
     class Meta:
         model = TaskEvent
         fields = ["from_status", "to_status", "actor", "reason", "progress", "message", "at", "kind"]
+
+    def to_representation(self, event: TaskEvent) -> dict:
+        data = super().to_representation(event)
+        data["message"] = messages.translate(data["message"])  # stored in English (tasks/messages.py)
+        return data
 
 
 # --- tasks ----------------------------------------------------------------------------
@@ -157,6 +164,14 @@ class TaskSerializer(serializers.ModelSerializer):
     def get_blocked_reason(self, task: Task) -> str | None:
         return self._queue(task)["blocked_reason"]
 
+    def to_representation(self, task: Task) -> dict:
+        data = super().to_representation(task)
+        # Stored in English by the workers, shown in the reader's language (tasks/messages.py).
+        for name in ("status_message", "error_message"):
+            if name in data:
+                data[name] = messages.translate(data[name])
+        return data
+
 
 class TaskDetailSerializer(TaskSerializer):
     """One task with its timeline."""
@@ -233,8 +248,15 @@ class ResourcesSerializer(serializers.Serializer):
     bandwidth_mbps = serializers.IntegerField()
 
 
+class TrafficSerializer(serializers.Serializer):
+    period = serializers.CharField(help_text="the calendar month (UTC), YYYY-MM")
+    rx_bytes = serializers.IntegerField(help_text="bytes received this month")
+    tx_bytes = serializers.IntegerField(help_text="bytes sent this month")
+
+
 class InstanceSerializer(serializers.ModelSerializer):
     provider = ProviderRefSerializer(read_only=True)
+    traffic = serializers.SerializerMethodField()
     resources = serializers.SerializerMethodField()
     ports = serializers.SerializerMethodField()
     active_task = serializers.IntegerField(source="active_task_id", read_only=True, allow_null=True)
@@ -255,6 +277,7 @@ class InstanceSerializer(serializers.ModelSerializer):
             "active_task",
             "addresses",
             "ssh_port",
+            "traffic",
             "needs_reconcile",
             "created_at",
             "updated_at",
@@ -270,6 +293,11 @@ class InstanceSerializer(serializers.ModelSerializer):
             "disk_mb": instance.disk_mb,
             "bandwidth_mbps": instance.bandwidth_mbps,
         }
+
+    @extend_schema_field(TrafficSerializer)
+    def get_traffic(self, instance: Instance) -> dict:
+        # The views prefetch this month's row into ``traffic_this_month``.
+        return traffic_counters.current(instance)
 
     @extend_schema_field(PortMappingSerializer(many=True))
     def get_ports(self, instance: Instance) -> list[dict]:
@@ -433,7 +461,11 @@ class AdminProviderSerializer(serializers.ModelSerializer):
             unknown = [key for key in data if key not in self.WRITABLE]
             if unknown:
                 raise serializers.ValidationError(
-                    {str(unknown[0]): [f"not writable; PATCH accepts only {', '.join(self.WRITABLE)}"]}
+                    {
+                        str(unknown[0]): [
+                            _("not writable; PATCH accepts only %(fields)s") % {"fields": ", ".join(self.WRITABLE)}
+                        ]
+                    }
                 )
         return super().to_internal_value(data)
 

@@ -13,6 +13,7 @@ import logging
 
 from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
+from django.utils.translation import gettext as _
 from django_filters.rest_framework import DjangoFilterBackend
 from django_filters.utils import translate_validation
 from drf_spectacular.types import OpenApiTypes
@@ -24,7 +25,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 
-from tasks import services, stats
+from tasks import services, stats, traffic_counters
 from tasks.api import serializers as s
 from tasks.api.filters import MAX_ID, InstanceFilter, TaskFilter
 from tasks.api.permissions import IsStaff
@@ -56,9 +57,9 @@ def _parse_id(value) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise NotFound("no such object") from None
+        raise NotFound(_("no such object")) from None
     if not 1 <= number <= MAX_ID:
-        raise NotFound("no such object")
+        raise NotFound(_("no such object"))
     return number
 
 
@@ -80,7 +81,7 @@ class APIViewSetMixin:
         # A detail lookup ignores list filters (?status=.. on a detail URL changes nothing).
         obj = self.get_queryset().filter(pk=_parse_id(self.kwargs.get(self.lookup_field))).first()
         if obj is None:
-            raise NotFound("no such object")
+            raise NotFound(_("no such object"))
         self.check_object_permissions(self.request, obj)
         return obj
 
@@ -258,7 +259,10 @@ class BaseInstanceViewSet(APIViewSetMixin, mixins.ListModelMixin, mixins.Retriev
         return (
             services.visible_instances(self.request.user, admin=self.admin)
             .select_related("provider", "owner")
-            .prefetch_related(Prefetch("port_mappings", queryset=live_ports, to_attr="live_ports"))
+            .prefetch_related(
+                Prefetch("port_mappings", queryset=live_ports, to_attr="live_ports"),
+                Prefetch("traffic", queryset=traffic_counters.this_month(), to_attr="traffic_this_month"),
+            )
         )
 
     def accepted(self, task: Task, **extra) -> Response:

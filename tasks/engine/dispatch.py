@@ -23,6 +23,8 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Avg, F, Q
 from django.utils import timezone
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_noop
 
 from tasks.engine import sql
 from tasks.engine.states import COMPLETED, EXECUTING, PENDING
@@ -186,7 +188,7 @@ def admission_values(now) -> dict:
         "admitted_at": now,
         "dispatched_at": now,
         "lease_token": new_token(),
-        "status_message": "waiting for a worker",
+        "status_message": gettext_noop("waiting for a worker"),  # stored in English, shown translated
     }
 
 
@@ -260,19 +262,19 @@ def wait_figures(task: Task, provider: Provider, *, position: int, in_use: int, 
     """
     limit = provider.concurrency_limit
     if task.admitted_at is not None:
-        reason, position = "admitted, waiting for a worker of the provider's queue", 0
+        reason, position = _("admitted, waiting for a worker of the provider's queue"), 0
     elif not provider.enabled:
-        reason = "provider disabled"
+        reason = _("provider disabled")
     elif provider.unreachable_since is not None:
         since = provider.unreachable_since.strftime("%Y-%m-%d %H:%M:%S UTC")
         # Without the error itself: users see this, and it may name the host's address.
-        reason = f"provider unreachable since {since}; waiting for it to answer"
+        reason = _("provider unreachable since %(since)s; waiting for it to answer") % {"since": since}
     elif in_use >= limit:
-        reason = f"provider at its limit {in_use}/{limit}"
+        reason = _("provider at its limit %(in_use)s/%(limit)s") % {"in_use": in_use, "limit": limit}
     elif position > 0:
-        reason = f"waiting behind {position} earlier task(s) of this provider"
+        reason = _("waiting behind %(n)s earlier task(s) of this provider") % {"n": position}
     else:
-        reason = "waiting for admission"
+        reason = _("waiting for admission")
     if task.admitted_at is not None or (in_use < limit and position == 0):
         wait = 0.0
     else:

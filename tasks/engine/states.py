@@ -16,60 +16,69 @@ was deleted): pending -> failed. Terminal states never change again.
 from __future__ import annotations
 
 from django.db import models
+from django.utils.translation import gettext_lazy as _
 
 
 class TaskStatus(models.TextChoices):
-    PENDING = "pending", "Pending"
-    RUNNING = "running", "Running"
-    CANCELLING = "cancelling", "Cancelling"
-    COMPLETED = "completed", "Completed"
-    FAILED = "failed", "Failed"
-    CANCELLED = "cancelled", "Cancelled"
-    TIMEOUT = "timeout", "Timed out"
+    PENDING = "pending", _("Pending")
+    RUNNING = "running", _("Running")
+    CANCELLING = "cancelling", _("Cancelling")
+    COMPLETED = "completed", _("Completed")
+    FAILED = "failed", _("Failed")
+    CANCELLED = "cancelled", _("Cancelled")
+    TIMEOUT = "timeout", _("Timed out")
+
+
+def word(choices: type[models.TextChoices], value: str) -> str:
+    """A state or type as a word inside a sentence, in the active language ("running", "正在运行")."""
+    try:
+        return str(choices(value).label).lower()
+    except ValueError:
+        return value
 
 
 class TaskType(models.TextChoices):
-    CREATE = "create", "Create"
-    START = "start", "Start"
-    STOP = "stop", "Stop"
-    RESTART = "restart", "Restart"
-    DELETE = "delete", "Delete"
-    RESET = "reset", "Reset"
-    RESET_PASSWORD = "reset-password", "Reset password"
-    CREATE_PORT = "create-port", "Create port mapping"
-    DELETE_PORT = "delete-port", "Delete port mapping"
+    CREATE = "create", _("Create")
+    START = "start", _("Start")
+    STOP = "stop", _("Stop")
+    RESTART = "restart", _("Restart")
+    DELETE = "delete", _("Delete")
+    RESET = "reset", _("Reset")
+    RESET_PASSWORD = "reset-password", _("Reset password")
+    CREATE_PORT = "create-port", _("Create port mapping")
+    DELETE_PORT = "delete-port", _("Delete port mapping")
 
 
 class InstanceStatus(models.TextChoices):
-    CREATING = "creating", "Creating"
-    RUNNING = "running", "Running"
-    STOPPED = "stopped", "Stopped"
-    STARTING = "starting", "Starting"
-    STOPPING = "stopping", "Stopping"
-    RESTARTING = "restarting", "Restarting"
-    RESETTING = "resetting", "Resetting"
-    DELETING = "deleting", "Deleting"
-    ERROR = "error", "Error"
-    FAILED = "failed", "Failed"  # create failed: nothing exists on the provider
-    DELETED = "deleted", "Deleted"
-    UNKNOWN = "unknown", "Unknown"
+    CREATING = "creating", _("Creating")
+    RUNNING = "running", _("Running")
+    STOPPED = "stopped", _("Stopped")
+    STARTING = "starting", _("Starting")
+    STOPPING = "stopping", _("Stopping")
+    RESTARTING = "restarting", _("Restarting")
+    RESETTING = "resetting", _("Resetting")
+    DELETING = "deleting", _("Deleting")
+    ERROR = "error", _("Error")
+    FAILED = "failed", _("Failed")  # create failed: nothing exists on the provider
+    DELETED = "deleted", _("Deleted")
+    UNKNOWN = "unknown", _("Unknown")
 
 
 class ErrorCode(models.TextChoices):
-    PROVIDER_ERROR = "provider_error", "Provider error"
-    PROVIDER_UNREACHABLE = "provider_unreachable", "Provider unreachable"
-    WORKER_LOST = "worker_lost", "Worker lost"
-    TIMEOUT = "timeout", "Timed out"
-    CANCELLED_BY_USER = "cancelled_by_user", "Cancelled by its owner"
-    CANCELLED_BY_ADMIN = "cancelled_by_admin", "Cancelled by an administrator"
-    FORCE_STOPPED = "force_stopped", "Force-stopped by an administrator"
-    QUOTA_EXCEEDED = "quota_exceeded", "Quota exceeded"
-    CAPACITY_EXCEEDED = "capacity_exceeded", "Provider capacity exceeded"
-    PORT_CONFLICT = "port_conflict", "Port conflict"
-    INSTANCE_GONE = "instance_gone", "Instance no longer exists"
-    PROVIDER_DISABLED = "provider_disabled", "Provider disabled"
-    VERIFY_FAILED = "verify_failed", "Could not verify the result"
-    INTERNAL_ERROR = "internal_error", "Internal error"
+    PROVIDER_ERROR = "provider_error", _("Provider error")
+    PROVIDER_UNREACHABLE = "provider_unreachable", _("Provider unreachable")
+    WORKER_LOST = "worker_lost", _("Worker lost")
+    TIMEOUT = "timeout", _("Timed out")
+    CANCELLED_BY_USER = "cancelled_by_user", _("Cancelled by its owner")
+    CANCELLED_BY_ADMIN = "cancelled_by_admin", _("Cancelled by an administrator")
+    FORCE_STOPPED = "force_stopped", _("Force-stopped by an administrator")
+    QUOTA_EXCEEDED = "quota_exceeded", _("Quota exceeded")
+    CAPACITY_EXCEEDED = "capacity_exceeded", _("Provider capacity exceeded")
+    PORT_CONFLICT = "port_conflict", _("Port conflict")
+    INSTANCE_GONE = "instance_gone", _("Instance no longer exists")
+    PROVIDER_DISABLED = "provider_disabled", _("Provider disabled")
+    VERIFY_FAILED = "verify_failed", _("Could not verify the result")
+    INTERNAL_ERROR = "internal_error", _("Internal error")
 
 
 PENDING = TaskStatus.PENDING.value

@@ -53,6 +53,7 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
 
+from tasks import schedules
 from tasks.engine import dispatch, health, maintenance, sql, transitions
 from tasks.engine.states import EXECUTING, PENDING
 from tasks.models import Provider, Task, Worker
@@ -666,3 +667,4 @@ def ensure_schedules() -> None:
     stale = {k: v for k, v in wanted.items() if getattr(keep, k) != v}
     if stale:
         Schedule.objects.filter(pk=keep.pk).update(**stale)
+    schedules.ensure_periodic_jobs()  # retention and traffic (tasks/schedules.py)

@@ -3,7 +3,8 @@
 An operator logs in, restarts an instance from the instance actions, watches the
 task's progress bar move without reloading the page, cancels the running task
 through the cancel action with a reason, and sees it end cancelled. A screenshot
-of the dashboard is saved to artifacts/dashboard.png.
+of the dashboard is saved to artifacts/dashboard.png; test_operator_works_in_chinese does the
+same in Simplified Chinese (artifacts/dashboard-zh.png).
 
 The live server runs in a thread of this process (Django's LiveServerThread, each
 request on its own connection); a second thread plays the worker tier
@@ -286,4 +287,67 @@ def test_operator_restarts_watches_and_cancels(console_url, browser_page, worker
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+    assert not workers.errors, workers.errors
+
+
+def test_operator_works_in_chinese(console_url, browser_page, workers, provider_row, slow_restart):
+    """The same console in Simplified Chinese, chosen with the header's language switch:
+    actions, confirmation, live badges and the dashboard; a screenshot of the dashboard
+    is saved to artifacts/dashboard-zh.png."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    get_user_model().objects.create_user("root", "root@example.com", "root-pass-123", is_staff=True, is_superuser=True)
+    alice = get_user_model().objects.create_user("alice", "alice@example.com", "alice-pass-123")
+    instance = Instance.objects.create(
+        owner=alice, provider=provider_row, name="web-1", live_name="web-1", image="debian/12", status="running"
+    )
+
+    # The login page (English: the browser asks for en-US) has the switch; choose Chinese there.
+    page.goto(f"{console_url}/admin/login/?next=/admin/")
+    page.select_option("#tc-language-select", "zh-hans")
+    page.click("#tc-language button")
+    expect(page.locator('input[type="submit"]')).to_have_value("登录")
+    page.fill("#id_username", "root")
+    page.fill("#id_password", "root-pass-123")
+    page.click('input[type="submit"]')
+    expect(page.locator("#task-console h2")).to_have_text("任务控制台")
+
+    # Restart the instance from the instance actions (labels in Chinese, action names unchanged).
+    page.goto(f"{console_url}/admin/tasks/instance/")
+    page.check(f'input[name="_selected_action"][value="{instance.pk}"]')
+    expect(page.locator('select[name="action"] option[value="restart_instances"]')).to_have_text("重启所选实例")
+    page.select_option('select[name="action"]', "restart_instances")
+    page.click('button[name="index"]')
+    expect(page.locator(".messagelist")).to_contain_text("重启：完成 1 个，跳过 0 个")
+    task = Task.objects.get(instance=instance, task_type=TaskType.RESTART)
+
+    # The badge turns "running" in Chinese, in place.
+    page.goto(f"{console_url}/admin/tasks/task/")
+    expect(page.locator(f'[data-role="badge"][data-task-id="{task.pk}"]')).to_have_text("运行中", timeout=10_000)
+
+    # Cancel it with a reason on the Chinese confirmation page; the badge follows without a reload.
+    page.check(f'input[name="_selected_action"][value="{task.pk}"]')
+    page.select_option('select[name="action"]', "cancel_selected")
+    page.click('button[name="index"]')
+    expect(page.locator("h1")).to_have_text("取消任务")
+    expect(page.locator('input[name="_confirm"]')).to_have_value("取消这些任务")
+    page.fill('textarea[name="reason"]', REASON)
+    page.click('input[name="_confirm"]')
+    expect(page.locator(".messagelist")).to_contain_text("取消：完成 1 个，跳过 0 个")
+    page.evaluate("window.__sameDocument = true")
+    expect(page.locator(f'[data-role="badge"][data-task-id="{task.pk}"]')).to_have_text("已取消", timeout=10_000)
+    assert page.evaluate("window.__sameDocument") is True
+    task.refresh_from_db()
+    assert (task.status, task.error_code, task.cancel_reason) == ("cancelled", "cancelled_by_admin", REASON)
+
+    # The dashboard in Chinese, with some history behind it.
+    seed_history(instance)
+    page.goto(f"{console_url}/admin/tasks/task/dashboard/")
+    expect(page.locator("h1")).to_have_text("任务仪表盘")
+    expect(page.locator("#tc-status h2")).to_have_text("各状态任务数")
+    expect(page.locator("#tc-status svg")).to_be_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-zh.png"), full_page=True)
+    assert (ARTIFACTS / "dashboard-zh.png").stat().st_size > 10_000
     assert not workers.errors, workers.errors

@@ -135,8 +135,14 @@ def test_progress_json(root_client, running_instance):
         "final": False,
         "instance_id": running_instance.pk,
         "instance_status": "running",
+        "instance_status_display": "Running",
     }
     assert data[str(b.pk)]["final"] is True and "99999" not in data
+    # The labels and the step message in the reader's language; the codes stay.
+    Task.objects.filter(pk=a.pk).update(status_message="creating the guest")
+    zh = json.loads(root_client.get(PROGRESS, {"ids": a.pk}, HTTP_ACCEPT_LANGUAGE="zh-hans").content)[str(a.pk)]
+    assert (zh["status"], zh["status_display"], zh["status_message"]) == ("running", "运行中", "创建实例")
+    assert (zh["instance_status"], zh["instance_status_display"]) == ("running", "运行中")
 
 
 @pytest.mark.parametrize("ids", ["", "1,x", "-1", "0", "9" * 25, ",".join(str(i) for i in range(1, 202))])

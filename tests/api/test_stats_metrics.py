@@ -304,6 +304,13 @@ def test_metrics_equal_the_database(anon, seeded):
         assert m[("cloudhost_task_queue_length", (("provider", provider.name),))] == pending
         assert m[("cloudhost_tasks_running", (("provider", provider.name),))] == running
         assert m[("cloudhost_provider_concurrency_limit", (("provider", provider.name),))] == provider.concurrency_limit
+        oldest = Task.objects.filter(provider=provider, status="pending").order_by("created_at").first()
+        wait = m[("cloudhost_task_queue_wait_seconds", (("provider", provider.name),))]
+        if oldest is None:
+            assert wait == 0
+        else:  # the seeded pending tasks were created 10 s before NOW
+            assert wait == pytest.approx((timezone.now() - oldest.created_at).total_seconds(), abs=5)
+            assert wait >= 10
     for task_type in TaskType.values:
         completed = Task.objects.filter(task_type=task_type, status="completed")
         if completed.exists():

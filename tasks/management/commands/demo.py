@@ -37,6 +37,8 @@ class Command(BaseCommand):
                     "provider_type": ProviderType.SIMULATED,
                     "allow_concurrent_tasks": True,
                     "max_concurrent_tasks": 2,
+                    # Traffic counters from the simulated host's pmacct (tasks/traffic_counters.py).
+                    "connection": {"traffic": "pmacct"},
                 },
             )
         demo = User.objects.get(username="demo")

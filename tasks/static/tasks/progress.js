@@ -69,7 +69,7 @@
       el.className = el.className.split(/\s+/).filter(function (c) {
         return c.indexOf("tc-badge--") !== 0;
       }).concat(["tc-badge--i-" + info.instance_status]).join(" ");
-      el.textContent = info.instance_status.charAt(0).toUpperCase() + info.instance_status.slice(1);
+      el.textContent = info.instance_status_display || info.instance_status;
     });
   }
 
