@@ -198,6 +198,9 @@ if IS_MYSQL:
         )
     DATABASES["default"]["OPTIONS"].setdefault("read_timeout", DB_READ_TIMEOUT_SECONDS)
     DATABASES["default"]["OPTIONS"].setdefault("write_timeout", DB_WRITE_TIMEOUT_SECONDS)
+    # (A reconnect after a timed-out statement must not hang longer than one either.)
+    _connect = DATABASES["default"]["OPTIONS"].get("connect_timeout", DB_READ_TIMEOUT_SECONDS)
+    DATABASES["default"]["OPTIONS"]["connect_timeout"] = min(_connect, DB_READ_TIMEOUT_SECONDS)
 # How often a process measures its clock's offset from the database server's
 # (tasks.engine.clock): leases, recovery, timeouts and re-dispatch use the server's time.
 DB_CLOCK_REFRESH_SECONDS = env_float("DB_CLOCK_REFRESH_SECONDS", 10.0, minimum=0.0)

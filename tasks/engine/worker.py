@@ -252,6 +252,8 @@ class ProgressReporter:
         self.last = (-1, "")
 
     def __call__(self, percent: int, message: str) -> None:
+        if self.cancel.cancelled and self.cancel.reason == CANCEL_LEASE_LOST:
+            return  # fenced: nothing to write, and a hung database must not hold the operation up
         percent = max(0, min(100, int(percent)))
         now = time.monotonic()
         step = message != self.last[1]
