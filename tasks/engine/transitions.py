@@ -354,6 +354,9 @@ def finish(
         done = write(task, now)
         if done is None:
             task = sql.get(Task, task_id, lock=True)
+            # (The time once the row is ours: a worker's step committed while we waited
+            # for it comes before this transition on the timeline too.)
+            now = clock.now()
             done = write(task, now)
         if done is None:
             return False
