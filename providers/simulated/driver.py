@@ -108,6 +108,11 @@ def _recorded(method):
     @functools.wraps(method)
     def wrapper(self, target, *args, **kwargs):
         name = target.name if isinstance(target, GuestSpec) else self._name(target)
+        cancel = next((a for a in (*args, *kwargs.values()) if isinstance(a, CancelToken)), None)
+        if cancel is not None and cancel.cancelled and op not in self.options.ignore_cancel_ops:
+            # Entered with a cancelled token: it stops at its first check, before it changes
+            # anything on the guest (or it is a no-op). Not an execution on the guest.
+            return method(self, target, *args, **kwargs)
         call = self.store.call_started(op, name)
         try:
             return method(self, target, *args, **kwargs)
