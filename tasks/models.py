@@ -286,7 +286,7 @@ class Task(models.Model):
             models.Index(fields=["status", "lease_expires_at"], name="task_status_lease"),
             # stopping holds: the slot count (provider_id=? AND held_until IS NOT NULL) and
             # the sweep's release of expired ones; only ended tasks whose worker may still run
-            models.Index(fields=["held_until"], name="task_held"),
+            models.Index(fields=["held_until", "provider"], name="task_held"),
             # instance filter and instance history: WHERE instance_id=? ORDER BY created_at DESC
             models.Index(fields=["instance", "-created_at"], name="task_instance_created"),
             # stats: durations and error rate of finished tasks: WHERE completed_at >= ? GROUP BY task_type, status;

@@ -6,8 +6,9 @@ time comes from here: the database server's UTC time. On MySQL/MariaDB this
 process measures its clock's offset from the server's (one ``SELECT
 UTC_TIMESTAMP(6)``, the local time taken as the midpoint of the round trip)
 every DB_CLOCK_REFRESH_SECONDS and applies it, so the hot paths pay no query;
-the error is at most half a round trip plus the drift between two measurements,
-and a clock stepped on this machine is caught at the next one. SQLite lives on
+the error is at most half a round trip plus the drift between two measurements
+(or TOLERANCE, below which the local clock is used as it is), and a clock
+stepped on this machine is caught at the next measurement. SQLite lives on
 one machine: its clock is the local one.
 """
 
@@ -20,6 +21,12 @@ from datetime import UTC, datetime, timedelta
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.utils import timezone
+
+# An offset smaller than this is taken as zero: a machine kept in time (NTP) writes its
+# own clock, so the times written by the processes of one machine never disagree by a
+# measurement's jitter (a few milliseconds on a busy machine, enough to disorder the
+# admission times of one provider's tasks). Far below the margins leases keep.
+TOLERANCE = timedelta(seconds=0.1)
 
 _lock = threading.Lock()
 _state: dict = {"offset": timedelta(0), "at": None}
@@ -48,6 +55,8 @@ def calibrate() -> timedelta:
     if server.tzinfo is None:
         server = server.replace(tzinfo=UTC)
     offset = server - (before + (after - before) / 2)
+    if abs(offset) < TOLERANCE:
+        offset = timedelta(0)
     with _lock:
         _state["offset"], _state["at"] = offset, time.monotonic()
     return offset
