@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import sys
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -196,6 +197,10 @@ if IS_MYSQL:
             "DB_READ_TIMEOUT_SECONDS and DB_WRITE_TIMEOUT_SECONDS must be below TASK_LEASE_SECONDS"
             f" - TASK_HEARTBEAT_SECONDS ({_db_io_limit:g})"
         )
+# Only in the worker tier (run_workers and the qcluster processes it starts), whose
+# leases depend on it: a migration, a purge or a report elsewhere may rightly run longer.
+WORKER_TIER_PROCESS = len(sys.argv) > 1 and sys.argv[1] in ("run_workers", "qcluster")
+if IS_MYSQL and WORKER_TIER_PROCESS:
     DATABASES["default"]["OPTIONS"].setdefault("read_timeout", DB_READ_TIMEOUT_SECONDS)
     DATABASES["default"]["OPTIONS"].setdefault("write_timeout", DB_WRITE_TIMEOUT_SECONDS)
     # (A reconnect after a timed-out statement must not hang longer than one either.)

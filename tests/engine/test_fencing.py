@@ -355,12 +355,33 @@ def test_leases_and_recovery_use_the_database_clock(alice, provider, make_instan
         clock.reset()
 
 
-def test_read_and_write_timeouts_stay_below_the_lease(settings):
-    from django.conf import settings as live
+def test_worker_tier_processes_get_read_and_write_timeouts_below_the_lease(tmp_path):
+    """Only the worker tier: a migration or a purge elsewhere may run longer than a lease."""
+    import json
+    import subprocess
+    import sys
 
-    assert live.DB_READ_TIMEOUT_SECONDS < live.TASK_LEASE_SECONDS - live.TASK_HEARTBEAT_SECONDS
-    if connection.vendor == "mysql":
-        options = connection.settings_dict["OPTIONS"]
-        assert options["read_timeout"] == live.DB_READ_TIMEOUT_SECONDS
-        assert options["write_timeout"] == live.DB_WRITE_TIMEOUT_SECONDS
-        assert options["connect_timeout"] <= live.DB_READ_TIMEOUT_SECONDS
+    from tests.engine.harness import ROOT
+
+    code = (
+        "import sys, json, django, os; sys.argv = ['manage.py', sys.argv[1]];"
+        " os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'config.settings'); django.setup();"
+        " from django.conf import settings as s;"
+        " print(json.dumps([s.DATABASES['default']['OPTIONS'].get(k) for k in"
+        " ('read_timeout', 'write_timeout', 'connect_timeout')] + [s.TASK_LEASE_SECONDS - s.TASK_HEARTBEAT_SECONDS]))"
+    )
+    env = {"DATABASE_URL": "mysql://root@127.0.0.1:3306/none", "PATH": "/usr/bin:/bin", "VAR_DIR": str(tmp_path)}
+    env["TASK_LEASE_SECONDS"], env["TASK_HEARTBEAT_SECONDS"] = "15", "3"
+
+    def options(command: str) -> list:
+        out = subprocess.run([sys.executable, "-c", code, command], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    read, write, connect, limit = options("qcluster")
+    assert read == write == 11 and read < limit and connect <= read
+    assert options("run_workers")[:2] == [11, 11]
+    assert options("migrate")[:2] == [None, None]
+    env["DB_READ_TIMEOUT_SECONDS"] = "12"
+    bad = subprocess.run([sys.executable, "-c", code, "qcluster"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "must be below" in bad.stderr
