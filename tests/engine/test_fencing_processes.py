@@ -140,7 +140,7 @@ def test_chaos_never_two_operations_on_one_instance_nor_beyond_the_limit(alice, 
                 time.sleep(rng.uniform(4, 6))
                 proxy.thaw()
                 counts["freeze"] += 1
-                next_freeze = time.monotonic() + 10
+                next_freeze = time.monotonic() + 8
                 continue
             action = rng.random()
             try:
@@ -183,7 +183,7 @@ def test_chaos_never_two_operations_on_one_instance_nor_beyond_the_limit(alice, 
         assert len(calls) > 10
         problems = calls_overlap(calls, Provider.objects.get(pk=provider.pk).concurrency_limit)
         assert not problems, problems[:10]
-    assert counts["force_stop"] and counts["cancel"] and counts["freeze"] >= 3
+    assert counts["force_stop"] and counts["cancel"] and counts["freeze"] >= 2
     assert outcomes[("completed", "")] > 20
     assert outcomes[("cancelled", "force_stopped")] >= 1
     assert outcomes[("failed", "worker_lost")] >= 1, "machine a's leases ran out and recovery acted"
