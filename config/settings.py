@@ -7,8 +7,10 @@ at start with ImproperlyConfigured naming the variable.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
+import sys
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -199,6 +201,35 @@ if TASK_HEARTBEAT_SECONDS * 2 > TASK_LEASE_SECONDS:
         "TASK_HEARTBEAT_SECONDS must be at most half of TASK_LEASE_SECONDS, "
         f"got {TASK_HEARTBEAT_SECONDS} and {TASK_LEASE_SECONDS}"
     )
+# MySQL/MariaDB read and write timeouts (whole seconds): a statement whose answer
+# does not come (a half-open connection, a hung server) raises instead of hanging
+# its caller. Below the lease minus a heartbeat, so a heartbeat stuck on one fails
+# before the lease it could not renew runs out. The worker's local lease deadline
+# (providers.base.LeaseClock) stops its operation in time even without it.
+_db_io_limit = TASK_LEASE_SECONDS - TASK_HEARTBEAT_SECONDS
+DB_READ_TIMEOUT_SECONDS = env_int("DB_READ_TIMEOUT_SECONDS", max(1, math.ceil(_db_io_limit) - 1), minimum=1)
+DB_WRITE_TIMEOUT_SECONDS = env_int("DB_WRITE_TIMEOUT_SECONDS", DB_READ_TIMEOUT_SECONDS, minimum=1)
+if IS_MYSQL:
+    if max(DB_READ_TIMEOUT_SECONDS, DB_WRITE_TIMEOUT_SECONDS) >= _db_io_limit:
+        raise ImproperlyConfigured(
+            "DB_READ_TIMEOUT_SECONDS and DB_WRITE_TIMEOUT_SECONDS must be below TASK_LEASE_SECONDS"
+            f" - TASK_HEARTBEAT_SECONDS ({_db_io_limit:g})"
+        )
+# Only in the worker tier (run_workers and the pool it starts), whose
+# leases depend on it: a migration, a purge or a report elsewhere may rightly run longer.
+WORKER_TIER_PROCESS = len(sys.argv) > 1 and sys.argv[1] in ("run_workers", "run_pool", "qcluster")
+if IS_MYSQL and WORKER_TIER_PROCESS:
+    DATABASES["default"]["OPTIONS"].setdefault("read_timeout", DB_READ_TIMEOUT_SECONDS)
+    DATABASES["default"]["OPTIONS"].setdefault("write_timeout", DB_WRITE_TIMEOUT_SECONDS)
+    # (A reconnect after a timed-out statement must not hang longer than one either.)
+    _connect = DATABASES["default"]["OPTIONS"].get("connect_timeout", DB_READ_TIMEOUT_SECONDS)
+    DATABASES["default"]["OPTIONS"]["connect_timeout"] = min(_connect, DB_READ_TIMEOUT_SECONDS)
+# How often a process measures its clock's offset from the database server's
+# (tasks.engine.clock): leases, recovery, timeouts and re-dispatch use the server's time.
+DB_CLOCK_REFRESH_SECONDS = env_float("DB_CLOCK_REFRESH_SECONDS", 10.0, minimum=0.0)
+# Re-dispatch of an admitted task nobody claims backs off: TASK_DISPATCH_TIMEOUT_SECONDS,
+# then twice as long after each copy, up to this.
+TASK_REDISPATCH_MAX_SECONDS = env_float("TASK_REDISPATCH_MAX_SECONDS", 600.0, minimum=1.0)
 # Backoff of retryable provider errors: waits of base x 1, 2, 4 (3 retries).
 TASK_RETRY_BASE_SECONDS = env_float("TASK_RETRY_BASE_SECONDS", 2.0, minimum=0.0)
 # Time budget of the undo of a failed or cancelled create (removing the partial guest).

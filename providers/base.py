@@ -93,17 +93,45 @@ CANCEL_LEASE_LOST = "lease_lost"
 CANCEL_SHUTDOWN = "shutdown"
 
 
+class LeaseClock:
+    """The local deadline of a worker's lease (a ``time.monotonic()`` value), shared by
+    every cancel token of one task: each successful renewal moves it on.
+
+    The database's lease runs out at (renewal sent) + lease or later; the worker's
+    local deadline is set no later than that, so a worker that can no longer prove
+    its lease (a hung database call, a dead heartbeat) stops at its next safe point
+    before anyone else may act on the task.
+    """
+
+    def __init__(self, deadline: float | None = None):
+        self.deadline = deadline
+
+    def extend(self, deadline: float) -> None:
+        if self.deadline is None or deadline > self.deadline:
+            self.deadline = deadline
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now if now is not None else time.monotonic()) >= self.deadline
+
+
 class CancelToken:
     """Thread-safe cancel flag shared by the worker's heartbeat and the operation.
 
     The operation calls ``raise_if_cancelled()`` at safe points and uses
     ``sleep()`` (which wakes at once on cancel) instead of ``time.sleep``.
+
+    ``deadline``: the task's timeout (cancels with CANCEL_TIMEOUT). ``lease``: the
+    worker's lease (cancels with CANCEL_LEASE_LOST once its local deadline passes
+    without a renewal); a cleanup token shares its task's lease, so an undo stops
+    with the lease too. Both are checked at every safe point, and ``sleep`` wakes
+    at whichever comes first.
     """
 
-    def __init__(self, deadline: float | None = None):
+    def __init__(self, deadline: float | None = None, lease: LeaseClock | None = None):
         self._event = threading.Event()
         self.reason = ""
         self.deadline = deadline  # time.monotonic() value, or None
+        self.lease = lease
 
     def cancel(self, reason: str = CANCEL_USER) -> None:
         if not self._event.is_set():
@@ -112,24 +140,38 @@ class CancelToken:
 
     @property
     def cancelled(self) -> bool:
-        if not self._event.is_set() and self.deadline is not None and time.monotonic() >= self.deadline:
-            self.cancel(CANCEL_TIMEOUT)
+        if not self._event.is_set():
+            now = time.monotonic()
+            if self.lease is not None and self.lease.expired(now):
+                self.cancel(CANCEL_LEASE_LOST)
+            elif self.deadline is not None and now >= self.deadline:
+                self.cancel(CANCEL_TIMEOUT)
         return self._event.is_set()
 
     def raise_if_cancelled(self) -> None:
         if self.cancelled:
             raise OperationCancelled(self.reason)
 
+    def _wake_at(self) -> float | None:
+        ends = [t for t in (self.deadline, self.lease.deadline if self.lease else None) if t is not None]
+        return min(ends) if ends else None
+
     def sleep(self, seconds: float) -> None:
         """Sleep up to ``seconds``; return early (and raise) when cancelled."""
-        if seconds > 0:
-            limit = seconds
-            if self.deadline is not None:
-                limit = max(0.0, min(limit, self.deadline - time.monotonic()))
+        end = time.monotonic() + max(0.0, seconds)
+        while True:
+            self.raise_if_cancelled()
+            now = time.monotonic()
+            if now >= end:
+                return
+            limit = end - now
+            wake = self._wake_at()  # a renewal may move the lease's deadline on meanwhile
+            if wake is not None:
+                limit = min(limit, max(0.001, wake - now))
             self._event.wait(limit)
-        self.raise_if_cancelled()
 
     def remaining(self) -> float | None:
+        """Seconds to the task's deadline (drivers bound their calls by it), None without one."""
         if self.deadline is None:
             return None
         return max(0.0, self.deadline - time.monotonic())

@@ -316,6 +316,12 @@ class Task(models.Model):
     heartbeat_at = models.DateTimeField(null=True, blank=True, editable=False, verbose_name=_("heartbeat at"))
     worker = models.CharField(max_length=200, blank=True, default="", editable=False, verbose_name=_("worker"))
     attempt_count = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("attempt count"))
+    # "Stopping" hold: set when the task was ended (force-stop, timeout sweep, recovery)
+    # while its worker may still be inside a provider call: until this time (the end of
+    # the revoked lease, database clock) or until that worker reports its exit, the task
+    # keeps its provider slot and its instance (Instance.active_task), though it is
+    # terminal for its user. NULL: nothing held.
+    held_until = models.DateTimeField(null=True, blank=True, editable=False, verbose_name=_("held until"))
     dispatch_count = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("dispatch count"))
 
     class Meta:
@@ -337,6 +343,9 @@ class Task(models.Model):
             models.Index(fields=["-created_at", "-id"], name="task_created"),
             # recovery sweep: WHERE status IN (running, cancelling) AND lease_expires_at < now
             models.Index(fields=["status", "lease_expires_at"], name="task_status_lease"),
+            # stopping holds: the slot count (provider_id=? AND held_until IS NOT NULL) and
+            # the sweep's release of expired ones; only ended tasks whose worker may still run
+            models.Index(fields=["held_until", "provider"], name="task_held"),
             # instance filter and instance history: WHERE instance_id=? ORDER BY created_at DESC
             models.Index(fields=["instance", "-created_at"], name="task_instance_created"),
             # stats: durations and error rate of finished tasks: WHERE completed_at >= ? GROUP BY task_type, status;

@@ -18,7 +18,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from tasks import ports, resources, traffic_counters
-from tasks.engine import dispatch, sql, transitions
+from tasks.engine import clock, dispatch, sql, transitions
 from tasks.engine.states import (
     ALLOWED_INSTANCE_STATUS,
     CANCELLABLE,
@@ -30,6 +30,7 @@ from tasks.engine.states import (
     TaskType,
     word,
 )
+from tasks.engine.transitions import retry_on_deadlock
 from tasks.errors import (
     InstanceBusy,
     InvalidInput,
@@ -84,7 +85,7 @@ def _new_task(
 
     The caller holds the provider and instance row locks.
     """
-    now = timezone.now()
+    now = clock.now()
     used, waiting = dispatch.slot_state(provider.pk)
     limit = provider.concurrency_limit
     admit_now = provider.accepts_work and not waiting and used < limit
@@ -179,6 +180,7 @@ def _lock_for_new_task(user, instance_id, *, admin: bool) -> tuple[Provider, Ins
     return provider, instance
 
 
+@retry_on_deadlock
 def create_instance(
     owner,
     *,
@@ -268,6 +270,7 @@ def create_instance(
     return instance, task
 
 
+@retry_on_deadlock
 def request_operation(
     user, instance_id, task_type: str, *, admin: bool = False, timeout_seconds=None, task_data: dict | None = None
 ) -> Task:
@@ -301,6 +304,7 @@ def request_operation(
         )
 
 
+@retry_on_deadlock
 def create_port(
     user,
     instance_id,
@@ -348,6 +352,7 @@ def create_port(
     return task, mapping
 
 
+@retry_on_deadlock
 def delete_port(user, instance_id, port_id, *, admin: bool = False, timeout_seconds=None) -> Task:
     timeout = validate_timeout(timeout_seconds)
     with transaction.atomic():

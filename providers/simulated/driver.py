@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import random
 import time
@@ -96,6 +97,30 @@ class SimulatedHostChannel:
 
 
 # ------------------------------------------------------------------------ driver
+
+
+def _recorded(method):
+    """The execution record: each mutating call's start and end on its guest (SimulatedStore.calls),
+    so a test can see whether two operations ever touched one guest, or more than a
+    provider's limit touched the host, at the same instant."""
+    op = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self, target, *args, **kwargs):
+        name = target.name if isinstance(target, GuestSpec) else self._name(target)
+        cancel = next((a for a in (*args, *kwargs.values()) if isinstance(a, CancelToken)), None)
+        if cancel is not None and cancel.cancelled and op not in self.options.ignore_cancel_ops:
+            # Entered with a cancelled token: it stops at its first check, before it changes
+            # anything on the guest (or it is a no-op). Not an execution on the guest.
+            return method(self, target, *args, **kwargs)
+        call = self.store.call_started(op, name)
+        try:
+            return method(self, target, *args, **kwargs)
+        finally:
+            self.store.call_ended(call)
+
+    return wrapper
+
 
 StepHook = Callable[[str, str, CancelToken], None]
 
@@ -262,6 +287,7 @@ class SimulatedDriver:
 
     # --- contract: operations ---
 
+    @_recorded
     def create(self, spec: GuestSpec, cancel: CancelToken, progress: ProgressCallback) -> dict[str, Any]:
         op, name = "create", spec.name
         if spec.instance_type not in ("container", "vm"):
@@ -308,6 +334,7 @@ class SimulatedDriver:
         self._finish(op, name, applied=True, ambiguous=ambiguous)
         return self._ref(name)
 
+    @_recorded
     def start(self, ref: dict[str, Any], cancel: CancelToken, progress: ProgressCallback) -> None:
         op, name = "start", self._name(ref)
         ambiguous = self._begin(op, name, cancel)
@@ -323,6 +350,7 @@ class SimulatedDriver:
                 self.store.set_status(db, name, "running")
         self._finish(op, name, applied=True, ambiguous=ambiguous)
 
+    @_recorded
     def stop(
         self, ref: dict[str, Any], cancel: CancelToken, progress: ProgressCallback, graceful_timeout: int = 30
     ) -> None:
@@ -344,6 +372,7 @@ class SimulatedDriver:
                 self.store.set_status(db, name, "stopped")
         self._finish(op, name, applied=True, ambiguous=ambiguous)
 
+    @_recorded
     def restart(self, ref: dict[str, Any], cancel: CancelToken, progress: ProgressCallback) -> None:
         op, name = "restart", self._name(ref)
         ambiguous = self._begin(op, name, cancel)
@@ -359,6 +388,7 @@ class SimulatedDriver:
                 self.store.set_status(db, name, "running")
         self._finish(op, name, applied=True, ambiguous=ambiguous)
 
+    @_recorded
     def delete(self, ref: dict[str, Any], cancel: CancelToken, progress: ProgressCallback) -> None:
         op, name = "delete", self._name(ref)
         ambiguous = self._begin(op, name, cancel)
@@ -385,6 +415,7 @@ class SimulatedDriver:
                 db.execute("DELETE FROM guests WHERE name = ?", (name,))
         self._finish(op, name, applied=True, ambiguous=ambiguous)
 
+    @_recorded
     def rebuild(
         self, ref: dict[str, Any], spec: GuestSpec, cancel: CancelToken, progress: ProgressCallback
     ) -> dict[str, Any]:
@@ -412,6 +443,7 @@ class SimulatedDriver:
         self._finish(op, name, applied=True, ambiguous=ambiguous)
         return self._ref(name)
 
+    @_recorded
     def set_password(self, ref: dict[str, Any], password: str, cancel: CancelToken, progress: ProgressCallback) -> None:
         op, name = "set_password", self._name(ref)
         if not password:
@@ -430,6 +462,7 @@ class SimulatedDriver:
                 )
         self._finish(op, name, applied=True, ambiguous=ambiguous)
 
+    @_recorded
     def add_port(self, ref: dict[str, Any], port: PortSpec, cancel: CancelToken, progress: ProgressCallback) -> None:
         op, name = "add_port", self._name(ref)
         _check_port(port, op)
@@ -476,6 +509,7 @@ class SimulatedDriver:
             applied = same is None
         self._finish(op, name, applied=applied, ambiguous=ambiguous)
 
+    @_recorded
     def remove_port(self, ref: dict[str, Any], port: PortSpec, cancel: CancelToken, progress: ProgressCallback) -> None:
         op, name = "remove_port", self._name(ref)
         _check_port(port, op)

@@ -63,6 +63,15 @@ CREATE TABLE IF NOT EXISTS executions (
     outcome TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS executions_guest ON executions (guest, op);
+CREATE TABLE IF NOT EXISTS calls (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL,
+    guest TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started REAL NOT NULL,
+    ended REAL
+);
+CREATE INDEX IF NOT EXISTS calls_guest ON calls (guest, started);
 CREATE TABLE IF NOT EXISTS counters (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -221,6 +230,26 @@ class SimulatedStore:
                 "INSERT INTO executions (op, guest, at, pid, applied, outcome) VALUES (?, ?, ?, ?, ?, ?)",
                 (op, guest, time.time(), os.getpid(), int(applied), outcome),
             )
+
+    def call_started(self, op: str, guest: str) -> int:
+        """The execution record: a mutating call on ``guest`` begins (see :meth:`calls`)."""
+        with self.transaction() as db:
+            return db.execute(
+                "INSERT INTO calls (op, guest, pid, started) VALUES (?, ?, ?, ?)", (op, guest, os.getpid(), time.time())
+            ).lastrowid
+
+    def call_ended(self, call_id: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE calls SET ended = ? WHERE id = ?", (time.time(), call_id))
+
+    def calls(self, guest: str | None = None) -> list[dict[str, Any]]:
+        """Every mutating provider call with its start and end (``ended`` None: still running,
+        or its process died inside it), oldest first: what tests check for overlaps."""
+        sql, args = "SELECT * FROM calls", []
+        if guest is not None:
+            sql, args = f"{sql} WHERE guest = ?", [guest]
+        with self._connect() as db:
+            return [dict(row) for row in db.execute(f"{sql} ORDER BY started, id", args)]
 
     def take_failure(self, key: str, limit: int) -> bool:
         """Atomically count one injected failure under ``key`` if fewer than ``limit`` were."""

@@ -39,14 +39,11 @@ CONCURRENCY_FIELDS = (
 )
 
 
-def _task_count(statuses) -> Coalesce:
-    counts = (
-        Task.objects.filter(provider=OuterRef("pk"), status__in=statuses)
-        .order_by()
-        .values("provider")
-        .annotate(n=Count("pk"))
-        .values("n")[:1]
-    )
+def _task_count(statuses=None) -> Coalesce:
+    """Tasks of each provider row in these states; without states, the "stopping" holds."""
+    tasks = Task.objects.filter(provider=OuterRef("pk"))
+    tasks = tasks.filter(status__in=statuses) if statuses is not None else tasks.filter(held_until__isnull=False)
+    counts = tasks.order_by().values("provider").annotate(n=Count("pk")).values("n")[:1]
     return Coalesce(Subquery(counts, output_field=IntegerField()), Value(0))
 
 
@@ -163,7 +160,9 @@ class ProviderAdmin(admin.ModelAdmin):
         # Correlated counts per provider row use the (provider, status, ...) index;
         # a JOIN + GROUP BY over all tasks would not.
         return (
-            super().get_queryset(request).annotate(n_running=_task_count(EXECUTING), n_pending=_task_count([PENDING]))
+            super()
+            .get_queryset(request)
+            .annotate(n_running=_task_count(EXECUTING), n_pending=_task_count([PENDING]), n_held=_task_count())
         )
 
     def get_readonly_fields(self, request: HttpRequest, obj: Provider | None = None):
@@ -196,8 +195,11 @@ class ProviderAdmin(admin.ModelAdmin):
         if running is None:  # the add form: no annotation
             return "—"
         limit = provider.concurrency_limit
-        full = running >= limit
-        percent = min(100, round(100 * running / limit)) if limit else 100
+        # Ended tasks whose worker may still be stopping hold a slot too (Task.held_until).
+        held = getattr(provider, "n_held", 0) or 0
+        full = running + held >= limit
+        percent = min(100, round(100 * (running + held) / limit)) if limit else 100
+        stopping = format_html(" · {}", _("%(n)s stopping") % {"n": held}) if held else ""
         return format_html(
             '<div class="tc-gauge{}" title="{}">'
             '<div class="tc-gauge__bar" style="width: {}%"></div>'
@@ -207,7 +209,8 @@ class ProviderAdmin(admin.ModelAdmin):
             % {"running": running, "limit": limit, "pending": pending},
             percent,
             _("%(running)s / %(limit)s · %(pending)s pending")
-            % {"running": running, "limit": limit, "pending": pending},
+            % {"running": running, "limit": limit, "pending": pending}
+            + stopping,
         )
 
     @admin.display(description=_("capacity used"))

@@ -37,7 +37,7 @@ from tasks.admin.common import (
 )
 from tasks.admin.lists import KnownCountPaginator, StateGroupFilter, moment_field, search_by_identity
 from tasks.admin.permissions import FORCE_STOP_PERMISSION
-from tasks.engine import dispatch
+from tasks.engine import clock, dispatch
 from tasks.engine.states import CANCELLABLE, EXECUTING, FINAL, PENDING, TaskStatus, word
 from tasks.messages import translate as translate_message
 from tasks.models import Task, TaskEvent
@@ -55,6 +55,18 @@ def _shown(event: TaskEvent) -> TaskEvent:
     """The event with its step message in the reader's language (stored in English, tasks/messages.py)."""
     event.message = translate_message(event.message)
     return event
+
+
+def _with_hold(task: Task, badge):
+    """The status badge, and a "stopping" badge while an ended task still holds its slot and instance."""
+    if task.held_until is None:
+        return badge
+    return format_html(
+        '{} <span class="tc-badge tc-badge--cancelling" title="{}">{}</span>',
+        badge,
+        _("ended, but its worker may still be inside a provider call: its slot and instance stay held"),
+        _("stopping"),
+    )
 
 
 @admin.register(Task)
@@ -171,7 +183,7 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
 
     @admin.display(description=_("status"), ordering="status")
     def status_col(self, task: Task):
-        return status_badge(task.pk, task.status, task.get_status_display())
+        return _with_hold(task, status_badge(task.pk, task.status, task.get_status_display()))
 
     @admin.display(description=_("progress"), ordering="progress")
     def progress_col(self, task: Task):
@@ -208,7 +220,7 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
 
     @admin.display(description=_("status"))
     def status_detail(self, task: Task):
-        return status_badge(task.pk, task.status, task.get_status_display())
+        return _with_hold(task, status_badge(task.pk, task.status, task.get_status_display()))
 
     @admin.display(description=_("progress"))
     def progress_detail(self, task: Task):
@@ -251,6 +263,13 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
     @admin.display(description=_("lease"))
     def lease_detail(self, task: Task) -> str:
         # The token itself is a fencing credential: say whether one exists, not what it is.
+        if task.held_until is not None:
+            left = (task.held_until - clock.now()).total_seconds()
+            return (
+                "revoked; its worker may still be stopping: the provider slot and the instance stay held"
+                f" until it reports its exit, at the latest when the lease runs out"
+                f" ({'in ' + human_duration(left) if left >= 0 else 'now, at the next sweep'})"
+            )
         if task.status in FINAL:
             return _("none: the task has finished")
         if not task.lease_token:

@@ -22,11 +22,10 @@ from datetime import timedelta
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Avg, F, Q
-from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_noop
 
-from tasks.engine import sql
+from tasks.engine import clock, sql
 from tasks.engine.states import COMPLETED, EXECUTING, PENDING
 from tasks.engine.transitions import claim_locked, new_token, retry_on_deadlock
 from tasks.models import Provider, Task, effective_timeout
@@ -80,12 +79,15 @@ def enqueue_job(task_id: int, token: str, queue: str, timeout_seconds: int) -> N
 
 
 def _slot_sql() -> tuple[str, str]:
-    """(slots in use, some task waiting) as SQL expressions over the task table; 3 + 2 params."""
+    """(slots in use, some task waiting) as SQL expressions over the task table; 6 + 2 params."""
     t = sql.table(Task)
     provider, status, admitted = sql.col(Task, "provider"), sql.col(Task, "status"), sql.col(Task, "admitted_at")
+    held = sql.col(Task, "held_until")
     used = (
         f"(SELECT COUNT(*) FROM {t.name} WHERE {provider} = %s AND {status} IN (%s, %s))"
         f" + (SELECT COUNT(*) FROM {t.name} WHERE {provider} = %s AND {status} = %s AND {admitted} IS NOT NULL)"
+        # Ended tasks whose worker may still be inside a provider call ("stopping" holds).
+        f" + (SELECT COUNT(*) FROM {t.name} WHERE {held} IS NOT NULL AND {provider} = %s)"
     )
     waiting = f"EXISTS(SELECT 1 FROM {t.name} WHERE {provider} = %s AND {status} = %s AND {admitted} IS NULL)"
     return used, waiting
@@ -93,11 +95,12 @@ def _slot_sql() -> tuple[str, str]:
 
 def _used_params(provider_id: int) -> list:
     running, cancelling = sorted(EXECUTING)
-    return [provider_id, running, cancelling, provider_id, PENDING]
+    return [provider_id, running, cancelling, provider_id, PENDING, provider_id]
 
 
 def slots_in_use(provider_id: int) -> int:
-    """Tasks holding one of the provider's slots: running, cancelling, or admitted and not yet claimed."""
+    """Tasks holding one of the provider's slots: running, cancelling, admitted and not yet
+    claimed, or ended while their worker still stops (Task.held_until)."""
     return slot_state(provider_id)[0]
 
 
@@ -148,7 +151,7 @@ def admit_locked(provider: Provider, handoff=None) -> list[int]:
     free = limit - int(candidates[0][len(t.fields)])
     if free <= 0:
         return []
-    now = timezone.now()
+    now = clock.now()
     jobs: list[tuple[int, str, int]] = []
     taken: Task | None = None
     where = f"{sql.col(Task, 'id')} = %s AND {status} = %s AND {admitted} IS NULL"
@@ -209,16 +212,34 @@ def redispatch_stale(cutoff=None, provider_ids=None) -> list[int]:
     """Re-send jobs of tasks admitted before ``cutoff`` but never claimed (the broker lost the job).
 
     The token stays the same: whichever copy arrives first claims the task, the
-    other finds it no longer pending and does nothing.
+    other finds it no longer pending and does nothing. Only providers that accept
+    work: a disabled or unreachable provider's admitted tasks wait for it without
+    a copy each sweep. Without ``cutoff`` (the sweep) each task's re-sends back off:
+    after n sends the next waits TASK_DISPATCH_TIMEOUT_SECONDS x 2^(n-1), up to
+    TASK_REDISPATCH_MAX_SECONDS, so a queue no machine serves gains a copy per task
+    a few times an hour, not every sweep. Times are the database's (tasks.engine.clock).
     """
-    now = timezone.now()
+    now = clock.now()
+    base = float(settings.TASK_DISPATCH_TIMEOUT_SECONDS)
+    backoff = cutoff is None
     if cutoff is None:
-        cutoff = now - timedelta(seconds=settings.TASK_DISPATCH_TIMEOUT_SECONDS)
+        cutoff = now - timedelta(seconds=base)
     sent = []
-    stale = Task.objects.filter(status=PENDING, admitted_at__isnull=False, dispatched_at__lt=cutoff)
+    stale = Task.objects.filter(
+        status=PENDING,
+        admitted_at__isnull=False,
+        dispatched_at__lt=cutoff,
+        provider__enabled=True,
+        provider__unreachable_since__isnull=True,
+    )
     if provider_ids is not None:
         stale = stale.filter(provider_id__in=provider_ids)
-    for task in stale.only("id", "lease_token", "timeout_seconds", "task_type", "provider_id", "dispatched_at")[:500]:
+    fields = ("id", "lease_token", "timeout_seconds", "task_type", "provider_id", "dispatched_at", "dispatch_count")
+    for task in stale.order_by("dispatch_count", "dispatched_at").only(*fields)[:500]:
+        if backoff:
+            wait = min(float(settings.TASK_REDISPATCH_MAX_SECONDS), base * 2 ** max(0, task.dispatch_count - 1))
+            if task.dispatched_at > now - timedelta(seconds=wait):
+                continue
         rows = Task.objects.filter(
             pk=task.pk, status=PENDING, lease_token=task.lease_token, dispatched_at=task.dispatched_at
         ).update(dispatched_at=now, dispatch_count=F("dispatch_count") + 1)

@@ -16,7 +16,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.utils import timezone
 
-from tasks.engine import dispatch, health, transitions
+from tasks.engine import clock, dispatch, health, transitions
 from tasks.engine.states import EXECUTING, PENDING, ErrorCode
 from tasks.models import Provider, Task, Worker
 
@@ -32,19 +32,20 @@ class SweepReport:
     admitted: int = 0
     reconciled: int = 0
     resumed: int = 0
+    released: int = 0
 
     def add(self, line: str) -> None:
         self.changes.append(line)
 
 
 def expired_leases(now=None):
-    now = now or timezone.now()
+    now = now or clock.now()
     return Task.objects.filter(status__in=EXECUTING, lease_expires_at__lt=now)
 
 
 def overdue(now=None):
     """Executing tasks far past their deadline whose lease is still renewed: the hard kill failed."""
-    now = now or timezone.now()
+    now = now or clock.now()
     slack = settings.TASK_HARD_KILL_GRACE_SECONDS + settings.TASK_LEASE_SECONDS
     found = []
     for task in Task.objects.filter(status__in=EXECUTING, lease_expires_at__gte=now).only(
@@ -53,6 +54,18 @@ def overdue(now=None):
         if task.deadline is not None and task.deadline + timedelta(seconds=slack) < now:
             found.append(task)
     return found
+
+
+def release_holds(report: SweepReport, *, dry_run: bool = False) -> None:
+    """Free the slot and instance of ended tasks whose revoked lease has run out (database clock)."""
+    now = clock.now()
+    if dry_run:
+        for pk in Task.objects.filter(held_until__lt=now).values_list("pk", flat=True):
+            report.add(f"task {pk}: its revoked lease ran out: would release its slot and instance")
+        return
+    for pk in transitions.release_expired_holds(now):
+        report.add(f"task {pk}: its revoked lease ran out: slot and instance released")
+        report.released += 1
 
 
 def recover(report: SweepReport, *, dry_run: bool = False) -> None:
@@ -82,11 +95,13 @@ def recover(report: SweepReport, *, dry_run: bool = False) -> None:
         ):
             report.add(f"{line}: ended timeout")
             report.timed_out += 1
+    # (Here, so every caller of recovery, the supervisor's sweep too, frees them.)
+    release_holds(report, dry_run=dry_run)
 
 
 def redispatch(report: SweepReport, *, dry_run: bool = False) -> None:
     if dry_run:
-        cutoff = timezone.now() - timedelta(seconds=settings.TASK_DISPATCH_TIMEOUT_SECONDS)
+        cutoff = clock.now() - timedelta(seconds=settings.TASK_DISPATCH_TIMEOUT_SECONDS)
         stale = Task.objects.filter(status=PENDING, admitted_at__isnull=False, dispatched_at__lt=cutoff)
         for pk in stale.values_list("pk", flat=True):
             report.add(f"task {pk}: admitted but never claimed: would send its job again")

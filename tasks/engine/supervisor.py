@@ -54,7 +54,7 @@ from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
 
 from tasks import schedules
-from tasks.engine import dispatch, health, maintenance, sql, transitions
+from tasks.engine import clock, dispatch, health, maintenance, sql, transitions
 from tasks.engine.states import EXECUTING, PENDING
 from tasks.models import Provider, Task, Worker
 
@@ -70,6 +70,7 @@ RECONCILE_SECONDS = 10.0
 OVERDUE_SECONDS = 10.0
 # An admitted job not claimed this long after it was sent waits for a worker.
 UNCLAIMED_SECONDS = 0.5
+HELD = "held"  # (the live summary's row of the stopping holds)
 
 
 @dataclass
@@ -406,8 +407,8 @@ class Supervisor:
         report = maintenance.SweepReport()
         live = live_summary()
         now = time.monotonic()
-        if live.expired:
-            maintenance.recover(report)
+        if live.expired or live.hold_expired:
+            maintenance.recover(report)  # (it also frees the stopping holds that ran out)
         elif live.executing and now - self.last_overdue >= OVERDUE_SECONDS:
             self.last_overdue = now
             maintenance.recover(report)  # (also ends tasks far past their deadline: rare, checked less often)
@@ -477,7 +478,7 @@ class Supervisor:
         logger.info("supervisor %s starting (providers: %s)", self.name, settings.WORKER_PROVIDERS or "all")
         self.refresh_providers(force=True)
         # Jobs a previous run of this machine took but never ran: send them again now.
-        dispatch.redispatch_stale(cutoff=timezone.now(), provider_ids=[p.pk for p in self.providers])
+        dispatch.redispatch_stale(cutoff=clock.now(), provider_ids=[p.pk for p in self.providers])
         if self.sweep_enabled:
             self.step("sweep", self.sweep)  # recovery at start-up (expired leases only)
         next_pool = next_tick = next_retire = 0.0
@@ -532,7 +533,7 @@ class Supervisor:
             if held:
                 logger.warning("supervisor: released %d unfinished task(s): %s", len(held), [h[0] for h in held])
                 maintenance.recover(maintenance.SweepReport())
-            dispatch.redispatch_stale(cutoff=timezone.now(), provider_ids=[p.pk for p in self.providers])
+            dispatch.redispatch_stale(cutoff=clock.now(), provider_ids=[p.pk for p in self.providers])
             Worker.objects.filter(name=self.name).delete()
             Worker.objects.filter(name__in=names).delete()
         except Exception:
@@ -596,6 +597,7 @@ class LiveSummary:
     stale_dispatch: bool = False
     waiting: set = field(default_factory=set)  # providers with tasks waiting for admission
     unclaimed: dict = field(default_factory=dict)  # provider -> admitted jobs not claimed within UNCLAIMED_SECONDS
+    hold_expired: bool = False  # an ended task's "stopping" hold ran out (tasks.engine.transitions)
 
 
 def live_summary() -> LiveSummary:
@@ -604,24 +606,34 @@ def live_summary() -> LiveSummary:
     status, provider, admitted = sql.col(Task, "status"), sql.col(Task, "provider"), sql.col(Task, "admitted_at")
     lease, dispatched = sql.col(Task, "lease_expires_at"), sql.col(Task, "dispatched_at")
     running, cancelling = sorted(EXECUTING)
-    now = timezone.now()
+    now = clock.now()  # leases are on the database server's clock
     cutoff = now - timedelta(seconds=settings.TASK_DISPATCH_TIMEOUT_SECONDS)
+    held = sql.col(Task, "held_until")
+    at = [sql.prep(Task._meta.get_field("lease_expires_at"), now)]
     rows = sql.fetchall(
         f"SELECT {provider}, {status}, {admitted} IS NULL, COUNT(*),"
         f" MAX(CASE WHEN {lease} < %s THEN 1 ELSE 0 END), MAX(CASE WHEN {dispatched} < %s THEN 1 ELSE 0 END),"
         f" SUM(CASE WHEN {dispatched} < %s THEN 1 ELSE 0 END)"
-        f" FROM {t.name} WHERE {status} IN (%s, %s, %s) GROUP BY {provider}, {status}, {admitted} IS NULL",
+        f" FROM {t.name} WHERE {status} IN (%s, %s, %s) GROUP BY {provider}, {status}, {admitted} IS NULL"
+        # Ended tasks still holding their slot and instance (the "stopping" hold): one row.
+        f" UNION ALL SELECT NULL, %s, 0, COUNT(*), MAX(CASE WHEN {held} < %s THEN 1 ELSE 0 END), 0, 0"
+        f" FROM {t.name} WHERE {held} IS NOT NULL",
         [
-            sql.prep(Task._meta.get_field("lease_expires_at"), now),
+            *at,
             sql.prep(Task._meta.get_field("dispatched_at"), cutoff),
             sql.prep(Task._meta.get_field("dispatched_at"), now - timedelta(seconds=UNCLAIMED_SECONDS)),
             PENDING,
             running,
             cancelling,
+            HELD,
+            *at,
         ],
     )
     summary = LiveSummary()
     for provider_id, state, unadmitted, count, lease_expired, dispatch_stale, unclaimed in rows:
+        if state == HELD:
+            summary.hold_expired = bool(lease_expired)
+            continue
         if state == PENDING:
             if unadmitted:
                 summary.waiting.add(provider_id)

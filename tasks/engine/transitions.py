@@ -21,10 +21,9 @@ from typing import Any
 
 from django.conf import settings
 from django.db import OperationalError, transaction
-from django.utils import timezone
 
 from tasks import crypto
-from tasks.engine import sql
+from tasks.engine import clock, sql
 from tasks.engine.states import (
     CANCELLED,
     CANCELLING,
@@ -71,7 +70,8 @@ def new_token() -> str:
 
 
 def lease_deadline(now=None):
-    return (now or timezone.now()) + timedelta(seconds=settings.TASK_LEASE_SECONDS)
+    """When a lease taken or renewed at ``now`` (database clock) runs out."""
+    return (now or clock.now()) + timedelta(seconds=settings.TASK_LEASE_SECONDS)
 
 
 def _event(task: Task, from_status: str, to_status: str, actor: str, reason: str = "", message: str = "", at=None):
@@ -84,7 +84,7 @@ def _event(task: Task, from_status: str, to_status: str, actor: str, reason: str
             reason=reason[:500],
             progress=task.progress,
             message=message,
-            at=at or timezone.now(),
+            at=at or clock.now(),
         )
     )
 
@@ -130,7 +130,7 @@ def claim_task(task_id: int, *, token: str, worker: str, registry: dict | None =
             task,
             provider,
             worker=worker,
-            now=timezone.now(),
+            now=clock.now(),
             where=where,
             params=[task_id, PENDING, token],
             registry=registry,
@@ -299,7 +299,13 @@ def finish(
             fields["status_message"] = message[:255]
         if task_data_update:
             fields["task_data"] = {**task.task_data, **task_data_update}
-        if revoke_lease or token is None:
+        if token is None and source in EXECUTING and task.lease_expires_at is not None and task.lease_expires_at > now:
+            # Ended by someone else while its worker may still be inside a provider call:
+            # the terminal status fences the worker's writes, and the task keeps its slot
+            # and its instance until that worker reports its exit (release_hold, by its
+            # token) or its revoked lease has run out (release_expired_holds).
+            fields["held_until"] = task.lease_expires_at
+        elif revoke_lease or token is None:
             # Nobody may write for this task any more: a late worker is fenced off.
             fields.update(lease_token="", lease_expires_at=None)
         t = sql.table(Task)
@@ -331,7 +337,7 @@ def finish(
             )
         provider = sql.get(Provider, provider_id, lock=True)
         instance = _lock_instance(instance_id)
-        now = timezone.now()
+        now = clock.now()
         # A worker completing the task it claimed: what the outcome needs from the row
         # cannot have changed while it is still running under this token (progress goes
         # to 100, errors are cleared), so the guarded update alone decides, without
@@ -348,17 +354,24 @@ def finish(
         done = write(task, now)
         if done is None:
             task = sql.get(Task, task_id, lock=True)
+            # (The time once the row is ours: a worker's step committed while we waited
+            # for it comes before this transition on the timeline too.)
+            now = clock.now()
             done = write(task, now)
         if done is None:
             return False
         source, fields = done
         ran = source in EXECUTING
+        held = fields.get("held_until")
         for name, value in fields.items():
             setattr(task, name, value)
         reason = fields.get("error_code", "") or ""
         if cancel_reason:
             reason = f"{reason}: {cancel_reason}" if reason else cancel_reason
-        _event(task, source, target, actor, reason=reason, message=error_message or message, at=now)
+        note = error_message or message
+        if held is not None:
+            note = f"{note}; its worker is stopping: slot and instance held" if note else "its worker is stopping"
+        _event(task, source, target, actor, reason=reason, message=note, at=now)
         if secret and target == COMPLETED:
             TaskSecret.objects.create(
                 task=task,
@@ -377,9 +390,19 @@ def finish(
             get_operation(task.task_type).on_finished(task, instance, outcome)
             if needs_reconcile and ran:
                 instance.needs_reconcile = True
-            if instance.active_task_id == task.pk:
+            if instance.active_task_id == task.pk and held is None:
                 instance.active_task = None
             sql.save_changes(instance, before, now=now)
+        if held is not None:
+            logger.warning(
+                "task %s: %s -> %s by %s; slot and instance held until its worker stops (at the latest %s)",
+                task_id,
+                source,
+                target,
+                actor,
+                held,
+            )
+            return True
         if (ran or task.admitted_at is not None) and provider is not None:
             # The slot is free: admit the next task in this same transaction (the
             # provider row is locked already).
@@ -391,28 +414,44 @@ def finish(
 
 
 def report_progress(task_id: int, *, token: str, progress: int, message: str, step: bool = False) -> bool:
-    """The worker's progress write; False when its lease is gone (stop working)."""
+    """The worker's progress write; False when its lease is gone (stop working).
+
+    A step event is written in the same transaction as the guarded update, which
+    locks the task row: a force-stop (or any transition) either comes before it
+    and the update changes nothing, or waits for its commit, so the timeline never
+    shows a worker step after the task ended.
+    """
     fields: dict[str, Any] = {"progress": max(0, min(100, int(progress)))}
     if message:
         fields["status_message"] = message[:255]
-    rows = Task.objects.filter(pk=task_id, lease_token=token, status__in=EXECUTING).update(**fields)
-    if rows and step and message:
-        status = Task.objects.filter(pk=task_id).values_list("status", flat=True).first() or RUNNING
-        TaskEvent.objects.create(
-            task_id=task_id,
-            kind=TaskEvent.KIND_STEP,
-            from_status=status,
-            to_status=status,
-            actor="worker",
-            progress=fields["progress"],
-            message=message,
+    t = sql.table(Task)
+    running, cancelling = sorted(EXECUTING)
+    where = f"{t.quoted['id']} = %s AND {t.quoted['lease_token']} = %s AND {t.quoted['status']} IN (%s, %s)"
+    params = [task_id, token, running, cancelling]
+    if not (step and message):
+        return sql.update(Task, fields, where, params) == 1
+    with sql.atomic():
+        if sql.update(Task, fields, where, params) != 1:
+            return False
+        status = sql.values(Task, task_id, ["status"])[0]  # (row locked by the update: as written)
+        sql.insert(
+            TaskEvent(
+                task_id=task_id,
+                kind=TaskEvent.KIND_STEP,
+                from_status=status,
+                to_status=status,
+                actor="worker",
+                progress=fields["progress"],
+                message=message,
+                at=clock.now(),
+            )
         )
-    return rows == 1
+    return True
 
 
 def renew_lease(task_id: int, *, token: str) -> str | None:
-    """Extend the lease; return the task's status (cancelling means: stop), None if lost."""
-    now = timezone.now()
+    """Extend the lease (database clock); return the task's status (cancelling means: stop), None if lost."""
+    now = clock.now()
     t = sql.table(Task)
     running, cancelling = sorted(EXECUTING)
     rows = sql.update(
@@ -434,6 +473,48 @@ def read_status(task_id: int, *, token: str) -> str | None:
     return row[0]
 
 
+@retry_on_deadlock
+def release_hold(task_id: int, *, token: str | None = None, expired_before=None) -> bool:
+    """End a task's "stopping" hold: its slot and its instance are free again, and
+    admission runs in the same transaction.
+
+    ``token``: the worker reporting that it has stopped (only the worker that held
+    the lease may). ``expired_before``: the sweep, for a hold whose revoked lease has
+    run out by then (database clock). True when this call released it.
+    """
+    head = sql.values(Task, task_id, ["provider", "instance", "held_until"])
+    if head is None or head[2] is None:
+        return False
+    provider_id, instance_id, _ = head
+    t = sql.table(Task)
+    where, params = f"{t.quoted['id']} = %s AND {t.quoted['held_until']} IS NOT NULL", [task_id]
+    if token is not None:
+        where, params = f"{where} AND {t.quoted['lease_token']} = %s", [*params, token]
+    if expired_before is not None:
+        where, params = f"{where} AND {t.quoted['held_until']} < %s", [*params, expired_before]
+    with sql.atomic():
+        provider = sql.get(Provider, provider_id, lock=True)  # lock order: provider -> instance -> task
+        instance = _lock_instance(instance_id)
+        if sql.update(Task, {"held_until": None, "lease_token": "", "lease_expires_at": None}, where, params) != 1:
+            return False
+        if instance is not None and instance.active_task_id == task_id:
+            sql.update(Instance, {"active_task": None}, f"{sql.col(Instance, 'id')} = %s", [instance.pk])
+        why = "its worker stopped" if token is not None else "its revoked lease ran out"
+        logger.info("task %s: hold released (%s): slot and instance free", task_id, why)
+        if provider is not None:
+            from tasks.engine.dispatch import admit_locked
+
+            admit_locked(provider)
+    return True
+
+
+def release_expired_holds(now=None) -> list[int]:
+    """The sweep: release every hold whose revoked lease has run out (database clock)."""
+    now = now or clock.now()
+    ids = list(Task.objects.filter(held_until__lt=now).values_list("pk", flat=True)[:500])
+    return [pk for pk in ids if release_hold(pk, expired_before=now)]
+
+
 def force_stop(task_id: int, *, actor: str, reason: str) -> bool:
     """Admin: end any non-terminal task at once as cancelled, revoke its lease."""
     return finish(
@@ -451,43 +532,50 @@ def force_stop(task_id: int, *, actor: str, reason: str) -> bool:
 
 
 def recover_lost(task_id: int, *, actor: str = "system:recovery") -> bool:
-    """A running task whose lease expired: its worker is gone.
+    """A running task whose lease expired (database clock): its worker is gone.
 
-    Past its deadline it ends ``timeout`` (the hard backstop killed it), else
-    ``failed``/worker_lost. The instance is marked for reconciliation.
+    Recovery never acts before the lease has run out, so the task's slot and
+    instance stay held until then: a worker that lost its database stops its own
+    operation before that (its local lease deadline, providers.base.LeaseClock).
+    What becomes of the task is decided by :func:`recovery_outcome` alone.
     """
     task = Task.objects.filter(pk=task_id).only("started_at", "timeout_seconds", "task_type").first()
     if task is None:
         return False
-    deadline = task.deadline
-    if deadline is not None and deadline <= timezone.now():
-        return finish(
-            task_id,
-            TIMEOUT,
-            token=None,
-            actor=actor,
-            sources=EXECUTING,
-            error_code=ErrorCode.TIMEOUT,
-            error_message=f"timed out after {task.effective_timeout} s; the worker did not stop and was killed",
-            require_lease_expired=True,
-            needs_reconcile=True,
-        )
     return finish(
         task_id,
-        FAILED,
         token=None,
         actor=actor,
         sources=EXECUTING,
-        error_code=ErrorCode.WORKER_LOST,
-        error_message="the worker running this task stopped renewing its lease",
         require_lease_expired=True,
         needs_reconcile=True,
+        **recovery_outcome(task, clock.now()),
     )
+
+
+def recovery_outcome(task: Task, now) -> dict[str, Any]:
+    """What recovery does with a task whose lease ran out: the target and its error.
+
+    Past its deadline it ends ``timeout`` (the hard backstop killed it), else
+    ``failed``/worker_lost.
+    """
+    deadline = task.deadline
+    if deadline is not None and deadline <= now:
+        return {
+            "target": TIMEOUT,
+            "error_code": ErrorCode.TIMEOUT,
+            "error_message": f"timed out after {task.effective_timeout} s; the worker did not stop and was killed",
+        }
+    return {
+        "target": FAILED,
+        "error_code": ErrorCode.WORKER_LOST,
+        "error_message": "the worker running this task stopped renewing its lease",
+    }
 
 
 def release_lease(task_id: int, *, token: str) -> bool:
     """Graceful shutdown: give the lease up at once so recovery acts without waiting."""
-    past = timezone.now() - timedelta(seconds=1)
+    past = clock.now() - timedelta(seconds=1)
     return bool(Task.objects.filter(pk=task_id, lease_token=token, status__in=EXECUTING).update(lease_expires_at=past))
 
 

@@ -14,8 +14,14 @@ django-q2's process timer and recovery stay behind both.
 ``run_job`` is django-q2's entry point: after a task it runs the next one its
 finish admitted on the same provider (hand-over), without a broker round trip.
 
-A worker that cannot renew its lease (database gone, lease revoked) cancels its
-own operation; its writes are fenced by the token anyway.
+A worker that cannot prove its lease stops by itself: the cancel token carries
+the lease's local deadline (providers.base.LeaseClock, TASK_LEASE_SECONDS -
+TASK_HEARTBEAT_SECONDS after the last renewal was sent, which is before the
+database's lease runs out), checked at every safe point, so a hung database
+call or a dead heartbeat stops the operation as surely as a revoked lease. A
+task ended by someone else (force-stop, the timeout sweep) keeps its slot and
+instance until this worker reports its exit (transitions.release_hold) or its
+revoked lease runs out; its writes are fenced by the token anyway.
 """
 
 from __future__ import annotations
@@ -39,13 +45,14 @@ from providers.base import (
     CANCEL_TIMEOUT,
     CANCEL_USER,
     CancelToken,
+    LeaseClock,
     OperationCancelled,
     ProviderConfig,
     ProviderError,
     UnreachableError,
     build_driver,
 )
-from tasks.engine import health, transitions
+from tasks.engine import clock, health, transitions
 from tasks.engine.states import CANCELLED, CANCELLING, COMPLETED, FAILED, TIMEOUT, ErrorCode
 from tasks.models import Task, Worker
 from tasks.operations import get_operation
@@ -53,14 +60,20 @@ from tasks.operations.base import ExecutionContext
 
 logger = logging.getLogger(__name__)
 
-# Set by the worker process's SIGTERM handling (graceful shutdown): running
-# operations are cancelled with CANCEL_SHUTDOWN after the grace period.
-_shutdown = threading.Event()
 _current: dict[int, CancelToken] = {}
 # The heartbeat kills the process this long after the alarm should have stopped the operation.
 HARD_KILL_SLACK = 2.0
 # What a task killed at its hard timeout records, by the alarm or by the heartbeat.
 HARD_TIMEOUT = {"error_code": ErrorCode.TIMEOUT, "error_message": "killed at the hard timeout"}
+# How long the end of a task waits for a heartbeat tick in progress (normally milliseconds;
+# a tick stuck in a hung database call is left behind: its writes are fenced anyway).
+UNWATCH_WAIT_SECONDS = 2.0
+
+
+def lease_margin() -> float:
+    """How long after sending a renewal (or the claim) the worker still counts its lease as
+    proven: the lease minus a heartbeat, so it stops before the database's lease runs out."""
+    return float(settings.TASK_LEASE_SECONDS - settings.TASK_HEARTBEAT_SECONDS)
 
 
 def draining_since() -> float | None:
@@ -116,6 +129,10 @@ class Watch:
                 status = transitions.renew_lease(self.task_id, token=self.token)
                 if status is not None:
                     self.last_renewed = now
+                    # (``now`` was taken before the renewal was sent: the database's new
+                    # lease runs out at least a margin after this local deadline.)
+                    if self.cancel.lease is not None:
+                        self.cancel.lease.extend(now + lease_margin())
                     Worker.objects.filter(name=self.worker).update(last_heartbeat=timezone.now())
             else:
                 status = transitions.read_status(self.task_id, token=self.token)
@@ -132,7 +149,7 @@ class Watch:
         elif status == CANCELLING:
             self.cancel.cancel(CANCEL_USER)
         since = draining_since()
-        if _shutdown.is_set() or (since is not None and time.time() - since >= settings.TASK_SHUTDOWN_GRACE_SECONDS):
+        if since is not None and time.time() - since >= settings.TASK_SHUTDOWN_GRACE_SECONDS:
             self.cancel.cancel(CANCEL_SHUTDOWN)
 
     def kill(self) -> None:
@@ -189,8 +206,18 @@ class Heartbeat(threading.Thread):
         return w
 
     def unwatch(self, w: Watch) -> None:
-        with w.lock:  # waits for a tick in progress: no write for the task after this
-            w.active = False
+        """Stop watching: waits for a tick in progress, but not for long.
+
+        A tick stuck in a hung database call (a half-open connection) is left to
+        the read timeout: the operation has ended, and whatever that tick still
+        writes is fenced by the token (a renewal needs the task still executing).
+        """
+        got = w.lock.acquire(timeout=UNWATCH_WAIT_SECONDS)
+        w.active = False
+        if got:
+            w.lock.release()
+        else:
+            logger.warning("task %s: heartbeat stuck in a database call; not waiting for it", w.task_id)
         with self._lock:
             self._watches.pop(id(w), None)
 
@@ -225,6 +252,8 @@ class ProgressReporter:
         self.last = (-1, "")
 
     def __call__(self, percent: int, message: str) -> None:
+        if self.cancel.cancelled and self.cancel.reason == CANCEL_LEASE_LOST:
+            return  # fenced: nothing to write, and a hung database must not hold the operation up
         percent = max(0, min(100, int(percent)))
         now = time.monotonic()
         step = message != self.last[1]
@@ -299,10 +328,11 @@ class Handoff:
         self.until = until  # (monotonic) end of the job's django-q2 timeout; None: no room
         self.registry: dict | None = None
         self.task: Task | None = None
+        self.offered_at = time.monotonic()  # when the finish that may claim for us began
 
     def fits(self, timeout_seconds: int) -> bool:
         """Room for the task's whole timeout and grace in this job, and this worker is not stopping."""
-        if self.until is None or _shutdown.is_set() or draining_since() is not None:
+        if self.until is None or draining_since() is not None:
             return False
         return time.monotonic() + timeout_seconds + settings.TASK_HARD_KILL_GRACE_SECONDS + 1 <= self.until
 
@@ -327,7 +357,7 @@ def run_job(task_id: int, token: str, seconds: int | None = None) -> str:
     handed = 0
     while handoff.task is not None:
         task, handoff.task = handoff.task, None
-        run_claimed(task, handoff=handoff)
+        run_claimed(task, handoff=handoff, leased_at=handoff.offered_at)
         handed += 1
         arm_hard_kill(handoff.until - time.monotonic())  # the job's own limit between two tasks
     return f"{outcome}, then {handed} handed over" if handed else outcome
@@ -347,19 +377,30 @@ def execute(task_id: int, token: str, *, heartbeat: bool = True, handoff: Handof
         logger.info("task %s: worker draining; job left for others", task_id)
         return "draining"
     registry = _registry_due()
+    leased_at = time.monotonic()
     task = transitions.claim_task(task_id, token=token, worker=name, registry=registry)
     if task is None:
         logger.info("task %s: job not claimable (duplicate, late or revoked); dropped", task_id)
         return "dropped"
     _registry_claimed(registry)
-    return run_claimed(task, heartbeat=heartbeat, handoff=handoff)
+    return run_claimed(task, heartbeat=heartbeat, handoff=handoff, leased_at=leased_at)
 
 
-def run_claimed(task: Task, *, heartbeat: bool = True, handoff: Handoff | None = None) -> str:
-    """Run a task this worker claimed, and record its outcome."""
+def run_claimed(
+    task: Task, *, heartbeat: bool = True, handoff: Handoff | None = None, leased_at: float | None = None
+) -> str:
+    """Run a task this worker claimed, and record its outcome.
+
+    ``leased_at``: (monotonic) when the claim was sent; the lease is proven for
+    lease_margin() from then, and from each renewal on. Without a heartbeat (tests
+    in one transaction) nothing renews it, and the token carries no lease deadline.
+    """
     task_id, token, name = task.pk, task.lease_token, worker_name()
-    elapsed = (timezone.now() - task.started_at).total_seconds()
-    cancel = CancelToken(deadline=time.monotonic() + task.effective_timeout - elapsed)
+    elapsed = (clock.now() - task.started_at).total_seconds()
+    lease = (
+        LeaseClock((leased_at if leased_at is not None else time.monotonic()) + lease_margin()) if heartbeat else None
+    )
+    cancel = CancelToken(deadline=time.monotonic() + task.effective_timeout - elapsed, lease=lease)
     arm_hard_kill(task.effective_timeout - elapsed + settings.TASK_HARD_KILL_GRACE_SECONDS)
     _current[task_id] = cancel
     watch = Heartbeat.get().watch(task_id, token, cancel, name) if heartbeat else None
@@ -404,7 +445,8 @@ def run_claimed(task: Task, *, heartbeat: bool = True, handoff: Handoff | None =
         if watch is not None:
             Heartbeat.get().unwatch(watch)
             watch = None
-        _finish(task_id, token, TIMEOUT, ctx, HARD_TIMEOUT)
+        if not _finish(task_id, token, TIMEOUT, ctx, HARD_TIMEOUT):
+            _report_exit(task_id, token)  # (the operation was interrupted: it no longer runs)
         _current.pop(task_id, None)
         raise
     finally:
@@ -419,10 +461,23 @@ def run_claimed(task: Task, *, heartbeat: bool = True, handoff: Handoff | None =
     elif status != "fenced":
         if handoff is not None:
             handoff.registry = _registry_due()
+            handoff.offered_at = time.monotonic()
         outcome = status if _finish(task_id, token, status, ctx, fields, handoff) else "fenced"
     if outcome == "fenced":
         logger.warning("task %s: result (%s) not recorded: the lease is no longer ours", task_id, status)
+        _report_exit(task_id, token)
     return outcome
+
+
+def _report_exit(task_id: int, token: str) -> None:
+    """This worker has stopped touching the host for a task someone else ended: free the
+    slot and instance it kept held (transitions.release_hold). If this fails, the sweep
+    frees them once the revoked lease has run out."""
+    try:
+        transitions.release_hold(task_id, token=token)
+    except Exception:
+        logger.warning("task %s: could not report the worker's exit; the hold ends with the lease", task_id)
+        connection.close()
 
 
 def _mark_unreachable(task: Task, exc: UnreachableError) -> None:
@@ -468,13 +523,6 @@ def _finish(
             connection.close()
             time.sleep(min(0.5 * 2**attempt, 4))
     return False
-
-
-def request_shutdown() -> None:
-    """Graceful shutdown of this process: cancel running operations (they release their lease)."""
-    _shutdown.set()
-    for cancel in list(_current.values()):
-        cancel.cancel(CANCEL_SHUTDOWN)
 
 
 def run_admitted_inline(provider_id: int | None = None, max_tasks: int = 10_000) -> int:

@@ -21,10 +21,10 @@ import logging
 
 from django.utils import timezone
 
-from providers.base import OperationCancelled, ProviderError, no_progress
+from providers.base import CANCEL_LEASE_LOST, OperationCancelled, ProviderError, no_progress
 from tasks import crypto, resources, traffic
-from tasks.engine.states import CANCELLED, COMPLETED, InstanceStatus, TaskType
-from tasks.models import Instance, PortMapping
+from tasks.engine.states import CANCELLED, COMPLETED, EXECUTING, InstanceStatus, TaskType
+from tasks.models import Instance, PortMapping, Task
 from tasks.operations import register
 from tasks.operations.base import ExecutionContext, Operation, Outcome
 from tasks.operations.steps import (
@@ -79,7 +79,13 @@ class CreateOperation(Operation):
             # Drivers with host-allocated ids (Proxmox VMIDs) reserve one first; it is
             # stored before the create call, so a retry after a crash reuses it.
             spec.ref = {**spec.ref, **steps.call("reserving the guest id", lambda p: reserve(spec), 3, 5)}
-            Instance.objects.filter(pk=instance.pk).update(provider_ref=spec.ref)
+            # Only while this worker still holds the task's lease: a fenced worker must not
+            # rewrite the ref of an instance that another task may already work on.
+            held = Task.objects.filter(pk=ctx.task.pk, lease_token=ctx.task.lease_token, status__in=EXECUTING).values(
+                "pk"
+            )
+            if not Instance.objects.filter(pk=instance.pk, active_task_id__in=held).update(provider_ref=spec.ref):
+                raise OperationCancelled(CANCEL_LEASE_LOST)
             instance.provider_ref = spec.ref
         ref = steps.call("creating the guest", lambda p: driver.create(spec, ctx.cancel, p), 5, 55)
         ref = {**ref, "name": ref.get("name") or spec.name}

@@ -229,7 +229,9 @@ def cleanup_token(ctx: ExecutionContext) -> CancelToken:
     if ctx.cancel.deadline is not None:
         hard_kill = ctx.cancel.deadline + float(settings.TASK_HARD_KILL_GRACE_SECONDS)
         budget = min(budget, max(1.0, hard_kill - time.monotonic() - 1.0))
-    return CancelToken(deadline=time.monotonic() + budget)
+    # The task's lease still bounds it: a worker that cannot prove its lease stops its
+    # undo too (the task's slot and instance are free once the lease has run out).
+    return CancelToken(deadline=time.monotonic() + budget, lease=ctx.cancel.lease)
 
 
 class GuestOperation(Operation):

@@ -343,3 +343,22 @@ def test_list_counts_from_the_stats_aggregate(
     response = root_client.get(changelist("task"), query)
     assert response.context["cl"].result_count == expected == len(response.context["cl"].result_list)
     assert bool(calls) == aggregated
+
+
+def test_a_stopping_hold_is_shown_on_the_task_and_its_provider(root_client, alice, provider, make_instance):
+    """A force-stopped task whose worker may still be inside a provider call: its slot and
+    instance are held, and the console says so (issue 22)."""
+    from tasks import services
+
+    task = services.request_operation(alice, make_instance(alice, provider).pk, "stop")
+    dispatch.admit(provider.pk)
+    task.refresh_from_db()
+    assert transitions.claim(task.pk, token=task.lease_token, worker="w1")
+    assert transitions.force_stop(task.pk, actor="admin:root", reason="stuck")
+    page = root_client.get(change_url("task", task.pk)).content.decode()
+    assert ">stopping</span>" in page and "the provider slot and the instance stay held" in page
+    listing = root_client.get(changelist("task")).content.decode()
+    assert ">stopping</span>" in listing
+    assert "1 stopping" in root_client.get(changelist("provider")).content.decode()
+    transitions.release_hold(task.pk, token=task.lease_token)
+    assert ">stopping</span>" not in root_client.get(change_url("task", task.pk)).content.decode()

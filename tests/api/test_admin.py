@@ -83,9 +83,16 @@ def test_force_stop_ends_a_running_task_at_once(as_root, alice, running_instance
     body = response.json()
     assert (body["status"], body["error_code"], body["cancel_reason"]) == ("cancelled", "force_stopped", "worker hung")
     instance = Instance.objects.get(pk=running_instance.pk)
-    assert instance.active_task_id is None and instance.needs_reconcile is True
+    # Terminal for everyone at once, but its worker may still be inside a provider call:
+    # the instance stays held ("stopping") until the worker says it stopped or the lease ends.
+    assert instance.active_task_id == task.pk and instance.needs_reconcile is True
+    assert Task.objects.get(pk=task.pk).held_until is not None
     again = as_root.post(f"/api/v1/admin/tasks/{task.pk}/force-stop/", {"reason": "again"}, format="json")
     assert (again.status_code, again.json()["code"]) == (409, "not_cancellable")
+    from tasks.engine import transitions
+
+    transitions.release_expired_holds(Task.objects.get(pk=task.pk).held_until + timedelta(seconds=1))
+    assert Instance.objects.get(pk=running_instance.pk).active_task_id is None
 
 
 def test_force_stop_of_unknown_task_is_404(as_root):

@@ -62,8 +62,15 @@ def test_stuck_past_deadline_with_a_live_lease_is_timed_out(alice, provider, mak
     stuck = _running(alice, make_instance(alice, provider), lease_age=-10, started_ago=3600, timeout=60)
     out = run()
     stuck.refresh_from_db()
-    assert (stuck.status, stuck.lease_token) == ("timeout", "")
-    assert "timed out 1" in out
+    assert stuck.status == "timeout" and "timed out 1" in out
+    # Its worker still renewed the lease: slot and instance stay held until that lease runs out.
+    assert stuck.held_until == stuck.lease_expires_at and stuck.instance.active_task_id == stuck.pk
+    Task.objects.filter(pk=stuck.pk).update(held_until=timezone.now() - timedelta(seconds=1))
+    out = run()
+    stuck.refresh_from_db()
+    stuck.instance.refresh_from_db()
+    assert (stuck.held_until, stuck.lease_token, stuck.instance.active_task_id) == (None, "", None)
+    assert f"task {stuck.pk}: its revoked lease ran out: slot and instance released" in out
 
 
 def test_a_held_provider_is_probed_and_its_queue_resumed(alice, provider, make_instance):

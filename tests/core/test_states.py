@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from tasks.engine import transitions
 from tasks.engine.states import ALL_STATES, FINAL, RUNNING, TRANSITIONS
-from tasks.models import Task, TaskEvent
+from tasks.models import Instance, Task, TaskEvent
 from tests.conftest import make_task
 
 PAIRS = list(itertools.product(ALL_STATES, ALL_STATES))
@@ -60,14 +60,25 @@ def test_worker_writes_are_fenced_by_the_token(running_instance):
 def test_force_stop_revokes_the_lease(running_instance):
     task = make_task(running_instance, lease_token="tok", admitted_at=timezone.now())
     assert transitions.claim(task.pk, token="tok", worker="w")
+    Instance.objects.filter(pk=running_instance.pk).update(active_task=task)
     assert transitions.force_stop(task.pk, actor="admin:root", reason="stuck") is True
     task.refresh_from_db()
-    assert (task.status, task.error_code, task.lease_token) == ("cancelled", "force_stopped", "")
-    # The old worker's late writes are refused.
+    assert (task.status, task.error_code) == ("cancelled", "force_stopped")
+    # The old worker's late writes are refused (the status is terminal).
     assert transitions.renew_lease(task.pk, token="tok") is None
+    assert transitions.report_progress(task.pk, token="tok", progress=50, message="late", step=True) is False
     assert transitions.finish(task.pk, "completed", token="tok", actor="w") is False
     running_instance.refresh_from_db()
     assert running_instance.needs_reconcile is True
+    # Its worker may still be inside a provider call: the instance stays held until it
+    # reports its exit (by its token) or the revoked lease runs out.
+    assert task.held_until == task.lease_expires_at and running_instance.active_task_id == task.pk
+    assert transitions.release_hold(task.pk, token="other") is False
+    assert transitions.release_hold(task.pk, token="tok") is True
+    task.refresh_from_db()
+    running_instance.refresh_from_db()
+    assert (task.held_until, task.lease_token, running_instance.active_task_id) == (None, "", None)
+    assert not task.events.filter(kind="step").exists()
 
 
 def test_recovery_only_touches_expired_leases(running_instance):

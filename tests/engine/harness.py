@@ -153,3 +153,106 @@ def add_simulated_guests(provider, instances) -> None:
     store = SimulatedStore.for_provider(provider.pk, provider.connection)
     for inst in instances:
         store.put_guest(inst.guest_name, status="running", instance_type=inst.instance_type)
+
+
+class FreezableProxy:
+    """A TCP proxy in front of the database that can stop forwarding without closing
+    anything: every statement of its clients then hangs, as on a half-open connection
+    or a hung server (their read timeout is all that ends it). New connections hang too."""
+
+    def __init__(self, host: str, port: int):
+        import socket
+        import threading
+
+        self.target = (host, port)
+        self.frozen = threading.Event()
+        self.closed = threading.Event()
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self) -> str:
+        d = connection.settings_dict
+        return f"mysql://{d['USER']}:{d['PASSWORD']}@127.0.0.1:{self.port}/{d['NAME']}"
+
+    def freeze(self) -> None:
+        self.frozen.set()
+
+    def thaw(self) -> None:
+        self.frozen.clear()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.frozen.clear()
+        for sock in [self.listener, *self.sockets]:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                return
+            self.sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src, dst) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                while self.frozen.is_set() and not self.closed.is_set():
+                    time.sleep(0.02)  # held: neither side hears anything
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+def calls_overlap(calls: list[dict], limit: int) -> list[str]:
+    """What a monitor of a simulated provider's execution record (SimulatedStore.calls) sees
+    wrong: two calls on one guest at once, or more calls on the host at once than ``limit``.
+    A call with no end (its process died inside it) counts as running until now."""
+    problems = []
+    now = time.time()
+    points = []
+    by_guest: dict[str, list[tuple[float, float, dict]]] = {}
+    for c in calls:
+        end = c["ended"] if c["ended"] is not None else now
+        points += [(c["started"], 1), (end, -1)]
+        by_guest.setdefault(c["guest"], []).append((c["started"], end, c))
+    running = 0
+    for at, delta in sorted(points, key=lambda p: (p[0], p[1])):  # an end at the same instant frees first
+        running += delta
+        if running > limit:
+            problems.append(f"{running} calls on the host at {at:.3f} (limit {limit})")
+    for guest, spans in by_guest.items():
+        spans.sort(key=lambda s: s[0])
+        latest = None  # the call that ends last among those begun so far
+        for start, end, call in spans:
+            if latest is not None and start < latest[1]:
+                before = latest[2]
+                problems.append(
+                    f"{guest}: {call['op']} (pid {call['pid']}) began {latest[1] - start:.3f} s before"
+                    f" {before['op']} (pid {before['pid']}) ended"
+                )
+            if latest is None or end > latest[1]:
+                latest = (start, end, call)
+    return problems

@@ -61,19 +61,18 @@ def test_a_job_without_room_for_the_next_task_sends_it_through_the_broker(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_shutting_down_worker_hands_nothing_over(alice, provider, make_instance, sent, monkeypatch):
+def test_a_shutting_down_worker_hands_nothing_over(alice, provider, make_instance, sent, monkeypatch, tmp_path):
     first, second = serial_backlog(alice, provider, make_instance, 2)
     real_finish = transitions.finish
+    drain = tmp_path / "drain"
+    monkeypatch.setenv("WORKER_DRAIN_FILE", str(drain))
 
     def shutdown_then_finish(*args, **kwargs):
-        worker._shutdown.set()  # SIGTERM arrives as the first task ends
+        drain.touch()  # the machine starts draining as the first task ends
         return real_finish(*args, **kwargs)
 
     monkeypatch.setattr(transitions, "finish", shutdown_then_finish)
-    try:
-        assert run_job(first.pk, first.lease_token, 3600) == "completed"
-    finally:
-        worker._shutdown.clear()
+    assert run_job(first.pk, first.lease_token, 3600) == "completed"
     second.refresh_from_db()
     assert second.status == "pending" and sent[-1][:2] == (second.pk, second.lease_token)
 

@@ -225,6 +225,11 @@ def test_the_live_summary_tells_what_the_sweep_must_do(supervisor, alice, settin
     stale = now - timedelta(seconds=settings.TASK_DISPATCH_TIMEOUT_SECONDS + 1)
     Task.objects.create(provider=provider, status="pending", admitted_at=stale, dispatched_at=stale, **base)
     assert sup.live_summary().stale_dispatch
+    # A force-stopped task whose revoked lease ran out still holds its slot: the sweep frees it.
+    Task.objects.create(provider=provider, status="cancelled", held_until=now + timedelta(seconds=5), **base)
+    assert not sup.live_summary().hold_expired
+    Task.objects.filter(held_until__isnull=False).update(held_until=now - timedelta(seconds=1))
+    assert sup.live_summary().hold_expired
 
 
 def test_a_second_supervisor_of_the_node_is_refused_and_leftovers_are_killed(supervisor, tmp_path):

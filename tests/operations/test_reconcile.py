@@ -74,6 +74,9 @@ def test_deleted_guest_of_a_force_stopped_delete_releases_everything(alice, prov
     assert transitions.force_stop(task.pk, actor="admin:root", reason="stuck")
     instance = fresh(live_instance)
     assert instance.needs_reconcile and usage(instance) == (1, 2, 2, 1)
+    # Held while its worker may still be stopping: nobody reads the guest yet.
+    assert reconcile_instance(instance.pk) is False
+    assert transitions.release_hold(task.pk, token=fresh(task).lease_token)  # the worker reports its exit
     assert reconcile_instance(instance.pk) is True
     instance = fresh(instance)
     assert instance.status == "deleted" and instance.live_name is None and usage(instance) == (0, 0, 0, 0)
