@@ -16,7 +16,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from tasks import ports, resources
+from tasks import live, ports, resources
 from tasks.engine import dispatch, sql, transitions
 from tasks.engine.states import (
     ALLOWED_INSTANCE_STATUS,
@@ -122,6 +122,7 @@ def _new_task(
             at=now,
         )
     )
+    live.publish(task.pk, task.owner_id)
     if admit_now:
         dispatch.send_on_commit(provider.queue_name, [(task.pk, task.lease_token, task.effective_timeout)])
     elif waiting and provider.accepts_work and used < limit:

@@ -86,6 +86,10 @@ class TaskSerializer(serializers.ModelSerializer):
     queue_position = serializers.SerializerMethodField()
     estimated_wait_seconds = serializers.SerializerMethodField()
     blocked_reason = serializers.SerializerMethodField()
+    attempt = serializers.SerializerMethodField()
+    retry_of = serializers.PrimaryKeyRelatedField(
+        read_only=True, allow_null=True, help_text="the task this one asks again (POST .../retry/), or null"
+    )
 
     class Meta:
         model = Task
@@ -112,8 +116,15 @@ class TaskSerializer(serializers.ModelSerializer):
             "queue_position",
             "estimated_wait_seconds",
             "blocked_reason",
+            "attempt",
+            "retry_of",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(serializers.IntegerField(min_value=1))
+    def get_attempt(self, task: Task) -> int:
+        """1, more after a resumption (the claim counts attempts)."""
+        return max(1, task.attempt_count)
 
     def _queue(self, task: Task) -> dict:
         if task.status in FINAL:

@@ -23,7 +23,7 @@ from django.conf import settings
 from django.db import OperationalError, transaction
 from django.utils import timezone
 
-from tasks import crypto
+from tasks import crypto, live
 from tasks.engine import sql
 from tasks.engine.states import (
     CANCELLED,
@@ -87,6 +87,7 @@ def _event(task: Task, from_status: str, to_status: str, actor: str, reason: str
             at=at or timezone.now(),
         )
     )
+    live.publish(task.pk, task.owner_id)  # after commit; nothing with the ORM broker
 
 
 def _lock_instance(instance_id: int | None) -> Instance | None:
@@ -396,6 +397,8 @@ def report_progress(task_id: int, *, token: str, progress: int, message: str, st
     if message:
         fields["status_message"] = message[:255]
     rows = Task.objects.filter(pk=task_id, lease_token=token, status__in=EXECUTING).update(**fields)
+    if rows:
+        live.publish(task_id)
     if rows and step and message:
         status = Task.objects.filter(pk=task_id).values_list("status", flat=True).first() or RUNNING
         TaskEvent.objects.create(
