@@ -75,7 +75,7 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
     list_per_page = 50
     # COUNT(*) over millions of rows on every page is the slowest thing an admin does.
     show_full_result_count = False
-    actions = ("cancel_selected", "force_stop_selected", "delete_finished")
+    actions = ("cancel_selected", "force_stop_selected", "retry_selected", "delete_finished")
     readonly_fields = (
         "uuid",
         "task_type",
@@ -95,6 +95,7 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
         "error_code",
         "error_message",
         "cancel_reason",
+        "retry_of",
         "worker",
         "heartbeat_time",
         "lease_expires_time",
@@ -122,7 +123,7 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
             },
         ),
         ("Timing", {"fields": ("created_time", "admitted_time", "started_time", "completed_time", "duration_col")}),
-        ("Error", {"fields": ("error_code", "error_message", "cancel_reason")}),
+        ("Error", {"fields": ("error_code", "error_message", "cancel_reason", "retry_of")}),
         (
             "Lease",
             {
@@ -405,6 +406,14 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
             danger=True,
             button="Force-stop these tasks",
         )
+
+    @admin.action(description="Retry selected failed, timed-out or cancelled tasks", permissions=["change"])
+    def retry_selected(self, request: HttpRequest, queryset: QuerySet):
+        def retry(task: Task) -> None:
+            new = services.retry_task(request.user, task.pk, admin=True)
+            logger.info("task %s: retried as task %s by %s in the console", task.pk, new.pk, request.user)
+
+        run_bulk("Retry", queryset.order_by("pk"), retry, label=lambda t: f"task {t.pk}").report(self, request)
 
     @admin.action(description="Delete selected finished tasks", permissions=["delete"])
     def delete_finished(self, request: HttpRequest, queryset: QuerySet):

@@ -197,6 +197,28 @@ class TaskViewSet(BaseTaskViewSet):
         return self.task_response(task)
 
     @extend_schema(
+        summary="Retry a task",
+        description="A failed, timed-out or cancelled task is asked again: a new task of the same type on the "
+        "same instance with the same parameters, its `retry_of` naming this one. 409 `not_retryable` for a "
+        "completed or still active task or one whose instance is gone; `instance_busy` or `invalid_state` as "
+        "for a new request.",
+        request=None,
+        responses={
+            202: s.TaskAcceptedSerializer,
+            **DETAIL_ERRORS,
+            409: _error("not_retryable (with `status`), instance_busy (with `active_task`) or invalid_state"),
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def retry(self, request, pk=None):
+        task = services.retry_task(request.user, self.object_id, admin=self.admin)
+        task = self.get_queryset().get(pk=task.pk)
+        return Response(
+            {"task": self.list_serializer(task, context=self.get_serializer_context()).data},
+            status=status.HTTP_202_ACCEPTED,
+        )
+
+    @extend_schema(
         summary="Read the new password once",
         description="The password a completed create or reset-password task produced, to its owner, once. "
         "410 once read, expired, or when the task produced none; 409 while the task has not finished.",
