@@ -36,6 +36,12 @@ _RAW_RUN_WSGI_APP = WsgiToAsgiInstance.__dict__["run_wsgi_app"].func
 class _ThreadedInstance(WsgiToAsgiInstance):
     executor: ThreadPoolExecutor | None = None
 
+    def start_response(self, status, response_headers, exc_info=None):
+        # Django writes Set-Cookie values with a leading space (SimpleCookie.output(header=""));
+        # WSGI servers pass that on, HTTP/1.1 parsers such as h11 refuse it.
+        headers = [(name, value.strip()) for name, value in response_headers]
+        return super().start_response(status, headers, exc_info)
+
     async def run_wsgi_app(self, body):  # asgiref runs it on one shared thread; here: the pool
         call = SyncToAsync(_RAW_RUN_WSGI_APP, thread_sensitive=False, executor=self.executor)
         return await call(self, body)

@@ -298,3 +298,5 @@ WEBHOOK_POLL_SECONDS = env_float("WEBHOOK_POLL_SECONDS", 1.0, minimum=0.05)
 WEBHOOK_CONCURRENCY = env_int("WEBHOOK_CONCURRENCY", 8, minimum=1, maximum=64)
 WEBHOOK_BATCH = env_int("WEBHOOK_BATCH", 200, minimum=1)
 WEBHOOKS_PER_USER = env_int("WEBHOOKS_PER_USER", 10, minimum=1)
+# This machine's worker tier delivers webhooks (a thread of run_workers); any number may.
+WEBHOOK_DELIVERY = env_bool("WEBHOOK_DELIVERY", True)

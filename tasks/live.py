@@ -52,7 +52,7 @@ Change = tuple[int, int | None]
 # --- writers ------------------------------------------------------------------------------
 
 _redis_lock = threading.Lock()
-_redis_client = None
+_redis_clients: dict[str, Any] = {}
 
 
 def channel() -> str:
@@ -61,13 +61,14 @@ def channel() -> str:
 
 
 def _redis():
-    global _redis_client
+    url = settings.REDIS_URL
     with _redis_lock:
-        if _redis_client is None:
+        client = _redis_clients.get(url)
+        if client is None:
             import redis
 
-            _redis_client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1.0, socket_connect_timeout=1.0)
-        return _redis_client
+            client = _redis_clients[url] = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        return client
 
 
 def publish(task_id: int, owner_id: int | None = None) -> None:
@@ -122,7 +123,10 @@ def render(task_ids: list[int], *, user_view: bool = True, admin_view: bool = Fa
         .defer("task_data")
     )
     last = dict(
-        TaskEvent.objects.filter(task_id__in=task_ids).values("task_id").annotate(m=Max("id")).values_list("task_id", "m")
+        TaskEvent.objects.filter(task_id__in=task_ids)
+        .values("task_id")
+        .annotate(m=Max("id"))
+        .values_list("task_id", "m")
     )
     now = timezone.now()
     queue = QueueInfo()
@@ -252,6 +256,7 @@ class Hub:
         self.render_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="live-render")
         self.feed: OrmFeed | None = None
         self.batches = 0  # feed batches handled (tests, the benchmark)
+        self.renders = 0  # render calls: at most one per batch, whatever the number of watchers
 
     # -- watchers
     def watching(self) -> bool:
@@ -377,6 +382,7 @@ class Hub:
         if not wanted:
             return
         do_render = SyncToAsync(_render_in_thread, thread_sensitive=False, executor=self.render_executor)
+        self.renders += 1
         try:
             rendered = await do_render(wanted, admin_view)
         except Exception:

@@ -504,7 +504,7 @@ class Webhook(models.Model):
     EVENTS = ("task.started", "task.completed", "task.failed", "task.timeout", "task.cancelled")
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="webhooks")
-    url = models.URLField(max_length=500)
+    url = models.CharField(max_length=500)
     events = models.JSONField(default=list)
     # The HMAC key, encrypted at rest like every secret (tasks.crypto).
     secret_encrypted = models.TextField(editable=False)

@@ -23,6 +23,7 @@ from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
 from rest_framework.authtoken.models import Token
 
@@ -78,6 +79,7 @@ def _read_task(user, task_id: int):
     return task.status, data
 
 
+@csrf_exempt  # GET only: a POST gets 405, not a CSRF 403
 @require_GET
 async def wait(request, pk: str):
     """Answer when the task is terminal, or after ``timeout`` seconds (at most 60) with its state then."""
@@ -125,6 +127,7 @@ def _may_view_all(user) -> bool:
     return bool(user.is_staff and user.has_perm("tasks.view_task"))
 
 
+@csrf_exempt
 @require_GET
 async def stream(request):
     """Server-Sent Events of the caller's tasks (``?all=1``: everyone's, for operators)."""

@@ -286,6 +286,10 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_signal)
         self.drain_file.unlink(missing_ok=True)
         ensure_schedules()
+        if settings.WEBHOOK_DELIVERY:  # signed webhooks (tasks.webhooks): a thread of its own
+            from tasks import webhooks
+
+            webhooks.start_thread(lambda: self.stopping)
         logger.info("supervisor %s starting (providers: %s)", self.name, settings.WORKER_PROVIDERS or "all")
         # Jobs a previous run of this machine took but never ran: send them again now.
         served = list(served_provider_filter(Provider.objects.all()).values_list("pk", flat=True))
