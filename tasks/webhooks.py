@@ -329,21 +329,18 @@ def _claim(now, limit: int) -> list[WebhookDelivery]:
 def _deliver_group(hook: Webhook, deliveries: list[WebhookDelivery]) -> int:
     """One webhook's due deliveries, in order; after a failure the rest wait for the next try."""
     attempted = 0
-    try:
-        for index, delivery in enumerate(deliveries):
-            ok, code, error, ms = _attempt(delivery, hook)
-            attempted += 1
-            _record(delivery, ok, code, error, ms)
-            if not ok:
-                rest = [d.pk for d in deliveries[index + 1 :]]
-                if rest:
-                    retry_at = WebhookDelivery.objects.filter(pk=delivery.pk).values_list("next_attempt_at", flat=True)
-                    WebhookDelivery.objects.filter(pk__in=rest, status=WebhookDelivery.PENDING).update(
-                        locked_until=None, next_attempt_at=retry_at.first() or timezone.now()
-                    )
-                break
-    finally:
-        connection.close()  # this thread's connection (a pool thread)
+    for index, delivery in enumerate(deliveries):
+        ok, code, error, ms = _attempt(delivery, hook)
+        attempted += 1
+        _record(delivery, ok, code, error, ms)
+        if not ok:
+            rest = [d.pk for d in deliveries[index + 1 :]]
+            if rest:
+                retry_at = WebhookDelivery.objects.filter(pk=delivery.pk).values_list("next_attempt_at", flat=True)
+                WebhookDelivery.objects.filter(pk__in=rest, status=WebhookDelivery.PENDING).update(
+                    locked_until=None, next_attempt_at=retry_at.first() or timezone.now()
+                )
+            break
     return attempted
 
 
@@ -407,8 +404,17 @@ def deliver_due(limit: int | None = None) -> int:
     for delivery in claimed:
         groups[delivery.webhook_id].append(delivery)
         hooks[delivery.webhook_id] = delivery.webhook
-    futures = [_executor().submit(_deliver_group, hooks[pk], group) for pk, group in groups.items()]
+    if settings.WEBHOOK_CONCURRENCY == 1 or len(groups) == 1:
+        return sum(_deliver_group(hooks[pk], group) for pk, group in groups.items())
+    futures = [_executor().submit(_in_pool_thread, hooks[pk], group) for pk, group in groups.items()]
     return sum(f.result() for f in futures)
+
+
+def _in_pool_thread(hook: Webhook, deliveries: list[WebhookDelivery]) -> int:
+    try:
+        return _deliver_group(hook, deliveries)
+    finally:
+        connection.close()  # the pool thread's own connection
 
 
 def run_once() -> tuple[int, int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 
@@ -167,3 +169,31 @@ def test_one_feed_and_one_render_per_batch_serve_every_watcher(asgi_server, alic
     finally:
         for stream in streams:
             stream.close()
+
+
+def test_with_redis_the_change_arrives_through_pub_sub(asgi_server, alice, alice_vm, settings, tmp_path):
+    """Q_BROKER=redis: transitions publish after commit, the hub subscribes (no poll of the database)."""
+    import uuid
+
+    from tasks import live
+    from tests.scaleout.faults import PrivateRedis
+
+    redis_server = PrivateRedis(tmp_path).start()
+    try:
+        settings.Q_BROKER = "redis"
+        settings.REDIS_URL = redis_server.url
+        settings.LIVE_CHANNEL = f"test-live-{uuid.uuid4().hex}"
+        settings.LIVE_POLL_SECONDS = 60  # an ORM poll would be far too late: only pub/sub can deliver
+        stream = open_stream(asgi_server, alice)
+        try:
+            task = services.request_operation(alice, alice_vm.pk, "stop")
+            task = claim(task)
+            started = time.monotonic()
+            assert transitions.report_progress(task.pk, token=task.lease_token, progress=64, message="pub/sub")
+            stream.wait_for(lambda e: e.data["id"] == task.pk and e.data["progress"] == 64, timeout=5)
+            assert time.monotonic() - started < 2
+            assert all(isinstance(h.feed, type(None)) for h in live._hubs.values() if h.streams)
+        finally:
+            stream.close()
+    finally:
+        redis_server.stop()
