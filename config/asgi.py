@@ -2,8 +2,9 @@
 
 Two halves behind one port:
 - the live endpoints (GET /api/v1/tasks/stream/ and /api/v1/tasks/{id}/wait/) go to
-  Django's ASGI handler: they are async views, and a waiting client holds a
-  coroutine, not a thread;
+  tasks.api.live_asgi, a plain ASGI application: a waiting client holds a
+  coroutine and a socket, not a thread (Django's ASGI handler would keep a thread
+  per request for its synchronous middleware while a stream stays open);
 - everything else (the API's DRF views, the admin, /metrics) runs as the WSGI
   application in a pool of WEB_THREADS threads per process, as under gunicorn's
   threaded workers. Django's ASGI handler would run every synchronous view on one
@@ -26,6 +27,8 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 from django.core.wsgi import get_wsgi_application  # noqa: E402
 
 django_asgi = get_asgi_application()
+from tasks.api import live_asgi  # noqa: E402  (after Django's set-up)
+
 LIVE_PATH = re.compile(r"^/api/v1/tasks/(?:stream|[0-9]+/wait)/$")
 
 
@@ -72,7 +75,10 @@ async def application(scope, receive, send):
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-    if scope["type"] == "http" and not LIVE_PATH.match(scope.get("path", "")):
-        await wsgi_half(scope, receive, send)
+    if scope["type"] == "http":
+        if LIVE_PATH.match(scope.get("path", "")):
+            await live_asgi.application(scope, receive, send)
+        else:
+            await wsgi_half(scope, receive, send)
         return
-    await django_asgi(scope, receive, send)
+    await django_asgi(scope, receive, send)  # websockets: none today

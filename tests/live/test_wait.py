@@ -106,3 +106,15 @@ def test_a_timeout_above_60_is_accepted_and_capped(asgi_server, alice, vm):
     run_to(task)
     response = requests.get(wait_url(asgi_server, task.pk, 3600), headers=token_header(alice), timeout=10)
     assert response.status_code == 200 and response.json()["status"] == "completed"
+
+
+def test_under_wsgi_the_django_views_answer_the_same(client, alice, vm):
+    """config.wsgi (no ASGI server) still serves the live paths, through Django's async views."""
+    task = services.request_operation(alice, vm.pk, "stop")
+    run_to(task)
+    headers = {"HTTP_AUTHORIZATION": token_header(alice)["Authorization"]}
+    response = client.get(f"/api/v1/tasks/{task.pk}/wait/?timeout=5", **headers)
+    assert response.status_code == 200 and response.json()["status"] == "completed"
+    assert client.get(f"/api/v1/tasks/{task.pk}/wait/?timeout=x", **headers).json()["field"] == "timeout"
+    assert client.get("/api/v1/tasks/stream/?all=1", **headers).status_code == 403
+    assert client.get(f"/api/v1/tasks/{task.pk}/wait/").status_code == 401
