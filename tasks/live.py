@@ -179,7 +179,7 @@ class OrmFeed:
         from tasks.engine.states import EXECUTING
         from tasks.models import Task, TaskEvent
 
-        close_old_connections()
+        _check_connection()
         try:
             return self._poll(Task, TaskEvent, EXECUTING)
         except Exception:
@@ -403,8 +403,21 @@ class Hub:
             watcher.overflowed = True
 
 
+_checked_at: dict[int, float] = {}
+
+
+def _check_connection(every: float = 30.0) -> None:
+    """close_old_connections at most every ``every`` seconds in this thread: with
+    CONN_HEALTH_CHECKS it costs a round trip, too much before every render or poll."""
+    now = time.monotonic()
+    key = threading.get_ident()
+    if now - _checked_at.get(key, 0.0) >= every:
+        _checked_at[key] = now
+        close_old_connections()
+
+
 def _render_in_thread(task_ids: list[int], admin_view: bool) -> dict[int, Rendered]:
-    close_old_connections()
+    _check_connection()
     try:
         return render(task_ids, user_view=True, admin_view=admin_view)
     except Exception:
