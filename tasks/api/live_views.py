@@ -1,7 +1,11 @@
-"""GET /api/v1/tasks/{id}/wait/ and GET /api/v1/tasks/stream/: async views.
+"""GET /api/v1/tasks/{id}/wait/ and GET /api/v1/tasks/stream/ as Django async views.
 
-They are plain Django async views (DRF's views are synchronous) served by the ASGI
-server (config/asgi.py): a waiting connection holds a coroutine, not a thread.
+Under the ASGI server these paths never reach Django: config/asgi.py sends them
+to tasks.api.live_asgi, which answers the same without a thread per open
+connection. These views serve them under WSGI (config.wsgi, the test client),
+where each waiting request holds its thread; the helpers below (the task read,
+the replay, the permission check) are shared by both.
+
 Both register with the process's tasks.live hub before they read the task(s),
 so a change between the read and the registration still wakes them, and then
 sleep until the hub's feed reports a change (or the time is up): no timer reads
