@@ -384,7 +384,10 @@ class Hub:
         do_render = SyncToAsync(_render_in_thread, thread_sensitive=False, executor=self.render_executor)
         self.renders += 1
         try:
-            rendered = await do_render(wanted, admin_view)
+            # A notice without its owner (a progress write): only tasks someone here watches are rendered.
+            unknown = any(owner is None for _t, owner in changes)
+            watched = owners if unknown and not admin_view else None
+            rendered = await do_render(wanted, admin_view, watched)
         except Exception:
             logger.exception("live feed: rendering %d task(s) failed", len(wanted))
             return
@@ -416,9 +419,13 @@ def _check_connection(every: float = 30.0) -> None:
         close_old_connections()
 
 
-def _render_in_thread(task_ids: list[int], admin_view: bool) -> dict[int, Rendered]:
+def _render_in_thread(task_ids: list[int], admin_view: bool, owners: set[int] | None = None) -> dict[int, Rendered]:
+    from tasks.models import Task
+
     _check_connection()
     try:
+        if owners is not None:
+            task_ids = list(Task.objects.filter(pk__in=task_ids, owner_id__in=owners).values_list("id", flat=True))
         return render(task_ids, user_view=True, admin_view=admin_view)
     except Exception:
         connection.close()
