@@ -333,3 +333,34 @@ DEFAULT_QUOTA_MEMORY_MB = env_int("DEFAULT_QUOTA_MEMORY_MB", 32768, minimum=0)
 DEFAULT_QUOTA_DISK_MB = env_int("DEFAULT_QUOTA_DISK_MB", 512000, minimum=0)
 # How long a new password stays readable (once) through the API.
 PASSWORD_READ_WINDOW_SECONDS = env_int("PASSWORD_READ_WINDOW_SECONDS", 3600, minimum=60)
+
+# --- live updates (tasks.live: GET /api/v1/tasks/stream/ and .../wait/) -------------------
+# ORM broker: how often each web process polls new TaskEvent rows while anyone watches.
+LIVE_POLL_SECONDS = env_float("LIVE_POLL_SECONDS", 0.25, minimum=0.02, maximum=5.0)
+# An event id is trusted to have no lower, still uncommitted neighbour after this long.
+LIVE_GAP_SECONDS = env_float("LIVE_GAP_SECONDS", 5.0, minimum=0.5)
+LIVE_BATCH = env_int("LIVE_BATCH", 2000, minimum=10)
+# Comment line sent to an idle stream this often (keeps proxies from closing it).
+LIVE_KEEPALIVE_SECONDS = env_float("LIVE_KEEPALIVE_SECONDS", 15.0, minimum=0.1)
+# The feed stops this long after its last watcher left (an idle process costs nothing).
+LIVE_IDLE_SECONDS = env_float("LIVE_IDLE_SECONDS", 30.0, minimum=0.0)
+# Messages queued for one slow stream before it is closed (the client resumes with Last-Event-ID).
+LIVE_QUEUE_SIZE = env_int("LIVE_QUEUE_SIZE", 1000, minimum=10)
+LIVE_CHANNEL = env_str("LIVE_CHANNEL")
+# Threads per web process for the ordinary (WSGI) views under the ASGI server (config/asgi.py).
+WEB_THREADS = env_int("WEB_THREADS", 8, minimum=1, maximum=256)
+
+# --- webhooks (tasks.webhooks, delivered by the worker tier) -------------------------------
+WEBHOOK_ALLOW_PRIVATE_TARGETS = env_bool("WEBHOOK_ALLOW_PRIVATE_TARGETS", False)
+WEBHOOK_TIMEOUT_SECONDS = env_float("WEBHOOK_TIMEOUT_SECONDS", 5.0, minimum=0.5, maximum=30.0)
+# Deliveries are retried for this long after the event...
+WEBHOOK_RETRY_SECONDS = env_int("WEBHOOK_RETRY_SECONDS", 86400, minimum=60)
+# ...with waits of 10 s, 30 s, 1, 2, 5, 10, 20, 30 min, then hourly, each times this scale
+# (benchmarks and tests compress time with a small scale).
+WEBHOOK_BACKOFF_SCALE = env_float("WEBHOOK_BACKOFF_SCALE", 1.0, minimum=0.0001)
+WEBHOOK_POLL_SECONDS = env_float("WEBHOOK_POLL_SECONDS", 1.0, minimum=0.05)
+WEBHOOK_CONCURRENCY = env_int("WEBHOOK_CONCURRENCY", 8, minimum=1, maximum=64)
+WEBHOOK_BATCH = env_int("WEBHOOK_BATCH", 200, minimum=1)
+WEBHOOKS_PER_USER = env_int("WEBHOOKS_PER_USER", 10, minimum=1)
+# This machine's worker tier delivers webhooks (a thread of run_workers); any number may.
+WEBHOOK_DELIVERY = env_bool("WEBHOOK_DELIVERY", True)

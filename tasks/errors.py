@@ -86,3 +86,7 @@ class ProviderUnavailable(Conflict):
 class Gone(ServiceError):
     code = "gone"
     http_status = 410
+
+
+class NotRetryable(Conflict):
+    code = "not_retryable"

@@ -112,6 +112,7 @@ class TaskCollector(Collector):
                 series.append((floatToGoString(bound), cumulative))
             histogram.add_metric([task_type], series, duration_sum[task_type])
         yield histogram
+        yield _wait_histogram()
 
         done = CounterMetricFamily(
             f"{PREFIX}_tasks_finished", "Tasks that reached a terminal state", labels=["task_type", "status"]
@@ -153,6 +154,25 @@ def _oldest_wait(provider_id: int, now) -> float:
         .first()
     )
     return max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
+
+
+def _wait_histogram() -> HistogramMetricFamily:
+    """created -> started of the tasks started in the last 24 h (a window, not a counter since start:
+    use histogram_quantile on it directly, not over rate())."""
+    from tasks.waitstats import BUCKETS, wait_stats
+
+    family = HistogramMetricFamily(
+        f"{PREFIX}_task_wait_seconds",
+        "Seconds from created to started of tasks started in the last 24 h",
+        labels=["provider", "task_type"],
+    )
+    for row in wait_stats()["by_provider_type"]:
+        cumulative, series = 0, []
+        for bound, n in zip([*BUCKETS, float("inf")], row["buckets"], strict=True):
+            cumulative += n
+            series.append((floatToGoString(bound), cumulative))
+        family.add_metric([row["provider"]["name"], row["task_type"]], series, row["sum"])
+    return family
 
 
 registry = CollectorRegistry(auto_describe=False)

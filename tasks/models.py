@@ -323,6 +323,16 @@ class Task(models.Model):
     # terminal for its user. NULL: nothing held.
     held_until = models.DateTimeField(null=True, blank=True, editable=False, verbose_name=_("held until"))
     dispatch_count = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("dispatch count"))
+    # The task this one asks again (POST .../retry/): same type, instance and parameters.
+    retry_of = models.ForeignKey(
+        "self",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="retries",
+        editable=False,
+        verbose_name=_("retry of"),
+    )
 
     class Meta:
         verbose_name = _("task")
@@ -618,3 +628,97 @@ class TaskDeletions(models.Model):
             _row, created = cls.objects.get_or_create(pk=1, defaults={"deleted": n})
             if not created:  # another deleter created it meanwhile
                 cls.objects.filter(pk=1).update(deleted=models.F("deleted") + n)
+
+
+class Webhook(models.Model):
+    """A user's endpoint told about their tasks (tasks.webhooks delivers)."""
+
+    EVENTS = ("task.started", "task.completed", "task.failed", "task.timeout", "task.cancelled")
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="webhooks")
+    url = models.CharField(max_length=500)
+    events = models.JSONField(default=list)
+    # The HMAC key, encrypted at rest like every secret (tasks.crypto).
+    secret_encrypted = models.TextField(editable=False)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        indexes = [models.Index(fields=["owner", "enabled"], name="webhook_owner_enabled")]
+
+    def __str__(self) -> str:
+        return f"webhook {self.pk} of {self.owner_id}: {self.url}"
+
+    @property
+    def secret(self) -> str:
+        return crypto.decrypt(self.secret_encrypted)
+
+    @secret.setter
+    def secret(self, value: str) -> None:
+        self.secret_encrypted = crypto.encrypt(value)
+
+
+class WebhookDelivery(models.Model):
+    """One event for one webhook: its exact body, retried with backoff until delivered or given up."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    STATUS_CHOICES = [(PENDING, "Pending"), (DELIVERED, "Delivered"), (FAILED, "Failed")]
+
+    webhook = models.ForeignKey(Webhook, on_delete=models.CASCADE, related_name="deliveries")
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="+")
+    # The TaskEvent that caused it: unique per webhook, so a second scan never doubles it.
+    event_id = models.BigIntegerField()
+    event = models.CharField(max_length=30)
+    body = models.TextField()
+    status = models.CharField(max_length=10, choices=STATUS_CHOICES, default=PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    # A deliverer holds the row until then (another machine skips it meanwhile).
+    locked_until = models.DateTimeField(null=True, blank=True)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_response_code = models.PositiveIntegerField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True, default="")
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "webhook deliveries"
+        constraints = [
+            models.UniqueConstraint(fields=["webhook", "event_id"], name="webhook_delivery_once"),
+        ]
+        indexes = [
+            # the deliverer: WHERE status='pending' AND next_attempt_at <= now ORDER BY next_attempt_at
+            models.Index(fields=["status", "next_attempt_at"], name="webhook_delivery_due"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event} of task {self.task_id} to webhook {self.webhook_id} [{self.status}]"
+
+
+class WebhookAttempt(models.Model):
+    """One HTTP attempt of a delivery (the admin shows them)."""
+
+    delivery = models.ForeignKey(WebhookDelivery, on_delete=models.CASCADE, related_name="attempt_log")
+    at = models.DateTimeField(default=timezone.now)
+    ok = models.BooleanField(default=False)
+    response_code = models.PositiveIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True, default="")
+    duration_ms = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["at", "id"]
+
+    def __str__(self) -> str:
+        return f"attempt of delivery {self.delivery_id} at {self.at}: {self.response_code or self.error}"
+
+
+class WebhookCursor(models.Model):
+    """Where the webhook scan of TaskEvent rows stands (one row, id 1; locked by the scanner)."""
+
+    last_event_id = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"webhook cursor at event {self.last_event_id}"

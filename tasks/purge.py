@@ -15,7 +15,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from tasks.engine.states import FINAL
-from tasks.models import Instance, Task, TaskDeletions, TaskEvent, TaskSecret, Worker
+from tasks.models import Instance, Task, TaskDeletions, TaskEvent, TaskSecret, WebhookDelivery, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ def purge(
             keep = set(Instance.objects.filter(active_task_id__in=ids).values_list("active_task_id", flat=True))
             ids = [i for i in ids if i not in keep]
             Worker.objects.filter(current_task_id__in=ids).update(current_task=None)
+            # Rows that point at the tasks (the raw DELETE below runs no ORM cascade).
+            Task.objects.filter(retry_of_id__in=ids).update(retry_of=None)
+            WebhookDelivery.objects.filter(task_id__in=ids).delete()  # and their attempts
             # Plain DELETEs by primary key lists: no ORM collector, short row locks.
             TaskEvent.objects.filter(task_id__in=ids)._raw_delete(TaskEvent.objects.db)
             TaskSecret.objects.filter(task_id__in=ids)._raw_delete(TaskSecret.objects.db)

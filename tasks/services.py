@@ -17,14 +17,19 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from tasks import ports, resources, traffic_counters
+from tasks import live, ports, resources, traffic_counters
 from tasks.engine import clock, dispatch, sql, transitions
 from tasks.engine.states import (
     ALLOWED_INSTANCE_STATUS,
     CANCELLABLE,
+    CANCELLED,
+    COMPLETED,
+    FAILED,
     FINAL,
+    INSTANCE_GONE,
     PENDING,
     RUNNING,
+    TIMEOUT,
     InstanceStatus,
     TaskStatus,
     TaskType,
@@ -38,6 +43,7 @@ from tasks.errors import (
     NameTaken,
     NotCancellable,
     NotFound,
+    NotRetryable,
     ProviderUnavailable,
     TrafficLimitExceeded,
 )
@@ -128,6 +134,7 @@ def _new_task(
             at=now,
         )
     )
+    live.publish(task.pk, task.owner_id)
     if admit_now:
         dispatch.send_on_commit(provider.queue_name, [(task.pk, task.lease_token, task.effective_timeout)])
     elif waiting and provider.accepts_work and used < limit:
@@ -430,6 +437,79 @@ def force_stop_task(user, task_id, *, reason: str) -> Task:
         )
     task.refresh_from_db()
     return task
+
+
+RETRYABLE = frozenset({FAILED, TIMEOUT, CANCELLED})
+CREATE_PARAMETERS = ("image", "instance_type", "cpu", "memory_mb", "disk_mb")
+
+
+def retry_task(user, task_id, *, admin: bool = False) -> Task:
+    """Ask a failed, timed-out or cancelled task again: a new task of the same type on the
+    same instance with the same parameters, ``retry_of`` naming the old one.
+
+    409 not_retryable when the task completed, is still active, or its instance (or
+    port mapping) is gone; instance_busy / invalid_state as for a new request.
+    """
+    old = visible_tasks(user, admin=admin).select_related("instance", "port_mapping").filter(pk=task_id).first()
+    if old is None:
+        raise NotFound("no such task")
+    if old.status not in RETRYABLE:
+        why = "completed" if old.status == COMPLETED else "still active"
+        raise NotRetryable(f"a {old.status} task cannot be retried ({why})", status=old.status)
+    instance = old.instance
+    if instance is None or instance.status in INSTANCE_GONE:
+        raise NotRetryable("its instance is gone; create a new one", status=old.status)
+    timeout = old.timeout_seconds
+    with transaction.atomic():
+        if old.task_type == TaskType.CREATE:
+            new = _retry_create(user, old, admin=admin)
+        elif old.task_type == TaskType.CREATE_PORT:
+            mapping = old.port_mapping
+            if mapping is None:
+                raise NotRetryable("its port mapping is gone", status=old.status)
+            new, _mapping = create_port(
+                user,
+                instance.pk,
+                protocol=mapping.protocol,
+                guest_port=mapping.guest_port_start,
+                host_port=mapping.host_port_start,
+                count=mapping.host_port_end - mapping.host_port_start + 1,
+                description=mapping.description,
+                admin=admin,
+                timeout_seconds=timeout,
+            )
+        elif old.task_type == TaskType.DELETE_PORT:
+            if old.port_mapping_id is None:
+                raise NotRetryable("its port mapping is gone", status=old.status)
+            try:
+                new = delete_port(user, instance.pk, old.port_mapping_id, admin=admin, timeout_seconds=timeout)
+            except NotFound:
+                raise NotRetryable("its port mapping is gone", status=old.status) from None
+        else:
+            new = request_operation(user, instance.pk, old.task_type, admin=admin, timeout_seconds=timeout)
+        Task.objects.filter(pk=new.pk).update(retry_of=old)
+        new.retry_of = old
+    logger.info("task %s: retry of task %s by %s", new.pk, old.pk, user)
+    return new
+
+
+def _retry_create(user, old: Task, *, admin: bool) -> Task:
+    """A create whose guest may still exist (the instance holds its resources): run it again;
+    creates converge on the deterministic guest name. A create that released everything
+    (the instance failed or was deleted) is refused by the caller."""
+    provider, instance = _lock_for_new_task(user, old.instance_id, admin=admin)
+    if instance.active_task_id is not None:
+        raise InstanceBusy(instance.active_task_id)
+    if instance.status in INSTANCE_GONE or not instance.holds_resources:
+        raise NotRetryable("its instance is gone; create a new one", status=old.status)
+    return _new_task(
+        provider=provider,
+        task_type=TaskType.CREATE,
+        instance=instance,
+        initiator=user,
+        timeout_seconds=old.timeout_seconds,
+        task_data={k: old.task_data[k] for k in CREATE_PARAMETERS if k in old.task_data},
+    )
 
 
 def read_password_once(user, task_id) -> str:

@@ -222,6 +222,9 @@ def reset_cache() -> None:
     """Forget the kept base aggregates (tests; after bulk changes to old rows)."""
     with _lock:
         _bases.clear()
+    from tasks.waitstats import clear_cache
+
+    clear_cache()
 
 
 def _target_boundary(now: datetime) -> datetime:
@@ -514,4 +517,14 @@ def task_stats(now: datetime | None = None) -> dict[str, Any]:
         "slots": slots,
         "worker_utilization": round(running / slots, 4) if slots else None,
         "workers": worker_counts(now),
+        "wait": _wait(),
     }
+
+
+def _wait() -> dict[str, Any]:
+    """created -> started per provider and type, last 24 h (tasks.waitstats), without the histogram's buckets."""
+    from tasks.waitstats import wait_stats
+
+    data = wait_stats()
+    keep = ("provider", "task_type", "count", "avg", "p50", "p95")
+    return {**data, "by_provider_type": [{k: row[k] for k in keep} for row in data["by_provider_type"]]}

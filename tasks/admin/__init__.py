@@ -10,7 +10,13 @@ tasks.admin.views, routed through TaskAdmin.get_urls. See docs/admin.md.
 
 from __future__ import annotations
 
-from tasks.admin import instance_admin, other_admin, provider_admin, task_admin  # noqa: F401  (registrations)
+from tasks.admin import (  # noqa: F401  (registrations)
+    instance_admin,
+    other_admin,
+    provider_admin,
+    task_admin,
+    webhook_admin,
+)
 from tasks.admin.permissions import connect as _connect_permissions
 
 _connect_permissions()

@@ -99,7 +99,7 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
     list_per_page = 50
     # COUNT(*) over millions of rows on every page is the slowest thing an admin does.
     show_full_result_count = False
-    actions = ("cancel_selected", "force_stop_selected", "delete_finished")
+    actions = ("cancel_selected", "force_stop_selected", "retry_selected", "delete_finished")
     readonly_fields = (
         "uuid",
         "task_type",
@@ -119,6 +119,7 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
         "error_code",
         "error_message",
         "cancel_reason",
+        "retry_of",
         "worker",
         "heartbeat_time",
         "lease_expires_time",
@@ -146,7 +147,7 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
             },
         ),
         (_("Timing"), {"fields": ("created_time", "admitted_time", "started_time", "completed_time", "duration_col")}),
-        (_("Error"), {"fields": ("error_code", "error_message", "cancel_reason")}),
+        (_("Error"), {"fields": ("error_code", "error_message", "cancel_reason", "retry_of")}),
         (
             _("Lease"),
             {
@@ -443,6 +444,14 @@ class TaskAdmin(ConsolePageMixin, admin.ModelAdmin):
             danger=True,
             button=_("Force-stop these tasks"),
         )
+
+    @admin.action(description=_("Retry selected failed, timed-out or cancelled tasks"), permissions=["change"])
+    def retry_selected(self, request: HttpRequest, queryset: QuerySet):
+        def retry(task: Task) -> None:
+            new = services.retry_task(request.user, task.pk, admin=True)
+            logger.info("task %s: retried as task %s by %s in the console", task.pk, new.pk, request.user)
+
+        run_bulk(_("Retry"), queryset.order_by("pk"), retry, label=_task_label).report(self, request)
 
     @admin.action(description=_("Delete selected finished tasks"), permissions=["delete"])
     def delete_finished(self, request: HttpRequest, queryset: QuerySet):

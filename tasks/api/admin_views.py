@@ -28,6 +28,7 @@ from tasks.api.views import (
     APIViewSetMixin,
     BaseInstanceViewSet,
     BaseTaskViewSet,
+    TaskViewSet,
     _error,
 )
 from tasks.engine import dispatch
@@ -92,6 +93,20 @@ class AdminTaskViewSet(BaseTaskViewSet):
         body.is_valid(raise_exception=True)
         task = services.force_stop_task(request.user, self.object_id, reason=body.validated_data["reason"])
         return self.task_response(task)
+
+    @extend_schema(
+        summary="Retry any task",
+        description="As the user retry, for any user's task; the new task's initiator is the operator.",
+        request=None,
+        responses={
+            202: s.TaskAcceptedSerializer,
+            **DETAIL_ERRORS,
+            409: _error("not_retryable (with `status`), instance_busy (with `active_task`) or invalid_state"),
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def retry(self, request, pk=None):
+        return TaskViewSet.retry(self, request, pk)
 
     @extend_schema(
         summary="Task statistics",

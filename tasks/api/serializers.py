@@ -21,7 +21,18 @@ from tasks import messages, traffic_counters
 from tasks.api.queueinfo import EMPTY as NO_QUEUE_INFO
 from tasks.api.queueinfo import QueueInfo
 from tasks.engine.states import CANCELLABLE, FINAL, RUNNING
-from tasks.models import Instance, InstanceType, PortMapping, Protocol, Provider, Task, TaskEvent, Worker
+from tasks.models import (
+    Instance,
+    InstanceType,
+    PortMapping,
+    Protocol,
+    Provider,
+    Task,
+    TaskEvent,
+    Webhook,
+    WebhookDelivery,
+    Worker,
+)
 from tasks.ports import MAX_RANGE
 from tasks.services import user_may_cancel
 
@@ -93,6 +104,10 @@ class TaskSerializer(serializers.ModelSerializer):
     queue_position = serializers.SerializerMethodField()
     estimated_wait_seconds = serializers.SerializerMethodField()
     blocked_reason = serializers.SerializerMethodField()
+    attempt = serializers.SerializerMethodField()
+    retry_of = serializers.PrimaryKeyRelatedField(
+        read_only=True, allow_null=True, help_text="the task this one asks again (POST .../retry/), or null"
+    )
 
     class Meta:
         model = Task
@@ -119,8 +134,15 @@ class TaskSerializer(serializers.ModelSerializer):
             "queue_position",
             "estimated_wait_seconds",
             "blocked_reason",
+            "attempt",
+            "retry_of",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(serializers.IntegerField(min_value=1))
+    def get_attempt(self, task: Task) -> int:
+        """1, more after a resumption (the claim counts attempts)."""
+        return max(1, task.attempt_count)
 
     def _queue(self, task: Task) -> dict:
         if task.status in FINAL:
@@ -539,6 +561,20 @@ class WorkerCountsSerializer(serializers.Serializer):
     busy = serializers.IntegerField()
 
 
+class WaitRowSerializer(serializers.Serializer):
+    provider = serializers.DictField(help_text="{id, name}")
+    task_type = serializers.CharField()
+    count = serializers.IntegerField(help_text="tasks started in the window")
+    avg = serializers.FloatField()
+    p50 = serializers.FloatField()
+    p95 = serializers.FloatField()
+
+
+class WaitStatsSerializer(serializers.Serializer):
+    window_seconds = serializers.IntegerField()
+    by_provider_type = WaitRowSerializer(many=True)
+
+
 class StatsSerializer(serializers.Serializer):
     generated_at = serializers.DateTimeField()
     total = serializers.IntegerField()
@@ -553,6 +589,9 @@ class StatsSerializer(serializers.Serializer):
     slots = serializers.IntegerField(help_text="sum of the concurrency limits of enabled providers")
     worker_utilization = serializers.FloatField(allow_null=True)
     workers = WorkerCountsSerializer()
+    wait = WaitStatsSerializer(
+        help_text="created -> started seconds per provider and type, tasks started in the last 24 h"
+    )
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -578,3 +617,47 @@ class TokenSerializer(serializers.Serializer):
 class HealthSerializer(serializers.Serializer):
     database = serializers.CharField()
     broker = serializers.CharField()
+
+
+# --- webhooks -------------------------------------------------------------------------------
+
+
+class WebhookSerializer(serializers.ModelSerializer):
+    """A user's webhook; the secret is write-only (the HMAC key of X-Webhook-Signature)."""
+
+    events = serializers.ListField(
+        child=serializers.ChoiceField(choices=list(Webhook.EVENTS)),
+        required=False,
+        allow_empty=False,
+        help_text="events to send; all of them when absent",
+    )
+    secret = serializers.CharField(
+        write_only=True, min_length=8, max_length=200, help_text="the key the signature is computed with"
+    )
+    url = serializers.CharField(max_length=500, help_text="http:// or https:// endpoint; redirects are not followed")
+
+    class Meta:
+        model = Webhook
+        fields = ["id", "url", "events", "secret", "enabled", "created_at"]
+        read_only_fields = ["id", "enabled", "created_at"]
+
+
+class WebhookDeliverySerializer(serializers.ModelSerializer):
+    task = serializers.PrimaryKeyRelatedField(read_only=True)
+
+    class Meta:
+        model = WebhookDelivery
+        fields = [
+            "id",
+            "event",
+            "task",
+            "status",
+            "attempts",
+            "created_at",
+            "next_attempt_at",
+            "last_attempt_at",
+            "last_response_code",
+            "last_error",
+            "delivered_at",
+        ]
+        read_only_fields = fields

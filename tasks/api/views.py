@@ -31,7 +31,7 @@ from tasks.api.filters import MAX_ID, InstanceFilter, TaskFilter
 from tasks.api.permissions import IsStaff
 from tasks.api.queueinfo import QueueInfo
 from tasks.engine.states import PENDING, TaskType
-from tasks.models import Instance, PortMapping, Provider, Task, TaskEvent
+from tasks.models import Instance, PortMapping, Provider, Task, TaskEvent, Webhook, WebhookDelivery
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +196,28 @@ class TaskViewSet(BaseTaskViewSet):
         body.is_valid(raise_exception=True)
         task = services.cancel_task(request.user, self.object_id, reason=body.validated_data["reason"])
         return self.task_response(task)
+
+    @extend_schema(
+        summary="Retry a task",
+        description="A failed, timed-out or cancelled task is asked again: a new task of the same type on the "
+        "same instance with the same parameters, its `retry_of` naming this one. 409 `not_retryable` for a "
+        "completed or still active task or one whose instance is gone; `instance_busy` or `invalid_state` as "
+        "for a new request.",
+        request=None,
+        responses={
+            202: s.TaskAcceptedSerializer,
+            **DETAIL_ERRORS,
+            409: _error("not_retryable (with `status`), instance_busy (with `active_task`) or invalid_state"),
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def retry(self, request, pk=None):
+        task = services.retry_task(request.user, self.object_id, admin=self.admin)
+        task = self.get_queryset().get(pk=task.pk)
+        return Response(
+            {"task": self.list_serializer(task, context=self.get_serializer_context()).data},
+            status=status.HTTP_202_ACCEPTED,
+        )
 
     @extend_schema(
         summary="Read the new password once",
@@ -432,3 +454,75 @@ class ProviderViewSet(APIViewSetMixin, mixins.ListModelMixin, mixins.RetrieveMod
 )
 class TokenView(ObtainAuthToken):
     """POST /api/v1/auth/token/ (DRF's view; its errors in the API's JSON shape)."""
+
+
+# --- webhooks ------------------------------------------------------------------------------
+
+
+@extend_schema_view(
+    list=extend_schema(summary="The caller's webhooks", responses={200: s.WebhookSerializer(many=True), **LIST_ERRORS}),
+    retrieve=extend_schema(
+        summary="One of the caller's webhooks", responses={200: s.WebhookSerializer, **DETAIL_ERRORS}
+    ),
+    create=extend_schema(
+        summary="Add a webhook",
+        description='Each delivery POSTs `{"event", "task"}` with `X-Webhook-Signature: sha256=<hex HMAC-SHA256 '
+        "of the body with the secret>`, `X-Webhook-Event` and `X-Webhook-Delivery` (the same on a retry). "
+        "Failed deliveries are retried with backoff for a day. URLs whose host is or resolves to a loopback, "
+        "private or link-local address are refused (unless the server allows them).",
+        request=s.WebhookSerializer,
+        responses={
+            201: s.WebhookSerializer,
+            **WRITE_ERRORS,
+            **AUTH,
+            409: _error("quota_exceeded: the caller has WEBHOOKS_PER_USER webhooks already"),
+        },
+    ),
+    destroy=extend_schema(summary="Remove a webhook", responses={204: None, **DETAIL_ERRORS}),
+)
+class WebhookViewSet(
+    APIViewSetMixin,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    """The caller's webhooks."""
+
+    serializer_class = s.WebhookSerializer
+    filterset_class = None
+    filter_backends: list = []
+
+    def get_queryset(self) -> QuerySet:
+        if getattr(self, "swagger_fake_view", False):
+            return Webhook.objects.none()
+        return Webhook.objects.filter(owner=self.request.user).order_by("id")
+
+    def perform_create(self, serializer):
+        from django.conf import settings
+
+        from tasks import webhooks
+        from tasks.errors import QuotaExceeded
+
+        data = serializer.validated_data
+        url = webhooks.validate_url(data["url"])
+        events = webhooks.validate_events(data.get("events"))
+        if Webhook.objects.filter(owner=self.request.user).count() >= settings.WEBHOOKS_PER_USER:
+            raise QuotaExceeded(f"at most {settings.WEBHOOKS_PER_USER} webhooks per user", field="webhooks")
+        hook = Webhook(owner=self.request.user, url=url, events=events)
+        hook.secret = data["secret"]
+        hook.save()
+        serializer.instance = hook
+
+    @extend_schema(
+        summary="Recent deliveries of a webhook",
+        description="Newest first: each event sent (or being retried) with its attempts and last answer.",
+        responses={200: s.WebhookDeliverySerializer(many=True), **LIST_ERRORS, **NOT_FOUND},
+    )
+    @action(detail=True, methods=["get"])
+    def deliveries(self, request, pk=None):
+        hook = self.get_object()
+        rows = WebhookDelivery.objects.filter(webhook=hook).order_by("-created_at", "-id")
+        page = self.paginate_queryset(rows)
+        return self.get_paginated_response(s.WebhookDeliverySerializer(page, many=True).data)

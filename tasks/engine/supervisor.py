@@ -475,6 +475,10 @@ class Supervisor:
         self.drain_file.unlink(missing_ok=True)
         if self.scheduler:
             ensure_schedules()
+        if settings.WEBHOOK_DELIVERY:  # signed webhooks (tasks.webhooks): a thread of its own
+            from tasks import webhooks
+
+            webhooks.start_thread(lambda: self.stopping)
         logger.info("supervisor %s starting (providers: %s)", self.name, settings.WORKER_PROVIDERS or "all")
         self.refresh_providers(force=True)
         # Jobs a previous run of this machine took but never ran: send them again now.

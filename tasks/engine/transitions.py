@@ -22,7 +22,7 @@ from typing import Any
 from django.conf import settings
 from django.db import OperationalError, transaction
 
-from tasks import crypto
+from tasks import crypto, live
 from tasks.engine import clock, sql
 from tasks.engine.states import (
     CANCELLED,
@@ -87,6 +87,7 @@ def _event(task: Task, from_status: str, to_status: str, actor: str, reason: str
             at=at or clock.now(),
         )
     )
+    live.publish(task.pk, task.owner_id)  # after commit; nothing with the ORM broker
 
 
 def _lock_instance(instance_id: int | None) -> Instance | None:
@@ -429,7 +430,10 @@ def report_progress(task_id: int, *, token: str, progress: int, message: str, st
     where = f"{t.quoted['id']} = %s AND {t.quoted['lease_token']} = %s AND {t.quoted['status']} IN (%s, %s)"
     params = [task_id, token, running, cancelling]
     if not (step and message):
-        return sql.update(Task, fields, where, params) == 1
+        if sql.update(Task, fields, where, params) != 1:
+            return False
+        live.publish(task_id)
+        return True
     with sql.atomic():
         if sql.update(Task, fields, where, params) != 1:
             return False
@@ -446,6 +450,7 @@ def report_progress(task_id: int, *, token: str, progress: int, message: str, st
                 at=clock.now(),
             )
         )
+    live.publish(task_id)
     return True
 
 

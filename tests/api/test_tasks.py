@@ -35,6 +35,8 @@ TASK_FIELDS = {
     "queue_position",
     "estimated_wait_seconds",
     "blocked_reason",
+    "attempt",
+    "retry_of",
 }
 
 

@@ -44,3 +44,21 @@ def test_dry_run_and_bad_arguments(running_instance):
         call_command("purge_tasks", "--older-than", "30", "--status", "running")
     with pytest.raises(CommandError, match="older-than"):
         call_command("purge_tasks", "--older-than", "-1")
+
+
+def test_purge_takes_retries_and_webhook_deliveries_along(running_instance, alice):
+    """Rows that point at a purged task: a retry keeps living (retry_of cleared), deliveries go."""
+    from tasks.models import Webhook, WebhookAttempt, WebhookDelivery
+
+    old = _aged(running_instance, "failed", 40)
+    retry = make_task(running_instance, status="completed", retry_of=old)
+    hook = Webhook(owner=alice, url="https://93.184.215.14/", events=["task.failed"])
+    hook.secret = "x" * 10
+    hook.save()
+    delivery = WebhookDelivery.objects.create(webhook=hook, task=old, event_id=1, event="task.failed", body="{}")
+    WebhookAttempt.objects.create(delivery=delivery, ok=True, response_code=200)
+    call_command("purge_tasks", "--older-than", "30", stdout=StringIO())
+    assert not Task.objects.filter(pk=old.pk).exists()
+    retry.refresh_from_db()
+    assert retry.retry_of_id is None
+    assert not WebhookDelivery.objects.exists() and not WebhookAttempt.objects.exists()
