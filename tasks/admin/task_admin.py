@@ -45,7 +45,7 @@ from tasks.admin.lists import (
 )
 from tasks.admin.permissions import FORCE_STOP_PERMISSION
 from tasks.engine import dispatch
-from tasks.engine.states import CANCELLABLE, EXECUTING, FINAL, PENDING
+from tasks.engine.states import ALL_STATES, CANCELLABLE, EXECUTING, FINAL, PENDING
 from tasks.models import Instance, Task, TaskEvent
 
 logger = logging.getLogger(__name__)
@@ -298,7 +298,7 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
         """An id or uuid exactly; else the owners whose username and the instances whose
         name contain the term, found in their own (small) tables, then their tasks by the
-        (owner, created_at, id) and (instance, created_at) indexes. A term matching more
+        (owner, created_at, id) and (instance, created_at, id) indexes. A term matching more
         than lists.MATCH_LIMIT users or instances is matched with a join instead."""
         term = search_term.strip()
         if not term:
@@ -306,11 +306,42 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
         exact = search_by_identity(term)
         if exact is not None:
             return queryset.filter(exact), False
-        owners = related_match("owner_id", users_matching(term), Q(owner__username__icontains=term))
-        instances = related_match(
-            "instance_id", ids_matching(Instance.objects.all(), "name", term), Q(instance__name__icontains=term)
+        owners, instances = self._search_matches(request, term)
+        match = related_match("owner_id", owners, Q(owner__username__icontains=term)) | related_match(
+            "instance_id", instances, Q(instance__name__icontains=term)
         )
-        return queryset.filter(owners | instances), False
+        return queryset.filter(match), False
+
+    @staticmethod
+    def _search_matches(request: HttpRequest, term: str) -> tuple[list[int] | None, list[int] | None]:
+        """(owner ids, instance ids) matching a search term; kept on the request (search and branches)."""
+        kept = getattr(request, "_task_search_matches", None)
+        if kept is None or kept[0] != term:
+            kept = (term, users_matching(term), ids_matching(Instance.objects.all(), "name", term))
+            request._task_search_matches = kept
+        return kept[1], kept[2]
+
+    def index_branches(self, request: HttpRequest) -> list[Q] | None:
+        """A search: one branch per matched owner and instance (their indexes). Else a state
+        group, or a provider without a status: one branch per status, by the (status,
+        created_at, id) and (provider, status, created_at, id) indexes."""
+        params = request.GET
+        term = params.get("q", "").strip()
+        if term:
+            if search_by_identity(term) is not None:
+                return None
+            owners, instances = self._search_matches(request, term)
+            if owners is None or instances is None or len(owners) + len(instances) < 2:
+                return None
+            return [Q(owner_id=pk) for pk in owners] + [Q(instance_id=pk) for pk in instances]
+        if "status__exact" in params:
+            return None
+        group = StateGroupFilter.GROUPS.get(params.get("state", ""))
+        if group is not None:
+            return [Q(status=status) for status in sorted(group[1])]
+        if "provider__id__exact" in params:
+            return [Q(status=status) for status in ALL_STATES]
+        return None
 
     # ------------------------------------------------------------ pages
 

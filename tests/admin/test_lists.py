@@ -248,3 +248,31 @@ def test_a_task_page_links_its_events(root_client, events):
 def test_event_search_is_by_task_only(root_client, events):
     assert listed(root_client.get(changelist("taskevent"), {"q": "admin:root"})) == []
     assert TaskEventAdmin.search_help_text.startswith("Task id")
+
+
+# ------------------------------------------------------------------ branches
+
+
+@pytest.mark.parametrize(
+    ("params", "keep"),
+    [
+        ({"state": "finished"}, lambda t: t.status in ("completed", "failed")),
+        ({"state": "problem"}, lambda t: t.status == "failed"),
+        ({"provider__id__exact": "PROVIDER"}, lambda t: True),
+        ({"q": "b"}, lambda t: True),  # bob, and the instances web-1 and db-vm: three branches
+        ({"q": "bob", "state": "finished"}, lambda t: t.owner.username == "bob"),
+    ],
+)
+def test_lists_read_in_branches_are_merged_in_list_order(root_client, many_tasks, small_pages, params, keep):
+    params = {k: (many_tasks[0].provider_id if v == "PROVIDER" else v) for k, v in params.items()}
+    expected = [pk for pk in newest_first(many_tasks) if keep(Task.objects.get(pk=pk))]
+    seen = []
+    for page in range(1, (len(expected) + 9) // 10 + 1):
+        with CaptureQueriesContext(connection) as ctx:
+            seen += listed(root_client.get(changelist("task"), {**params, "p": page}))
+        pages = [q["sql"] for q in ctx.captured_queries if "LIMIT" in q["sql"] and 'FROM "tasks_task"' in q["sql"]]
+        if params.get("q") != "bob":  # one owner: one index read, no branches
+            assert len(pages) > 2, pages  # a query per branch (and the bounded count)
+    assert seen == expected
+    oldest = listed(root_client.get(changelist("task"), {**params, "o": str(AGE_COLUMN)}))
+    assert oldest == expected[::-1][:10]
