@@ -162,7 +162,7 @@ class IndexedChangeList(ChangeList):
         if count is None:
             # Enough to reach the requested page and a few beyond it.
             page = max(1, self.page_num)
-            limit = max(model_admin.count_limit, (page + 5) * per_page)
+            limit = min(max(model_admin.count_limit, (page + 5) * per_page), model_admin.count_ceiling)
             count = bounded_count(self.queryset, limit)
         elif not isinstance(count, ResultCount):
             count = ResultCount(count)
@@ -233,8 +233,11 @@ class IndexedListMixin:
     the same direction); ``sortable_by`` should name only columns whose ordering is.
     """
 
-    # Rows a bounded count reads at most; more show as "10000+".
+    # Rows a bounded count reads (more show as "10000+"), or enough to reach five pages
+    # past the requested one, but never more than count_ceiling: pages deeper than
+    # that are the admin's "invalid parameters" page (narrow the filter instead).
     count_limit = 10_000
+    count_ceiling = 200_000
     show_full_result_count = False
     show_facets = admin.ShowFacets.NEVER
 
