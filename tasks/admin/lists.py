@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import uuid as uuid_lib
+from typing import NamedTuple
 
 from django.contrib import admin
 from django.contrib.admin.options import IncorrectLookupParameters
@@ -130,6 +131,15 @@ def bounded_count(queryset: QuerySet, limit: int) -> ResultCount:
     return ResultCount(found) if found <= limit else ResultCount(limit, exact=False)
 
 
+class Branches(NamedTuple):
+    """A filtered list as a union of conditions, each one index read in the list's order
+    (IndexedListMixin.index_branches). ``disjoint``: no row is in two of them, so their
+    counts add up."""
+
+    conditions: list[Q]
+    disjoint: bool = True
+
+
 class IndexedChangeList(ChangeList):
     """A changelist that reads ids first in index order, then the page's rows (module doc)."""
 
@@ -155,15 +165,15 @@ class IndexedChangeList(ChangeList):
         return [*kept, f"{direction}pk"]
 
     def get_results(self, request):
-        self.request = request
         model_admin = self.model_admin
         per_page = self.list_per_page
+        self.branches = self.index_branches(request)
         count = model_admin.exact_count(request, self)
         if count is None:
             # Enough to reach the requested page and a few beyond it.
             page = max(1, self.page_num)
             limit = min(max(model_admin.count_limit, (page + 5) * per_page), model_admin.count_ceiling)
-            count = bounded_count(self.queryset, limit)
+            count = self.bounded_count(limit)
         elif not isinstance(count, ResultCount):
             count = ResultCount(count)
         paginator = KnownCountPaginator(self.queryset, per_page, known_count=int(count))
@@ -196,17 +206,40 @@ class IndexedChangeList(ChangeList):
         splits into branches (``index_branches``) is read branch by branch and merged.
         """
         ids = self.queryset.values_list("pk", flat=True)
-        keys = list(dict.fromkeys(ids.query.order_by))
-        plain = bool(keys) and all(isinstance(k, str) for k in keys)
-        branches = self.model_admin.index_branches(self.request) if plain else None
-        if branches and len({k.startswith("-") for k in keys}) == 1 and len(branches) <= MAX_BRANCHES:
-            return self.merged_ids(branches, keys, start, stop)
-        if count.exact and start > count // 2 and plain:
+        keys = self.ordering_keys()
+        if self.branches is not None:
+            return self.merged_ids(self.branches.conditions, keys, start, stop)
+        if count.exact and start > count // 2 and keys:
             flipped = [k[1:] if k.startswith("-") else f"-{k}" for k in keys]
             found = list(ids.order_by(*flipped)[max(0, count - stop) : count - start])
             found.reverse()
             return found
         return list(ids[start:stop])
+
+    def ordering_keys(self) -> list[str]:
+        """The list's ordering as field names ("-created_at", "-pk"), or [] if it has expressions."""
+        keys = list(dict.fromkeys(self.queryset.query.order_by))
+        return keys if all(isinstance(k, str) for k in keys) else []
+
+    def index_branches(self, request) -> Branches | None:
+        """The admin's branches, when the list's order allows merging them (one direction)."""
+        branches = self.model_admin.index_branches(request)
+        keys = self.ordering_keys()
+        if not branches or not keys or len({k.startswith("-") for k in keys}) > 1:
+            return None
+        return branches if len(branches.conditions) <= MAX_BRANCHES else None
+
+    def bounded_count(self, limit: int) -> ResultCount:
+        """A bounded count; over disjoint branches, the sum of theirs (each an index prefix:
+        ``to_status = x`` alone has no index of its own, ``kind = k AND to_status = x`` has)."""
+        if self.branches is None or not self.branches.disjoint:
+            return bounded_count(self.queryset, limit)
+        total = 0
+        for condition in self.branches.conditions:
+            total += bounded_count(self.queryset.filter(condition), limit - total)
+            if total >= limit:
+                return ResultCount(limit, exact=False)
+        return ResultCount(total)
 
     def merged_ids(self, branches: list[Q], keys: list[str], start: int, stop: int) -> list[int]:
         """Rows start..stop of the union of ``branches``: the first ``stop`` of each, in the
@@ -248,7 +281,7 @@ class IndexedListMixin:
         """The list's exact count when it is known without scanning; None: a bounded count."""
         return None
 
-    def index_branches(self, request) -> list[Q] | None:
+    def index_branches(self, request) -> Branches | None:
         """Conditions whose union is the filtered list, each one index read in the list's
         order (``status = x`` for each status of ``status IN (...)``), or None.
 

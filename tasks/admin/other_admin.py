@@ -15,6 +15,7 @@ from django.utils.html import format_html
 
 from tasks.admin.common import SCRIPTS, STYLES, BulkResult, admin_link, age, status_badge
 from tasks.admin.lists import (
+    Branches,
     IndexedListMixin,
     choices_filter,
     identity,
@@ -211,16 +212,16 @@ class TaskEventAdmin(IndexedListMixin, admin.ModelAdmin):
             return ("-at", "-id")
         return super().get_ordering(request)
 
-    def index_branches(self, request: HttpRequest) -> list[Q] | None:
+    def index_branches(self, request: HttpRequest) -> Branches | None:
         """One of kind / to-status filtered: a branch per value of the other, each a prefix
         of the (kind, to_status, id) index, read newest first."""
         if any(name in request.GET for name in self.ONE_TASK_PARAMS) or request.GET.get("q"):
             return None  # one task's events: its own index
         kind, to_status = request.GET.get("kind"), request.GET.get("to_status")
         if kind and not to_status:
-            return [Q(to_status=value) for value, _ in TaskStatus.choices]
+            return Branches([Q(to_status=value) for value, _ in TaskStatus.choices])
         if to_status and not kind:
-            return [Q(kind=value) for value, _ in EVENT_KINDS]
+            return Branches([Q(kind=value) for value, _ in EVENT_KINDS])
         return None
 
     def get_search_results(self, request: HttpRequest, queryset, search_term: str):

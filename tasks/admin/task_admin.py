@@ -35,6 +35,7 @@ from tasks.admin.common import (
     status_badge,
 )
 from tasks.admin.lists import (
+    Branches,
     IndexedListMixin,
     StateGroupFilter,
     ids_matching,
@@ -321,7 +322,7 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
             request._task_search_matches = kept
         return kept[1], kept[2]
 
-    def index_branches(self, request: HttpRequest) -> list[Q] | None:
+    def index_branches(self, request: HttpRequest) -> Branches | None:
         """A search: one branch per matched owner and instance (their indexes). Else a state
         group, or a provider without a status: one branch per status, by the (status,
         created_at, id) and (provider, status, created_at, id) indexes."""
@@ -333,14 +334,15 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
             owners, instances = self._search_matches(request, term)
             if owners is None or instances is None or len(owners) + len(instances) < 2:
                 return None
-            return [Q(owner_id=pk) for pk in owners] + [Q(instance_id=pk) for pk in instances]
+            # an owner's task on a matched instance is in two branches
+            return Branches([Q(owner_id=pk) for pk in owners] + [Q(instance_id=pk) for pk in instances], disjoint=False)
         if "status__exact" in params:
             return None
         group = StateGroupFilter.GROUPS.get(params.get("state", ""))
         if group is not None:
-            return [Q(status=status) for status in sorted(group[1])]
+            return Branches([Q(status=status) for status in sorted(group[1])])
         if "provider__id__exact" in params:
-            return [Q(status=status) for status in ALL_STATES]
+            return Branches([Q(status=status) for status in ALL_STATES])
         return None
 
     # ------------------------------------------------------------ pages

@@ -244,8 +244,15 @@ def test_event_filters_list_fixed_choices_without_reading_the_table(root_client,
     assert not [q for q in ctx.captured_queries if "DISTINCT" in q["sql"]]
     html = response.content.decode()
     assert "?kind=transition" in html and "?kind=step" in html
-    failed = root_client.get(changelist("taskevent"), {"to_status": "failed"})
+    with CaptureQueriesContext(connection) as ctx:
+        failed = root_client.get(changelist("taskevent"), {"to_status": "failed"})
     assert listed(failed) == [events[-1].pk]
+    # counted per kind, each a prefix of the (kind, to_status, id) index
+    assert (int(failed.context["cl"].result_count), failed.context["cl"].result_count.exact) == (1, True)
+    counts = [q["sql"] for q in ctx.captured_queries if q["sql"].startswith("SELECT COUNT(*)")]
+    assert len(counts) == 2 and all('"kind" = ' in sql for sql in counts)
+    running = root_client.get(changelist("taskevent"), {"to_status": "running"})
+    assert listed(running) == sorted((e.pk for e in events if e.to_status == "running"), reverse=True)
     assert listed(root_client.get(changelist("taskevent"), {"kind": "bogus"})) == listed(
         root_client.get(changelist("taskevent"))
     )
