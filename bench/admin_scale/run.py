@@ -154,7 +154,7 @@ def pages(rng: random.Random) -> list[tuple[str, object]]:
     result += [(f"task list, status = {s}", f"{t}?status__exact={s}") for s in TaskStatus.values if s != "failed"]
     result += [(f"task list, type = {s}", f"{t}?task_type__exact={s}") for s in TaskType.values if s != "create"]
     result += [
-        (f"task list, instance type = {s}", f"{t}?instance__instance_type__exact={s}") for s in ("container", "vm")
+        (f"task list, instance type = {s}", f"{t}?instance_type={s}") for s in ("container", "vm")
     ]
     for label, days in (("today", 0), ("past 7 days", 7), ("this month", -1), ("this year", -2)):
         result.append((f"task list, created {label}", date_filter_url(t, "created_at", days)))

@@ -14,7 +14,7 @@ import logging
 from django.contrib import admin
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
-from django.db.models import Q, QuerySet
+from django.db.models import OuterRef, Q, QuerySet, Subquery
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import path, reverse
 from django.utils import timezone
@@ -47,11 +47,32 @@ from tasks.admin.lists import (
 from tasks.admin.permissions import FORCE_STOP_PERMISSION
 from tasks.engine import dispatch
 from tasks.engine.states import ALL_STATES, CANCELLABLE, EXECUTING, FINAL, PENDING
-from tasks.models import Instance, Task, TaskEvent
+from tasks.models import Instance, InstanceType, Task, TaskEvent
 
 logger = logging.getLogger(__name__)
 
 TIMELINE_LIMIT = 500
+
+
+class InstanceTypeFilter(admin.SimpleListFilter):
+    """The instance's type, tested per task row (a dependent lookup by the instance's
+    primary key) while the list walks its (created_at, id) index.
+
+    As a join, MariaDB drove the query from tasks_instance (every vm or container) and
+    sorted their tasks: a temporary table and a filesort over 200,000 (or 800,000) rows.
+    """
+
+    title = "instance type"
+    parameter_name = "instance_type"
+
+    def lookups(self, request, model_admin):
+        return InstanceType.choices
+
+    def queryset(self, request, queryset):
+        if self.value() not in InstanceType.values:
+            return queryset
+        instance_type = Subquery(Instance.objects.filter(pk=OuterRef("instance_id")).values("instance_type")[:1])
+        return queryset.alias(instance_type=instance_type).filter(instance_type=self.value())
 
 
 @admin.register(Task)
@@ -74,7 +95,7 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
         "status",
         "task_type",
         "provider",
-        ("instance__instance_type", admin.ChoicesFieldListFilter),
+        InstanceTypeFilter,
         ("created_at", admin.DateFieldListFilter),
     )
     # get_search_results reads them: owner username, instance name, task id or uuid.

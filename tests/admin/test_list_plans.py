@@ -118,8 +118,8 @@ def task_pages(seeded) -> list[str]:
         "state=problem",
         "provider__id__exact=3",
         "status__exact=failed&provider__id__exact=3",
-        "instance__instance_type__exact=vm",
-        "instance__instance_type__exact=container",
+        "instance_type=vm",
+        "instance_type=container",
         f"created_at__gte={since}",
     ]
     pages += [f"status__exact={s}" for s in ("pending", "completed", "failed", "cancelled", "timeout")]
