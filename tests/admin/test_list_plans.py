@@ -30,6 +30,13 @@ TYPES = ["create", "start", "stop", "restart", "delete", "reset", "reset-passwor
 BIG_TABLES = ("tasks_task", "tasks_taskevent")
 
 
+def insert(cursor, head: str, row: str, rows: list[tuple], chunk: int = 2000) -> None:
+    """Multi-row INSERTs of ``chunk`` rows each (``row``: one row's VALUES tuple)."""
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        cursor.execute(f"{head} VALUES {', '.join([row] * len(part))}", [v for r in part for v in r])
+
+
 @pytest.fixture(scope="module")
 def seeded(django_db_setup, django_db_blocker):
     """The rows, committed once for the module (ANALYZE TABLE commits), removed after."""
@@ -38,9 +45,11 @@ def seeded(django_db_setup, django_db_blocker):
     start = now - timedelta(days=30)
     with django_db_blocker.unblock(), connection.cursor() as c:
         c.execute("SET SESSION foreign_key_checks=0")
-        c.executemany(
+        insert(
+            c,
             "INSERT INTO auth_user (id, password, username, first_name, last_name, email, is_staff, is_active,"
-            " date_joined, is_superuser) VALUES (%s, '!', %s, '', '', '', 0, 1, %s, 0)",
+            " date_joined, is_superuser)",
+            "(%s, '!', %s, '', '', '', 0, 1, %s, 0)",
             [(i, f"user{i:04d}", start) for i in range(1, USERS + 1)],
         )
         c.executemany(
@@ -54,12 +63,12 @@ def seeded(django_db_setup, django_db_blocker):
             [(p, f"provider-{p}") for p in range(1, PROVIDERS + 1)],
         )
         instances = [(i, (i - 1) % USERS + 1, rng.randint(1, PROVIDERS)) for i in range(1, INSTANCES + 1)]
-        c.executemany(
+        insert(
+            c,
             "INSERT INTO tasks_instance (id, uuid, owner_id, provider_id, name, live_name, instance_type, image,"
             " status, cpu, memory_mb, disk_mb, bandwidth_mbps, addresses, provider_ref, holds_resources,"
-            " needs_reconcile, created_at, updated_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, 'debian/12', 'running', 1, 512, 10240, 100, '[]', '{}', 1, 0,"
-            " %s, NOW())",
+            " needs_reconcile, created_at, updated_at)",
+            "(%s, %s, %s, %s, %s, %s, %s, 'debian/12', 'running', 1, 512, 10240, 100, '[]', '{}', 1, 0, %s, NOW())",
             [
                 (i, uuid.uuid4().hex, owner, prov, f"i{i}", f"i{i}", "vm" if i % 5 == 0 else "container", start)
                 for i, owner, prov in instances
@@ -76,16 +85,18 @@ def seeded(django_db_setup, django_db_blocker):
             if done:
                 events.append((tid, "step", "running", "running", created + timedelta(seconds=10)))
                 events.append((tid, "transition", "running", status, done))
-        c.executemany(
+        insert(
+            c,
             "INSERT INTO tasks_task (id, uuid, task_type, status, progress, status_message, error_code,"
             " error_message, cancel_reason, task_data, owner_id, initiator_id, provider_id, instance_id,"
-            " timeout_seconds, created_at, completed_at, lease_token, worker, attempt_count, dispatch_count)"
-            " VALUES (%s, %s, %s, %s, 0, '', '', '', '', '{}', %s, %s, %s, %s, 0, %s, %s, '', '', 0, 0)",
+            " timeout_seconds, created_at, completed_at, lease_token, worker, attempt_count, dispatch_count)",
+            "(%s, %s, %s, %s, 0, '', '', '', '', '{}', %s, %s, %s, %s, 0, %s, %s, '', '', 0, 0)",
             tasks,
         )
-        c.executemany(
-            "INSERT INTO tasks_taskevent (task_id, kind, from_status, to_status, actor, reason, progress, message,"
-            " at) VALUES (%s, %s, %s, %s, 'worker', '', 0, '', %s)",
+        insert(
+            c,
+            "INSERT INTO tasks_taskevent (task_id, kind, from_status, to_status, actor, reason, progress, message, at)",
+            "(%s, %s, %s, %s, 'worker', '', 0, '', %s)",
             events,
         )
         c.execute("SET SESSION foreign_key_checks=1")
