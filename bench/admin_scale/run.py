@@ -153,9 +153,7 @@ def pages(rng: random.Random) -> list[tuple[str, object]]:
     result += [(f"task list, state = {key}", f"{t}?state={key}") for key in ("finished", "problem")]
     result += [(f"task list, status = {s}", f"{t}?status__exact={s}") for s in TaskStatus.values if s != "failed"]
     result += [(f"task list, type = {s}", f"{t}?task_type__exact={s}") for s in TaskType.values if s != "create"]
-    result += [
-        (f"task list, instance type = {s}", f"{t}?instance_type={s}") for s in ("container", "vm")
-    ]
+    result += [(f"task list, instance type = {s}", f"{t}?instance_type={s}") for s in ("container", "vm")]
     for label, days in (("today", 0), ("past 7 days", 7), ("this month", -1), ("this year", -2)):
         result.append((f"task list, created {label}", date_filter_url(t, "created_at", days)))
     # events
@@ -309,13 +307,16 @@ def main() -> None:
     parser.add_argument("--only", default="", help="only pages whose name contains this")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--no-explain", action="store_true")
+    parser.add_argument("--tasks", type=int, default=1_000_000, help="tasks to load into an empty database")
     args = parser.parse_args()
     api_scale.setup_django()
     from tasks.models import Task
 
     have = Task.objects.order_by("-id").values_list("id", flat=True).first() or 0
-    if have < 1_000_000:
-        api_scale.load(1_000_000)
+    if have == 0:
+        api_scale.load(args.tasks)
+    elif have != args.tasks:
+        print(f"the database holds {have} tasks, not {args.tasks}: measuring what is there")
     ensure_extras()
     rng = random.Random(21)
     todo = [(name, url) for name, url in pages(rng) if args.only in name]
