@@ -34,13 +34,13 @@ from django.core.paginator import Paginator
 from django.db.models import F, Q, QuerySet
 from django.utils.functional import cached_property
 
-from tasks.admin.common import exact_time
+from tasks.admin.common import change_url, exact_time
 from tasks.engine.states import ACTIVE, FAILED, FINAL, TIMEOUT
 from tasks.lookups import IntegerIn
 
 # A search term matching more users (or instances) than this is too broad to list
 # their ids: it is matched with a join instead (still ordered by the list's index).
-MATCH_LIMIT = 1000
+MATCH_LIMIT = 10_000
 # At most this many branches are read one by one (IndexedListMixin.index_branches).
 MAX_BRANCHES = 20
 
@@ -142,6 +142,9 @@ class Branches(NamedTuple):
 
 class IndexedChangeList(ChangeList):
     """A changelist that reads ids first in index order, then the page's rows (module doc)."""
+
+    def url_for_result(self, result) -> str:
+        return change_url(self.opts, getattr(result, self.pk_attname))
 
     def get_ordering(self, request, queryset):
         """Django's ordering, each field once, ending with the primary key in the direction
