@@ -301,9 +301,15 @@ def slowest_query(url: str) -> tuple[float, str, str]:
     return float(worst["time"]) * 1000, worst["sql"], api_scale.explain(worst["sql"])
 
 
+def explain_page(name: str, url: str) -> None:
+    ms, sql, plan = slowest_query(url)
+    print(f"\n  {name}: GET {url}\n    slowest query {ms:.1f} ms: {sql[:400]}{' ...' if len(sql) > 400 else ''}")
+    print(plan, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--loads", type=int, default=20, help="measured loads per page")
+    parser.add_argument("--loads", type=int, default=20, help="measured loads per page (0: the EXPLAINs only)")
     parser.add_argument("--only", default="", help="only pages whose name contains this")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--no-explain", action="store_true")
@@ -320,6 +326,10 @@ def main() -> None:
     ensure_extras()
     rng = random.Random(21)
     todo = [(name, url) for name, url in pages(rng) if args.only in name]
+    if args.loads == 0:  # EXPLAINs only
+        for name, make in todo:
+            explain_page(name, make() if callable(make) else make)
+        return
     port = args.port or free_port()
     server = start_gunicorn(port)
     base = f"http://127.0.0.1:{port}"
@@ -356,11 +366,7 @@ def main() -> None:
         if not args.no_explain:
             print("\nThe slowest query of each page (in-process, the same database) and its EXPLAIN:")
             for name, url, *_ in results:
-                ms, sql, plan = slowest_query(url)
-                print(
-                    f"\n  {name}: GET {url}\n    slowest query {ms:.1f} ms: {sql[:400]}{' ...' if len(sql) > 400 else ''}"
-                )
-                print(plan)
+                explain_page(name, url)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
