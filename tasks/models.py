@@ -356,8 +356,9 @@ class Task(models.Model):
             # stopping holds: the slot count (provider_id=? AND held_until IS NOT NULL) and
             # the sweep's release of expired ones; only ended tasks whose worker may still run
             models.Index(fields=["held_until", "provider"], name="task_held"),
-            # instance filter and instance history: WHERE instance_id=? ORDER BY created_at DESC
-            models.Index(fields=["instance", "-created_at"], name="task_instance_created"),
+            # instance filter and instance history: WHERE instance_id=? ORDER BY created_at DESC, id DESC
+            # (the id too: InnoDB's implicit id is ascending, so the tie-break would sort)
+            models.Index(fields=["instance", "-created_at", "-id"], name="task_instance_created_id"),
             # stats: durations and error rate of finished tasks: WHERE completed_at >= ? GROUP BY task_type, status;
             # the live part of the counts, by state and type and by owner and state, without reading rows
             models.Index(fields=["completed_at", "task_type", "status", "owner"], name="task_completed_type_owner"),
@@ -446,6 +447,9 @@ class TaskEvent(models.Model):
         indexes = [
             # task timeline: WHERE task_id=? ORDER BY at, id
             models.Index(fields=["task", "at", "id"], name="taskevent_task_at"),
+            # event log filtered by kind and/or to-status, newest first by id (admin; a
+            # filter on one of the two reads one branch per value of the other)
+            models.Index(fields=["kind", "to_status", "id"], name="taskevent_kind_status"),
         ]
 
     def __str__(self) -> str:

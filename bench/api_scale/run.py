@@ -132,9 +132,9 @@ def load(n_tasks: int) -> None:
             c,
             "INSERT INTO tasks_provider (id, name, provider_type, enabled, connection, secrets_encrypted,"
             " allow_concurrent_tasks, max_concurrent_tasks, task_poll_interval, enable_task_polling,"
-            " cpu_total, memory_total_mb, disk_total_mb, max_containers, max_vms, cpu_used, memory_used_mb,"
+            " unreachable_error, cpu_total, memory_total_mb, disk_total_mb, max_containers, max_vms, cpu_used, memory_used_mb,"
             " disk_used_mb, containers_used, vms_used, port_range_start, port_range_end, default_port_block,"
-            " created_at, updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,"
+            " created_at, updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s, '',"
             " 100000, 100000000, 1000000000, 100000, 100000, 0, 0, 0, 0, 0, 20000, 29999, 5, NOW(), NOW())",
             providers,
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from django.contrib import admin
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Prefetch, Q, QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
@@ -29,7 +29,14 @@ from tasks.admin.common import (
     run_bulk,
     status_badge,
 )
-from tasks.admin.lists import moment_field, search_by_identity
+from tasks.admin.lists import (
+    IndexedListMixin,
+    ids_matching,
+    moment_field,
+    related_match,
+    search_by_identity,
+    users_matching,
+)
 from tasks.engine.states import TaskType
 from tasks.models import Instance, InstanceTraffic, PortMapping, Task
 
@@ -68,7 +75,7 @@ def _memory(mb: int) -> str:
 
 
 @admin.register(Instance)
-class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
+class InstanceAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
     list_display = (
         "name",
         "id",
@@ -84,12 +91,13 @@ class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
         "created_at",
     )
     list_filter = ("status", "instance_type", "provider", "needs_reconcile")
-    search_fields = ("name", "owner__username")
-    search_help_text = _("Instance name, owner's username, instance id or uuid.")
+    search_fields = ("name", "owner__username")  # get_search_results
+    search_help_text = _("Instance name, owner's username, instance id (42 or #42) or uuid.")
     list_select_related = ("owner", "provider", "active_task")
-    ordering = ("-created_at", "-id")
+    # Newest first by the primary key (ids follow creation): no sort of the table.
+    ordering = ("-id",)
+    sortable_by = ("id",)
     list_per_page = 50
-    show_full_result_count = False
     actions = ("start_instances", "stop_instances", "restart_instances", "reset_instances", "delete_instances")
     inlines = (PortMappingInline,)
     readonly_fields = (
@@ -155,11 +163,15 @@ class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
         return super().get_queryset(request).prefetch_related(this_month)
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
-        found, may_have_duplicates = super().get_search_results(request, queryset, search_term)
-        exact = search_by_identity(search_term) if search_term else None
+        """An id or uuid exactly; else the name, or the owner's username through the user table."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        exact = search_by_identity(term)
         if exact is not None:
-            found = found | queryset.filter(exact)
-        return found, may_have_duplicates
+            return queryset.filter(exact), False
+        owners = related_match("owner_id", users_matching(term), Q(owner__username__icontains=term))
+        return queryset.filter(Q(name__icontains=term) | owners), False
 
     # ------------------------------------------------------------ columns
 
@@ -316,12 +328,28 @@ class InstanceAdmin(ConsolePageMixin, admin.ModelAdmin):
 
 
 @admin.register(PortMapping)
-class PortMappingAdmin(admin.ModelAdmin):
+class PortMappingAdmin(IndexedListMixin, admin.ModelAdmin):
     list_display = ("id", "instance_link", "provider", "protocol", "host_ports", "guest_ports", "is_ssh", "status")
     list_filter = ("status", "protocol", "provider", "is_ssh")
-    search_fields = ("instance__name", "host_port_start__exact")
+    search_fields = ("instance__name", "host_port_start__exact")  # get_search_results
+    search_help_text = "Instance name or id (#42), or a host port."
     list_select_related = ("instance", "provider")
+    ordering = ("-id",)
+    sortable_by = ("id",)
     readonly_fields = [f.name for f in PortMapping._meta.fields]
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
+        """A host port (a number) or an instance id (#42); else instances by name, through
+        the instance table, then their mappings by the (instance, status) index."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        if term.isdigit():
+            return queryset.filter(host_port_start__lte=int(term), host_port_end__gte=int(term)), False
+        if term.startswith("#") and term[1:].isdigit():
+            return queryset.filter(instance_id=int(term[1:])), False
+        instances = ids_matching(Instance.objects.all(), "name", term)
+        return queryset.filter(related_match("instance_id", instances, Q(instance__name__icontains=term))), False
 
     @admin.display(description=_("instance"), ordering="instance__name")
     def instance_link(self, mapping: PortMapping):

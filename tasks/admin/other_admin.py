@@ -8,12 +8,23 @@ from datetime import timedelta
 from django import forms
 from django.conf import settings
 from django.contrib import admin
+from django.db.models import Q
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
 from tasks.admin.common import SCRIPTS, STYLES, BulkResult, admin_link, age, status_badge
+from tasks.admin.lists import (
+    Branches,
+    IndexedListMixin,
+    choices_filter,
+    identity,
+    related_match,
+    search_by_identity,
+    users_matching,
+)
+from tasks.engine.states import TaskStatus
 from tasks.messages import translate as translate_message
 from tasks.models import TaskEvent, UserQuota, Worker
 
@@ -26,7 +37,7 @@ def worker_alive_cutoff():
 
 
 @admin.register(UserQuota)
-class UserQuotaAdmin(admin.ModelAdmin):
+class UserQuotaAdmin(IndexedListMixin, admin.ModelAdmin):
     list_display = (
         "user",
         "instances",
@@ -35,10 +46,19 @@ class UserQuotaAdmin(admin.ModelAdmin):
         "disk",
         "traffic_limit",
     )
-    search_fields = ("user__username",)
+    search_fields = ("user__username",)  # get_search_results: through the user table
+    search_help_text = "Username."
     list_select_related = ("user",)
+    ordering = ("-id",)
+    sortable_by = ()
     readonly_fields = ("used_instances", "used_cpu", "used_memory_mb", "used_disk_mb")
     raw_id_fields = ("user",)
+
+    def get_search_results(self, request: HttpRequest, queryset, search_term: str):
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        return queryset.filter(related_match("user_id", users_matching(term), Q(user__username__icontains=term))), False
 
     @admin.display(description=_("instances"))
     def instances(self, q: UserQuota) -> str:
@@ -92,7 +112,7 @@ class AliveFilter(admin.SimpleListFilter):
 
 
 @admin.register(Worker)
-class WorkerAdmin(admin.ModelAdmin):
+class WorkerAdmin(IndexedListMixin, admin.ModelAdmin):
     list_display = (
         "name",
         "alive",
@@ -107,7 +127,10 @@ class WorkerAdmin(admin.ModelAdmin):
     list_filter = (AliveFilter, "role", "queue", "draining")
     search_fields = ("name", "node", "host", "queue")
     list_select_related = ("current_task",)
-    ordering = ("-last_heartbeat",)
+    # (last_heartbeat) index; a few rows per machine, so the counts of "show counts" are cheap.
+    ordering = ("-last_heartbeat", "-id")
+    sortable_by = ("heartbeat",)
+    show_facets = admin.ShowFacets.ALLOW
     actions = ("delete_stale",)
 
     class Media:
@@ -160,18 +183,60 @@ class WorkerAdmin(admin.ModelAdmin):
         result.report(self, request)
 
 
+EVENT_KINDS = [(TaskEvent.KIND_TRANSITION, "Transition"), (TaskEvent.KIND_STEP, "Step")]
+
+
 @admin.register(TaskEvent)
-class TaskEventAdmin(admin.ModelAdmin):
-    """The audit trail across tasks (each task's page shows its own timeline)."""
+class TaskEventAdmin(IndexedListMixin, admin.ModelAdmin):
+    """The audit trail across tasks (each task's page shows its own timeline).
+
+    Newest first by id (the primary key: events are appended); filtered by one task,
+    by that task's (task, at, id) index; the kind and to-status filters by the
+    (kind, to_status, id) index. No filter on dates: nothing orders or narrows
+    millions of events by time without sorting them (a task's page has its timeline).
+    """
 
     list_display = ("at", "task_link", "kind", "transition", "actor", "reason", "progress", "message_col")
-    list_filter = ("kind", "to_status", ("at", admin.DateFieldListFilter))
-    search_fields = ("actor", "reason", "message")
-    search_help_text = _("Actor (e.g. admin:root), reason or message.")
+    list_filter = (
+        choices_filter("kind", _("kind"), EVENT_KINDS),
+        choices_filter("to_status", _("to status"), TaskStatus.choices),
+    )
+    search_fields = ("task__uuid",)  # get_search_results
+    search_help_text = _("Task id (42 or #42) or task uuid: that task's events.")
     list_select_related = ("task",)
-    ordering = ("-at", "-id")
-    show_full_result_count = False
+    ordering = ("-id",)
+    sortable_by = ()
     readonly_fields = [f.name for f in TaskEvent._meta.fields]
+
+    # URL parameters that narrow the list to one task (links from a task's page use the first).
+    ONE_TASK_PARAMS = ("task__id__exact", "task", "task__exact", "task_id", "task_id__exact")
+
+    def get_ordering(self, request: HttpRequest):
+        # One task's events (a filter, or a search by its id or uuid): its (task, at, id)
+        # index, newest first; ordering that task's few rows by id would sort them.
+        one_task = any(name in request.GET for name in self.ONE_TASK_PARAMS)
+        if one_task or identity(request.GET.get("q", "")) is not None:
+            return ("-at", "-id")
+        return super().get_ordering(request)
+
+    def index_branches(self, request: HttpRequest) -> Branches | None:
+        """One of kind / to-status filtered: a branch per value of the other, each a prefix
+        of the (kind, to_status, id) index, read newest first."""
+        if any(name in request.GET for name in self.ONE_TASK_PARAMS) or request.GET.get("q"):
+            return None  # one task's events: its own index
+        kind, to_status = request.GET.get("kind"), request.GET.get("to_status")
+        if kind and not to_status:
+            return Branches([Q(to_status=value) for value, _ in TaskStatus.choices])
+        if to_status and not kind:
+            return Branches([Q(kind=value) for value, _ in EVENT_KINDS])
+        return None
+
+    def get_search_results(self, request: HttpRequest, queryset, search_term: str):
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        exact = search_by_identity(term, pk="task_id", uuid="task__uuid")
+        return (queryset.filter(exact) if exact is not None else queryset.none()), False
 
     class Media:
         css = {"all": STYLES}
