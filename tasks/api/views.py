@@ -1,9 +1,9 @@
 """The REST API (API.md): thin views over tasks.services.
 
 Authorisation lives in get_queryset (users see their own rows; a row they may
-not see is 404, never 403) and in the permission classes (admin endpoints are
-staff only: 403 for other users, 401 for anonymous callers, as for every
-endpoint). Every state change goes through tasks.services, whose errors the
+not see is 404, never 403) and in the permission classes (admin endpoints need
+staff with the console's permission of the action, tasks.api.permissions: 403
+for anyone else, 401 for anonymous callers, as for every endpoint). Every state change goes through tasks.services, whose errors the
 exception handler in tasks.api.errors turns into JSON with a stable code.
 """
 
@@ -42,7 +42,9 @@ def _error(description: str) -> OpenApiResponse:
 
 
 UNAUTHENTICATED = {401: _error("not authenticated (send `Authorization: Token <token>` or a session cookie)")}
-FORBIDDEN = {403: _error("not allowed: staff only, or a session request without its CSRF token")}
+FORBIDDEN = {
+    403: _error("not allowed: admin endpoints need staff with the action's permission; or a session write without CSRF")
+}
 AUTH = {**UNAUTHENTICATED, **FORBIDDEN}
 NOT_FOUND = {404: _error("no such object, or not one the caller may see")}
 BAD_INPUT = {400: _error("invalid input: `field` names the offending parameter or body field")}
