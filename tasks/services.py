@@ -21,6 +21,7 @@ from tasks.engine import dispatch, sql, transitions
 from tasks.engine.states import (
     ALLOWED_INSTANCE_STATUS,
     CANCELLABLE,
+    CANCELLING,
     FINAL,
     PENDING,
     RUNNING,
@@ -47,6 +48,21 @@ def actor_of(user, *, admin: bool = False) -> str:
     if user is None:
         return "system"
     return f"{'admin' if admin else 'user'}:{user.get_username()}"
+
+
+def actor_role(actor: str) -> str:
+    """What a user sees of an event's actor: ``you``, ``operator`` or ``system`` (API.md).
+
+    ``user:<name>`` is only ever written for the instance's owner (a staff member
+    acting on someone else's instance is ``admin:<name>``); workers, sweeps and
+    anything unknown are the system.
+    """
+    kind = (actor or "").partition(":")[0]
+    if kind == "user":
+        return "you"
+    if kind == "admin":
+        return "operator"
+    return "system"
 
 
 def validate_timeout(timeout_seconds) -> int:
@@ -353,17 +369,35 @@ def visible_tasks(user, *, admin: bool = False):
 
 
 def user_may_cancel(task: Task) -> bool:
-    """Users cancel their own pending tasks, and running ones except a delete in flight."""
+    """Users cancel their own pending tasks, and running ones except a delete in flight.
+
+    Never a task an operator queued on their instance (initiator other than the
+    owner): the operator's decision stands (OneClickVirt refuses this too).
+    """
+    if task.initiator_id is not None and task.initiator_id != task.owner_id:
+        return False
     if task.status == PENDING:
         return True
     return task.status == RUNNING and task.task_type != TaskType.DELETE
 
 
 def cancel_task(user, task_id, *, admin: bool = False, reason: str = "") -> Task:
+    """Users: their own tasks as user_may_cancel says; admins: any non-terminal task.
+
+    An admin cancel of a task already ``cancelling`` changes nothing and answers
+    with the task (the cancel is under way; force-stop ends it at once): admins
+    may cancel anything non-terminal, so only a terminal task is a conflict.
+    """
     task = visible_tasks(user, admin=admin).filter(pk=task_id).first()
     if task is None:
         raise NotFound("no such task")
+    if admin and task.status == CANCELLING:
+        return task
     if task.status not in CANCELLABLE or (not admin and not user_may_cancel(task)):
+        if not admin and task.status in CANCELLABLE and task.initiator_id != task.owner_id:
+            raise NotCancellable(
+                f"this {task.task_type} was queued by an operator; only an operator can cancel it", status=task.status
+            )
         raise NotCancellable(f"a {task.status} {task.task_type} task cannot be cancelled", status=task.status)
     reason = (reason or "").strip()
     if admin and not reason and user.pk != task.owner_id:
@@ -371,6 +405,8 @@ def cancel_task(user, task_id, *, admin: bool = False, reason: str = "") -> Task
     by_admin = admin and user.pk != task.owner_id
     if not transitions.request_cancel(task.pk, actor=actor_of(user, admin=by_admin), reason=reason, by_admin=by_admin):
         task.refresh_from_db()
+        if admin and task.status == CANCELLING:  # someone else's cancel got there first
+            return task
         raise NotCancellable(f"the task is {task.status} and can no longer be cancelled", status=task.status)
     task.refresh_from_db()
     return task
