@@ -267,5 +267,7 @@ DEFAULT_QUOTA_INSTANCES = env_int("DEFAULT_QUOTA_INSTANCES", 10, minimum=0)
 DEFAULT_QUOTA_CPU = env_int("DEFAULT_QUOTA_CPU", 16, minimum=0)
 DEFAULT_QUOTA_MEMORY_MB = env_int("DEFAULT_QUOTA_MEMORY_MB", 32768, minimum=0)
 DEFAULT_QUOTA_DISK_MB = env_int("DEFAULT_QUOTA_DISK_MB", 512000, minimum=0)
+# Host ports of all a user's mappings (ranges port by port, default blocks included).
+DEFAULT_QUOTA_PORTS = env_int("DEFAULT_QUOTA_PORTS", 50, minimum=0)
 # How long a new password stays readable (once) through the API.
 PASSWORD_READ_WINDOW_SECONDS = env_int("PASSWORD_READ_WINDOW_SECONDS", 3600, minimum=60)

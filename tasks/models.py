@@ -139,6 +139,8 @@ class UserQuota(models.Model):
     max_cpu = models.PositiveIntegerField(default=16)
     max_memory_mb = models.PositiveBigIntegerField(default=32 * 1024)
     max_disk_mb = models.PositiveBigIntegerField(default=500 * 1024)
+    # Host ports of the user's live mappings, counted port by port (default blocks included).
+    max_ports = models.PositiveIntegerField(default=50)
     used_instances = models.PositiveIntegerField(default=0, editable=False)
     used_cpu = models.PositiveIntegerField(default=0, editable=False)
     used_memory_mb = models.PositiveBigIntegerField(default=0, editable=False)

@@ -236,6 +236,7 @@ def create_instance(
         resources.check_and_reserve(
             quota, provider_row, instance_type=instance_type, cpu=cpu, memory_mb=memory_mb, disk_mb=disk_mb
         )
+        resources.check_ports(quota, provider_row.default_port_block)
         instance = Instance.objects.create(
             owner=owner,
             provider=provider_row,
@@ -310,15 +311,30 @@ def create_port(
     timeout_seconds=None,
     description: str = "",
 ) -> tuple[Task, PortMapping]:
+    """Queue a new mapping. A user's request must fit their quota's ``max_ports``
+    (409 quota_exceeded, resource ``ports``); an operator's may exceed it (as it may
+    leave the provider's range), and counts all the same."""
     timeout = validate_timeout(timeout_seconds)
     ports.validate_request(protocol, guest_port, host_port, count)
+    try:
+        instance_pk = int(instance_id)
+    except (TypeError, ValueError):
+        raise NotFound("no such instance") from None
+    owner_id = visible_instances(user, admin=admin).filter(pk=instance_pk).values_list("owner_id", flat=True).first()
+    if owner_id is None:
+        raise NotFound("no such instance")
+    resources.ensure_quota(owner_id)
     with transaction.atomic():
-        # The provider lock also serialises port choices on that provider.
+        # The system's lock order: quota, then provider and instance. The quota lock
+        # serialises this user's port requests; the provider lock the port choices.
+        quota = UserQuota.objects.select_for_update().get(user_id=owner_id)
         provider, instance = _lock_for_new_task(user, instance_id, admin=admin)
         if instance.active_task_id is not None:
             raise InstanceBusy(instance.active_task_id)
         if instance.status not in ALLOWED_INSTANCE_STATUS[TaskType.CREATE_PORT]:
             raise InvalidState(f"cannot add a port to an instance that is {instance.status}", status=instance.status)
+        if not admin:
+            resources.check_ports(quota, count)
         mapping = ports.reserve(
             provider,
             instance,

@@ -34,7 +34,7 @@ class UserQuotaAdmin(admin.ModelAdmin):
     )
     search_fields = ("user__username",)
     list_select_related = ("user",)
-    readonly_fields = ("used_instances", "used_cpu", "used_memory_mb", "used_disk_mb")
+    readonly_fields = ("used_instances", "used_cpu", "used_memory_mb", "used_disk_mb", "ports_in_use")
     raw_id_fields = ("user",)
 
     @admin.display(description="instances")
@@ -52,6 +52,12 @@ class UserQuotaAdmin(admin.ModelAdmin):
     @admin.display(description="disk (MB)")
     def disk(self, q: UserQuota) -> str:
         return f"{q.used_disk_mb} / {q.max_disk_mb}"
+
+    @admin.display(description="host ports in use (of max ports)")
+    def ports_in_use(self, q: UserQuota) -> str:
+        from tasks.resources import ports_used
+
+        return f"{ports_used(q.user_id)} / {q.max_ports}" if q.user_id else "—"
 
     def has_delete_permission(self, request, obj=None) -> bool:
         # The row carries the user's live usage; a new one would start from zero.
