@@ -139,6 +139,9 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 20,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "tasks.api.errors.exception_handler",
+    # Proxies in front of the panel whose X-Forwarded-For is trusted for the client
+    # address (login throttle); 0: REMOTE_ADDR, a client cannot pick its address.
+    "NUM_PROXIES": env_int("DJANGO_NUM_PROXIES", 0, minimum=0),
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Cloud-host task system API",
@@ -244,7 +247,27 @@ else:
     Q_CLUSTER["redis"] = REDIS_URL
 
 # --- caches ---------------------------------------------------------------------------
-CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# "throttle": the login throttle's counters (tasks/api/throttle.py), shared by every web
+# process: Redis when the system runs on Redis, else files in VAR_DIR (one machine).
+LOGIN_THROTTLE_STORE = env_choice(
+    "LOGIN_THROTTLE_STORE", "redis" if Q_BROKER == "redis" else "file", ("redis", "file", "memory")
+)
+_THROTTLE_CACHES = {
+    "redis": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL},
+    "file": {
+        "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+        "LOCATION": str(VAR_DIR / "throttle"),
+        "OPTIONS": {"MAX_ENTRIES": 5000},
+    },
+    "memory": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "throttle"},
+}
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "throttle": {**_THROTTLE_CACHES[LOGIN_THROTTLE_STORE], "KEY_PREFIX": "cloudhost", "TIMEOUT": 180},
+}
+# POST /api/v1/auth/token/: this many failed attempts per username or client address per window.
+LOGIN_THROTTLE_ATTEMPTS = env_int("LOGIN_THROTTLE_ATTEMPTS", 10, minimum=1)
+LOGIN_THROTTLE_WINDOW_SECONDS = env_int("LOGIN_THROTTLE_WINDOW_SECONDS", 60, minimum=1)
 
 SILENCED_SYSTEM_CHECKS = ["models.W037"]  # MariaDB: django_q's partial index is created plain
 
