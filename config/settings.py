@@ -74,6 +74,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "tasks.api.middleware.APIRequestLimitMiddleware",  # 413 under /api/ before the body is read
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -139,6 +140,13 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 20,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "tasks.api.errors.exception_handler",
+    # Lone surrogates are refused (400) and never crash the renderer (tasks/api/parsers.py).
+    "DEFAULT_PARSER_CLASSES": [
+        "tasks.api.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    "DEFAULT_RENDERER_CLASSES": ["tasks.api.parsers.JSONRenderer", "rest_framework.renderers.BrowsableAPIRenderer"],
     # Proxies in front of the panel whose X-Forwarded-For is trusted for the client
     # address (login throttle); 0: REMOTE_ADDR, a client cannot pick its address.
     "NUM_PROXIES": env_int("DJANGO_NUM_PROXIES", 0, minimum=0),
@@ -157,6 +165,9 @@ SPECTACULAR_SETTINGS = {
     },
     "COMPONENT_SPLIT_REQUEST": True,
 }
+
+# Largest request body the API accepts (413 above it, before it is read).
+API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
 
 # Bearer token /metrics requires (empty: open, e.g. behind a private network).
 METRICS_TOKEN = env_str("METRICS_TOKEN")

@@ -23,6 +23,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, Throttled
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 
@@ -30,6 +31,7 @@ from tasks import services, stats
 from tasks.api import serializers as s
 from tasks.api import throttle
 from tasks.api.filters import MAX_ID, InstanceFilter, TaskFilter
+from tasks.api.parsers import JSONParser, JSONRenderer
 from tasks.api.permissions import IsStaff
 from tasks.api.queueinfo import QueueInfo
 from tasks.engine.states import PENDING, TaskType
@@ -428,6 +430,9 @@ class ProviderViewSet(APIViewSetMixin, mixins.ListModelMixin, mixins.RetrieveMod
 class TokenView(ObtainAuthToken):
     """POST /api/v1/auth/token/ (DRF's view, throttled; its errors in the API's JSON shape);
     DELETE revokes the caller's token."""
+
+    parser_classes = (JSONParser, FormParser, MultiPartParser)
+    renderer_classes = (JSONRenderer,)
 
     def get_permissions(self):
         return [IsAuthenticated()] if self.request.method == "DELETE" else []
