@@ -12,7 +12,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
 
-from tasks.admin.common import SCRIPTS, STYLES, BulkResult, admin_link, age, status_badge
+from tasks.admin.common import SCRIPTS, STYLES, BulkResult, SafeSelectionMixin, admin_link, age, status_badge
 from tasks.models import TaskEvent, UserQuota, Worker
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def worker_alive_cutoff():
 
 
 @admin.register(UserQuota)
-class UserQuotaAdmin(admin.ModelAdmin):
+class UserQuotaAdmin(SafeSelectionMixin, admin.ModelAdmin):
     list_display = (
         "user",
         "instances",
@@ -91,7 +91,7 @@ class AliveFilter(admin.SimpleListFilter):
 
 
 @admin.register(Worker)
-class WorkerAdmin(admin.ModelAdmin):
+class WorkerAdmin(SafeSelectionMixin, admin.ModelAdmin):
     list_display = (
         "name",
         "alive",
@@ -160,7 +160,7 @@ class WorkerAdmin(admin.ModelAdmin):
 
 
 @admin.register(TaskEvent)
-class TaskEventAdmin(admin.ModelAdmin):
+class TaskEventAdmin(SafeSelectionMixin, admin.ModelAdmin):
     """The audit trail across tasks (each task's page shows its own timeline)."""
 
     list_display = ("at", "task_link", "kind", "transition", "actor", "reason", "progress", "message")
