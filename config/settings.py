@@ -17,10 +17,12 @@ from config.env import (
     env_bool,
     env_choice,
     env_float,
+    env_header,
     env_int,
     env_list,
     env_str,
     parse_database_url,
+    private_file,
     sqlite_database,
 )
 
@@ -39,14 +41,33 @@ def _secret_key() -> str:
     # (web, supervisor and django-q2 workers must agree: jobs are signed with it).
     path = VAR_DIR / "secret_key"
     if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(secrets.token_urlsafe(50))
+        # Readable by its owner only (0600), whatever the umask; written whole, then renamed.
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(secrets.token_urlsafe(50))
         os.replace(tmp, path)
     return path.read_text().strip()
 
 
 SECRET_KEY = _secret_key()
 DEBUG = env_bool("DJANGO_DEBUG", False)
+# --- HTTPS --------------------------------------------------------------------------
+# Behind a TLS-terminating proxy: DJANGO_SECURE_PROXY_SSL_HEADER=HTTP_X_FORWARDED_PROTO=https
+# (only if the proxy always sets or strips that header). DJANGO_HTTPS=1 turns on secure
+# cookies, the redirect to https and HSTS for a year; each has its own variable too.
+_HTTPS = env_bool("DJANGO_HTTPS", False)
+SECURE_PROXY_SSL_HEADER = env_header("DJANGO_SECURE_PROXY_SSL_HEADER")
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", _HTTPS)
+# Probes and scrapers inside the network may speak plain http.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
+SESSION_COOKIE_SECURE = env_bool("DJANGO_SESSION_COOKIE_SECURE", _HTTPS)
+CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", _HTTPS)
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 31536000 if _HTTPS else 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", False)
+
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
 
@@ -108,6 +129,10 @@ if _database_url:
 else:
     DATABASES = {"default": sqlite_database(str(VAR_DIR / "db.sqlite3"))}
 IS_MYSQL = DATABASES["default"]["ENGINE"].endswith("mysql")
+if not IS_MYSQL and str(DATABASES["default"]["NAME"]) != ":memory:":
+    # The SQLite file holds every secret at rest: created readable by its owner only.
+    Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    private_file(DATABASES["default"]["NAME"])
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
