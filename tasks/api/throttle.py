@@ -71,12 +71,15 @@ class Attempt:
         self.window = int(now // self.window_seconds)
         self.retry_after = max(1, math.ceil((self.window + 1) * self.window_seconds - now))
         self.keys = _keys(username if isinstance(username, str) else None, address, self.window)
+        self.first_refusal = False
 
     def begin(self) -> int | None:
         """Count the attempt; the seconds to wait if it is over the limit (then no hash may follow)."""
         cache = _cache()
         ttl = self.window_seconds + 5
         counts = [_increment(cache, key, 1, ttl) for key in self.keys]
+        # The first refusal of a window is worth a log line; the rest of a flood is not.
+        self.first_refusal = settings.LOGIN_THROTTLE_ATTEMPTS + 1 in counts
         if max(counts) > settings.LOGIN_THROTTLE_ATTEMPTS:
             return self.retry_after
         return None

@@ -452,7 +452,12 @@ class TokenView(ObtainAuthToken):
         wait = attempt.begin()
         if wait is not None:
             # Refused before the hash: a flood of wrong passwords costs no CPU.
-            logger.warning("login throttled: %s, username %s", throttle.client_address(request), ascii(username)[:80])
+            if attempt.first_refusal:
+                logger.warning(
+                    "login throttled until the window ends: %s, username %s",
+                    throttle.client_address(request),
+                    ascii(username)[:80],
+                )
             raise Throttled(wait=wait, detail="too many failed login attempts")
         response = super().post(request, *args, **kwargs)  # 400 on wrong credentials: the attempt stays counted
         attempt.succeeded()
