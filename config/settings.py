@@ -96,6 +96,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "tasks.api.middleware.APIRequestLimitMiddleware",  # 413 under /api/ before the body is read
+    "tasks.api.throttle.AdminLoginThrottleMiddleware",  # the console's login, throttled as the API's
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

@@ -88,3 +88,30 @@ class Attempt:
         cache = _cache()
         for key in self.keys:
             _increment(cache, key, -1, self.window_seconds + 5)
+
+
+class AdminLoginThrottleMiddleware:
+    """The same throttle on the console's login form (``POST /admin/login/``): refused with
+    429 before Django's login view computes a hash; a successful login (a redirect) takes
+    its attempt back."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if request.method != "POST" or request.path != "/admin/login/":
+            return self.get_response(request)
+        from django.http import HttpResponse
+
+        attempt = Attempt(request.POST.get("username"), client_address(request))
+        wait = attempt.begin()
+        if wait is not None:
+            response = HttpResponse(
+                "Too many failed login attempts; try again later.", status=429, content_type="text/plain"
+            )
+            response["Retry-After"] = str(wait)
+            return response
+        response = self.get_response(request)
+        if response.status_code == 302:
+            attempt.succeeded()
+        return response

@@ -127,3 +127,22 @@ def test_delete_revokes_the_callers_token(alice, bob, anon):
     assert anon.delete(TOKEN).status_code == 401
     fresh = login("alice", "alice-pass-123").json()["token"]
     assert fresh != token
+
+
+def test_the_console_login_is_throttled_too(root, hashes):
+    from django.test import Client
+
+    client = Client(REMOTE_ADDR="198.51.100.50")
+    for _ in range(10):
+        page = client.post("/admin/login/", {"username": "root", "password": "wrong"})
+        assert page.status_code == 200  # the form again
+    calls = hashes.calls
+    refused = client.post("/admin/login/", {"username": "root", "password": "root-pass-123"})
+    assert (refused.status_code, hashes.calls) == (429, calls)
+    assert int(refused["Retry-After"]) >= 1
+    # Another staff member from another address logs in (a redirect) as usual.
+    from django.contrib.auth import get_user_model
+
+    get_user_model().objects.create_user("op2", password="op2-pass-123", is_staff=True)
+    other = Client(REMOTE_ADDR="198.51.100.51")
+    assert other.post("/admin/login/", {"username": "op2", "password": "op2-pass-123"}).status_code == 302
