@@ -13,7 +13,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
-from tasks.admin.common import SCRIPTS, STYLES, BulkResult, admin_link, age, status_badge
+from tasks.admin.common import SCRIPTS, STYLES, BulkResult, SafeSelectionMixin, admin_link, age, status_badge
 from tasks.messages import translate as translate_message
 from tasks.models import TaskEvent, UserQuota, Worker
 
@@ -26,7 +26,7 @@ def worker_alive_cutoff():
 
 
 @admin.register(UserQuota)
-class UserQuotaAdmin(admin.ModelAdmin):
+class UserQuotaAdmin(SafeSelectionMixin, admin.ModelAdmin):
     list_display = (
         "user",
         "instances",
@@ -37,7 +37,7 @@ class UserQuotaAdmin(admin.ModelAdmin):
     )
     search_fields = ("user__username",)
     list_select_related = ("user",)
-    readonly_fields = ("used_instances", "used_cpu", "used_memory_mb", "used_disk_mb")
+    readonly_fields = ("used_instances", "used_cpu", "used_memory_mb", "used_disk_mb", "ports_in_use")
     raw_id_fields = ("user",)
 
     @admin.display(description=_("instances"))
@@ -59,6 +59,12 @@ class UserQuotaAdmin(admin.ModelAdmin):
     @admin.display(description=_("traffic per instance per month"), ordering="max_traffic_gb")
     def traffic_limit(self, q: UserQuota) -> str:
         return "—" if q.max_traffic_gb is None else f"{q.max_traffic_gb} GB"
+
+    @admin.display(description=_("host ports in use (of max ports)"))
+    def ports_in_use(self, q: UserQuota) -> str:
+        from tasks.resources import ports_used
+
+        return f"{ports_used(q.user_id)} / {q.max_ports}" if q.user_id else "—"
 
     def has_delete_permission(self, request, obj=None) -> bool:
         # The row carries the user's live usage; a new one would start from zero.
@@ -92,7 +98,7 @@ class AliveFilter(admin.SimpleListFilter):
 
 
 @admin.register(Worker)
-class WorkerAdmin(admin.ModelAdmin):
+class WorkerAdmin(SafeSelectionMixin, admin.ModelAdmin):
     list_display = (
         "name",
         "alive",
@@ -161,7 +167,7 @@ class WorkerAdmin(admin.ModelAdmin):
 
 
 @admin.register(TaskEvent)
-class TaskEventAdmin(admin.ModelAdmin):
+class TaskEventAdmin(SafeSelectionMixin, admin.ModelAdmin):
     """The audit trail across tasks (each task's page shows its own timeline)."""
 
     list_display = ("at", "task_link", "kind", "transition", "actor", "reason", "progress", "message_col")

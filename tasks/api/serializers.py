@@ -23,7 +23,7 @@ from tasks.api.queueinfo import QueueInfo
 from tasks.engine.states import CANCELLABLE, FINAL, RUNNING
 from tasks.models import Instance, InstanceType, PortMapping, Protocol, Provider, Task, TaskEvent, Worker
 from tasks.ports import MAX_RANGE
-from tasks.services import user_may_cancel
+from tasks.services import actor_role, user_may_cancel
 
 MAX_ID = 2**63 - 1
 MAX_INT32 = 2**31 - 1
@@ -63,6 +63,11 @@ class InstanceRefSerializer(serializers.Serializer):
 
 
 class TaskEventSerializer(serializers.ModelSerializer):
+    actor = serializers.SerializerMethodField(
+        help_text="who made the change: in admin views the full actor (`user:<name>`, `admin:<name>`, "
+        "`worker:<host>:<pid>`, `system:<job>`); users see a role: `you`, `operator` or `system`"
+    )
+
     class Meta:
         model = TaskEvent
         fields = ["from_status", "to_status", "actor", "reason", "progress", "message", "at", "kind"]
@@ -71,6 +76,11 @@ class TaskEventSerializer(serializers.ModelSerializer):
         data = super().to_representation(event)
         data["message"] = messages.translate(data["message"])  # stored in English (tasks/messages.py)
         return data
+
+    @extend_schema_field(OpenApiTypes.STR)
+    def get_actor(self, event: TaskEvent) -> str:
+        # Users never learn a staff member's name or a worker's host and pid (API.md).
+        return event.actor if self.context.get("admin") else actor_role(event.actor)
 
 
 # --- tasks ----------------------------------------------------------------------------
