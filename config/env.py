@@ -66,6 +66,31 @@ def env_list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
 
+def env_header(name: str) -> tuple[str, str] | None:
+    """``HTTP_X_FORWARDED_PROTO=https`` -> ("HTTP_X_FORWARDED_PROTO", "https"); unset or empty -> None."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    header, sep, value = raw.partition("=")
+    header, value = header.strip().upper(), value.strip()
+    if not sep or not header.startswith("HTTP_") or not value:
+        raise ImproperlyConfigured(f"{name}={raw!r} must look like HTTP_X_FORWARDED_PROTO=https")
+    return header, value
+
+
+def private_file(path) -> None:
+    """Create ``path`` empty and readable by its owner only (0600) if it does not exist yet.
+
+    For files that hold secrets (the generated secret key, the SQLite database: SQLite
+    gives its -wal and -shm files the mode of the database file).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
 def _check_range(name: str, value: float, minimum: float | None, maximum: float | None) -> None:
     if minimum is not None and value < minimum:
         raise ImproperlyConfigured(f"{name}={value} is below the minimum {minimum}")

@@ -20,10 +20,12 @@ from config.env import (
     env_bool,
     env_choice,
     env_float,
+    env_header,
     env_int,
     env_list,
     env_str,
     parse_database_url,
+    private_file,
     sqlite_database,
 )
 
@@ -42,14 +44,33 @@ def _secret_key() -> str:
     # (web, supervisor and django-q2 workers must agree: jobs are signed with it).
     path = VAR_DIR / "secret_key"
     if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(secrets.token_urlsafe(50))
+        # Readable by its owner only (0600), whatever the umask; written whole, then renamed.
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(secrets.token_urlsafe(50))
         os.replace(tmp, path)
     return path.read_text().strip()
 
 
 SECRET_KEY = _secret_key()
 DEBUG = env_bool("DJANGO_DEBUG", False)
+# --- HTTPS --------------------------------------------------------------------------
+# Behind a TLS-terminating proxy: DJANGO_SECURE_PROXY_SSL_HEADER=HTTP_X_FORWARDED_PROTO=https
+# (only if the proxy always sets or strips that header). DJANGO_HTTPS=1 turns on secure
+# cookies, the redirect to https and HSTS for a year; each has its own variable too.
+_HTTPS = env_bool("DJANGO_HTTPS", False)
+SECURE_PROXY_SSL_HEADER = env_header("DJANGO_SECURE_PROXY_SSL_HEADER")
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", _HTTPS)
+# Probes and scrapers inside the network may speak plain http.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
+SESSION_COOKIE_SECURE = env_bool("DJANGO_SESSION_COOKIE_SECURE", _HTTPS)
+CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", _HTTPS)
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 31536000 if _HTTPS else 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", False)
+
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
 
@@ -77,6 +98,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "tasks.api.middleware.APIRequestLimitMiddleware",  # 413 under /api/ before the body is read
+    "tasks.api.throttle.AdminLoginThrottleMiddleware",  # the console's login, throttled as the API's
     "django.contrib.sessions.middleware.SessionMiddleware",
     # The language of human texts: the admin's language switch (cookie), else
     # Accept-Language, else LANGUAGE_CODE (API and admin alike).
@@ -113,6 +136,10 @@ if _database_url:
 else:
     DATABASES = {"default": sqlite_database(str(VAR_DIR / "db.sqlite3"))}
 IS_MYSQL = DATABASES["default"]["ENGINE"].endswith("mysql")
+if not IS_MYSQL and str(DATABASES["default"]["NAME"]) != ":memory:":
+    # The SQLite file holds every secret at rest: created readable by its owner only.
+    Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    private_file(DATABASES["default"]["NAME"])
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -150,6 +177,16 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 20,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "tasks.api.errors.exception_handler",
+    # Lone surrogates are refused (400) and never crash the renderer (tasks/api/parsers.py).
+    "DEFAULT_PARSER_CLASSES": [
+        "tasks.api.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    "DEFAULT_RENDERER_CLASSES": ["tasks.api.parsers.JSONRenderer", "rest_framework.renderers.BrowsableAPIRenderer"],
+    # Proxies in front of the panel whose X-Forwarded-For is trusted for the client
+    # address (login throttle); 0: REMOTE_ADDR, a client cannot pick its address.
+    "NUM_PROXIES": env_int("DJANGO_NUM_PROXIES", 0, minimum=0),
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Cloud-host task system API",
@@ -165,6 +202,9 @@ SPECTACULAR_SETTINGS = {
     },
     "COMPONENT_SPLIT_REQUEST": True,
 }
+
+# Largest request body the API accepts (413 above it, before it is read).
+API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
 
 # Bearer token /metrics requires (empty: open, e.g. behind a private network).
 METRICS_TOKEN = env_str("METRICS_TOKEN")
@@ -308,7 +348,27 @@ else:
         )
 
 # --- caches ---------------------------------------------------------------------------
-CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# "throttle": the login throttle's counters (tasks/api/throttle.py), shared by every web
+# process: Redis when the system runs on Redis, else files in VAR_DIR (one machine).
+LOGIN_THROTTLE_STORE = env_choice(
+    "LOGIN_THROTTLE_STORE", "redis" if Q_BROKER == "redis" else "file", ("redis", "file", "memory")
+)
+_THROTTLE_CACHES = {
+    "redis": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL},
+    "file": {
+        "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+        "LOCATION": str(VAR_DIR / "throttle"),
+        "OPTIONS": {"MAX_ENTRIES": 5000},
+    },
+    "memory": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "throttle"},
+}
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "throttle": {**_THROTTLE_CACHES[LOGIN_THROTTLE_STORE], "KEY_PREFIX": "cloudhost", "TIMEOUT": 180},
+}
+# POST /api/v1/auth/token/: this many failed attempts per username or client address per window.
+LOGIN_THROTTLE_ATTEMPTS = env_int("LOGIN_THROTTLE_ATTEMPTS", 10, minimum=1)
+LOGIN_THROTTLE_WINDOW_SECONDS = env_int("LOGIN_THROTTLE_WINDOW_SECONDS", 60, minimum=1)
 
 SILENCED_SYSTEM_CHECKS = ["models.W037"]  # MariaDB: django_q's partial index is created plain
 
@@ -331,6 +391,8 @@ DEFAULT_QUOTA_INSTANCES = env_int("DEFAULT_QUOTA_INSTANCES", 10, minimum=0)
 DEFAULT_QUOTA_CPU = env_int("DEFAULT_QUOTA_CPU", 16, minimum=0)
 DEFAULT_QUOTA_MEMORY_MB = env_int("DEFAULT_QUOTA_MEMORY_MB", 32768, minimum=0)
 DEFAULT_QUOTA_DISK_MB = env_int("DEFAULT_QUOTA_DISK_MB", 512000, minimum=0)
+# Host ports of all a user's mappings (ranges port by port, default blocks included).
+DEFAULT_QUOTA_PORTS = env_int("DEFAULT_QUOTA_PORTS", 50, minimum=0)
 # How long a new password stays readable (once) through the API.
 PASSWORD_READ_WINDOW_SECONDS = env_int("PASSWORD_READ_WINDOW_SECONDS", 3600, minimum=60)
 

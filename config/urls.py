@@ -15,6 +15,8 @@ urlpatterns = [
     re_path(r"^static/(?P<path>.*)$", serve_static, {"insecure": True}),
 ]
 
-# JSON 404/500 under /api/ (Django's pages elsewhere).
+# JSON 400/403/404/500 under /api/ (Django's pages elsewhere).
+handler400 = "tasks.api.errors.bad_request"
+handler403 = "tasks.api.errors.permission_denied"
 handler404 = "tasks.api.errors.not_found"
 handler500 = "tasks.api.errors.server_error"

@@ -150,6 +150,8 @@ class UserQuota(models.Model):
     max_cpu = models.PositiveIntegerField(default=16, verbose_name=_("max cpu"))
     max_memory_mb = models.PositiveBigIntegerField(default=32 * 1024, verbose_name=_("max memory mb"))
     max_disk_mb = models.PositiveBigIntegerField(default=500 * 1024, verbose_name=_("max disk mb"))
+    # Host ports of the user's live mappings, counted port by port (default blocks included).
+    max_ports = models.PositiveIntegerField(default=50, verbose_name=_("max ports"))
     used_instances = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("used instances"))
     used_cpu = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("used cpu"))
     used_memory_mb = models.PositiveBigIntegerField(default=0, editable=False, verbose_name=_("used memory mb"))

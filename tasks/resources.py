@@ -8,7 +8,7 @@ a release can never happen twice and check_accounting can recompute the sums.
 from __future__ import annotations
 
 from django.conf import settings
-from django.db.models import F
+from django.db.models import F, Sum
 from django.utils.translation import gettext as _
 
 from tasks.errors import CapacityExceeded, QuotaExceeded
@@ -16,13 +16,15 @@ from tasks.models import Instance, InstanceType, PortMapping, Provider, UserQuot
 
 
 def ensure_quota(user) -> UserQuota:
+    """The user's quota row (a user object or id), created with the defaults on first use."""
     quota, _ = UserQuota.objects.get_or_create(
-        user=user,
+        user_id=getattr(user, "pk", user),
         defaults={
             "max_instances": settings.DEFAULT_QUOTA_INSTANCES,
             "max_cpu": settings.DEFAULT_QUOTA_CPU,
             "max_memory_mb": settings.DEFAULT_QUOTA_MEMORY_MB,
             "max_disk_mb": settings.DEFAULT_QUOTA_DISK_MB,
+            "max_ports": settings.DEFAULT_QUOTA_PORTS,
         },
     )
     return quota
@@ -36,7 +38,35 @@ RESOURCE_NAMES = {
     "disk_mb": lambda: _("MB of disk"),
     "vms": lambda: _("virtual machines"),
     "containers": lambda: _("containers"),
+    "ports": lambda: _("host ports"),
 }
+
+
+def ports_used(owner_id: int) -> int:
+    """Host ports the user's live mappings hold, port by port (a range of 10 is 10; a
+    ``both`` mapping is one port number, taken on tcp and udp)."""
+    total = PortMapping.objects.filter(instance__owner_id=owner_id, status__in=PortMapping.LIVE_STATUSES).aggregate(
+        n=Sum(F("host_port_end") - F("host_port_start") + 1)
+    )["n"]
+    return int(total or 0)
+
+
+def check_ports(quota: UserQuota, count: int) -> None:
+    """409 quota_exceeded (resource ``ports``) unless ``count`` more host ports fit the quota.
+
+    The caller holds the quota row lock, so two requests cannot both take the last ports.
+    """
+    if count <= 0:
+        return
+    wanted = ports_used(quota.user_id) + count
+    if wanted > quota.max_ports:
+        raise QuotaExceeded(
+            _("your quota allows %(limit)s %(resource)s; this would use %(wanted)s")
+            % {"limit": quota.max_ports, "resource": RESOURCE_NAMES["ports"](), "wanted": wanted},
+            resource="ports",
+            limit=quota.max_ports,
+            requested=wanted,
+        )
 
 
 def check_and_reserve(

@@ -23,6 +23,7 @@ from tasks.engine.states import (
     ALLOWED_INSTANCE_STATUS,
     CANCELLABLE,
     CANCELLED,
+    CANCELLING,
     COMPLETED,
     FAILED,
     FINAL,
@@ -58,6 +59,21 @@ def actor_of(user, *, admin: bool = False) -> str:
     if user is None:
         return "system"
     return f"{'admin' if admin else 'user'}:{user.get_username()}"
+
+
+def actor_role(actor: str) -> str:
+    """What a user sees of an event's actor: ``you``, ``operator`` or ``system`` (API.md).
+
+    ``user:<name>`` is only ever written for the instance's owner (a staff member
+    acting on someone else's instance is ``admin:<name>``); workers, sweeps and
+    anything unknown are the system.
+    """
+    kind = (actor or "").partition(":")[0]
+    if kind == "user":
+        return "you"
+    if kind == "admin":
+        return "operator"
+    return "system"
 
 
 def validate_timeout(timeout_seconds) -> int:
@@ -242,6 +258,7 @@ def create_instance(
         resources.check_and_reserve(
             quota, provider_row, instance_type=instance_type, cpu=cpu, memory_mb=memory_mb, disk_mb=disk_mb
         )
+        resources.check_ports(quota, provider_row.default_port_block)
         instance = Instance.objects.create(
             owner=owner,
             provider=provider_row,
@@ -324,10 +341,23 @@ def create_port(
     timeout_seconds=None,
     description: str = "",
 ) -> tuple[Task, PortMapping]:
+    """Queue a new mapping. A user's request must fit their quota's ``max_ports``
+    (409 quota_exceeded, resource ``ports``); an operator's may exceed it (as it may
+    leave the provider's range), and counts all the same."""
     timeout = validate_timeout(timeout_seconds)
     ports.validate_request(protocol, guest_port, host_port, count)
+    try:
+        instance_pk = int(instance_id)
+    except (TypeError, ValueError):
+        raise NotFound(_("no such instance")) from None
+    owner_id = visible_instances(user, admin=admin).filter(pk=instance_pk).values_list("owner_id", flat=True).first()
+    if owner_id is None:
+        raise NotFound(_("no such instance"))
+    resources.ensure_quota(owner_id)
     with transaction.atomic():
-        # The provider lock also serialises port choices on that provider.
+        # The system's lock order: quota, then provider and instance. The quota lock
+        # serialises this user's port requests; the provider lock the port choices.
+        quota = UserQuota.objects.select_for_update().get(user_id=owner_id)
         provider, instance = _lock_for_new_task(user, instance_id, admin=admin)
         if instance.active_task_id is not None:
             raise InstanceBusy(instance.active_task_id)
@@ -337,6 +367,8 @@ def create_port(
                 % {"status": word(InstanceStatus, instance.status)},
                 status=instance.status,
             )
+        if not admin:
+            resources.check_ports(quota, count)
         mapping = ports.reserve(
             provider,
             instance,
@@ -392,17 +424,37 @@ def visible_tasks(user, *, admin: bool = False):
 
 
 def user_may_cancel(task: Task) -> bool:
-    """Users cancel their own pending tasks, and running ones except a delete in flight."""
+    """Users cancel their own pending tasks, and running ones except a delete in flight.
+
+    Never a task an operator queued on their instance (initiator other than the
+    owner): the operator's decision stands (OneClickVirt refuses this too).
+    """
+    if task.initiator_id is not None and task.initiator_id != task.owner_id:
+        return False
     if task.status == PENDING:
         return True
     return task.status == RUNNING and task.task_type != TaskType.DELETE
 
 
 def cancel_task(user, task_id, *, admin: bool = False, reason: str = "") -> Task:
+    """Users: their own tasks as user_may_cancel says; admins: any non-terminal task.
+
+    An admin cancel of a task already ``cancelling`` changes nothing and answers
+    with the task (the cancel is under way; force-stop ends it at once): admins
+    may cancel anything non-terminal, so only a terminal task is a conflict.
+    """
     task = visible_tasks(user, admin=admin).filter(pk=task_id).first()
     if task is None:
         raise NotFound(_("no such task"))
+    if admin and task.status == CANCELLING:
+        return task
     if task.status not in CANCELLABLE or (not admin and not user_may_cancel(task)):
+        if not admin and task.status in CANCELLABLE and task.initiator_id != task.owner_id:
+            raise NotCancellable(
+                _("this %(type)s was queued by an operator; only an operator can cancel it")
+                % {"type": word(TaskType, task.task_type)},
+                status=task.status,
+            )
         raise NotCancellable(
             _("a %(status)s %(type)s task cannot be cancelled")
             % {"status": word(TaskStatus, task.status), "type": word(TaskType, task.task_type)},
@@ -414,6 +466,8 @@ def cancel_task(user, task_id, *, admin: bool = False, reason: str = "") -> Task
     by_admin = admin and user.pk != task.owner_id
     if not transitions.request_cancel(task.pk, actor=actor_of(user, admin=by_admin), reason=reason, by_admin=by_admin):
         task.refresh_from_db()
+        if admin and task.status == CANCELLING:  # someone else's cancel got there first
+            return task
         raise NotCancellable(
             _("the task is %(status)s and can no longer be cancelled") % {"status": word(TaskStatus, task.status)},
             status=task.status,

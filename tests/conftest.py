@@ -27,6 +27,25 @@ def fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
+@pytest.fixture(autouse=True)
+def _login_throttle_in_memory(settings, monkeypatch):
+    # Counters of the login throttle per test, never in the shared file cache of ./var
+    # (parallel test processes and earlier runs would add up).
+    import time
+    import uuid
+
+    from tasks.api import throttle
+
+    settings.CACHES = {
+        **settings.CACHES,
+        "throttle": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": uuid.uuid4().hex},
+    }
+    # One fixed window per test: a slow test (shared machine) that crossed a minute
+    # would find its counters reset. A test of the window's end moves the clock itself.
+    pinned = time.time() // 3600 * 3600 + 30
+    monkeypatch.setattr(throttle, "_now", lambda: pinned)
+
+
 @pytest.fixture
 def alice(db):
     return get_user_model().objects.create_user("alice", "alice@example.com", "alice-pass-123")

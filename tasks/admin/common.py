@@ -19,7 +19,7 @@ from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.contrib.admin.utils import quote
 from django.db import models
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import get_script_prefix, reverse
 from django.utils import timezone
@@ -43,7 +43,28 @@ STYLES = ("tasks/admin.css",)
 SCRIPTS = ("tasks/progress.js",)
 
 
-class ConsolePageMixin:
+MAX_ID = 2**63 - 1  # the largest id a BIGINT primary key holds
+
+
+def _valid_id(value: str) -> bool:
+    return value.isascii() and value.isdigit() and 1 <= int(value) <= MAX_ID
+
+
+class SafeSelectionMixin:
+    """Changelist actions refuse a forged selection (``_selected_action`` that is not an
+    id: ``abc``, empty, ``1.5``, a 30-digit number) with a message instead of a 500; the
+    ids are checked before Django's ``pk__in`` filter sees them."""
+
+    def response_action(self, request: HttpRequest, queryset):
+        selected = request.POST.getlist(helpers.ACTION_CHECKBOX_NAME)
+        if not all(_valid_id(value) for value in selected):
+            logger.warning("console action by %s: forged selection refused", request.user)
+            self.message_user(request, _("The selection holds an invalid id; nothing was done."), messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())
+        return super().response_action(request, queryset)
+
+
+class ConsolePageMixin(SafeSelectionMixin):
     """Console pages for rows that change only through the services: the console's
     styles and live-progress script, no add, and a read-only object page (the
     list-level "change" permission still gates the actions)."""

@@ -21,6 +21,7 @@ from tasks.admin.common import (
     BulkResult,
     ConfirmForm,
     ConsolePageMixin,
+    SafeSelectionMixin,
     admin_link,
     age,
     confirm_action,
@@ -328,7 +329,7 @@ class InstanceAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
 
 
 @admin.register(PortMapping)
-class PortMappingAdmin(IndexedListMixin, admin.ModelAdmin):
+class PortMappingAdmin(SafeSelectionMixin, IndexedListMixin, admin.ModelAdmin):
     list_display = ("id", "instance_link", "provider", "protocol", "host_ports", "guest_ports", "is_ssh", "status")
     list_filter = ("status", "protocol", "provider", "is_ssh")
     search_fields = ("instance__name", "host_port_start__exact")  # get_search_results

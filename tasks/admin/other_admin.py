@@ -14,7 +14,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
-from tasks.admin.common import SCRIPTS, STYLES, BulkResult, admin_link, age, status_badge
+from tasks.admin.common import SCRIPTS, STYLES, BulkResult, SafeSelectionMixin, admin_link, age, status_badge
 from tasks.admin.lists import (
     Branches,
     IndexedListMixin,
@@ -37,7 +37,7 @@ def worker_alive_cutoff():
 
 
 @admin.register(UserQuota)
-class UserQuotaAdmin(IndexedListMixin, admin.ModelAdmin):
+class UserQuotaAdmin(SafeSelectionMixin, IndexedListMixin, admin.ModelAdmin):
     list_display = (
         "user",
         "instances",
@@ -51,7 +51,7 @@ class UserQuotaAdmin(IndexedListMixin, admin.ModelAdmin):
     list_select_related = ("user",)
     ordering = ("-id",)
     sortable_by = ()
-    readonly_fields = ("used_instances", "used_cpu", "used_memory_mb", "used_disk_mb")
+    readonly_fields = ("used_instances", "used_cpu", "used_memory_mb", "used_disk_mb", "ports_in_use")
     raw_id_fields = ("user",)
 
     def get_search_results(self, request: HttpRequest, queryset, search_term: str):
@@ -79,6 +79,12 @@ class UserQuotaAdmin(IndexedListMixin, admin.ModelAdmin):
     @admin.display(description=_("traffic per instance per month"), ordering="max_traffic_gb")
     def traffic_limit(self, q: UserQuota) -> str:
         return "—" if q.max_traffic_gb is None else f"{q.max_traffic_gb} GB"
+
+    @admin.display(description=_("host ports in use (of max ports)"))
+    def ports_in_use(self, q: UserQuota) -> str:
+        from tasks.resources import ports_used
+
+        return f"{ports_used(q.user_id)} / {q.max_ports}" if q.user_id else "—"
 
     def has_delete_permission(self, request, obj=None) -> bool:
         # The row carries the user's live usage; a new one would start from zero.
@@ -112,7 +118,7 @@ class AliveFilter(admin.SimpleListFilter):
 
 
 @admin.register(Worker)
-class WorkerAdmin(IndexedListMixin, admin.ModelAdmin):
+class WorkerAdmin(SafeSelectionMixin, IndexedListMixin, admin.ModelAdmin):
     list_display = (
         "name",
         "alive",
@@ -187,7 +193,7 @@ EVENT_KINDS = [(TaskEvent.KIND_TRANSITION, "Transition"), (TaskEvent.KIND_STEP, 
 
 
 @admin.register(TaskEvent)
-class TaskEventAdmin(IndexedListMixin, admin.ModelAdmin):
+class TaskEventAdmin(SafeSelectionMixin, IndexedListMixin, admin.ModelAdmin):
     """The audit trail across tasks (each task's page shows its own timeline).
 
     Newest first by id (the primary key: events are appended); filtered by one task,

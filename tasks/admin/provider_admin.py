@@ -22,7 +22,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
-from tasks.admin.common import SCRIPTS, STYLES
+from tasks.admin.common import SCRIPTS, STYLES, SafeSelectionMixin
 from tasks.engine import dispatch
 from tasks.engine import health as provider_health
 from tasks.engine.states import EXECUTING, PENDING
@@ -47,14 +47,23 @@ def _task_count(statuses=None) -> Coalesce:
     return Coalesce(Subquery(counts, output_field=IntegerField()), Value(0))
 
 
+class WriteOnlyTextarea(forms.Textarea):
+    """A textarea that never renders a value: a form sent back with an error must not
+    show the secret that was typed into it (like PasswordInput(render_value=False))."""
+
+    def format_value(self, value):
+        return None
+
+
 class ProviderForm(forms.ModelForm):
     new_secrets = forms.CharField(
         required=False,
         label=_("Set secrets"),
-        widget=forms.Textarea(attrs={"rows": 3, "cols": 60, "autocomplete": "off", "spellcheck": "false"}),
+        widget=WriteOnlyTextarea(attrs={"rows": 3, "cols": 60, "autocomplete": "off", "spellcheck": "false"}),
         help_text=_(
             'Write-only. A JSON object, e.g. {"token": "..."}; it REPLACES the stored secrets, '
-            "which are encrypted and never shown. Leave empty to keep them."
+            "which are encrypted and never shown (not even when the form comes back with an "
+            "error: type them again). Leave empty to keep them."
         ),
     )
     clear_secrets = forms.BooleanField(required=False, label=_("Remove all stored secrets"))
@@ -89,7 +98,7 @@ class ProviderForm(forms.ModelForm):
 
 
 @admin.register(Provider)
-class ProviderAdmin(admin.ModelAdmin):
+class ProviderAdmin(SafeSelectionMixin, admin.ModelAdmin):
     form = ProviderForm
     list_display = (
         "name",

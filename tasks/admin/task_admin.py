@@ -19,6 +19,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
 from tasks import services
@@ -47,7 +48,8 @@ from tasks.admin.lists import (
 )
 from tasks.admin.permissions import FORCE_STOP_PERMISSION
 from tasks.engine import clock, dispatch
-from tasks.engine.states import ALL_STATES, CANCELLABLE, EXECUTING, FINAL, PENDING, TaskStatus, word
+from tasks.engine.states import ALL_STATES, CANCELLABLE, CANCELLING, EXECUTING, FINAL, PENDING, TaskStatus, word
+from tasks.errors import NotCancellable
 from tasks.messages import translate as translate_message
 from tasks.models import Instance, InstanceType, Task, TaskEvent
 
@@ -466,6 +468,8 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
             reason = data["reason"]
 
             def cancel(task: Task) -> None:
+                if task.status == CANCELLING:  # the API answers 200; the report says skipped
+                    raise NotCancellable(gettext("already cancelling"))
                 services.cancel_task(request.user, task.pk, admin=True, reason=reason)
                 logger.info("task %s: cancel requested by %s in the console: %s", task.pk, request.user, reason)
 

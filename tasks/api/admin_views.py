@@ -1,4 +1,5 @@
-"""The operators' endpoints under /api/v1/admin/ (API.md): staff only (403 for others).
+"""The operators' endpoints under /api/v1/admin/ (API.md): staff with the console's
+permission of each action (tasks.api.permissions; 403 for others).
 
 Same shapes as the user endpoints (tasks.api.views), with every row visible,
 task data (redacted), lease details, force-stop, statistics, provider limits
@@ -33,7 +34,7 @@ from tasks.api.views import (
 )
 from tasks.engine import dispatch
 from tasks.engine.states import EXECUTING, PENDING
-from tasks.models import Provider, Task, Worker
+from tasks.models import Instance, Provider, Task, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,12 @@ class AdminTaskViewSet(BaseTaskViewSet):
     """Every task, for operators."""
 
     admin = True
+    permission_model = Task
+    required_permissions = {  # API.md: the console's permissions
+        "cancel": "tasks.change_task",
+        "force_stop": "tasks.force_stop_task",  # tasks.admin.permissions
+        "stats": "tasks.view_task",
+    }
     filterset_class = AdminTaskFilter
     list_serializer = s.AdminTaskSerializer
     detail_serializer = s.AdminTaskDetailSerializer
@@ -132,6 +139,7 @@ class AdminInstanceViewSet(BaseInstanceViewSet):
     """Any instance, for operators: the same actions as users have."""
 
     admin = True
+    permission_model = Instance  # view_instance to read; change_instance for every action
     filterset_class = AdminInstanceFilter
     serializer_class = s.AdminInstanceSerializer
 
@@ -163,6 +171,7 @@ def _slot_count(statuses) -> Coalesce:
 )
 class AdminProviderViewSet(APIViewSetMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     admin = True
+    permission_model = Provider  # view_provider to read, change_provider to PATCH
     serializer_class = s.AdminProviderSerializer
     filterset_class = ProviderFilter
     http_method_names = ["get", "patch", "head", "options"]
@@ -197,6 +206,7 @@ class AdminProviderViewSet(APIViewSetMixin, mixins.ListModelMixin, mixins.Retrie
 )
 class AdminWorkerViewSet(APIViewSetMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
     admin = True
+    permission_model = Worker
     serializer_class = s.WorkerSerializer
     filterset_class = None
     filter_backends: list = []

@@ -9,16 +9,21 @@
   exception's default code.
 - A database DataError that validation missed (a value the column cannot hold)
   is a 400 too: input must never produce a 500.
+- A body over Django's upload limits (RequestDataTooBig) is 413
+  ``request_too_large``; any other SuspiciousOperation 400 ``bad_request``.
 
-``not_found`` and ``server_error`` below are the Django-level handlers for
-paths that no view matched, or a crash outside DRF: JSON under /api/, Django's
-pages elsewhere.
+``bad_request``, ``permission_denied``, ``not_found`` and ``server_error`` below
+are the Django-level handlers (400/403/404/500) for what happens outside DRF (no
+view matched, a bad Host header, a crash): JSON under /api/, Django's pages
+elsewhere. Bodies over API_MAX_BODY_BYTES never reach a view
+(tasks.api.middleware: 413).
 """
 
 from __future__ import annotations
 
 import logging
 
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.db import DataError
 from django.http import Http404, JsonResponse
 from django.utils.translation import gettext as _
@@ -81,6 +86,11 @@ def exception_handler(exc, context):
             {"code": "invalid", "detail": _("a value is out of range for its field")},
             status=status.HTTP_400_BAD_REQUEST,
         )
+    if isinstance(exc, RequestDataTooBig):
+        return Response({"code": "request_too_large", "detail": str(exc)}, status=413)
+    if isinstance(exc, SuspiciousOperation):
+        logger.warning("%s: suspicious request: %s", type(context.get("view")).__name__, exc)
+        return Response({"code": "bad_request", "detail": _("bad request")}, status=status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound(str(exc) or None)
     response = drf_exception_handler(exc, context)
@@ -95,6 +105,24 @@ def exception_handler(exc, context):
     detail = data.get("detail", data) if isinstance(data, dict) else data
     response.data = {"code": code, "detail": str(detail)}
     return response
+
+
+def _api(request) -> bool:
+    return request.path.startswith("/api/")
+
+
+def bad_request(request, exception=None):
+    if _api(request):
+        if isinstance(exception, RequestDataTooBig):
+            return JsonResponse({"code": "request_too_large", "detail": str(exception)}, status=413)
+        return JsonResponse({"code": "bad_request", "detail": _("bad request")}, status=400)
+    return defaults.bad_request(request, exception)
+
+
+def permission_denied(request, exception=None):
+    if _api(request):
+        return JsonResponse({"code": "permission_denied", "detail": _("you may not do this")}, status=403)
+    return defaults.permission_denied(request, exception)
 
 
 def not_found(request, exception=None):

@@ -34,7 +34,7 @@ from tasks.models import (
     Worker,
 )
 from tasks.ports import MAX_RANGE
-from tasks.services import user_may_cancel
+from tasks.services import actor_role, user_may_cancel
 
 MAX_ID = 2**63 - 1
 MAX_INT32 = 2**31 - 1
@@ -74,6 +74,11 @@ class InstanceRefSerializer(serializers.Serializer):
 
 
 class TaskEventSerializer(serializers.ModelSerializer):
+    actor = serializers.SerializerMethodField(
+        help_text="who made the change: in admin views the full actor (`user:<name>`, `admin:<name>`, "
+        "`worker:<host>:<pid>`, `system:<job>`); users see a role: `you`, `operator` or `system`"
+    )
+
     class Meta:
         model = TaskEvent
         fields = ["from_status", "to_status", "actor", "reason", "progress", "message", "at", "kind"]
@@ -82,6 +87,11 @@ class TaskEventSerializer(serializers.ModelSerializer):
         data = super().to_representation(event)
         data["message"] = messages.translate(data["message"])  # stored in English (tasks/messages.py)
         return data
+
+    @extend_schema_field(OpenApiTypes.STR)
+    def get_actor(self, event: TaskEvent) -> str:
+        # Users never learn a staff member's name or a worker's host and pid (API.md).
+        return event.actor if self.context.get("admin") else actor_role(event.actor)
 
 
 # --- tasks ----------------------------------------------------------------------------

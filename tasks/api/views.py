@@ -1,9 +1,9 @@
 """The REST API (API.md): thin views over tasks.services.
 
 Authorisation lives in get_queryset (users see their own rows; a row they may
-not see is 404, never 403) and in the permission classes (admin endpoints are
-staff only: 403 for other users, 401 for anonymous callers, as for every
-endpoint). Every state change goes through tasks.services, whose errors the
+not see is 404, never 403) and in the permission classes (admin endpoints need
+staff with the console's permission of the action, tasks.api.permissions: 403
+for anyone else, 401 for anonymous callers, as for every endpoint). Every state change goes through tasks.services, whose errors the
 exception handler in tasks.api.errors turns into JSON with a stable code.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from django.conf import settings
 from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 from django.utils.translation import gettext as _
@@ -19,15 +20,19 @@ from django_filters.utils import translate_validation
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
+from rest_framework.authtoken.models import Token
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound
+from rest_framework.exceptions import NotFound, Throttled
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 
 from tasks import services, stats, traffic_counters
 from tasks.api import serializers as s
+from tasks.api import throttle
 from tasks.api.filters import MAX_ID, InstanceFilter, TaskFilter
+from tasks.api.parsers import JSONParser, JSONRenderer
 from tasks.api.permissions import IsStaff
 from tasks.api.queueinfo import QueueInfo
 from tasks.engine.states import PENDING, TaskType
@@ -43,11 +48,14 @@ def _error(description: str) -> OpenApiResponse:
 
 
 UNAUTHENTICATED = {401: _error("not authenticated (send `Authorization: Token <token>` or a session cookie)")}
-FORBIDDEN = {403: _error("not allowed: staff only, or a session request without its CSRF token")}
+FORBIDDEN = {
+    403: _error("not allowed: admin endpoints need staff with the action's permission; or a session write without CSRF")
+}
 AUTH = {**UNAUTHENTICATED, **FORBIDDEN}
 NOT_FOUND = {404: _error("no such object, or not one the caller may see")}
 BAD_INPUT = {400: _error("invalid input: `field` names the offending parameter or body field")}
-WRITE_ERRORS = {**BAD_INPUT, 415: _error("unsupported media type: send application/json")}
+TOO_LARGE = {413: _error("request body larger than API_MAX_BODY_BYTES")}
+WRITE_ERRORS = {**BAD_INPUT, 415: _error("unsupported media type: send application/json"), **TOO_LARGE}
 LIST_ERRORS = {**BAD_INPUT, **AUTH, 404: _error("page past the last one")}
 DETAIL_ERRORS = {**AUTH, **NOT_FOUND}
 
@@ -445,15 +453,53 @@ class ProviderViewSet(APIViewSetMixin, mixins.ListModelMixin, mixins.RetrieveMod
         return Provider.objects.filter(enabled=True).order_by("name", "id")
 
 
-@extend_schema(
-    summary="Get an API token",
-    description="`{username, password}` -> `{token}`; send it as `Authorization: Token <token>`.",
-    request=s.TokenRequestSerializer,
-    responses={200: s.TokenSerializer, **WRITE_ERRORS},
-    auth=[],
-)
 class TokenView(ObtainAuthToken):
-    """POST /api/v1/auth/token/ (DRF's view; its errors in the API's JSON shape)."""
+    """POST /api/v1/auth/token/ (DRF's view, throttled; its errors in the API's JSON shape);
+    DELETE revokes the caller's token."""
+
+    parser_classes = (JSONParser, FormParser, MultiPartParser)
+    renderer_classes = (JSONRenderer,)
+
+    def get_permissions(self):
+        return [IsAuthenticated()] if self.request.method == "DELETE" else []
+
+    @extend_schema(
+        summary="Get an API token",
+        description="`{username, password}` -> `{token}`; send it as `Authorization: Token <token>`. After "
+        f"{settings.LOGIN_THROTTLE_ATTEMPTS} failed attempts for one username or from one client address within "
+        f"{settings.LOGIN_THROTTLE_WINDOW_SECONDS} s: 429 with `Retry-After`, before any password is checked.",
+        request=s.TokenRequestSerializer,
+        responses={200: s.TokenSerializer, **WRITE_ERRORS, **TOO_LARGE, 429: _error("throttled: see Retry-After")},
+        auth=[],
+    )
+    def post(self, request, *args, **kwargs):
+        username = request.data.get("username") if hasattr(request.data, "get") else None
+        attempt = throttle.Attempt(username, throttle.client_address(request))
+        wait = attempt.begin()
+        if wait is not None:
+            # Refused before the hash: a flood of wrong passwords costs no CPU.
+            if attempt.first_refusal:
+                logger.warning(
+                    "login throttled until the window ends: %s, username %s",
+                    throttle.client_address(request),
+                    ascii(username)[:80],
+                )
+            raise Throttled(wait=wait, detail=_("too many failed login attempts"))
+        response = super().post(request, *args, **kwargs)  # 400 on wrong credentials: the attempt stays counted
+        attempt.succeeded()
+        return response
+
+    @extend_schema(
+        summary="Revoke the caller's token",
+        description="Deletes the token of the calling user (every client using it is logged out); "
+        "a new POST issues a fresh one.",
+        request=None,
+        responses={204: None, **UNAUTHENTICATED},
+    )
+    def delete(self, request, *args, **kwargs):
+        deleted, _ = Token.objects.filter(user=request.user).delete()
+        logger.info("user %s revoked their API token (%s)", request.user.pk, "deleted" if deleted else "none held")
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 # --- webhooks ------------------------------------------------------------------------------

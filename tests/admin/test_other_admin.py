@@ -23,10 +23,13 @@ def test_quota_save_keeps_the_live_counters(root_client, alice):
         "max_cpu": quota.max_cpu,
         "max_memory_mb": quota.max_memory_mb,
         "max_disk_mb": quota.max_disk_mb,
+        "max_ports": 80,
     }
+    page = root_client.get(change_url("userquota", quota.pk))
+    assert b"0 / 50" in page.content  # host ports in use of max ports
     assert root_client.post(change_url("userquota", quota.pk), data).status_code == 302
     quota.refresh_from_db()
-    assert (quota.max_instances, quota.used_instances, quota.used_cpu) == (20, 3, 5)
+    assert (quota.max_instances, quota.used_instances, quota.used_cpu, quota.max_ports) == (20, 3, 5, 80)
 
 
 def test_workers_list_and_only_stale_rows_can_be_deleted(root_client, running_instance):

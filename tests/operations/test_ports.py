@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from providers.simulated import SimulatedStore
 from tasks import services
-from tasks.errors import InstanceBusy, InvalidInput, InvalidState, PortConflict
+from tasks.errors import InstanceBusy, InvalidInput, InvalidState, PortConflict, QuotaExceeded
 from tasks.models import PortMapping, Task
 from tests.operations.conftest import fresh, inject, run, store, usage
 
@@ -214,7 +214,7 @@ def test_no_two_live_mappings_of_a_provider_overlap(alice, provider, make_instan
                         services.delete_port(alice, instance.pk, live[action[2] % len(live)].pk)
                 elif kind == "run":
                     run(provider)
-            except (PortConflict, InstanceBusy, InvalidInput):
+            except (PortConflict, InstanceBusy, InvalidInput, QuotaExceeded):
                 pass
             assert _live_overlaps(provider.pk) == []
         run(provider)
