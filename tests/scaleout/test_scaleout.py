@@ -106,7 +106,11 @@ def wait_for_pushers(redis_server, count: int) -> None:
         client.close()
 
 
-def check_limits_and_fifo(tasks: list[Task]) -> None:
+def check_limits_and_fifo(tasks: list[Task], resumed: set[int] = frozenset()) -> None:
+    """``resumed``: tasks sent back to pending (issue 16) are left out: their started_at is
+    their first start and their admitted_at their re-admission, so neither says when
+    they ran (their re-runs are checked against their resumptions by the caller)."""
+    tasks = [t for t in tasks if t.pk not in resumed]
     limit_of = {p.pk: p.concurrency_limit for p in Provider.objects.all()}
     groups = defaultdict(list)
     for t in tasks:
@@ -245,4 +249,4 @@ def test_faults_kill_redis_restart_and_database_outage(alice, tmp_path, redis_se
     assert all(1 <= starts[pk] <= 1 + resumed[pk] for pk in completed)
     ends = {row[0] for row in read_exec_log(log)}
     assert set(completed) <= ends
-    check_limits_and_fifo(list(tasks.values()))
+    check_limits_and_fifo(list(tasks.values()), resumed=set(resumed))
