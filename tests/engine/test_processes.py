@@ -387,15 +387,17 @@ def test_killing_the_supervisor_stops_its_whole_pool_at_once(alice, tmp_path, no
     tier = WorkerTier(tmp_path, node, WORKER_POOL_MIN="2").start().wait_ready()
     try:
         assert len(node_processes(node)) >= 6, "supervisor, pool, sentinel, pusher, monitor, 2 workers"
-        running = queue(alice, make_instances(alice, provider, 1)[0], sleep=30)
+        running = queue(alice, make_instances(alice, provider, 1)[0], sleep=6)
         wait_until(lambda: Task.objects.filter(pk=running.pk, status="running").exists(), 20)
         os.kill(tier.proc.pid, signal.SIGKILL)  # the supervisor alone
         killed = time.monotonic()
         wait_until(lambda: not node_processes(node), 5, message="every pool process to die with the supervisor")
         assert time.monotonic() - killed < 3
-        # A new tier of the node starts (no leftover holds it) and recovers the task.
+        # A new tier of the node starts (no leftover holds it) and resumes the task.
         with WorkerTier(tmp_path, node):
             wait_until(lambda: Task.objects.get(pk=running.pk).status in FINAL, 30, message="recovery")
+        running.refresh_from_db()
+        assert (running.status, running.attempt_count, resumed(running)) == ("completed", 2, 1)
     finally:
         tier.kill()
 
