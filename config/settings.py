@@ -233,7 +233,11 @@ TASK_RETENTION_MAX_SECONDS = env_float("TASK_RETENTION_MAX_SECONDS", 60.0, minim
 # Traffic counters (tasks.traffic_counters): how often running instances are sampled
 # (0: only at start/stop/restart/reset/delete), and what a GB of max_traffic_gb is.
 TRAFFIC_SAMPLE_MINUTES = env_int("TRAFFIC_SAMPLE_MINUTES", 5, minimum=0, maximum=1440)
-TASK_SHUTDOWN_GRACE_SECONDS = env_float("TASK_SHUTDOWN_GRACE_SECONDS", 5.0, minimum=0.0)
+# Graceful shutdown: running tasks get this long to finish; what still runs then is
+# handed back (pending again) and resumed by another worker.
+TASK_SHUTDOWN_GRACE_SECONDS = env_float("TASK_SHUTDOWN_GRACE_SECONDS", 300.0, minimum=0.0)
+# A task whose worker is lost is resumed; after this many lost attempts it ends failed/worker_lost.
+TASK_MAX_ATTEMPTS = env_int("TASK_MAX_ATTEMPTS", 3, minimum=1, maximum=100)
 TASK_PROGRESS_MIN_INTERVAL = env_float("TASK_PROGRESS_MIN_INTERVAL", 0.25, minimum=0.0)
 TASK_MAX_TIMEOUT_SECONDS = env_int("TASK_MAX_TIMEOUT_SECONDS", 86400, minimum=60)
 if TASK_HEARTBEAT_SECONDS * 2 > TASK_LEASE_SECONDS:

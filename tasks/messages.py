@@ -30,6 +30,9 @@ MESSAGES = (
     gettext_noop("force-stopped"),
     gettext_noop("the worker running this task stopped renewing its lease"),
     gettext_noop("timed out and the worker did not stop; lease revoked"),
+    gettext_noop("handed back at shutdown"),
+    gettext_noop("handed back"),
+    gettext_noop("cancelled; its worker was lost while stopping"),
     # operations
     gettext_noop("preparing"),
     gettext_noop("reserving the guest id"),
@@ -135,6 +138,14 @@ PATTERNS = (
     (re.compile(r"^pulled (?P<image>\S+)$"), gettext_noop("pulled %(image)s")),
     (re.compile(r"^pulling (?P<image>\S+): (?P<pct>\d+)%$"), gettext_noop("pulling %(image)s: %(pct)s%%")),
     (re.compile(r"^pulling (?P<image>\S+)$"), gettext_noop("pulling %(image)s")),
+    (
+        re.compile(r"^resumed after worker (?P<worker>\S+) was lost$"),
+        gettext_noop("resumed after worker %(worker)s was lost"),
+    ),
+    (
+        re.compile(r"^the worker running this task stopped renewing its lease \((?P<n>\d+) of (?P<m>\d+) attempts\)$"),
+        gettext_noop("the worker running this task stopped renewing its lease (%(n)s of %(m)s attempts)"),
+    ),
     (
         re.compile(r"^timed out after (?P<n>\d+) s; the worker did not stop and was killed$"),
         gettext_noop("timed out after %(n)s s; the worker did not stop and was killed"),

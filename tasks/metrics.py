@@ -21,6 +21,9 @@ Exposed (prefix ``cloudhost_``):
 - ``task_failures_total{reason}`` counter: failed or timed-out tasks by error code.
 - ``task_lease_expiries_total`` counter: tasks recovered after their worker
   stopped renewing the lease (error code worker_lost).
+- ``task_resumptions_total{reason}`` counter: running tasks sent back to pending to
+  be resumed by another worker: ``worker_lost`` (its lease ran out) or ``handback``
+  (graceful shutdown). Counted from their events (the (kind, to_status) index).
 - ``workers_live``, ``workers_busy`` gauges and ``worker_utilization`` gauge.
 
 Counters only go down when old tasks are purged; Prometheus treats that as a
@@ -39,7 +42,7 @@ from prometheus_client.utils import floatToGoString
 
 from tasks import stats
 from tasks.engine.states import ALL_STATES, CANCELLING, COMPLETED, FAILED, FINAL, PENDING, RUNNING, TIMEOUT, ErrorCode
-from tasks.models import Provider, Task
+from tasks.models import Provider, Task, TaskEvent
 
 PREFIX = "cloudhost"
 
@@ -134,6 +137,15 @@ class TaskCollector(Collector):
             value=lease_expiries,
         )
 
+        resumed = CounterMetricFamily(
+            f"{PREFIX}_task_resumptions",
+            "Running tasks sent back to pending to be resumed (worker_lost or handback at shutdown)",
+            labels=["reason"],
+        )
+        for reason, n in resumption_counts().items():
+            resumed.add_metric([reason], n)
+        yield resumed
+
         workers = stats.worker_counts()
         yield GaugeMetricFamily(f"{PREFIX}_workers_live", "Worker processes with a recent heartbeat", workers["live"])
         yield GaugeMetricFamily(f"{PREFIX}_workers_busy", "Live workers running a task", workers["busy"])
@@ -143,6 +155,24 @@ class TaskCollector(Collector):
             "Tasks holding a slot / sum of the limits of enabled providers",
             in_use / slots if slots else 0.0,
         )
+
+
+def resumption_counts() -> dict[str, int]:
+    """Resumptions by reason (worker_lost, handback), both always present."""
+    from django.db.models import Count
+
+    from tasks.engine.transitions import RESUMED_HANDBACK, RESUMED_LOST
+
+    rows = (
+        TaskEvent.objects.filter(kind=TaskEvent.KIND_TRANSITION, to_status=PENDING)
+        .values("reason")
+        .annotate(n=Count("id"))
+        .values_list("reason", "n")
+    )
+    found = dict(rows)
+    return {
+        label: found.get(reason, 0) for label, reason in (("worker_lost", RESUMED_LOST), ("handback", RESUMED_HANDBACK))
+    }
 
 
 def _oldest_wait(provider_id: int, now) -> float:

@@ -72,11 +72,11 @@ def recover(report: SweepReport, *, dry_run: bool = False) -> None:
     for task in expired_leases().only("id", "worker", "lease_expires_at", "started_at", "timeout_seconds", "task_type"):
         line = f"task {task.pk}: lease of {task.worker or '?'} expired at {task.lease_expires_at:%H:%M:%S}"
         if dry_run:
-            report.add(f"{line}: would end it (worker_lost or timeout)")
+            report.add(f"{line}: would resume it (or end it worker_lost, timeout or cancelled)")
             continue
         if transitions.recover_lost(task.pk):
             task.refresh_from_db(fields=["status"])
-            report.add(f"{line}: ended {task.status}")
+            report.add(f"{line}: {'resumed' if task.status == 'pending' else 'ended ' + task.status}")
             report.recovered += 1
     for task in overdue():
         line = f"task {task.pk}: still running {task.effective_timeout} s past its start with a live lease"

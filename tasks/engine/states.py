@@ -5,6 +5,7 @@ Task state machine (DESIGN.md section 2)::
     pending ──► running ──► completed
        │           │──────► failed
        │           │──────► timeout
+       │           │──────► pending (resumed: its worker was lost or handed it back)
        │           └──────► cancelling ──► cancelled
        │                         └───────► completed / failed / timeout (the truth wins)
        └──► cancelled
@@ -98,6 +99,8 @@ CANCELLABLE: frozenset[str] = frozenset({PENDING, RUNNING})
 
 # The one transition table: target -> allowed sources.
 TRANSITIONS: dict[str, frozenset[str]] = {
+    # Resumption: a running task whose worker was lost or handed it back at shutdown.
+    PENDING: frozenset({RUNNING}),
     RUNNING: frozenset({PENDING}),
     CANCELLING: frozenset({RUNNING}),
     COMPLETED: frozenset({RUNNING, CANCELLING}),

@@ -30,7 +30,8 @@
   one (processes whose supervisor is gone) are killed at start;
 - on SIGTERM/SIGINT drains: a drain file tells its workers to claim nothing
   more; running tasks get TASK_SHUTDOWN_GRACE_SECONDS to finish, then their
-  operations are cancelled and their leases released so recovery acts at once;
+  operations are cancelled and the tasks handed back (pending again, resumed by
+  another worker, not counted as a lost attempt: transitions.release_lease);
   jobs this machine may have taken but not run are sent again for the others.
 """
 
@@ -533,9 +534,9 @@ class Supervisor:
             names = [f"{settings.WORKER_NODE}:{pid}" for pid in pids]
             held = list(Task.objects.filter(status__in=EXECUTING, worker__in=names).values_list("pk", "lease_token"))
             for pk, token in held:
-                transitions.release_lease(pk, token=token)
+                transitions.release_lease(pk, token=token, actor=f"supervisor:{self.name}")
             if held:
-                logger.warning("supervisor: released %d unfinished task(s): %s", len(held), [h[0] for h in held])
+                logger.warning("supervisor: handed back %d unfinished task(s): %s", len(held), [h[0] for h in held])
                 maintenance.recover(maintenance.SweepReport())
             dispatch.redispatch_stale(cutoff=clock.now(), provider_ids=[p.pk for p in self.providers])
             Worker.objects.filter(name=self.name).delete()

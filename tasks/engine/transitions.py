@@ -21,6 +21,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import OperationalError, transaction
+from django.utils.translation import gettext_noop
 
 from tasks import crypto, live
 from tasks.engine import clock, sql
@@ -159,7 +160,8 @@ def claim_locked(
     claimed = {
         **(extra or {}),
         "status": RUNNING,
-        "started_at": now,
+        # A resumed task keeps its first start: its deadline counts from there.
+        "started_at": task.started_at or now,
         "heartbeat_at": now,
         "lease_expires_at": lease,
         "worker": worker[:200],
@@ -536,17 +538,30 @@ def force_stop(task_id: int, *, actor: str, reason: str) -> bool:
     )
 
 
+# Reasons on the event of a task that went back to pending (metrics count them).
+RESUMED_LOST = "resumed:worker_lost"
+RESUMED_HANDBACK = "resumed:handback"
+
+
 def recover_lost(task_id: int, *, actor: str = "system:recovery") -> bool:
-    """A running task whose lease expired (database clock): its worker is gone.
+    """A running or cancelling task whose lease expired (database clock): its worker is gone.
 
     Recovery never acts before the lease has run out, so the task's slot and
     instance stay held until then: a worker that lost its database stops its own
     operation before that (its local lease deadline, providers.base.LeaseClock).
-    What becomes of the task is decided by :func:`recovery_outcome` alone.
+    What becomes of the task is decided by :func:`recovery_outcome` alone: a
+    running task is usually resumed (back to pending, see :func:`resume`).
     """
-    task = Task.objects.filter(pk=task_id).only("started_at", "timeout_seconds", "task_type").first()
+    task = (
+        Task.objects.filter(pk=task_id)
+        .only("status", "started_at", "timeout_seconds", "task_type", "attempt_count", "worker")
+        .first()
+    )
     if task is None:
         return False
+    outcome = recovery_outcome(task, clock.now(), lost_attempts=lost_attempts(task))
+    if outcome["target"] == PENDING:
+        return resume(task_id, actor=actor, reason=RESUMED_LOST, message=outcome["message"])
     return finish(
         task_id,
         token=None,
@@ -554,15 +569,25 @@ def recover_lost(task_id: int, *, actor: str = "system:recovery") -> bool:
         sources=EXECUTING,
         require_lease_expired=True,
         needs_reconcile=True,
-        **recovery_outcome(task, clock.now()),
+        **outcome,
     )
 
 
-def recovery_outcome(task: Task, now) -> dict[str, Any]:
+def lost_attempts(task: Task) -> int:
+    """Attempts of this task that ended with its worker lost: its claims, less those it
+    handed back on a planned shutdown (which cost it nothing)."""
+    handed_back = TaskEvent.objects.filter(task_id=task.pk, reason=RESUMED_HANDBACK).count()
+    return max(0, task.attempt_count - handed_back)
+
+
+def recovery_outcome(task: Task, now, *, lost_attempts: int | None = None) -> dict[str, Any]:
     """What recovery does with a task whose lease ran out: the target and its error.
 
-    Past its deadline it ends ``timeout`` (the hard backstop killed it), else
-    ``failed``/worker_lost.
+    Past its deadline it ends ``timeout`` (the hard backstop killed it). A
+    ``cancelling`` task ends ``cancelled``, as its owner asked. A running task goes
+    back to ``pending`` (target PENDING, resumed by another worker) unless it has
+    lost its worker TASK_MAX_ATTEMPTS times: then it ends ``failed``/worker_lost
+    (a task that kills its worker cannot loop).
     """
     deadline = task.deadline
     if deadline is not None and deadline <= now:
@@ -571,15 +596,75 @@ def recovery_outcome(task: Task, now) -> dict[str, Any]:
             "error_code": ErrorCode.TIMEOUT,
             "error_message": f"timed out after {task.effective_timeout} s; the worker did not stop and was killed",
         }
+    if task.status == CANCELLING:
+        return {"target": CANCELLED, "message": "cancelled; its worker was lost while stopping"}
+    lost = task.attempt_count if lost_attempts is None else lost_attempts
+    if task.status == RUNNING and lost < settings.TASK_MAX_ATTEMPTS:
+        return {"target": PENDING, "message": f"resumed after worker {task.worker or '?'} was lost"}
     return {
         "target": FAILED,
         "error_code": ErrorCode.WORKER_LOST,
-        "error_message": "the worker running this task stopped renewing its lease",
+        "error_message": (
+            f"the worker running this task stopped renewing its lease ({lost} of {settings.TASK_MAX_ATTEMPTS} attempts)"
+        ),
     }
 
 
-def release_lease(task_id: int, *, token: str) -> bool:
-    """Graceful shutdown: give the lease up at once so recovery acts without waiting."""
+@retry_on_deadlock
+def resume(task_id: int, *, actor: str, reason: str, message: str, token: str | None = None) -> bool:
+    """running -> pending: the task goes back to the head of its provider's queue and
+    another worker resumes it. Its instance stays its own (active_task unchanged); its
+    slot is free (pending and not admitted), so admission runs in the same transaction.
+    ``started_at`` is kept: the deadline counts from the first start.
+
+    ``token``: a planned handback by the lease holder (graceful shutdown); without it,
+    recovery, which acts only on a lease that has run out (database clock).
+    """
+    head = sql.values(Task, task_id, ["provider", "instance", "status"])
+    if head is None or head[2] != RUNNING:
+        return False
+    provider_id, instance_id, _ = head
+    with sql.atomic():
+        provider = sql.get(Provider, provider_id, lock=True)  # lock order: provider -> instance -> task
+        _lock_instance(instance_id)
+        task = sql.get(Task, task_id, lock=True)
+        now = clock.now()
+        if task is None or task.status not in allowed_sources(PENDING):
+            return False
+        if token is not None and task.lease_token != token:
+            return False
+        if token is None and (task.lease_expires_at is None or task.lease_expires_at >= now):
+            return False
+        fields = {
+            "status": PENDING,
+            "admitted_at": None,
+            "lease_token": "",
+            "lease_expires_at": None,
+            "worker": "",
+            "status_message": gettext_noop("waiting for a worker"),  # stored in English, shown translated
+        }
+        t = sql.table(Task)
+        where = f"{t.quoted['id']} = %s AND {t.quoted['status']} = %s AND {t.quoted['lease_token']} = %s"
+        if sql.update(Task, fields, where, [task_id, RUNNING, task.lease_token]) != 1:
+            return False
+        for name, value in fields.items():
+            setattr(task, name, value)
+        _event(task, RUNNING, PENDING, actor, reason=reason, message=message, at=now)
+        logger.warning("task %s: running -> pending by %s (%s): %s", task_id, actor, reason, message)
+        if provider is not None:
+            from tasks.engine.dispatch import admit_locked
+
+            admit_locked(provider)
+    return True
+
+
+def release_lease(task_id: int, *, token: str, actor: str = "system:shutdown") -> bool:
+    """Graceful shutdown: hand a task whose operation has stopped back to the queue at
+    once (running -> pending, resumed elsewhere). A planned handback does not count
+    against TASK_MAX_ATTEMPTS. A task that is cancelling by then has its lease given up
+    instead, so recovery ends it cancelled without waiting."""
+    if resume(task_id, actor=actor, reason=RESUMED_HANDBACK, message="handed back at shutdown", token=token):
+        return True
     past = clock.now() - timedelta(seconds=1)
     return bool(Task.objects.filter(pk=task_id, lease_token=token, status__in=EXECUTING).update(lease_expires_at=past))
 
@@ -590,6 +675,8 @@ def apply(task_id: int, target: str, *, actor: str, token: str | None = None, wo
         return claim(task_id, token=token or "", worker=worker or actor)
     if target == CANCELLING:
         return set_cancelling(task_id, actor=actor)
+    if target == PENDING:
+        return resume(task_id, actor=actor, reason=RESUMED_HANDBACK, message="handed back", token=token or "")
     if target in FINAL:
         return finish(task_id, target, token=token, actor=actor)
-    return False  # nothing ever goes back to pending
+    return False

@@ -424,7 +424,7 @@ def run_claimed(
     except OperationCancelled as exc:
         result = _cancelled_outcome(exc.reason or cancel.reason, task)
     except ProviderError as exc:
-        if cancel.cancelled and cancel.reason in (CANCEL_TIMEOUT, CANCEL_USER):
+        if cancel.cancelled and cancel.reason in (CANCEL_TIMEOUT, CANCEL_USER, CANCEL_SHUTDOWN):
             result = _cancelled_outcome(cancel.reason, task)
         elif isinstance(exc, UnreachableError):
             # Hold the provider's queue before this finish admits the next task (tasks.engine.health).
@@ -456,7 +456,8 @@ def run_claimed(
     status, fields = result
     outcome = "fenced"
     if status == "released":
-        transitions.release_lease(task_id, token=token)
+        # Drained: the task goes back to pending, resumed elsewhere (not a lost attempt).
+        transitions.release_lease(task_id, token=token, actor=f"worker:{name}")
         outcome = "released"
     elif status != "fenced":
         if handoff is not None:

@@ -34,13 +34,13 @@ def run(*args) -> str:
 def test_dry_run_shows_and_changes_nothing(alice, provider, make_instance):
     lost = _running(alice, make_instance(alice, provider), lease_age=5)
     out = run("--dry-run")
-    assert f"task {lost.pk}: lease of gone-host:1 expired" in out and "would end it" in out
+    assert f"task {lost.pk}: lease of gone-host:1 expired" in out and "would resume it" in out
     assert "would change 1" in out
     lost.refresh_from_db()
     assert lost.status == "running"
 
 
-def test_sweep_ends_lost_tasks_and_leaves_healthy_ones(alice, provider, make_instance):
+def test_sweep_resumes_lost_tasks_and_leaves_healthy_ones(alice, provider, make_instance):
     provider.allow_concurrent_tasks, provider.max_concurrent_tasks = True, 3
     provider.save()
     lost = _running(alice, make_instance(alice, provider), lease_age=5)
@@ -49,13 +49,14 @@ def test_sweep_ends_lost_tasks_and_leaves_healthy_ones(alice, provider, make_ins
     out = run()
     for task in (lost, healthy, overdue):
         task.refresh_from_db()
-    assert (lost.status, lost.error_code) == ("failed", "worker_lost")
+    assert (lost.status, lost.error_code, lost.started_at) == ("pending", "", lost.started_at)
     assert (overdue.status, overdue.error_code) == ("timeout", "timeout")
     assert healthy.status == "running"
     assert f"task {lost.pk}" in out and f"task {overdue.pk}" in out and f"task {healthy.pk}" not in out
+    assert f"task {lost.pk}: lease of gone-host:1 expired" in out and "resumed" in out
     assert "recovered 2" in out
     lost.instance.refresh_from_db()
-    assert lost.instance.active_task_id is None  # free for the next operation (and reconciled by the sweep)
+    assert lost.instance.active_task_id == lost.pk  # still its own: the task is resumed
 
 
 def test_stuck_past_deadline_with_a_live_lease_is_timed_out(alice, provider, make_instance):

@@ -8,7 +8,7 @@ import pytest
 from django.utils import timezone
 
 from tasks.engine import transitions
-from tasks.engine.states import ALL_STATES, FINAL, RUNNING, TRANSITIONS
+from tasks.engine.states import ALL_STATES, FINAL, PENDING, RUNNING, TRANSITIONS
 from tasks.models import Instance, Task, TaskEvent
 from tests.conftest import make_task
 
@@ -19,7 +19,7 @@ PAIRS = list(itertools.product(ALL_STATES, ALL_STATES))
 def test_transition_table_is_closed(source, target, running_instance):
     task = make_task(running_instance, status=source, lease_token="tok", admitted_at=timezone.now())
     allowed = source in TRANSITIONS.get(target, frozenset())
-    token = "tok" if target == RUNNING else None
+    token = "tok" if target in (RUNNING, PENDING) else None  # (pending: the lease holder hands it back)
 
     first = transitions.apply(task.pk, target, actor="test", token=token, worker="w1")
 
@@ -88,4 +88,5 @@ def test_recovery_only_touches_expired_leases(running_instance):
     Task.objects.filter(pk=task.pk).update(lease_expires_at=timezone.now() - timezone.timedelta(seconds=1))
     assert transitions.recover_lost(task.pk) is True
     task.refresh_from_db()
-    assert (task.status, task.error_code) == ("failed", "worker_lost")
+    # Resumed: pending again, and admitted at once under a new lease token (the old one is void).
+    assert (task.status, task.error_code) == ("pending", "") and task.lease_token != "tok"

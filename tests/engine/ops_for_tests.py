@@ -3,7 +3,8 @@
 They replace start/stop/restart with an operation driven by task_data:
 ``sleep`` seconds (cancel-aware unless ``ignore_cancel``), ``block_sigalrm`` to
 defeat django-q2's in-process timeout, ``swallow_timeout`` to catch and ignore
-its TimeoutException too, ``fail`` to raise a provider error.
+its TimeoutException too, ``fail`` to raise a provider error, ``kill_self`` to
+SIGKILL its own worker process (a poison task).
 Each execution appends "start task pid time" when it begins and "task pid start end"
 when it ends to $TEST_EXEC_LOG.
 """
@@ -39,6 +40,8 @@ class SleepOperation(Operation):
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
             seconds = float(data.get("sleep", 0))
             ctx.progress(10, "sleeping")
+            if data.get("kill_self"):
+                os.kill(os.getpid(), signal.SIGKILL)
             if data.get("ignore_cancel") or data.get("swallow_timeout"):
                 end = time.monotonic() + seconds
                 while time.monotonic() < end:

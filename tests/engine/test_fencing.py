@@ -106,7 +106,10 @@ def test_the_sweep_frees_a_hold_once_the_revoked_lease_has_run_out(alice, provid
     assert Instance.objects.get(pk=first.pk).active_task_id is None
 
 
-def test_recovery_acts_only_once_the_lease_has_run_out_and_holds_nothing_after(alice, provider, make_instance):
+def test_recovery_acts_only_once_the_lease_has_run_out_and_holds_nothing_after(
+    alice, provider, make_instance, settings
+):
+    settings.TASK_MAX_ATTEMPTS = 1  # its last attempt: it ends (resumption: test_resumption.py)
     instance = make_instance(alice, provider)
     task = claimed(alice, instance)
     assert transitions.recover_lost(task.pk) is False
@@ -346,10 +349,10 @@ def test_leases_and_recovery_use_the_database_clock(alice, provider, make_instan
             machine_clock(skew)
             maintenance.recover(maintenance.SweepReport())
             assert Task.objects.get(pk=task.pk).status == "running", f"recovered by a machine {skew} s off"
-        # It really expires: recovery acts.
+        # It really expires: recovery acts (it resumes the task: back to pending).
         Task.objects.filter(pk=task.pk).update(lease_expires_at=real() - timedelta(seconds=1))
         maintenance.recover(maintenance.SweepReport())
-        assert Task.objects.get(pk=task.pk).status == "failed"
+        assert Task.objects.get(pk=task.pk).status == "pending"
     finally:
         monkeypatch.setattr(timezone, "now", real)
         clock.reset()

@@ -21,7 +21,7 @@ from django_q.conf import Conf
 from tasks import services
 from tasks.engine import dispatch
 from tasks.engine.states import FINAL
-from tasks.models import Instance, Provider, Task
+from tasks.models import Instance, Provider, Task, TaskEvent
 from tests.engine.harness import (
     WorkerTier,
     add_simulated_guests,
@@ -106,7 +106,11 @@ def wait_for_pushers(redis_server, count: int) -> None:
         client.close()
 
 
-def check_limits_and_fifo(tasks: list[Task]) -> None:
+def check_limits_and_fifo(tasks: list[Task], resumed: set[int] = frozenset()) -> None:
+    """``resumed``: tasks sent back to pending (issue 16) are left out: their started_at is
+    their first start and their admitted_at their re-admission, so neither says when
+    they ran (their re-runs are checked against their resumptions by the caller)."""
+    tasks = [t for t in tasks if t.pk not in resumed]
     limit_of = {p.pk: p.concurrency_limit for p in Provider.objects.all()}
     groups = defaultdict(list)
     for t in tasks:
@@ -225,18 +229,24 @@ def test_faults_kill_redis_restart_and_database_outage(alice, tmp_path, redis_se
     tasks = {t.pk: t for t in Task.objects.filter(pk__in=ids)}
     assert len(tasks) == 240 and all(t.status in FINAL for t in tasks.values())
     starts = Counter(read_exec_starts(log))
-    assert max(starts.values()) == 1, "no task ran twice"
+    resumed = Counter(
+        TaskEvent.objects.filter(task_id__in=ids, from_status="running", to_status="pending").values_list(
+            "task_id", flat=True
+        )
+    )
+    for pk, n in starts.items():
+        assert n <= 1 + resumed[pk], f"task {pk} ran {n} times, resumed {resumed[pk]} times"
     lost = {pk for pk, t in tasks.items() if t.status != "completed"}
-    for pk in lost:
+    for pk in lost:  # (only after TASK_MAX_ATTEMPTS lost attempts)
         assert tasks[pk].error_code == "worker_lost", f"task {pk}: {tasks[pk].status} {tasks[pk].error_code}"
-    # What ran on the killed machine either finished before the kill or ended worker_lost.
+    # What ran on the killed machine either finished before the kill or was resumed elsewhere.
     assert victim_running
     for pk in victim_running:
         t = tasks[pk]
-        assert pk in lost or t.completed_at.timestamp() <= killed_at, f"task {pk} of the dead machine: {t.status}"
-    assert lost, "the kill caught running work"
+        assert resumed[pk] or t.completed_at.timestamp() <= killed_at, f"task {pk} of the dead machine: {t.status}"
+    assert any(resumed[pk] for pk in victim_running), "the kill caught running work, and it was resumed"
     completed = [pk for pk, t in tasks.items() if t.status == "completed"]
-    assert all(starts[pk] == 1 for pk in completed)
+    assert all(1 <= starts[pk] <= 1 + resumed[pk] for pk in completed)
     ends = {row[0] for row in read_exec_log(log)}
     assert set(completed) <= ends
-    check_limits_and_fifo(list(tasks.values()))
+    check_limits_and_fifo(list(tasks.values()), resumed=set(resumed))

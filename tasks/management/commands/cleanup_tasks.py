@@ -9,7 +9,8 @@ from tasks.engine import maintenance
 
 class Command(BaseCommand):
     help = (
-        "Recover tasks whose worker died (expired lease -> failed/worker_lost, or timeout past the deadline), "
+        "Recover tasks whose worker died (expired lease -> resumed, after TASK_MAX_ATTEMPTS failed/worker_lost, "
+        "or timeout past the deadline), "
         "end tasks running far past their timeout, re-send lost jobs, admit pending tasks. "
         "One line per task changed, then a summary."
     )
