@@ -91,6 +91,32 @@ def publish(task_id: int, owner_id: int | None = None) -> None:
     transaction.on_commit(send)
 
 
+async def wait_until_final(task_id: int, timeout: float, read) -> tuple[Any, Any] | None:
+    """The task as ``read(task_id)`` gives it (``(status, data)``; status None: not there) once it
+    is terminal, or after ``timeout`` seconds: woken by the feed, never by a timer. None when the
+    task is not there (or went away meanwhile). Both web tiers' ``wait`` endpoints use it."""
+    from tasks.engine.states import FINAL
+
+    waiters = hub()
+    event = waiters.add_waiter(task_id)
+    try:
+        deadline = time.monotonic() + timeout
+        status, data = await read(task_id)
+        while status is not None and status not in FINAL:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                break
+            event.clear()
+            status, data = await read(task_id)
+    finally:
+        waiters.remove_waiter(task_id, event)
+    return None if status is None else (status, data)
+
+
 # --- rendering ------------------------------------------------------------------------------
 
 

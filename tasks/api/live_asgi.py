@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from http.cookies import SimpleCookie
 from types import SimpleNamespace
@@ -31,7 +30,6 @@ from django.db import close_old_connections
 
 from tasks import live
 from tasks.api.live_views import FALSE, MAX_WAIT_SECONDS, TRUE, _may_view_all, _read_task, _replay
-from tasks.engine.states import FINAL
 
 logger = logging.getLogger(__name__)
 
@@ -121,28 +119,11 @@ async def _wait(send, user, task_id: int, query: dict) -> None:
     except ValueError:
         raise Refusal(400, "invalid", "timeout: seconds, a number from 0 to 60", field="timeout") from None
     timeout = min(timeout, MAX_WAIT_SECONDS)
-    hub = live.hub()
-    event = hub.add_waiter(task_id)
     read = _on_pool(_read_task)
-    try:
-        deadline = time.monotonic() + timeout
-        status, data = await read(user, task_id)
-        if status is None:
-            raise Refusal(404, "not_found", "no such object")
-        while status not in FINAL:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                await asyncio.wait_for(event.wait(), remaining)
-            except TimeoutError:
-                break
-            event.clear()
-            status, data = await read(user, task_id)
-            if status is None:
-                raise Refusal(404, "not_found", "no such object")
-    finally:
-        hub.remove_waiter(task_id, event)
+    found = await live.wait_until_final(task_id, timeout, lambda pk: read(user, pk))
+    if found is None:
+        raise Refusal(404, "not_found", "no such object")
+    _status, data = found
     await _send_json(send, 200, data)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -32,7 +31,6 @@ from django.views.decorators.http import require_GET
 from rest_framework.authtoken.models import Token
 
 from tasks import live
-from tasks.engine.states import FINAL
 
 logger = logging.getLogger(__name__)
 
@@ -102,28 +100,11 @@ async def wait(request, pk: str):
         task_id = int(pk)
     except ValueError:
         return _error(404, "not_found", "no such object")
-    hub = live.hub()
-    event = hub.add_waiter(task_id)
     read = sync_to_async(_read_task)
-    try:
-        deadline = time.monotonic() + timeout
-        status, data = await read(user, task_id)
-        if status is None:
-            return _error(404, "not_found", "no such object")
-        while status not in FINAL:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                await asyncio.wait_for(event.wait(), remaining)
-            except TimeoutError:
-                break
-            event.clear()
-            status, data = await read(user, task_id)
-            if status is None:  # deleted meanwhile
-                return _error(404, "not_found", "no such object")
-    finally:
-        hub.remove_waiter(task_id, event)
+    found = await live.wait_until_final(task_id, timeout, lambda pk: read(user, pk))
+    if found is None:
+        return _error(404, "not_found", "no such object")
+    _status, data = found
     return JsonResponse(data, encoder=DjangoJSONEncoder, json_dumps_params={"separators": (",", ":")})
 
 
