@@ -506,13 +506,17 @@ def retry_task(user, task_id, *, admin: bool = False) -> Task:
     """
     old = visible_tasks(user, admin=admin).select_related("instance", "port_mapping").filter(pk=task_id).first()
     if old is None:
-        raise NotFound("no such task")
+        raise NotFound(_("no such task"))
     if old.status not in RETRYABLE:
-        why = "completed" if old.status == COMPLETED else "still active"
-        raise NotRetryable(f"a {old.status} task cannot be retried ({why})", status=old.status)
+        if old.status == COMPLETED:
+            raise NotRetryable(_("a completed task cannot be retried"), status=old.status)
+        raise NotRetryable(
+            _("a %(status)s task cannot be retried (still active)") % {"status": word(TaskStatus, old.status)},
+            status=old.status,
+        )
     instance = old.instance
     if instance is None or instance.status in INSTANCE_GONE:
-        raise NotRetryable("its instance is gone; create a new one", status=old.status)
+        raise NotRetryable(_("its instance is gone; create a new one"), status=old.status)
     timeout = old.timeout_seconds
     with transaction.atomic():
         if old.task_type == TaskType.CREATE:
@@ -520,7 +524,7 @@ def retry_task(user, task_id, *, admin: bool = False) -> Task:
         elif old.task_type == TaskType.CREATE_PORT:
             mapping = old.port_mapping
             if mapping is None:
-                raise NotRetryable("its port mapping is gone", status=old.status)
+                raise NotRetryable(_("its port mapping is gone"), status=old.status)
             new, _mapping = create_port(
                 user,
                 instance.pk,
@@ -534,11 +538,11 @@ def retry_task(user, task_id, *, admin: bool = False) -> Task:
             )
         elif old.task_type == TaskType.DELETE_PORT:
             if old.port_mapping_id is None:
-                raise NotRetryable("its port mapping is gone", status=old.status)
+                raise NotRetryable(_("its port mapping is gone"), status=old.status)
             try:
                 new = delete_port(user, instance.pk, old.port_mapping_id, admin=admin, timeout_seconds=timeout)
             except NotFound:
-                raise NotRetryable("its port mapping is gone", status=old.status) from None
+                raise NotRetryable(_("its port mapping is gone"), status=old.status) from None
         else:
             new = request_operation(user, instance.pk, old.task_type, admin=admin, timeout_seconds=timeout)
         Task.objects.filter(pk=new.pk).update(retry_of=old)

@@ -53,6 +53,7 @@ from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 from django.db.models import Max, Min, Q
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from tasks.engine.states import CANCELLED, COMPLETED, FAILED, RUNNING, TIMEOUT
 from tasks.errors import InvalidInput
@@ -93,7 +94,7 @@ def resolve(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise Refused(f"{host} does not resolve: {exc}") from None
+        raise Refused(_("%(host)s does not resolve: %(error)s") % {"host": host, "error": exc}) from None
     return list(dict.fromkeys(info[4][0] for info in infos))
 
 
@@ -101,21 +102,24 @@ def check_target(url: str) -> tuple[str, str, int, str]:
     """(scheme, host, port, address to connect to) of an allowed URL, or Refused."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise Refused("the URL must be http:// or https:// with a host")
+        raise Refused(_("the URL must be http:// or https:// with a host"))
     if parts.username or parts.password:
-        raise Refused("the URL must not carry credentials")
+        raise Refused(_("the URL must not carry credentials"))
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise Refused("the URL's port is not a number from 1 to 65535") from None
+        raise Refused(_("the URL's port is not a number from 1 to 65535")) from None
     host = parts.hostname
     addresses = resolve(host, port)
     if not addresses:
-        raise Refused(f"{host} does not resolve")
+        raise Refused(_("%(host)s does not resolve") % {"host": host})
     if not settings.WEBHOOK_ALLOW_PRIVATE_TARGETS:
         for address in addresses:
             if not _public(ipaddress.ip_address(address.split("%", 1)[0])):
-                raise Refused(f"{host} resolves to {address}, a loopback, private or reserved address")
+                raise Refused(
+                    _("%(host)s resolves to %(address)s, a loopback, private or reserved address")
+                    % {"host": host, "address": address}
+                )
     return parts.scheme, host, port, addresses[0]
 
 
@@ -123,9 +127,9 @@ def validate_url(url: str) -> str:
     """The API's and the console's check of a new webhook's URL (400 naming ``url``)."""
     url = (url or "").strip()
     if not url:
-        raise InvalidInput("url is required", field="url")
+        raise InvalidInput(_("url is required"), field="url")
     if len(url) > 500:
-        raise InvalidInput("url: at most 500 characters", field="url")
+        raise InvalidInput(_("url: at most 500 characters"), field="url")
     try:
         check_target(url)
     except Refused as exc:
@@ -137,10 +141,16 @@ def validate_events(events) -> list[str]:
     if events in (None, ""):
         return list(ALL_EVENTS)
     if not isinstance(events, list) or not events or not all(isinstance(e, str) for e in events):
-        raise InvalidInput(f"events: a non-empty list of {', '.join(ALL_EVENTS)}", field="events")
+        raise InvalidInput(
+            _("events: a non-empty list of %(known)s") % {"known": ", ".join(ALL_EVENTS)}, field="events"
+        )
     unknown = [e for e in events if e not in ALL_EVENTS]
     if unknown:
-        raise InvalidInput(f"events: unknown {', '.join(unknown)} (known: {', '.join(ALL_EVENTS)})", field="events")
+        raise InvalidInput(
+            _("events: unknown %(unknown)s (known: %(known)s)")
+            % {"unknown": ", ".join(unknown), "known": ", ".join(ALL_EVENTS)},
+            field="events",
+        )
     return list(dict.fromkeys(events))
 
 
