@@ -27,6 +27,7 @@ from asgiref.sync import SyncToAsync
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import close_old_connections
+from django.utils.translation import gettext_noop
 
 from tasks import live
 from tasks.api.live_views import FALSE, MAX_WAIT_SECONDS, TRUE, _may_view_all, _read_task, _replay
@@ -45,9 +46,26 @@ def _on_pool(func):
 
 
 class Refusal(Exception):
-    def __init__(self, status: int, code: str, detail: str, **extra):
+    """A refused request. ``detail`` is an English message marked with gettext_noop (with
+    ``%(name)s`` placeholders filled from ``params``): it is translated when the answer is
+    sent, in the request's language (this app runs outside Django's LocaleMiddleware)."""
+
+    def __init__(self, status: int, code: str, detail: str, params: dict | None = None, **extra):
         super().__init__(detail)
-        self.status, self.body = status, {"code": code, "detail": detail, **extra}
+        self.status, self.detail, self.params = status, detail, params or {}
+        self.body = {"code": code, "detail": detail % self.params if params else detail, **extra}
+
+    def translated(self, headers: dict, cookie) -> dict:
+        from django.utils import translation
+
+        language_cookie = cookie.get(settings.LANGUAGE_COOKIE_NAME)
+        request = SimpleNamespace(
+            COOKIES={settings.LANGUAGE_COOKIE_NAME: language_cookie.value} if language_cookie else {},
+            META={"HTTP_ACCEPT_LANGUAGE": headers.get("accept-language", "")},
+        )
+        with translation.override(translation.get_language_from_request(request)):
+            text = translation.gettext(self.detail)
+            return {**self.body, "detail": text % self.params if self.params else text}
 
 
 def _authenticate(authorization: str, session_key: str | None):
@@ -59,10 +77,10 @@ def _authenticate(authorization: str, session_key: str | None):
         parts = authorization.split()
         if parts and parts[0].lower() == "token":
             if len(parts) != 2:
-                raise Refusal(401, "authentication_failed", "invalid token header")
+                raise Refusal(401, "authentication_failed", gettext_noop("invalid token header"))
             token = Token.objects.select_related("user").filter(key=parts[1]).first()
             if token is None or not token.user.is_active:
-                raise Refusal(401, "authentication_failed", "invalid token")
+                raise Refusal(401, "authentication_failed", gettext_noop("invalid token"))
             return token.user
     if session_key:
         from importlib import import_module
@@ -71,7 +89,7 @@ def _authenticate(authorization: str, session_key: str | None):
         user = get_user(SimpleNamespace(session=store))
         if user.is_authenticated and user.is_active:
             return user
-    raise Refusal(401, "not_authenticated", "authentication credentials were not provided")
+    raise Refusal(401, "not_authenticated", gettext_noop("authentication credentials were not provided"))
 
 
 def _headers(scope) -> dict[str, str]:
@@ -90,11 +108,13 @@ async def _send_json(send, status: int, body) -> None:
 async def application(scope, receive, send) -> None:
     """GET /api/v1/tasks/stream/ and GET /api/v1/tasks/{id}/wait/ (config/asgi.py checks the path)."""
     path = scope["path"]
+    headers = _headers(scope)
+    cookie = SimpleCookie()
     try:
         if scope["method"] != "GET":
-            raise Refusal(405, "method_not_allowed", f'method "{scope["method"]}" not allowed')
-        headers = _headers(scope)
-        cookie = SimpleCookie()
+            raise Refusal(
+                405, "method_not_allowed", gettext_noop('method "%(method)s" not allowed'), {"method": scope["method"]}
+            )
         try:
             cookie.load(headers.get("cookie", ""))
         except Exception:
@@ -107,7 +127,7 @@ async def application(scope, receive, send) -> None:
         else:
             await _wait(send, user, int(path.rstrip("/").split("/")[-2]), query)
     except Refusal as refusal:
-        await _send_json(send, refusal.status, refusal.body)
+        await _send_json(send, refusal.status, refusal.translated(headers, cookie))
 
 
 async def _wait(send, user, task_id: int, query: dict) -> None:
@@ -117,12 +137,14 @@ async def _wait(send, user, task_id: int, query: dict) -> None:
         if timeout != timeout or timeout < 0:
             raise ValueError
     except ValueError:
-        raise Refusal(400, "invalid", "timeout: seconds, a number from 0 to 60", field="timeout") from None
+        raise Refusal(
+            400, "invalid", gettext_noop("timeout: seconds, a number from 0 to 60"), field="timeout"
+        ) from None
     timeout = min(timeout, MAX_WAIT_SECONDS)
     read = _on_pool(_read_task)
     found = await live.wait_until_final(task_id, timeout, lambda pk: read(user, pk))
     if found is None:
-        raise Refusal(404, "not_found", "no such object")
+        raise Refusal(404, "not_found", gettext_noop("no such object"))
     _status, data = found
     await _send_json(send, 200, data)
 
@@ -130,10 +152,12 @@ async def _wait(send, user, task_id: int, query: dict) -> None:
 async def _stream(scope, receive, send, user, query: dict, headers: dict) -> None:
     flag = query.get("all", "").strip().lower()
     if flag not in TRUE + FALSE:
-        raise Refusal(400, "invalid", "all: 1 or 0", field="all")
+        raise Refusal(400, "invalid", gettext_noop("all: 1 or 0"), field="all")
     everyone = flag in TRUE
     if everyone and not await _on_pool(_may_view_all)(user):
-        raise Refusal(403, "permission_denied", "?all=1 needs staff status and the tasks.view_task permission")
+        raise Refusal(
+            403, "permission_denied", gettext_noop("?all=1 needs staff status and the tasks.view_task permission")
+        )
     raw_last = (headers.get("last-event-id") or query.get("last_event_id", "")).strip()
     last_id = None
     if raw_last:
@@ -143,7 +167,7 @@ async def _stream(scope, receive, send, user, query: dict, headers: dict) -> Non
                 raise ValueError
         except ValueError:
             raise Refusal(
-                400, "invalid", "Last-Event-ID: an event id from this stream", field="Last-Event-ID"
+                400, "invalid", gettext_noop("Last-Event-ID: an event id from this stream"), field="Last-Event-ID"
             ) from None
 
     hub = live.hub()

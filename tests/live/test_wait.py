@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -118,3 +119,28 @@ def test_under_wsgi_the_django_views_answer_the_same(client, alice, vm):
     assert client.get(f"/api/v1/tasks/{task.pk}/wait/?timeout=x", **headers).json()["field"] == "timeout"
     assert client.get("/api/v1/tasks/stream/?all=1", **headers).status_code == 403
     assert client.get(f"/api/v1/tasks/{task.pk}/wait/").status_code == 401
+
+
+def test_the_live_endpoints_refuse_in_the_requests_language():
+    """They run outside Django's LocaleMiddleware: the refusal picks its language itself."""
+    import asyncio
+
+    from tasks.api.live_asgi import application
+
+    def call(language: str) -> dict:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/api/v1/tasks/stream/", "query_string": b""}
+        scope["headers"] = [(b"accept-language", language.encode())]
+        asyncio.run(application(scope, receive, send))
+        assert sent[0]["status"] == 405
+        return json.loads(sent[1]["body"])
+
+    assert call("en") == {"code": "method_not_allowed", "detail": 'method "POST" not allowed'}
+    assert call("zh-CN,zh;q=0.9") == {"code": "method_not_allowed", "detail": '不允许方法 "POST"'}
