@@ -144,6 +144,13 @@ def test_a_stopped_daemon_holds_the_provider_and_its_return_resumes_it(alice, da
         assert health.probe_due(Provider.objects.filter(pk=provider.pk), now=later)[provider.pk]  # still down
     finally:
         daemon.start_daemon()
+    # LXD and Incus bring back, as they start, the guests that ran when they stopped: let
+    # that finish first, or it may start the guest again after the held stop ran (a race
+    # of the daemon's own start-up, seen once under load).
+    settle = time.monotonic() + 30
+    while daemon.status(guest) != "running" and time.monotonic() < settle:
+        time.sleep(0.5)
+    time.sleep(2)
     later = timezone.now() + timedelta(minutes=2)
     assert health.probe_due(Provider.objects.filter(pk=provider.pk), now=later) == {provider.pk: None}
     provider.refresh_from_db()
