@@ -80,37 +80,15 @@ def setup(database: str, broker: str, redis_url: str) -> None:
 
 def wipe() -> None:
     from django.contrib.auth import get_user_model
-    from django_q.models import OrmQ
     from rest_framework.authtoken.models import Token
 
-    from tasks.models import (
-        Instance,
-        PortMapping,
-        Provider,
-        Task,
-        TaskEvent,
-        TaskSecret,
-        UserQuota,
-        Webhook,
-        WebhookCursor,
-        WebhookDelivery,
-        Worker,
-    )
+    from bench.common import reset_data
+    from tasks.models import Webhook, WebhookCursor, WebhookDelivery
 
     WebhookDelivery.objects.all().delete()
     Webhook.objects.all().delete()
     WebhookCursor.objects.all().delete()
-    # bench.common.reset_data without its wait for InnoDB's purge (on a shared server the
-    # history list may never get short); the rows deleted here are few.
-    for model in (TaskEvent, TaskSecret, PortMapping):
-        model.objects.all().delete()
-    Instance.objects.update(active_task=None)
-    Worker.objects.all().delete()
-    Task.objects.all().delete()
-    Instance.objects.all().delete()
-    Provider.objects.all().delete()
-    UserQuota.objects.all().delete()
-    OrmQ.objects.all().delete()
+    reset_data(wait_purge=False)  # the rows deleted here are few
     Token.objects.all().delete()
     get_user_model().objects.filter(username__startswith="bench-").delete()
 
