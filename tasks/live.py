@@ -100,6 +100,7 @@ async def wait_until_final(task_id: int, timeout: float, read) -> tuple[Any, Any
     waiters = hub()
     event = waiters.add_waiter(task_id)
     try:
+        await waiters.ready()
         deadline = time.monotonic() + timeout
         status, data = await read(task_id)
         while status is not None and status not in FINAL:
@@ -276,6 +277,7 @@ class Hub:
         self.waiters: dict[int, set[asyncio.Event]] = defaultdict(set)
         self.streams: set[StreamWatcher] = set()
         self.runner: asyncio.Task | None = None
+        self.started: asyncio.Event | None = None  # set once the feed has its starting point
         self.loop: asyncio.AbstractEventLoop | None = None
         # The feed's database work runs in one thread of its own (one connection).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="live-feed")
@@ -314,7 +316,18 @@ class Hub:
         loop = asyncio.get_running_loop()
         if self.runner is None or self.runner.done() or self.loop is not loop:
             self.loop = loop
+            self.started = asyncio.Event()
             self.runner = loop.create_task(self._run())
+
+    async def ready(self, timeout: float = 5.0) -> None:
+        """Until the feed has its starting point (the ORM feed's first read, the Redis
+        subscription): a change committed after this reaches the watchers. A watcher that
+        answers before it could miss what happens in between (a test caught it)."""
+        self._ensure_running()
+        try:
+            await asyncio.wait_for(self.started.wait(), timeout)
+        except TimeoutError:
+            logger.warning("live feed: not started within %s s; watching anyway", timeout)
 
     # -- the feed
     async def _run(self) -> None:
@@ -345,12 +358,16 @@ class Hub:
             self.feed = OrmFeed()
         poll = SyncToAsync(self.feed.poll, thread_sensitive=False, executor=self.executor)
         idle_since = None
+        first = True
         while True:
             stop, idle_since = await self._idle_exit(idle_since)
             if stop:
                 return
             started = time.monotonic()
             changes = await poll()
+            if first:
+                first = False
+                self.started.set()
             if changes:
                 await self.dispatch(changes)
             await asyncio.sleep(max(0.0, settings.LIVE_POLL_SECONDS - (time.monotonic() - started)))
@@ -362,6 +379,7 @@ class Hub:
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(channel())
+            self.started.set()
             idle_since = None
             while True:
                 stop, idle_since = await self._idle_exit(idle_since)

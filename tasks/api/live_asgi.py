@@ -174,6 +174,7 @@ async def _stream(scope, receive, send, user, query: dict, headers: dict) -> Non
     watcher = hub.add_stream(user.pk, all=everyone)
     disconnected = asyncio.ensure_future(_until_disconnect(receive))
     try:
+        await hub.ready()  # the feed sees every change from here on
         replay = await _on_pool(_replay)(None if everyone else user.pk, last_id, everyone)
         await send(
             {

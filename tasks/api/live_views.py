@@ -138,6 +138,7 @@ async def stream(request):
     hub = live.hub()
     watcher = hub.add_stream(user.pk, all=everyone)
     try:
+        await hub.ready()  # the feed sees every change from here on
         replay = await sync_to_async(_replay)(None if everyone else user.pk, last_id, everyone)
     except BaseException:
         hub.remove_stream(watcher)
