@@ -357,21 +357,44 @@ def run() -> None:
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     signal.signal(signal.SIGINT, lambda *a: stop.append(1))
     pool.add(int(Conf.WORKERS), base=True)
-    commands = sys.stdin
+    commands = CommandReader(sys.stdin.fileno())
     while not stop:
         try:
-            ready, _, _ = select.select([commands], [], [], 0.1)
+            lines = commands.read(0.1)
         except InterruptedError:
             continue
-        if ready:
-            line = commands.readline()
-            if not line:
-                logger.warning("pool: the supervisor is gone; stopping")
-                break
+        if lines is None:
+            logger.warning("pool: the supervisor is gone; stopping")
+            break
+        for line in lines:
             _command(pool, line.split())
         pool.check_started()
         pool.reap()
     pool.stop()
+
+
+class CommandReader:
+    """Whole lines from the supervisor's pipe, every line that has arrived.
+
+    (A buffered ``readline`` after ``select`` would leave the other lines of one write
+    in its buffer, where select no longer sees them: a grow of five clusters would
+    start one, and the rest only when the next command arrives.)
+    """
+
+    def __init__(self, fd: int):
+        self.fd, self.buffer = fd, b""
+
+    def read(self, timeout: float) -> list[str] | None:
+        """The complete lines received within ``timeout``; None once the pipe is closed."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return []
+        chunk = os.read(self.fd, 65536)
+        if not chunk:
+            return None
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        return [line.decode(errors="replace") for line in lines if line.strip()]
 
 
 def _command(pool: Pool, words: list[str]) -> None:

@@ -65,6 +65,13 @@ SAFETY_ADMIT_SECONDS = 30.0
 POOL_CHECK_SECONDS = 0.25
 # How long a grow may take before the supervisor may ask again.
 GROW_WAIT_SECONDS = 5.0
+# Workers per extra cluster: a grow of 78 is five clusters whose sentinels fork their
+# workers side by side (one sentinel forks its own one after another: ~15-40 ms each),
+# and an idle one is retired without waiting for the busy rest.
+GROW_CLUSTER_WORKERS = 16
+# Jobs waiting in the broker at one check that start a grow at once (a burst); a single
+# one must still be waiting at the next check (it may be about to be taken).
+GROW_AT_ONCE = 2
 PROVIDERS_REFRESH_SECONDS = 2.0
 HEARTBEAT_SECONDS = 5.0
 RECONCILE_SECONDS = 10.0
@@ -72,6 +79,12 @@ OVERDUE_SECONDS = 10.0
 # An admitted job not claimed this long after it was sent waits for a worker.
 UNCLAIMED_SECONDS = 0.5
 HELD = "held"  # (the live summary's row of the stopping holds)
+
+
+def grow_chunks(workers: int) -> list[int]:
+    """``workers`` split into extra clusters of at most GROW_CLUSTER_WORKERS, as even as can be."""
+    n = -(-workers // GROW_CLUSTER_WORKERS)
+    return [workers // n + (1 if i < workers % n else 0) for i in range(n)]
 
 
 @dataclass
@@ -299,8 +312,9 @@ class Supervisor:
         if self.growing is not None and (len(clusters) > self.growing[1] or now - self.growing[2] > GROW_WAIT_SECONDS):
             self.growing = None  # the new cluster runs (or the pool never made it: ask again if jobs still wait)
         waiting = self.backlog()
-        if waiting and self.backlog_seen:
-            # Jobs waited in the broker at two checks in a row: every worker is busy.
+        if waiting and (self.backlog_seen or waiting >= GROW_AT_ONCE):
+            # Jobs wait in the broker (a gated pusher leaves them there only while every
+            # worker is busy): several at once, or one at two checks in a row.
             waiting = 0 if self.grow(waiting, clusters) else waiting
         self.backlog_seen = bool(waiting)
 
@@ -321,9 +335,17 @@ class Supervisor:
         workers = min(cap, 2 * self.demand()) - size
         if workers <= 0:
             return False
-        logger.info("supervisor: %d job(s) wait for a worker; growing the pool by %d", waiting, workers)
-        self.command(f"grow {workers}")
-        self.growing = (workers, len(clusters), time.monotonic())
+        chunks = grow_chunks(workers)
+        logger.info(
+            "supervisor: %d job(s) wait for a worker; growing the pool by %d (%d cluster(s))",
+            waiting,
+            workers,
+            len(chunks),
+        )
+        for chunk in chunks:
+            self.command(f"grow {chunk}")
+        # Done once every new cluster is listed (or after GROW_WAIT_SECONDS).
+        self.growing = (workers, len(clusters) + len(chunks) - 1, time.monotonic())
         return True
 
     def demand(self) -> int:

@@ -58,3 +58,25 @@ def test_a_pool_process_dies_with_its_parent():
         time.sleep(0.05)
     os.kill(child, 9)
     raise AssertionError("the child outlived its parent")
+
+
+def test_every_command_of_one_write_is_read_at_once():
+    """A grow of several clusters is one write of several lines: all of them are taken
+    in the same round, a partial line waits for its end, and a closed pipe says so."""
+    from tasks.engine.pool import CommandReader
+
+    read_fd, write_fd = os.pipe()
+    try:
+        reader = CommandReader(read_fd)
+        assert reader.read(0.01) == []
+        os.write(write_fd, b"grow 16\ngrow 16\ngrow 15\nretire po")
+        assert reader.read(0.5) == ["grow 16", "grow 16", "grow 15"]
+        os.write(write_fd, b"ol-2\n")
+        assert reader.read(0.5) == ["retire pool-2"]
+        os.close(write_fd)
+        write_fd = None
+        assert reader.read(0.5) is None
+    finally:
+        os.close(read_fd)
+        if write_fd is not None:
+            os.close(write_fd)

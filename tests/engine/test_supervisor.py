@@ -86,7 +86,7 @@ def admitted(alice, provider, n):
         )
 
 
-def test_the_pool_grows_when_jobs_wait_twice_by_what_the_database_says_within_the_cap(supervisor, monkeypatch, alice):
+def test_the_pool_grows_when_jobs_wait_by_what_the_database_says_within_the_cap(supervisor, monkeypatch, alice):
     provider = Provider.objects.create(name="a", allow_concurrent_tasks=True, max_concurrent_tasks=10)
     pool = FakePool(supervisor)
     waiting = {"n": 0}
@@ -94,9 +94,9 @@ def test_the_pool_grows_when_jobs_wait_twice_by_what_the_database_says_within_th
     supervisor.reconcile_pool()
     assert pool.commands == [], "nothing waits"
     admitted(alice, provider, 2)
-    waiting["n"] = 3
+    waiting["n"] = 1
     supervisor.reconcile_pool()
-    assert pool.commands == [], "a job seen once may just be on its way to an idle worker"
+    assert pool.commands == [], "one job seen once may just be on its way to an idle worker"
     supervisor.reconcile_pool()
     assert pool.commands == ["grow 2"], (
         "2 admitted and unclaimed, 2 workers: twice the demand is 4 (not the broker's count)"
@@ -105,9 +105,11 @@ def test_the_pool_grows_when_jobs_wait_twice_by_what_the_database_says_within_th
     assert pool.commands == ["grow 2"], "no second grow while the first is starting"
     pool.grown("pool-2", 2)
     admitted(alice, provider, 20)
+    waiting["n"] = 20
     supervisor.reconcile_pool()
-    supervisor.reconcile_pool()
-    assert pool.commands[-1] == "grow 6", "up to the cap of 10 (the sum of the limits)"
+    assert pool.commands[-1] == "grow 6", (
+        "a burst grows at the first check, up to the cap of 10 (the sum of the limits)"
+    )
     pool.grown("pool-3", 6)
     supervisor.reconcile_pool()
     supervisor.reconcile_pool()
@@ -316,3 +318,23 @@ def test_machines_starting_at_once_leave_one_sweep_schedule():
     assert errors == []
     sup.ensure_schedules()  # the next start sees what the race left
     assert Schedule.objects.filter(name=sup.SWEEP_SCHEDULE).count() == 1
+
+
+def test_a_large_grow_is_split_into_clusters_that_start_side_by_side(supervisor, monkeypatch, alice):
+    """80 tasks at once: the workers come as several clusters (their sentinels fork in
+    parallel), and the grow counts as done only once all of them are listed."""
+    provider = Provider.objects.create(name="a", allow_concurrent_tasks=True, max_concurrent_tasks=80)
+    pool = FakePool(supervisor)
+    monkeypatch.setattr(supervisor, "backlog", lambda: 78)
+    admitted(alice, provider, 40)
+    supervisor.reconcile_pool()
+    assert pool.commands == ["grow 16", "grow 16", "grow 16", "grow 15", "grow 15"]
+    assert sup.grow_chunks(16) == [16] and sup.grow_chunks(17) == [9, 8]
+    for i, workers in enumerate([16, 16, 16, 15]):
+        pool.grown(f"pool-{i + 2}", workers)
+        supervisor.reconcile_pool()
+        assert len(pool.commands) == 5, "no second grow while its clusters are still starting"
+    assert supervisor.growing is not None
+    pool.grown("pool-6", 15)
+    supervisor.reconcile_pool()
+    assert supervisor.growing is None and len(pool.commands) == 5, "all listed, and 80 workers: at the cap"
