@@ -8,10 +8,14 @@ really runs them. Figures (create and stop times) are printed at the end of the 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
+from django.db import connection
 
-from tasks.models import Provider
+from tasks.engine.states import FINAL
+from tasks.engine.worker import run_admitted_inline
+from tasks.models import Provider, Task
 from tests.daemons.hosts import NAMES, PORT_RANGES, host
 
 FIGURES: list[str] = []
@@ -55,3 +59,70 @@ def provider_for(db):
         return provider
 
     return make
+
+
+class Engine:
+    """Runs the queued tasks: a real worker tier (`run_workers`, MariaDB), or inline.
+
+    On MariaDB (as .ci/run runs this suite) the tasks go through the worker tier a
+    deployment runs: admission, the broker, a pool worker, heartbeats, the guarded
+    finish. On SQLite (an in-memory test database no other process can open) the
+    test's own process runs them with tasks.engine.worker.run_admitted_inline.
+    """
+
+    def __init__(self, tmp_path, **env):
+        self.tier = None
+        if connection.vendor == "mysql":
+            from tests.engine.harness import WorkerTier
+
+            settings = {
+                "TASK_EXTRA_OPERATIONS": "tests.daemons.tier_hooks",
+                "TASK_LEASE_SECONDS": "15",
+                "TASK_HEARTBEAT_SECONDS": "2",
+                "TASK_CANCEL_POLL_SECONDS": "0.2",
+                "TASK_HARD_KILL_GRACE_SECONDS": "10",
+                "TASK_DISPATCH_TIMEOUT_SECONDS": "30",
+                "TASK_SHUTDOWN_GRACE_SECONDS": "30",
+                # Probes are the test's to run: the daemons' own start-up must settle first.
+                "PROVIDER_PROBE_SECONDS": "3600",
+                **env,
+            }
+            self.tier = WorkerTier(tmp_path, f"daemons-{os.getpid()}", **settings).start().wait_ready()
+
+    @property
+    def inline(self) -> bool:
+        return self.tier is None
+
+    def run(self, provider: Provider, task: Task, timeout: float = 300) -> Task:
+        """Until ``task`` has ended; returns it fresh from the database."""
+        if self.inline:
+            run_admitted_inline(provider.pk)
+        else:
+            deadline = time.monotonic() + timeout
+            while Task.objects.filter(pk=task.pk).exclude(status__in=FINAL).exists():
+                assert time.monotonic() < deadline, f"task {task.pk} still not ended after {timeout} s"
+                assert self.tier.proc.poll() is None, f"the worker tier died:\n{self.tier.log()[-3000:]}"
+                time.sleep(0.1)
+        return Task.objects.get(pk=task.pk)
+
+    def stop(self) -> None:
+        if self.tier is not None:
+            from tests.engine.harness import kill_node_processes
+
+            self.tier.stop()
+            kill_node_processes(self.tier.node)
+
+
+@pytest.fixture
+def engine(tmp_path):
+    """A factory: ``engine(**settings)`` starts the runner (with extra tier settings)."""
+    started: list[Engine] = []
+
+    def start(**env) -> Engine:
+        runner = Engine(tmp_path, **env)
+        started.append(runner)
+        return runner
+
+    yield start
+    for runner in started:
+        runner.stop()

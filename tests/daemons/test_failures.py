@@ -1,5 +1,7 @@
 """What goes wrong, on the real daemons: a cancel mid-create, a host port taken by
-another program, the daemon stopped under a queue, and VMs where KVM is missing."""
+another program, the daemon stopped under a queue, and VMs where KVM is missing.
+
+The tasks run on a real worker tier (tests/daemons/conftest.py, Engine) on MariaDB."""
 
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ from tasks.engine.worker import run_admitted_inline
 from tasks.errors import InvalidInput
 from tasks.models import PortMapping, Provider, Task
 from tests.daemons.hosts import http_get, refused
+from tests.daemons.tier_hooks import HELD
 
-pytestmark = [pytest.mark.daemons]
+# transaction=True: the worker tier's processes read what the test commits.
+pytestmark = [pytest.mark.daemons, pytest.mark.django_db(transaction=True)]
 
 
 def driver_class(provider: Provider):
@@ -30,20 +34,57 @@ def driver_class(provider: Provider):
     return getattr(importlib.import_module(module), name)
 
 
-def created(alice, daemon, provider, request):
+def created(alice, daemon, provider, request, runner):
     instance, task = services.create_instance(alice, provider=provider, image=daemon.image, memory_mb=256, disk_mb=1024)
     request.addfinalizer(lambda: daemon.purge(instance.guest_name))
-    run_admitted_inline(provider.pk)
-    task.refresh_from_db()
+    task = runner.run(provider, task)
     instance.refresh_from_db()
     assert (task.status, task.error_message) == ("completed", "")
     return instance
 
 
-@pytest.mark.django_db(transaction=True)  # the worker runs in a thread with its own connection
-def test_cancel_in_the_middle_of_a_create_leaves_nothing_behind(alice, daemon, provider_for, monkeypatch, settings):
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_cancel_in_the_middle_of_a_create_leaves_nothing_behind(
+    alice, daemon, provider_for, monkeypatch, settings, engine
+):
     settings.TASK_CANCEL_POLL_SECONDS = 0.1
     provider = provider_for(daemon)
+    # The tier's drivers hold each create after its password step (tests/daemons/tier_hooks.py).
+    runner = engine(DAEMONS_HOLD_AFTER_PASSWORD="1")
+    instance, task = services.create_instance(alice, provider=provider, image=daemon.image, memory_mb=256, disk_mb=1024)
+    guest = instance.guest_name
+    if runner.inline:
+        _cancel_inline(alice, daemon, provider, task, guest, monkeypatch)
+    else:
+        try:
+            wait_for(
+                lambda: Task.objects.filter(pk=task.pk, status_message=HELD).exists(), 120, "the create's password step"
+            )
+            assert daemon.status(guest) == "running"
+            services.cancel_task(alice, task.pk)
+            runner.run(provider, task, timeout=120)
+        finally:
+            daemon_leftovers = daemon.leftovers(guest)
+            daemon.purge(guest)
+        assert daemon_leftovers == []
+    task.refresh_from_db()
+    instance.refresh_from_db()
+    assert (task.status, task.error_code) == ("cancelled", "cancelled_by_user")
+    assert instance.status == "failed"
+    assert daemon.status(guest) is None
+    assert not instance.port_mappings.filter(status__in=[PortMapping.STATUS_ACTIVE, PortMapping.STATUS_PENDING])
+    low = provider.port_range_start
+    assert refused(low)
+
+
+def _cancel_inline(alice, daemon, provider, task, guest, monkeypatch) -> None:
+    """The same cancel with the worker in a thread of this process (SQLite)."""
     cls = driver_class(provider)
     original = cls.set_password
     reached = threading.Event()
@@ -54,8 +95,6 @@ def test_cancel_in_the_middle_of_a_create_leaves_nothing_behind(alice, daemon, p
         cancel.sleep(60)  # the user's cancel arrives here, mid-create
 
     monkeypatch.setattr(cls, "set_password", set_password_then_wait)
-    instance, task = services.create_instance(alice, provider=provider, image=daemon.image, memory_mb=256, disk_mb=1024)
-    guest = instance.guest_name
     errors: list[BaseException] = []
 
     def work() -> None:
@@ -77,20 +116,13 @@ def test_cancel_in_the_middle_of_a_create_leaves_nothing_behind(alice, daemon, p
         daemon_leftovers = daemon.leftovers(guest)
         daemon.purge(guest)
     assert not runner.is_alive() and not errors
-    task.refresh_from_db()
-    instance.refresh_from_db()
-    assert (task.status, task.error_code) == ("cancelled", "cancelled_by_user")
-    assert instance.status == "failed"
-    assert daemon_leftovers == [] and daemon.status(guest) is None
-    assert not instance.port_mappings.filter(status__in=[PortMapping.STATUS_ACTIVE, PortMapping.STATUS_PENDING])
-    low = provider.port_range_start
-    assert refused(low)
+    assert daemon_leftovers == []
 
 
-@pytest.mark.django_db
-def test_a_busy_host_port_fails_cleanly_and_the_instance_stays_as_it_was(alice, daemon, provider_for, request):
+def test_a_busy_host_port_fails_cleanly_and_the_instance_stays_as_it_was(alice, daemon, provider_for, request, engine):
     provider = provider_for(daemon)
-    instance = created(alice, daemon, provider, request)
+    runner = engine()
+    instance = created(alice, daemon, provider, request, runner)
     guest = instance.guest_name
     ssh = instance.port_mappings.order_by("host_port_start").first()
     daemon.run(guest, "mkdir -p /data && echo kept > /data/marker")
@@ -101,10 +133,9 @@ def test_a_busy_host_port_fails_cleanly_and_the_instance_stays_as_it_was(alice, 
     blocker.listen(1)
     try:
         task, mapping = services.create_port(alice, instance.pk, protocol="tcp", guest_port=80, host_port=busy)
-        run_admitted_inline(provider.pk)
+        task = runner.run(provider, task)
     finally:
         blocker.close()
-    task.refresh_from_db()
     mapping.refresh_from_db()
     instance.refresh_from_db()
     assert task.status == "failed", task.error_message
@@ -116,30 +147,30 @@ def test_a_busy_host_port_fails_cleanly_and_the_instance_stays_as_it_was(alice, 
     assert daemon.leftovers(guest) in ([f"/{guest}", f"{guest}-data"], [guest], [f"/1.0/instances/{guest}"])
     # Once the port is free, the same mapping can be asked for again and works.
     task, mapping = services.create_port(alice, instance.pk, protocol="tcp", guest_port=80, host_port=busy)
-    run_admitted_inline(provider.pk)
-    task.refresh_from_db()
+    task = runner.run(provider, task)
     assert task.status == "completed", task.error_message
     assert http_get(busy)
 
 
-@pytest.mark.django_db
-def test_a_stopped_daemon_holds_the_provider_and_its_return_resumes_it(alice, daemon, provider_for, request):
+def test_a_stopped_daemon_holds_the_provider_and_its_return_resumes_it(alice, daemon, provider_for, request, engine):
     provider = provider_for(daemon)
-    instance = created(alice, daemon, provider, request)
+    runner = engine()
+    instance = created(alice, daemon, provider, request, runner)
     guest = instance.guest_name
     request.addfinalizer(lambda: daemon.up() or daemon.start_daemon())
     daemon.stop_daemon()
     try:
-        first = services.request_operation(alice, instance.pk, "restart")
-        run_admitted_inline(provider.pk)
-        first.refresh_from_db()
+        first = runner.run(provider, services.request_operation(alice, instance.pk, "restart"))
         assert (first.status, first.error_code) == ("failed", "provider_unreachable"), first.error_message
         provider.refresh_from_db()
         assert provider.unreachable_since is not None and not provider.accepts_work
         held = services.request_operation(alice, instance.pk, "stop")
-        assert run_admitted_inline(provider.pk) == 0  # held: not admitted, not failed
+        if runner.inline:
+            assert run_admitted_inline(provider.pk) == 0  # held: not admitted, not failed
+        else:
+            time.sleep(3)  # the tier is free: a held queue admits nothing
         held.refresh_from_db()
-        assert held.status == "pending"
+        assert held.status == "pending" and held.admitted_at is None
         later = timezone.now() + timedelta(minutes=1)
         assert health.probe_due(Provider.objects.filter(pk=provider.pk), now=later)[provider.pk]  # still down
     finally:
@@ -155,8 +186,7 @@ def test_a_stopped_daemon_holds_the_provider_and_its_return_resumes_it(alice, da
     assert health.probe_due(Provider.objects.filter(pk=provider.pk), now=later) == {provider.pk: None}
     provider.refresh_from_db()
     assert provider.unreachable_since is None and provider.accepts_work
-    assert run_admitted_inline(provider.pk) == 1
-    held.refresh_from_db()
+    held = runner.run(provider, held)  # the probe's answer admitted the queue
     assert held.status == "completed", held.error_message
     deadline = time.monotonic() + 30
     while daemon.status(guest) != "stopped" and time.monotonic() < deadline:
@@ -164,8 +194,7 @@ def test_a_stopped_daemon_holds_the_provider_and_its_return_resumes_it(alice, da
     assert daemon.status(guest) == "stopped"
 
 
-@pytest.mark.django_db
-def test_vms_are_refused_where_they_cannot_run(alice, daemon, provider_for):
+def test_vms_are_refused_where_they_cannot_run(alice, daemon, provider_for, engine):
     """No KVM here: Docker refuses a VM up front; LXD/Incus fail the create and keep nothing."""
     provider = provider_for(daemon)
     if daemon.provider_type == "docker":
@@ -175,8 +204,7 @@ def test_vms_are_refused_where_they_cannot_run(alice, daemon, provider_for):
     instance, task = services.create_instance(
         alice, provider=provider, image=daemon.image, instance_type="vm", memory_mb=256, disk_mb=1024
     )
-    run_admitted_inline(provider.pk)
-    task = Task.objects.get(pk=task.pk)
+    task = engine().run(provider, task)
     instance.refresh_from_db()
     assert task.status == "failed" and task.error_message
     assert instance.status == "failed"

@@ -1,7 +1,8 @@
 """The nine operations end to end against each real daemon, through the engine.
 
-A Provider row points at the daemon; services queue each task and
-tasks.engine.worker.run_admitted_inline runs it. After each step the daemon's own
+A Provider row points at the daemon; services queue each task and a real worker
+tier (`run_workers`, on MariaDB as .ci/run runs it) runs it: admission, the broker,
+a pool worker, heartbeats, the guarded finish (tests/daemons/conftest.py, Engine). After each step the daemon's own
 state is read without the driver (tests/daemons/hosts.py): the guest exists, runs
 or is stopped, its ports answer a TCP connect on 127.0.0.1 (busybox httpd inside
 the guest), the root password's hash in /etc/shadow matches the password the task
@@ -16,29 +17,28 @@ import time
 import pytest
 
 from tasks import services
-from tasks.engine.worker import run_admitted_inline
 from tasks.models import PortMapping, Task
 from tests.daemons.conftest import FIGURES
 from tests.daemons.hosts import http_get, password_matches, refused
 
-pytestmark = [pytest.mark.daemons, pytest.mark.django_db]
+# transaction=True: the worker tier's processes read what the test commits.
+pytestmark = [pytest.mark.daemons, pytest.mark.django_db(transaction=True)]
 
 
-def run(provider, task: Task) -> Task:
-    run_admitted_inline(provider.pk)
-    task.refresh_from_db()
-    assert (task.status, task.error_message) == ("completed", ""), f"{task.task_type}: {task.error_message}"
-    return task
-
-
-def timed(provider, task: Task) -> float:
-    started = time.monotonic()
-    run(provider, task)
-    return time.monotonic() - started
-
-
-def test_nine_operations(alice, daemon, provider_for, request):
+def test_nine_operations(alice, daemon, provider_for, request, engine):
     provider = provider_for(daemon)
+    runner = engine()
+
+    def run(provider, task: Task) -> Task:
+        task = runner.run(provider, task)
+        assert (task.status, task.error_message) == ("completed", ""), f"{task.task_type}: {task.error_message}"
+        return task
+
+    def timed(provider, task: Task) -> float:
+        started = time.monotonic()
+        run(provider, task)
+        return time.monotonic() - started
+
     docker = daemon.provider_type == "docker"
     images_before = {i["Id"] for i in daemon.api.images()} if docker else set()
 
