@@ -47,6 +47,11 @@ def _task_count(statuses=None) -> Coalesce:
     return Coalesce(Subquery(counts, output_field=IntegerField()), Value(0))
 
 
+SERIAL_LIMIT_ERROR = _(
+    "a limit above 1 needs “allow concurrent tasks”: tick it, or set 1 (a serial provider runs one task at a time)"
+)
+
+
 class WriteOnlyTextarea(forms.Textarea):
     """A textarea that never renders a value: a form sent back with an error must not
     show the secret that was typed into it (like PasswordInput(render_value=False))."""
@@ -94,6 +99,12 @@ class ProviderForm(forms.ModelForm):
             self.add_error("port_range_end", _("must not be below the start of the port range"))
         if data.get("new_secrets") and data.get("clear_secrets"):
             self.add_error("clear_secrets", _("either set new secrets or remove them, not both"))
+        # A limit above 1 on a serial provider would save and do nothing (the limit stays 1).
+        # Checked only when one of the two changes: an old row may still hold both.
+        if {"allow_concurrent_tasks", "max_concurrent_tasks"} & set(self.changed_data):
+            limit = data.get("max_concurrent_tasks")
+            if limit is not None and limit > 1 and not data.get("allow_concurrent_tasks"):
+                self.add_error("max_concurrent_tasks", SERIAL_LIMIT_ERROR)
         return data
 
 

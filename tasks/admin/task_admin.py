@@ -289,6 +289,18 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
         if task.status != PENDING:
             return "—"
         info = dispatch.queue_info(task)
+        if info["estimated_wait_seconds"] is None:
+            # Held (or disabled): it waits for the provider, not for a slot; no figure is honest.
+            wait = (
+                _("wait unknown while the provider is unreachable")
+                if task.provider.unreachable_since is not None
+                else _("wait unknown while the provider is disabled")
+            )
+            return _("%(reason)s; position %(position)s, %(wait)s") % {
+                "reason": info["blocked_reason"],
+                "position": info["queue_position"],
+                "wait": wait,
+            }
         return _("%(reason)s; position %(position)s, about %(wait)s to wait") % {
             "reason": info["blocked_reason"],
             "position": info["queue_position"],
