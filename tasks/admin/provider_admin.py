@@ -20,9 +20,10 @@ from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
-from tasks.admin.common import SCRIPTS, STYLES, SafeSelectionMixin
+from tasks.admin.common import SCRIPTS, STYLES, SafeSelectionMixin, log_console_action
 from tasks.engine import dispatch
 from tasks.engine import health as provider_health
 from tasks.engine.states import EXECUTING, PENDING
@@ -306,6 +307,12 @@ class ProviderAdmin(SafeSelectionMixin, admin.ModelAdmin):
                 if provider.unreachable_since is not None:
                     text += " " + _("Its queue stays held.")
                 self.message_user(request, text, messages.ERROR)
+                log_console_action(
+                    self,
+                    request,
+                    provider,
+                    gettext("Connectivity check: failed (%(error)s)") % {"error": type(exc).__name__},
+                )
                 continue
             ok += 1
             elapsed = time.monotonic() - started
@@ -316,7 +323,11 @@ class ProviderAdmin(SafeSelectionMixin, admin.ModelAdmin):
             }
             if provider_health.mark_reachable(provider.pk):
                 text += " " + _("Its held queue resumes.")
+                logged = gettext("Connectivity check: answers, version %(version)s; its held queue resumed")
+            else:
+                logged = gettext("Connectivity check: answers, version %(version)s")
             self.message_user(request, text, messages.SUCCESS)
+            log_console_action(self, request, provider, logged % {"version": info.version})
         if ok + failed > 1:
             self.message_user(
                 request,

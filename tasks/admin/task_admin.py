@@ -32,6 +32,7 @@ from tasks.admin.common import (
     age,
     confirm_action,
     human_duration,
+    log_console_action,
     progress_bar,
     redact,
     run_bulk,
@@ -108,6 +109,23 @@ def timeline_rows(task: Task, events: list[TaskEvent], following: TaskEvent | No
             took = ""
         rows.append((_shown(event), human_duration(event.at - task.created_at), took, actor_label(event.actor)))
     return rows
+
+
+def confirm_detail(task: Task) -> str:
+    """What an operator checks before cancelling or force-stopping: instance, owner, runtime."""
+    if task.started_at is not None:
+        runtime = _("running for %(duration)s") % {
+            "duration": human_duration((task.completed_at or timezone.now()) - task.started_at)
+        }
+    else:
+        runtime = _("queued for %(duration)s") % {"duration": human_duration(timezone.now() - task.created_at)}
+    return _("%(type)s, %(status)s · instance %(instance)s · owner %(owner)s · %(runtime)s") % {
+        "type": task.task_type,
+        "status": word(TaskStatus, task.status),
+        "instance": task.instance.name if task.instance is not None else "—",
+        "owner": task.owner.get_username() if task.owner is not None else "—",
+        "runtime": runtime,
+    }
 
 
 def _with_hold(task: Task, badge):
@@ -561,6 +579,7 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
                     raise NotCancellable(gettext("already cancelling"))
                 services.cancel_task(request.user, task.pk, admin=True, reason=reason)
                 logger.info("task %s: cancel requested by %s in the console: %s", task.pk, request.user, reason)
+                log_console_action(self, request, task, gettext("Cancel requested: %(reason)s") % {"reason": reason})
 
             return run_bulk(_("Cancel"), queryset.order_by("pk"), cancel, label=_task_label)
 
@@ -577,6 +596,7 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
             ),
             perform=perform,
             button=_("Cancel these tasks"),
+            describe=confirm_detail,
         )
 
     @admin.action(description=_("Force-stop selected tasks: DANGEROUS (asks for a reason)"), permissions=["force_stop"])
@@ -587,6 +607,7 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
             def force_stop(task: Task) -> None:
                 services.force_stop_task(request.user, task.pk, reason=reason)
                 logger.warning("task %s: force-stopped by %s in the console: %s", task.pk, request.user, reason)
+                log_console_action(self, request, task, gettext("Force-stopped: %(reason)s") % {"reason": reason})
 
             return run_bulk(_("Force-stop"), queryset.order_by("pk"), force_stop, label=_task_label)
 
@@ -605,6 +626,7 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
             perform=perform,
             danger=True,
             button=_("Force-stop these tasks"),
+            describe=confirm_detail,
         )
 
     @admin.action(description=_("Retry selected failed, timed-out or cancelled tasks"), permissions=["change"])
@@ -612,6 +634,7 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
         def retry(task: Task) -> None:
             new = services.retry_task(request.user, task.pk, admin=True)
             logger.info("task %s: retried as task %s by %s in the console", task.pk, new.pk, request.user)
+            log_console_action(self, request, task, gettext("Retried as task #%(id)s") % {"id": new.pk})
 
         run_bulk(_("Retry"), queryset.order_by("pk"), retry, label=_task_label).report(self, request)
 

@@ -3,12 +3,15 @@ provider page, and what the console's actions leave in Django's admin log."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from django.contrib.admin.models import LogEntry
 from django.urls import reverse
 from django.utils import timezone
 
 from tasks.engine import dispatch, transitions
-from tasks.models import Provider, TaskEvent
-from tests.admin.conftest import change_url
+from tasks.models import Instance, Provider, Task, TaskEvent
+from tests.admin.conftest import change_url, confirm_action, post_action
 from tests.conftest import make_task
 
 
@@ -66,3 +69,61 @@ def test_actor_labels_share_one_style():
     assert actor_label("user:alice") == "user alice"
     assert actor_label("system:timeout-sweep") == "system (timeout)"
     assert actor_label("system") == "system"
+
+
+def test_an_instance_page_action_stays_on_the_page_and_links_the_new_task(root_client, running_instance):
+    page_url = change_url("instance", running_instance.pk)
+    restart = reverse("admin:tasks_instance_action", args=[running_instance.pk, "restart_instances"])
+    assert f'action="{restart}"' in root_client.get(page_url).content.decode()
+    response = root_client.post(restart, {"action": "restart_instances"})
+    assert response.status_code == 302 and response["Location"] == page_url
+    task = Task.objects.get(instance=running_instance)
+    page = root_client.get(page_url)
+    html = page.content.decode()
+    assert "restart queued as task" in html and f'href="{change_url("task", task.pk)}">#{task.pk}</a>' in html
+    # Busy now: no action the service would refuse is offered.
+    assert "tasks_instance_action" not in html and "/action/" not in html
+
+
+def test_instance_delete_from_the_page_asks_a_reason_recorded_on_the_timeline(root_client, running_instance):
+    delete = reverse("admin:tasks_instance_action", args=[running_instance.pk, "delete_instances"])
+    page = root_client.post(delete, {"action": "delete_instances", "_selected_action": [running_instance.pk]})
+    assert page.status_code == 200 and 'name="reason"' in page.content.decode()
+    data = {"action": "delete_instances", "_selected_action": [running_instance.pk], "confirm": "delete_instances"}
+    response = root_client.post(delete, {**data, "reason": "customer left"})
+    assert response.status_code == 302 and response["Location"] == change_url("instance", running_instance.pk)
+    task = Task.objects.get(instance=running_instance, task_type="delete")
+    html = root_client.get(change_url("task", task.pk)).content.decode()
+    assert "customer left" in html[html.index('id="timeline"') :]
+
+
+def test_cancel_and_force_stop_confirmations_show_instance_owner_and_runtime(root_client, running_instance):
+    task = make_task(running_instance, status="running", started_at=timezone.now() - timedelta(seconds=185))
+    for name in ("cancel", "force_stop"):
+        html = root_client.get(reverse(f"admin:tasks_task_{name}", args=[task.pk])).content.decode()
+        assert f"instance {running_instance.name}" in html and "owner alice" in html and "running for 3 min 05 s" in html
+
+
+def test_console_actions_are_in_the_admin_log(root_client, root, running_instance, provider, monkeypatch):
+    task = make_task(running_instance, status="running", lease_token="t" * 32)
+    Instance.objects.filter(pk=running_instance.pk).update(active_task=task)
+    confirm_action(root_client, "task", "cancel_selected", [task.pk], reason="user asked")
+    force = make_task(running_instance, task_type="stop", status="running", lease_token="u" * 32)
+    confirm_action(root_client, "task", "force_stop_selected", [force.pk], reason="hung")
+    Instance.objects.filter(pk=running_instance.pk).update(active_task=None)
+    root_client.post(
+        reverse("admin:tasks_instance_action", args=[running_instance.pk, "stop_instances"]),
+        {"action": "stop_instances"},
+    )
+    Provider.objects.filter(pk=provider.pk).update(unreachable_since=timezone.now())
+    post_action(root_client, "provider", "check_connectivity", [provider.pk])
+    entries = {(e.content_type.model, e.object_id, e.get_change_message()) for e in LogEntry.objects.all()}
+    stop = Task.objects.get(instance=running_instance, task_type="stop", status="pending")
+    assert ("task", str(task.pk), "Cancel requested: user asked") in entries
+    assert ("task", str(force.pk), "Force-stopped: hung") in entries
+    assert ("instance", str(running_instance.pk), f"stop queued as task #{stop.pk}") in entries
+    assert any(model == "provider" and "answers" in message for model, _pk, message in entries)
+    # The object's History page and the index's Recent actions show them.
+    history = root_client.get(reverse("admin:tasks_task_history", args=[force.pk])).content.decode()
+    assert "Force-stopped: hung" in history
+    assert "Recent actions" in root_client.get(reverse("admin:index")).content.decode()
