@@ -101,7 +101,9 @@ def test_cancel_and_force_stop_confirmations_show_instance_owner_and_runtime(roo
     task = make_task(running_instance, status="running", started_at=timezone.now() - timedelta(seconds=185))
     for name in ("cancel", "force_stop"):
         html = root_client.get(reverse(f"admin:tasks_task_{name}", args=[task.pk])).content.decode()
-        assert f"instance {running_instance.name}" in html and "owner alice" in html and "running for 3 min 05 s" in html
+        assert (
+            f"instance {running_instance.name}" in html and "owner alice" in html and "running for 3 min 05 s" in html
+        )
 
 
 def test_console_actions_are_in_the_admin_log(root_client, root, running_instance, provider, monkeypatch):
@@ -127,3 +129,16 @@ def test_console_actions_are_in_the_admin_log(root_client, root, running_instanc
     history = root_client.get(reverse("admin:tasks_task_history", args=[force.pk])).content.decode()
     assert "Force-stopped: hung" in history
     assert "Recent actions" in root_client.get(reverse("admin:index")).content.decode()
+
+
+def test_the_reconciliation_after_a_force_stop_is_on_the_tasks_timeline(root_client, running_instance):
+    from tasks import reconcile
+
+    task = make_task(running_instance, status="running", lease_token="t" * 32)
+    Instance.objects.filter(pk=running_instance.pk).update(active_task=task)
+    confirm_action(root_client, "task", "force_stop_selected", [task.pk], reason="hung")
+    Task.objects.filter(pk=task.pk).update(held_until=None)  # its worker reported its exit
+    assert reconcile.reconcile_instance(running_instance.pk)
+    html = root_client.get(change_url("task", task.pk)).content.decode()
+    timeline = html[html.index('id="timeline"') :]
+    assert "reconciled with the provider: instance" in timeline and "system (reconcile)" in timeline
