@@ -102,8 +102,21 @@ MESSAGES = (
 # Named groups fill the template; a group named "what" is itself translated.
 PATTERNS = (
     (
+        # with the provider's short error (tasks/operations/steps.py Steps.call), shown as it is
+        re.compile(r"^(?P<what>.+?): provider error, retry (?P<n>\d+) of (?P<m>\d+) \((?P<error>.*)\)$", re.S),
+        gettext_noop("%(what)s: provider error, retry %(n)s of %(m)s (%(error)s)"),
+    ),
+    (
         re.compile(r"^(?P<what>.+): provider error, retry (?P<n>\d+) of (?P<m>\d+)$"),
         gettext_noop("%(what)s: provider error, retry %(n)s of %(m)s"),
+    ),
+    (
+        re.compile(r"^reconciled with the provider: instance (?P<before>\S+) -> (?P<after>\S+) \(guest not found\)$"),
+        gettext_noop("reconciled with the provider: instance %(before)s -> %(after)s (guest not found)"),
+    ),
+    (
+        re.compile(r"^reconciled with the provider: instance (?P<before>\S+) -> (?P<after>\S+)$"),
+        gettext_noop("reconciled with the provider: instance %(before)s -> %(after)s"),
     ),
     (re.compile(r"^downloading image (?P<image>\S+)$"), gettext_noop("downloading image %(image)s")),
     (re.compile(r"^mapping (?P<port>\S+)$"), gettext_noop("mapping %(port)s")),

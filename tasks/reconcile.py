@@ -29,7 +29,7 @@ from providers.base import GuestState, build_driver
 from tasks import resources
 from tasks.engine.states import ACTIVE, COMPLETED, InstanceStatus, TaskType
 from tasks.engine.transitions import retry_on_deadlock
-from tasks.models import Instance, PortMapping, Provider, Task, UserQuota
+from tasks.models import Instance, PortMapping, Provider, Task, TaskEvent, UserQuota
 from tasks.operations.steps import guest_ref, port_specs, status_of
 
 logger = logging.getLogger(__name__)
@@ -95,10 +95,28 @@ def _apply(instance_id: int, seen, state: GuestState, *, create_done: bool, last
             _settle_pending_ports(instance, state)
         instance.needs_reconcile = False
         instance.save()
+        _record_on_last_task(instance_id, before, instance.status, state.exists)
     logger.info(
         "instance %s: reconciled %s -> %s (guest exists: %s)", instance_id, before, instance.status, state.exists
     )
     return True
+
+
+def _record_on_last_task(instance_id: int, before: str, after: str, exists: bool) -> None:
+    """The answer as a step on the timeline of the task that left the instance unsure
+    (its last one: a force-stop, a lost worker, an undo that could not finish)."""
+    last = Task.objects.filter(instance_id=instance_id).order_by("-created_at", "-id").values("pk", "status").first()
+    if last is None:
+        return
+    TaskEvent.objects.create(
+        task_id=last["pk"],
+        kind=TaskEvent.KIND_STEP,
+        from_status=last["status"],
+        to_status=last["status"],
+        actor="system:reconcile",
+        message=f"reconciled with the provider: instance {before} -> {after}"
+        + ("" if exists else " (guest not found)"),
+    )
 
 
 def _settle_pending_ports(instance: Instance, state: GuestState) -> None:

@@ -101,6 +101,7 @@ def _new_task(
     timeout_seconds: int,
     task_data: dict | None,
     port_mapping=None,
+    reason: str = "",
 ) -> Task:
     """Insert the task (admitted at once when its provider has a free slot and nobody
     waits ahead of it), make it the instance's active task, write its first event.
@@ -147,6 +148,7 @@ def _new_task(
             from_status="",
             to_status=PENDING,
             actor=actor_of(initiator, admin=_is_admin_request(initiator, instance))[:200],
+            reason=reason[:500],
             at=now,
         )
     )
@@ -296,9 +298,18 @@ def create_instance(
 
 @retry_on_deadlock
 def request_operation(
-    user, instance_id, task_type: str, *, admin: bool = False, timeout_seconds=None, task_data: dict | None = None
+    user,
+    instance_id,
+    task_type: str,
+    *,
+    admin: bool = False,
+    timeout_seconds=None,
+    task_data: dict | None = None,
+    reason: str = "",
 ) -> Task:
     """Queue start/stop/restart/reset/reset-password/delete on an instance.
+
+    ``reason`` (the console asks one for delete and reset) is recorded on the task's first event.
 
     409 instance_busy (with the active task's id) when it already has a pending
     or running task; 409 invalid_state when its status forbids the operation.
@@ -325,6 +336,7 @@ def request_operation(
             initiator=user,
             timeout_seconds=timeout,
             task_data=task_data,
+            reason=reason,
         )
 
 

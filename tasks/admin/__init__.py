@@ -10,6 +10,9 @@ tasks.admin.views, routed through TaskAdmin.get_urls. See docs/admin.md.
 
 from __future__ import annotations
 
+from django.contrib import admin
+from django.urls import reverse_lazy
+
 from tasks.admin import (  # noqa: F401  (registrations)
     instance_admin,
     other_admin,
@@ -20,3 +23,7 @@ from tasks.admin import (  # noqa: F401  (registrations)
 from tasks.admin.permissions import connect as _connect_permissions
 
 _connect_permissions()
+
+# The panel's own site is the front end, served elsewhere; "/" here is a 404. The
+# header's VIEW SITE link leads to what this server has for people: the API docs.
+admin.site.site_url = reverse_lazy("api-docs")

@@ -299,6 +299,7 @@ def confirm_action(
     danger: bool = False,
     button: str = "",
     post_url: str = "",
+    describe: Callable[[models.Model], str] | None = None,
 ) -> TemplateResponse | None:
     """The intermediate page of an action: ask (a reason), then act and report.
 
@@ -326,7 +327,7 @@ def confirm_action(
         "title": title,
         "subtitle": None,
         "opts": opts,
-        "objects": list(queryset),
+        "objects": [(obj, describe(obj) if describe else "") for obj in queryset],
         "action": action,
         "explanation": explanation,
         "form": form,
@@ -338,3 +339,12 @@ def confirm_action(
         "media": forms.Media(css={"all": STYLES}),
     }
     return TemplateResponse(request, "admin/tasks/confirm_action.html", context)
+
+
+def log_console_action(modeladmin: admin.ModelAdmin, request: HttpRequest, obj: models.Model, message: str) -> None:
+    """Record a console action in Django's admin log (the object's History, the index's
+    Recent actions). A failure to log never undoes or hides the action itself."""
+    try:
+        modeladmin.log_change(request, obj, message)
+    except Exception:
+        logger.exception("admin log entry for %s not written", obj)

@@ -10,22 +10,27 @@ from __future__ import annotations
 
 import logging
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied
 from django.db.models import Prefetch, Q, QuerySet
-from django.http import HttpRequest
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
 from tasks import services, traffic_counters
 from tasks.admin.common import (
     BulkResult,
-    ConfirmForm,
     ConsolePageMixin,
+    ReasonForm,
     SafeSelectionMixin,
     admin_link,
     age,
     confirm_action,
     instance_badge,
+    log_console_action,
     progress_bar,
     run_bulk,
     status_badge,
@@ -38,10 +43,12 @@ from tasks.admin.lists import (
     search_by_identity,
     users_matching,
 )
-from tasks.engine.states import TaskType
+from tasks.engine.states import ALLOWED_INSTANCE_STATUS, TaskType
 from tasks.models import Instance, InstanceTraffic, PortMapping, Task
 
 logger = logging.getLogger(__name__)
+
+LINKED_TASKS = 10  # new tasks linked one by one in the report of an instance action
 
 
 class PortMappingInline(admin.TabularInline):
@@ -146,18 +153,60 @@ class InstanceAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
         actions.pop("delete_selected", None)
         return actions
 
+    # (action, task type, button) of the instance page; shown only when the instance's
+    # state allows the operation (the rules request_operation refuses by: no active task,
+    # a status in ALLOWED_INSTANCE_STATUS), so a button never leads to a refusal.
+    PAGE_ACTIONS = (
+        ("start_instances", TaskType.START, _("Start")),
+        ("stop_instances", TaskType.STOP, _("Stop")),
+        ("restart_instances", TaskType.RESTART, _("Restart")),
+        ("reset_instances", TaskType.RESET, _("Reset…")),
+        ("delete_instances", TaskType.DELETE, _("Delete…")),
+    )
+
+    @staticmethod
+    def allowed_operations(instance: Instance) -> set[str]:
+        if instance.active_task_id is not None:
+            return set()
+        return {task_type for task_type, statuses in ALLOWED_INSTANCE_STATUS.items() if instance.status in statuses}
+
     def change_view(self, request, object_id, form_url="", extra_context=None):
         extra = dict(extra_context or {})
-        if self.has_change_permission(request):
-            extra["has_instance_actions"] = True
-            extra["instance_actions"] = [
-                ("start_instances", _("Start")),
-                ("stop_instances", _("Stop")),
-                ("restart_instances", _("Restart")),
-                ("reset_instances", _("Reset…")),
-                ("delete_instances", _("Delete…")),
+        instance = self.get_object(request, unquote(object_id))
+        if instance is not None and self.has_change_permission(request):
+            allowed = self.allowed_operations(instance)
+            actions = [
+                (name, label, reverse("admin:tasks_instance_action", args=[instance.pk, name]))
+                for name, task_type, label in self.PAGE_ACTIONS
+                if task_type in allowed
             ]
+            extra["has_instance_actions"] = bool(actions)
+            extra["instance_actions"] = actions
         return super().change_view(request, object_id, form_url, extra_context=extra)
+
+    def get_urls(self):
+        wrap = self.admin_site.admin_view
+        return [
+            path("<path:object_id>/action/<str:action>/", wrap(self.page_action_view), name="tasks_instance_action"),
+            *super().get_urls(),
+        ]
+
+    def page_action_view(self, request: HttpRequest, object_id: str, action: str) -> HttpResponse:
+        """An action from the instance page: the same action (and confirmation) as the
+        list's, on this one instance; then back to the instance page, whose message
+        links the new task (as Proxmox opens its task viewer)."""
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        if action not in {name for name, _type, _label in self.PAGE_ACTIONS}:
+            raise Http404
+        instance = self.get_object(request, unquote(object_id))
+        if instance is None:
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+        page = reverse("admin:tasks_instance_change", args=[instance.pk])
+        if request.method != "POST":
+            return HttpResponseRedirect(page)
+        response = getattr(self, action)(request, Instance.objects.filter(pk=instance.pk))
+        return response if response is not None else HttpResponseRedirect(page)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         this_month = Prefetch("traffic", queryset=traffic_counters.this_month(), to_attr="traffic_this_month")
@@ -267,14 +316,40 @@ class InstanceAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
 
     # ------------------------------------------------------------ actions
 
-    def _queue(self, request: HttpRequest, queryset: QuerySet, task_type: str, verb: str) -> BulkResult:
+    def _queue(
+        self, request: HttpRequest, queryset: QuerySet, task_type: str, verb: str, reason: str = ""
+    ) -> BulkResult:
+        queued: list[tuple[Instance, Task]] = []
+
         def queue(instance: Instance) -> None:
-            task = services.request_operation(request.user, instance.pk, task_type, admin=True)
+            task = services.request_operation(request.user, instance.pk, task_type, admin=True, reason=reason)
+            queued.append((instance, task))
             logger.info(
                 "task %s: %s of instance %s queued by %s in the console", task.pk, task_type, instance.pk, request.user
             )
+            message = gettext("%(type)s queued as task #%(id)s") % {"type": task_type, "id": task.pk}
+            if reason:
+                message += " " + gettext("(reason: %(reason)s)") % {"reason": reason}
+            log_console_action(self, request, instance, message)
 
-        return run_bulk(verb, queryset.order_by("pk"), queue, label=lambda i: i.name)
+        result = run_bulk(verb, queryset.order_by("pk"), queue, label=lambda i: i.name)
+        # Each new task linked, as Proxmox opens its task viewer (a few; the report counts the rest).
+        for instance, task in queued[:LINKED_TASKS]:
+            self.message_user(
+                request,
+                format_html(
+                    "{}: {}",
+                    instance.name,
+                    format_html(
+                        '{} <a href="{}">#{}</a>',
+                        gettext("%(type)s queued as task") % {"type": task_type},
+                        reverse("admin:tasks_task_change", args=[task.pk]),
+                        task.pk,
+                    ),
+                ),
+                messages.SUCCESS,
+            )
+        return result
 
     def _queue_now(self, request: HttpRequest, queryset: QuerySet, task_type: str, verb: str) -> None:
         self._queue(request, queryset, task_type, verb).report(self, request)
@@ -303,8 +378,8 @@ class InstanceAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
                 "Reset reinstalls each instance from its image: everything on its disk is lost. The "
                 "instance keeps its name, resources and ports. Busy instances are skipped."
             ),
-            perform=lambda data: self._queue(request, queryset, TaskType.RESET, _("Reset")),
-            form_class=ConfirmForm,
+            perform=lambda data: self._queue(request, queryset, TaskType.RESET, _("Reset"), data["reason"]),
+            form_class=ReasonForm,
             danger=True,
             button=_("Reset these instances"),
         )
@@ -321,8 +396,8 @@ class InstanceAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
                 "Delete removes each guest from its provider, frees its ports, quota and capacity. "
                 "It cannot be undone. Busy instances are skipped."
             ),
-            perform=lambda data: self._queue(request, queryset, TaskType.DELETE, _("Delete")),
-            form_class=ConfirmForm,
+            perform=lambda data: self._queue(request, queryset, TaskType.DELETE, _("Delete"), data["reason"]),
+            form_class=ReasonForm,
             danger=True,
             button=_("Delete these instances"),
         )

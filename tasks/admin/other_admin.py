@@ -24,7 +24,7 @@ from tasks.admin.lists import (
     search_by_identity,
     users_matching,
 )
-from tasks.engine.states import TaskStatus
+from tasks.engine.states import EXECUTING, TaskStatus
 from tasks.messages import translate as translate_message
 from tasks.models import TaskEvent, UserQuota, Worker
 
@@ -121,7 +121,7 @@ class AliveFilter(admin.SimpleListFilter):
 class WorkerAdmin(SafeSelectionMixin, IndexedListMixin, admin.ModelAdmin):
     list_display = (
         "name",
-        "alive",
+        "state",
         "node",
         "queue",
         "role",
@@ -147,15 +147,31 @@ class WorkerAdmin(SafeSelectionMixin, IndexedListMixin, admin.ModelAdmin):
     def alive(self, worker: Worker) -> bool:
         return worker.last_heartbeat >= worker_alive_cutoff()
 
+    @admin.display(description=_("state"))
+    def state(self, worker: Worker):
+        """running a task / idle / stale. An idle worker's row is kept fresh by its
+        supervisor (tasks.engine.supervisor.refresh_workers); only a dead one goes stale."""
+        if not self.alive(worker):
+            return format_html('<span class="tc-badge tc-badge--failed">{}</span>', _("stale"))
+        task = worker.current_task
+        if task is not None and task.status in EXECUTING and task.worker == worker.name:
+            return format_html(
+                '<span class="tc-badge tc-badge--running">{}</span>',
+                _("running task #%(id)s") % {"id": task.pk},
+            )
+        if worker.role == "supervisor":
+            return format_html('<span class="tc-badge tc-badge--completed">{}</span>', _("supervising"))
+        return format_html('<span class="tc-badge tc-badge--completed">{}</span>', _("idle"))
+
     @admin.display(description=_("last heartbeat"), ordering="last_heartbeat")
     def heartbeat(self, worker: Worker) -> str:
         return age(worker.last_heartbeat)
 
-    @admin.display(description=_("current task"))
+    @admin.display(description=_("last task"))
     def current(self, worker: Worker):
         task = worker.current_task
         if task is None:
-            return "idle"
+            return "—"
         return format_html(
             "{} {}", admin_link(task, f"#{task.pk} {task.task_type}"), status_badge(task.pk, task.status)
         )

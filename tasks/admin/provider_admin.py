@@ -20,9 +20,10 @@ from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
-from tasks.admin.common import SCRIPTS, STYLES, SafeSelectionMixin
+from tasks.admin.common import SCRIPTS, STYLES, SafeSelectionMixin, log_console_action
 from tasks.engine import dispatch
 from tasks.engine import health as provider_health
 from tasks.engine.states import EXECUTING, PENDING
@@ -45,6 +46,11 @@ def _task_count(statuses=None) -> Coalesce:
     tasks = tasks.filter(status__in=statuses) if statuses is not None else tasks.filter(held_until__isnull=False)
     counts = tasks.order_by().values("provider").annotate(n=Count("pk")).values("n")[:1]
     return Coalesce(Subquery(counts, output_field=IntegerField()), Value(0))
+
+
+SERIAL_LIMIT_ERROR = _(
+    "a limit above 1 needs “allow concurrent tasks”: tick it, or set 1 (a serial provider runs one task at a time)"
+)
 
 
 class WriteOnlyTextarea(forms.Textarea):
@@ -94,6 +100,12 @@ class ProviderForm(forms.ModelForm):
             self.add_error("port_range_end", _("must not be below the start of the port range"))
         if data.get("new_secrets") and data.get("clear_secrets"):
             self.add_error("clear_secrets", _("either set new secrets or remove them, not both"))
+        # A limit above 1 on a serial provider would save and do nothing (the limit stays 1).
+        # Checked only when one of the two changes: an old row may still hold both.
+        if {"allow_concurrent_tasks", "max_concurrent_tasks"} & set(self.changed_data):
+            limit = data.get("max_concurrent_tasks")
+            if limit is not None and limit > 1 and not data.get("allow_concurrent_tasks"):
+                self.add_error("max_concurrent_tasks", SERIAL_LIMIT_ERROR)
         return data
 
 
@@ -295,6 +307,12 @@ class ProviderAdmin(SafeSelectionMixin, admin.ModelAdmin):
                 if provider.unreachable_since is not None:
                     text += " " + _("Its queue stays held.")
                 self.message_user(request, text, messages.ERROR)
+                log_console_action(
+                    self,
+                    request,
+                    provider,
+                    gettext("Connectivity check: failed (%(error)s)") % {"error": type(exc).__name__},
+                )
                 continue
             ok += 1
             elapsed = time.monotonic() - started
@@ -305,7 +323,11 @@ class ProviderAdmin(SafeSelectionMixin, admin.ModelAdmin):
             }
             if provider_health.mark_reachable(provider.pk):
                 text += " " + _("Its held queue resumes.")
+                logged = gettext("Connectivity check: answers, version %(version)s; its held queue resumed")
+            else:
+                logged = gettext("Connectivity check: answers, version %(version)s")
             self.message_user(request, text, messages.SUCCESS)
+            log_console_action(self, request, provider, logged % {"version": info.version})
         if ok + failed > 1:
             self.message_user(
                 request,

@@ -15,7 +15,8 @@ from django.contrib import admin
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
 from django.db.models import OuterRef, Q, QuerySet, Subquery
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.template.loader import render_to_string
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
@@ -31,6 +32,7 @@ from tasks.admin.common import (
     age,
     confirm_action,
     human_duration,
+    log_console_action,
     progress_bar,
     redact,
     run_bulk,
@@ -66,6 +68,64 @@ def _shown(event: TaskEvent) -> TaskEvent:
     """The event with its step message in the reader's language (stored in English, tasks/messages.py)."""
     event.message = translate_message(event.message)
     return event
+
+
+def actor_label(actor: str) -> str:
+    """One style for who acted: "worker machine-a/3", "admin root", "user alice", "system (sweep)".
+
+    Stored as ``kind:detail`` (tasks.services.actor_of, the engine's ``worker:<node>:<pid>``,
+    ``system:timeout-sweep``, ``supervisor:<name>``); shown as a kind and a name.
+    """
+    kind, _sep, detail = (actor or "").partition(":")
+    if kind == "worker":
+        node, _sep, pid = detail.rpartition(":")
+        name = f"{node}/{pid}" if node and pid.isdigit() else detail
+        return gettext("worker %(name)s") % {"name": name} if name else gettext("worker")
+    if kind == "admin":
+        return gettext("admin %(name)s") % {"name": detail}
+    if kind == "user":
+        return gettext("user %(name)s") % {"name": detail}
+    if kind == "supervisor":
+        return gettext("supervisor %(name)s") % {"name": detail}
+    if kind == "system":
+        what = detail.removesuffix("-sweep").replace("-", " ") if detail else ""
+        return gettext("system (%(what)s)") % {"what": what} if what else gettext("system")
+    return actor or "—"
+
+
+def timeline_rows(task: Task, events: list[TaskEvent], following: TaskEvent | None = None) -> list[tuple]:
+    """(event, offset from creation, duration until the next event, actor) per event.
+
+    The last event's duration runs to the task's end, or is open ("" while it runs).
+    """
+    rows = []
+    for i, event in enumerate(events):
+        nxt = events[i + 1] if i + 1 < len(events) else following
+        if nxt is not None:
+            took = human_duration(nxt.at - event.at)
+        elif task.status in FINAL and task.completed_at is not None and task.completed_at > event.at:
+            took = human_duration(task.completed_at - event.at)
+        else:
+            took = ""
+        rows.append((_shown(event), human_duration(event.at - task.created_at), took, actor_label(event.actor)))
+    return rows
+
+
+def confirm_detail(task: Task) -> str:
+    """What an operator checks before cancelling or force-stopping: instance, owner, runtime."""
+    if task.started_at is not None:
+        runtime = _("running for %(duration)s") % {
+            "duration": human_duration((task.completed_at or timezone.now()) - task.started_at)
+        }
+    else:
+        runtime = _("queued for %(duration)s") % {"duration": human_duration(timezone.now() - task.created_at)}
+    return _("%(type)s, %(status)s · instance %(instance)s · owner %(owner)s · %(runtime)s") % {
+        "type": task.task_type,
+        "status": word(TaskStatus, task.status),
+        "instance": task.instance.name if task.instance is not None else "—",
+        "owner": task.owner.get_username() if task.owner is not None else "—",
+        "runtime": runtime,
+    }
 
 
 def _with_hold(task: Task, badge):
@@ -289,6 +349,18 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
         if task.status != PENDING:
             return "—"
         info = dispatch.queue_info(task)
+        if info["estimated_wait_seconds"] is None:
+            # Held (or disabled): it waits for the provider, not for a slot; no figure is honest.
+            wait = (
+                _("wait unknown while the provider is unreachable")
+                if task.provider.unreachable_since is not None
+                else _("wait unknown while the provider is disabled")
+            )
+            return _("%(reason)s; position %(position)s, %(wait)s") % {
+                "reason": info["blocked_reason"],
+                "position": info["queue_position"],
+                "wait": wait,
+            }
         return _("%(reason)s; position %(position)s, about %(wait)s to wait") % {
             "reason": info["blocked_reason"],
             "position": info["queue_position"],
@@ -416,6 +488,7 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
             path("dashboard/", wrap(self.dashboard_view), name=f"{prefix}_dashboard"),
             # Not wrapped by admin_view: a script gets a JSON 403, not a login page.
             path("progress/", admin_views.progress_json, name=f"{prefix}_progress"),
+            path("<path:object_id>/events/", wrap(self.events_view), name=f"{prefix}_events"),
             path("<path:object_id>/cancel/", wrap(self.cancel_view), name=f"{prefix}_cancel"),
             path("<path:object_id>/force-stop/", wrap(self.force_stop_view), name=f"{prefix}_force_stop"),
             *super().get_urls(),
@@ -432,14 +505,48 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
         if task is not None:
             events = list(TaskEvent.objects.filter(task=task).order_by("at", "id")[: TIMELINE_LIMIT + 1])
             extra.update(
-                timeline=[(_shown(e), human_duration(e.at - task.created_at)) for e in events[:TIMELINE_LIMIT]],
+                timeline=timeline_rows(task, events[:TIMELINE_LIMIT]),
                 timeline_truncated=len(events) > TIMELINE_LIMIT,
+                timeline_url=reverse("admin:tasks_task_events", args=[task.pk]),
+                timeline_last_id=events[-1].pk if events and len(events) <= TIMELINE_LIMIT else 0,
+                timeline_live=task.status not in FINAL and len(events) <= TIMELINE_LIMIT,
                 can_cancel=task.status in CANCELLABLE and self.has_change_permission(request),
                 can_force_stop=task.status not in FINAL and self.has_force_stop_permission(request),
                 cancel_url=reverse("admin:tasks_task_cancel", args=[task.pk]),
                 force_stop_url=reverse("admin:tasks_task_force_stop", args=[task.pk]),
             )
         return super().change_view(request, object_id, form_url, extra_context=extra)
+
+    def events_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """The timeline rows after ``?after=<event id>`` (the open task page appends them),
+        the finished duration of that last shown row, and whether the task has ended."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        after = request.GET.get("after", "0")
+        if not (after.isascii() and after.isdigit() and int(after) < 2**63):
+            return JsonResponse(
+                {"code": "invalid", "field": "after", "detail": gettext("after: an event id")}, status=400
+            )
+        task = self.get_object(request, unquote(object_id))
+        if task is None:
+            return JsonResponse({"code": "not_found", "detail": gettext("no such task")}, status=404)
+        after_id = int(after)
+        events = list(TaskEvent.objects.filter(task=task, pk__gt=after_id).order_by("at", "id")[:TIMELINE_LIMIT])
+        previous = TaskEvent.objects.filter(task=task, pk=after_id).first() if after_id else None
+        rows = timeline_rows(task, events)
+        html = render_to_string("admin/tasks/task/timeline_rows.html", {"timeline": rows}, request=request)
+        took = ""
+        if previous is not None:
+            took = timeline_rows(task, [previous], following=events[0] if events else None)[0][2]
+        return JsonResponse(
+            {
+                "rows": html,
+                "last_id": events[-1].pk if events else after_id,
+                "previous_id": after_id or None,
+                "previous_duration": took,
+                "final": task.status in FINAL,
+            }
+        )
 
     def _single_task_view(self, request: HttpRequest, object_id: str, action) -> HttpResponse:
         task = self.get_object(request, unquote(object_id))
@@ -472,6 +579,7 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
                     raise NotCancellable(gettext("already cancelling"))
                 services.cancel_task(request.user, task.pk, admin=True, reason=reason)
                 logger.info("task %s: cancel requested by %s in the console: %s", task.pk, request.user, reason)
+                log_console_action(self, request, task, gettext("Cancel requested: %(reason)s") % {"reason": reason})
 
             return run_bulk(_("Cancel"), queryset.order_by("pk"), cancel, label=_task_label)
 
@@ -488,6 +596,7 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
             ),
             perform=perform,
             button=_("Cancel these tasks"),
+            describe=confirm_detail,
         )
 
     @admin.action(description=_("Force-stop selected tasks: DANGEROUS (asks for a reason)"), permissions=["force_stop"])
@@ -498,6 +607,7 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
             def force_stop(task: Task) -> None:
                 services.force_stop_task(request.user, task.pk, reason=reason)
                 logger.warning("task %s: force-stopped by %s in the console: %s", task.pk, request.user, reason)
+                log_console_action(self, request, task, gettext("Force-stopped: %(reason)s") % {"reason": reason})
 
             return run_bulk(_("Force-stop"), queryset.order_by("pk"), force_stop, label=_task_label)
 
@@ -516,6 +626,7 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
             perform=perform,
             danger=True,
             button=_("Force-stop these tasks"),
+            describe=confirm_detail,
         )
 
     @admin.action(description=_("Retry selected failed, timed-out or cancelled tasks"), permissions=["change"])
@@ -523,6 +634,7 @@ class TaskAdmin(IndexedListMixin, ConsolePageMixin, admin.ModelAdmin):
         def retry(task: Task) -> None:
             new = services.retry_task(request.user, task.pk, admin=True)
             logger.info("task %s: retried as task %s by %s in the console", task.pk, new.pk, request.user)
+            log_console_action(self, request, task, gettext("Retried as task #%(id)s") % {"id": new.pk})
 
         run_bulk(_("Retry"), queryset.order_by("pk"), retry, label=_task_label).report(self, request)
 

@@ -501,6 +501,21 @@ class AdminProviderSerializer(serializers.ModelSerializer):
                 )
         return super().to_internal_value(data)
 
+    def validate(self, attrs):
+        # A limit above 1 on a serial provider would be stored and have no effect.
+        if {"allow_concurrent_tasks", "max_concurrent_tasks"} & set(attrs):
+            allow = attrs.get("allow_concurrent_tasks", getattr(self.instance, "allow_concurrent_tasks", False))
+            limit = attrs.get("max_concurrent_tasks", getattr(self.instance, "max_concurrent_tasks", 1))
+            if limit > 1 and not allow:
+                raise serializers.ValidationError(
+                    {
+                        "max_concurrent_tasks": [
+                            _("a limit above 1 needs allow_concurrent_tasks true (a serial provider runs one task)")
+                        ]
+                    }
+                )
+        return attrs
+
 
 class ProviderPatchSerializer(serializers.Serializer):
     """Request body of PATCH /admin/providers/{id}/ (for the schema)."""

@@ -296,12 +296,19 @@ def wait_figures(task: Task, provider: Provider, *, position: int, in_use: int, 
         reason = _("waiting behind %(n)s earlier task(s) of this provider") % {"n": position}
     else:
         reason = _("waiting for admission")
-    if task.admitted_at is not None or (in_use < limit and position == 0):
+    if task.admitted_at is None and not provider.accepts_work:
+        # Held or disabled: nothing runs until it answers (or is enabled); no honest figure.
+        wait = None
+    elif task.admitted_at is not None or (in_use < limit and position == 0):
         wait = 0.0
     else:
         # Everything ahead of it drains `limit` at a time, each round taking about the average.
         wait = math.ceil((position + 1) / max(1, limit)) * average(task.provider_id)
-    return {"blocked_reason": reason, "queue_position": position, "estimated_wait_seconds": round(wait, 1)}
+    return {
+        "blocked_reason": reason,
+        "queue_position": position,
+        "estimated_wait_seconds": None if wait is None else round(wait, 1),
+    }
 
 
 def average_duration(provider_id: int) -> float:

@@ -160,6 +160,7 @@ class Supervisor:
         self.last_poll: dict[int, float] = {}
         self.last_safety = 0.0
         self.last_heartbeat = -1e9
+        self.worker_runs: dict[int, tuple] = {}  # pid -> (tasks_run, current task) at the last look (retire_idle)
         self.last_reconcile = 0.0
         self.last_overdue = 0.0
         self.prober: threading.Thread | None = None
@@ -361,18 +362,26 @@ class Supervisor:
     def retire_idle(self) -> None:
         """Stop an extra cluster whose workers took no task for WORKER_POOL_IDLE_SECONDS.
 
-        A worker's registry row (tasks.models.Worker) is written by its claims (at most
-        every WORKER_REGISTRY_INTERVAL_SECONDS) and by its heartbeat while a task runs:
-        a cluster none of whose workers' rows moved within the window ran nothing.
+        A worker's registry row (tasks.models.Worker) counts its claims (``tasks_run``,
+        written at most every WORKER_REGISTRY_INTERVAL_SECONDS): a worker whose count
+        moved since the last look, or that runs a task now, is busy. (Its heartbeat is
+        no sign of work: refresh_workers keeps idle workers' rows fresh too.)
         """
         extras = [c for c in self.clusters() if not c.base and not c.retiring]
         if not extras:
             return
         now = time.monotonic()
-        window = timezone.now() - timedelta(seconds=settings.WORKER_POOL_IDLE_SECONDS)
-        active = set(
-            Worker.objects.filter(node=settings.WORKER_NODE, last_heartbeat__gte=window).values_list("pid", flat=True)
+        rows = Worker.objects.filter(node=settings.WORKER_NODE, role="worker").values_list(
+            "pid", "tasks_run", "current_task_id"
         )
+        seen = {pid: (runs, current) for pid, runs, current in rows}
+        active = {pid for pid, state in seen.items() if self.worker_runs.get(pid) != state}
+        self.worker_runs = seen
+        running = Task.objects.filter(status__in=EXECUTING, worker__startswith=f"{settings.WORKER_NODE}:")
+        for name in running.values_list("worker", flat=True):
+            pid = name.rpartition(":")[2]
+            if pid.isdigit():
+                active.add(int(pid))
         for cluster in extras:
             last = self.last_busy.setdefault(cluster.name, now)
             if self.backlog_seen or active & set(cluster_pids(cluster.pid)):
@@ -424,6 +433,20 @@ class Supervisor:
                 role="supervisor",
                 last_heartbeat=now,
             )
+        self.refresh_workers(now)
+
+    def refresh_workers(self, now) -> None:
+        """Keep the registry rows of this pool's live worker processes fresh, idle or not.
+
+        A worker writes its own row only when it claims and while a task runs; an idle
+        one would look dead after a minute (and its row be deletable). Its supervisor
+        knows it lives (its pool's process tree): ONE update per heartbeat period for
+        all of them, so an idle tier costs no query per worker. A dead worker is not in
+        the tree any more, so its row ages and goes stale.
+        """
+        pids = self.child_pids()
+        if pids:
+            Worker.objects.filter(node=settings.WORKER_NODE, role="worker", pid__in=pids).update(last_heartbeat=now)
 
     def sweep(self) -> None:
         """Recovery, re-dispatch and admission, driven by one summary of the live tasks."""

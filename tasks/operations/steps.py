@@ -163,7 +163,9 @@ class Steps:
                     retries,
                     wait,
                 )
-                self.ctx.progress(self.percent, f"{what}: provider error, retry {attempt + 1} of {retries}")
+                self.ctx.progress(
+                    self.percent, f"{what}: provider error, retry {attempt + 1} of {retries} ({str(exc)[:200]})"
+                )
                 self.ctx.cancel.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 

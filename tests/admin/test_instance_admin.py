@@ -77,8 +77,9 @@ def test_detail_shows_ports_and_tasks_read_only(root_client, fleet, provider):
     assert "20022" in html and "Port mappings" in html
     assert f"#{done.pk}" in html  # recent tasks
     assert 'name="_save"' not in html
-    for label in ("Start", "Stop", "Restart", "Reset…", "Delete…"):
+    for label in ("Stop", "Restart", "Reset…", "Delete…"):
         assert f">{label}</button>" in html
+    assert ">Start</button>" not in html  # it runs: the service would refuse a start
     # read-only: a forged save changes nothing
     response = root_client.post(change_url("instance", web.pk), {"name": "renamed", "cpu": 64})
     assert response.status_code == 403
@@ -117,8 +118,12 @@ def test_destructive_actions_ask_first(root_client, fleet, action, task_type):
     assert "web-1" in response.content.decode()
     assert not Task.objects.exists()
     response = confirm_action(root_client, "instance", action, [web.pk])
+    assert not Task.objects.exists(), "a reason is required"
+    response = confirm_action(root_client, "instance", action, [web.pk], reason="ticket 42")
     assert report(response) == (1, 0)
-    assert Task.objects.get(instance=web).task_type == task_type
+    task = Task.objects.get(instance=web)
+    assert task.task_type == task_type
+    assert task.events.get().reason == "ticket 42"  # on the task's timeline
 
 
 def test_operator_may_act_but_a_viewer_may_not(client, fleet, operator):

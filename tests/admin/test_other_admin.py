@@ -53,6 +53,32 @@ def test_workers_list_and_only_stale_rows_can_be_deleted(root_client, running_in
     assert list(Worker.objects.values_list("name", flat=True)) == ["n1:1"]
 
 
+def test_worker_state_is_running_idle_or_stale_and_an_idle_one_is_not_deletable(root_client, running_instance):
+    task = make_task(running_instance, status="running", worker="n1:1")
+    done = make_task(running_instance, task_type="stop", status="completed", worker="n2:2")
+    Worker.objects.create(name="n1:1", node="n1", host="h", pid=1, queue="q", current_task=task)
+    # Idle for ten minutes: its supervisor kept its heartbeat fresh (refresh_workers).
+    idle = Worker.objects.create(
+        name="n2:2",
+        node="n2",
+        host="h",
+        pid=2,
+        queue="q",
+        current_task=done,
+        started_at=timezone.now() - timedelta(minutes=10),
+    )
+    Worker.objects.create(
+        name="n3:3", node="n3", host="h", pid=3, queue="q", last_heartbeat=timezone.now() - timedelta(hours=1)
+    )
+    html = root_client.get(changelist("worker")).content.decode()
+    assert f"running task #{task.pk}" in html
+    assert html.count(">idle<") == 1 and html.count(">stale<") == 1
+    assert root_client.post(reverse("admin:tasks_worker_delete", args=[idle.pk]), {"post": "yes"}).status_code == 403
+    response = post_action(root_client, "worker", "delete_stale", Worker.objects.values_list("pk", flat=True))
+    assert report(response) == (1, 2)
+    assert sorted(Worker.objects.values_list("name", flat=True)) == ["n1:1", "n2:2"]
+
+
 def test_event_log_is_read_only_and_searchable(root_client, running_instance):
     task = make_task(running_instance)
     event = TaskEvent.objects.create(task=task, to_status="pending", actor="admin:root", reason="why not")

@@ -99,7 +99,9 @@ def test_bad_limits_are_refused_with_the_field(root_client, provider):
 def test_a_save_never_writes_back_stale_capacity_counters(root_client, provider):
     # A create reserved capacity while the operator had the form open.
     Provider.objects.filter(pk=provider.pk).update(cpu_used=6, containers_used=2)
-    root_client.post(change_url("provider", provider.pk), form_data(provider, max_concurrent_tasks=4))
+    root_client.post(
+        change_url("provider", provider.pk), form_data(provider, allow_concurrent_tasks="on", max_concurrent_tasks=4)
+    )
     provider.refresh_from_db()
     assert (provider.max_concurrent_tasks, provider.cpu_used, provider.containers_used) == (4, 6, 2)
 
@@ -173,3 +175,17 @@ def test_a_held_provider_shows_why_and_the_check_resumes_its_queue(root_client, 
     assert provider.unreachable_since is None
     assert Task.objects.get(pk=task.pk).admitted_at is not None
     assert "reachable" in root_client.get("/admin/tasks/provider/").content.decode()
+
+
+def test_a_limit_above_one_on_a_serial_provider_is_refused_on_the_field(root_client, provider):
+    response = root_client.post(change_url("provider", provider.pk), form_data(provider, max_concurrent_tasks=4))
+    assert response.status_code == 200  # the form again, not "changed successfully"
+    assert "max_concurrent_tasks" in response.context["adminform"].form.errors
+    assert "allow concurrent tasks" in response.content.decode()
+    assert Provider.objects.get(pk=provider.pk).max_concurrent_tasks == 1
+    # Ticked with it: one effective limit of 4.
+    response = root_client.post(
+        change_url("provider", provider.pk), form_data(provider, max_concurrent_tasks=4, allow_concurrent_tasks="on")
+    )
+    assert response.status_code == 302
+    assert Provider.objects.get(pk=provider.pk).concurrency_limit == 4

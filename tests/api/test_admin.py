@@ -147,6 +147,9 @@ def test_patch_reenabling_a_provider_admits_at_once(
     "body, field",
     [
         ({"max_concurrent_tasks": 0}, "max_concurrent_tasks"),
+        # a limit above 1 on a serial provider would be stored and change nothing
+        ({"max_concurrent_tasks": 4}, "max_concurrent_tasks"),
+        ({"allow_concurrent_tasks": False, "max_concurrent_tasks": 4}, "max_concurrent_tasks"),
         ({"max_concurrent_tasks": 257}, "max_concurrent_tasks"),
         ({"max_concurrent_tasks": "many"}, "max_concurrent_tasks"),
         ({"max_concurrent_tasks": 10**40}, "max_concurrent_tasks"),

@@ -92,7 +92,12 @@ ADMIN_ENDPOINTS = [
     ("get", "/api/v1/admin/tasks/stats/", None, admin_expect()),
     ("get", "/api/v1/admin/providers/", None, admin_expect()),
     ("get", "/api/v1/admin/providers/{provider}/", None, admin_expect()),
-    ("patch", "/api/v1/admin/providers/{provider}/", {"max_concurrent_tasks": 3}, admin_expect()),
+    (
+        "patch",
+        "/api/v1/admin/providers/{provider}/",
+        {"allow_concurrent_tasks": True, "max_concurrent_tasks": 3},
+        admin_expect(),
+    ),
     ("get", "/api/v1/admin/workers/", None, admin_expect()),
     ("get", "/api/v1/admin/instances/", None, admin_expect()),
     ("get", "/api/v1/admin/instances/{idle}/", None, admin_expect()),

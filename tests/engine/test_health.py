@@ -52,11 +52,13 @@ def test_a_host_that_is_down_fails_one_task_and_holds_the_rest(provider, backlog
     info = dispatch.queue_info(waiting.first())
     assert info["blocked_reason"].startswith("provider unreachable since ")
     assert info["blocked_reason"].endswith("; waiting for it to answer")  # not the error: users see it
+    assert info["estimated_wait_seconds"] is None  # no honest figure while it is held
     # The API shows it on the task and on the provider.
     as_root = APIClient()
     as_root.force_authenticate(root)
     body = as_root.get(f"/api/v1/admin/tasks/{backlog[1].pk}/").json()
     assert body["blocked_reason"].startswith("provider unreachable since ")
+    assert body["estimated_wait_seconds"] is None
     row = as_root.get(f"/api/v1/admin/providers/{provider.pk}/").json()
     assert row["unreachable_since"] is not None and "connection refused" in row["unreachable_error"]
     assert 'cloudhost_provider_reachable{provider="sim-a"} 0.0' in as_root.get("/metrics").content.decode()

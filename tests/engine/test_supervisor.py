@@ -163,13 +163,43 @@ def test_an_idle_extra_cluster_is_retired_and_a_busy_one_is_not(supervisor, monk
     clock["now"] += 61
     supervisor.retire_idle()
     assert pool.commands == [], "it took work within the window: never touched"
-    Worker.objects.update(last_heartbeat=timezone.now() - timedelta(seconds=61))
+    # Its supervisor refreshes an idle worker's heartbeat (refresh_workers): no sign of work.
+    Worker.objects.update(last_heartbeat=timezone.now())
     clock["now"] += 30
     supervisor.retire_idle()
     assert pool.commands == [], "idle for 30 s only"
     clock["now"] += 31
     supervisor.retire_idle()
     assert pool.commands == ["retire pool-2"], "idle for WORKER_POOL_IDLE_SECONDS: stopped; the base never"
+
+
+def test_the_heartbeat_keeps_idle_workers_of_the_pool_alive_in_one_query(
+    supervisor, monkeypatch, settings, django_assert_num_queries
+):
+    """An idle worker writes nothing; its supervisor refreshes the rows of its pool's live
+    processes (one UPDATE), so the console shows it idle, not dead. A dead one ages."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tasks.models import Worker
+
+    old = timezone.now() - timedelta(minutes=5)
+    for pid in (101, 102, 103):
+        Worker.objects.create(
+            name=f"{settings.WORKER_NODE}:{pid}",
+            node=settings.WORKER_NODE,
+            host="h",
+            pid=pid,
+            queue="q",
+            last_heartbeat=old,
+        )
+    Worker.objects.create(name="elsewhere:101", node="elsewhere", host="h", pid=101, queue="q", last_heartbeat=old)
+    monkeypatch.setattr(supervisor, "child_pids", lambda: [101, 102, 999])  # 103 died
+    with django_assert_num_queries(1):
+        supervisor.refresh_workers(timezone.now())
+    fresh = set(Worker.objects.filter(last_heartbeat__gt=old).values_list("name", flat=True))
+    assert fresh == {f"{settings.WORKER_NODE}:101", f"{settings.WORKER_NODE}:102"}
 
 
 def test_the_registry_row_holds_a_long_queue_list_and_a_failing_step_does_not_stop_recovery(supervisor, monkeypatch):

@@ -69,9 +69,12 @@ def test_transient_failures_are_retried_with_backoff(alice, provider, live_insta
     run(provider)
     assert fresh(task).status == "completed" and fresh(live_instance).status == "stopped"
     messages = list(fresh(task).events.filter(kind="step").values_list("message", flat=True))
-    assert [m for m in messages if "retry" in m] == [
+    retries = [m for m in messages if "retry" in m]
+    assert [m.partition(" (")[0] for m in retries] == [
         f"stopping the guest: provider error, retry {i} of 3" for i in (1, 2, 3)
     ]
+    # each retry's provider error is on the timeline, not only in the worker's log
+    assert all(m.endswith(")") and len(m.partition(" (")[2]) > 1 for m in retries), retries
 
 
 @pytest.mark.parametrize("before", list(CASES), indirect=True)

@@ -84,6 +84,35 @@
     Object.keys(data).forEach(function (id) { updateInstance(data[id]); });
   }
 
+  // The open task page's timeline grows with the task: rows after the last shown
+  // event come from the task's events view (server-rendered, escaped), at the same cadence.
+  function pollTimeline() {
+    var table = document.querySelector('table[data-role="timeline"][data-live="1"]');
+    if (!table) { return Promise.resolve(); }
+    var url = table.getAttribute("data-events-url") + "?after=" + (table.getAttribute("data-last-id") || "0");
+    return fetch(url, {
+      credentials: "same-origin",
+      headers: { "Accept": "application/json" },
+      cache: "no-store"
+    }).then(function (response) {
+      if (!response.ok) { throw new Error("HTTP " + response.status); }
+      return response.json();
+    }).then(function (data) {
+      if (data.previous_id && data.previous_duration) {
+        var cell = table.querySelector('tr[data-event-id="' + data.previous_id + '"] [data-role="took"]');
+        if (cell) { cell.textContent = data.previous_duration; }
+      }
+      if (data.rows && data.rows.trim()) {
+        table.tBodies[0].insertAdjacentHTML("beforeend", data.rows);
+        table.hidden = false;
+        var empty = document.querySelector('[data-role="timeline-empty"]');
+        if (empty) { empty.hidden = true; }
+      }
+      table.setAttribute("data-last-id", String(data.last_id));
+      if (data.final) { table.setAttribute("data-live", "0"); }
+    });
+  }
+
   function schedule() {
     if (stopped) { return; }
     var wait = document.hidden ? HIDDEN_INTERVAL_MS : INTERVAL_MS;
@@ -96,7 +125,10 @@
     var elements = taskElements();
     var ids = activeIds(elements);
     var url = progressUrl(elements);
-    if (!ids.length || !url) { schedule(); return; }
+    if (!ids.length || !url) {
+      pollTimeline().catch(function () { failures += 1; }).then(schedule);
+      return;
+    }
     fetch(url + "?ids=" + ids.join(","), {
       credentials: "same-origin",
       headers: { "Accept": "application/json" },
@@ -107,13 +139,15 @@
       return response.json();
     }).then(function (data) {
       if (data) { apply(data, taskElements()); }
+      return pollTimeline();
+    }).then(function () {
       failures = 0;
     }).catch(function () {
       failures += 1;
     }).then(schedule);
   }
 
-  window.tcProgress = { poll: poll };
+  window.tcProgress = { poll: poll, pollTimeline: pollTimeline };
   if (document.readyState === "loading") {
     document.addEventListener("DOMContentLoaded", schedule);
   } else {
