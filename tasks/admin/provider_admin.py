@@ -17,9 +17,11 @@ from django.contrib import admin, messages
 from django.db import transaction
 from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
-from django.http import HttpRequest
+from django.http import HttpRequest, JsonResponse
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
+from django.views.decorators.cache import never_cache
 from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
@@ -131,6 +133,7 @@ class ProviderAdmin(SafeSelectionMixin, admin.ModelAdmin):
     readonly_fields = (
         "load",
         "health",
+        "live_health",
         "capacity",
         "secrets_state",
         "cpu_used",
@@ -142,7 +145,7 @@ class ProviderAdmin(SafeSelectionMixin, admin.ModelAdmin):
         "updated_at",
     )
     fieldsets = (
-        (None, {"fields": ("name", "provider_type", "enabled", "health", "connection")}),
+        (None, {"fields": ("name", "provider_type", "enabled", "live_health", "connection")}),
         (_("Secrets"), {"fields": ("secrets_state", "new_secrets", "clear_secrets")}),
         (
             _("Concurrency (applied at the next admission, within a second or two)"),
@@ -194,6 +197,29 @@ class ProviderAdmin(SafeSelectionMixin, admin.ModelAdmin):
         return fields
 
     # ------------------------------------------------------------ columns
+
+    @admin.display(description=_("health"))
+    def live_health(self, provider: Provider):
+        """The health on the provider's own page, kept current while it stays open
+        (tasks/static/tasks/progress.js asks health_view): a queue resumed by a probe
+        shows as reachable without a reload."""
+        if provider.pk is None:
+            return "—"
+        url = reverse("admin:tasks_provider_health", args=[provider.pk])
+        return format_html('<span data-role="provider-health" data-health-url="{}">{}</span>', url, self.health(provider))
+
+    def health_view(self, request, object_id):
+        provider = self.get_object(request, object_id)
+        if provider is None:
+            return JsonResponse({"code": "not_found", "detail": _("no such provider")}, status=404)
+        return JsonResponse({"html": str(self.health(provider)), "held": provider.unreachable_since is not None})
+
+    def get_urls(self):
+        from django.urls import path
+
+        info = self.opts.app_label, self.opts.model_name
+        view = never_cache(self.admin_site.admin_view(self.health_view))
+        return [path("<path:object_id>/health/", view, name="%s_%s_health" % info), *super().get_urls()]
 
     @admin.display(description=_("health"))
     def health(self, provider: Provider):

@@ -96,7 +96,7 @@ class CreateOperation(Operation):
         steps.call("setting the root password", lambda p: driver.set_password(ref, password, ctx.cancel, p), 65, 72)
         steps.call_each(
             [port for mapping in mappings for port in port_specs(mapping)],
-            lambda port: f"mapping host port {port.handle}",
+            lambda port: f"mapping {port.handle}",  # (the simulated driver says the same: one row)
             lambda port, p: driver.add_port(ref, port, ctx.cancel, p),
             72,
             85,

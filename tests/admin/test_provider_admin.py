@@ -189,3 +189,19 @@ def test_a_limit_above_one_on_a_serial_provider_is_refused_on_the_field(root_cli
     )
     assert response.status_code == 302
     assert Provider.objects.get(pk=provider.pk).concurrency_limit == 4
+
+
+def test_the_open_provider_page_learns_that_its_queue_resumed(root_client, provider):
+    """The provider page's health is live: the page names its health view, which answers
+    with what the page should show now (a probe elsewhere resumed the queue)."""
+    from tasks.engine import health
+
+    health.mark_unreachable(provider.pk, "start: cannot connect to the host: connection refused")
+    page = root_client.get(change_url("provider", provider.pk)).content.decode()
+    url = f"/admin/tasks/provider/{provider.pk}/health/"
+    assert f'data-health-url="{url}"' in page and "unreachable since" in page
+    assert root_client.get(url).json()["held"] is True
+    health.mark_reachable(provider.pk)  # a probe of another process got an answer
+    answer = root_client.get(url).json()
+    assert answer["held"] is False and "reachable" in answer["html"] and "unreachable" not in answer["html"]
+    assert root_client.get("/admin/tasks/provider/999999/health/").status_code == 404

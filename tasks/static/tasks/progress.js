@@ -113,6 +113,23 @@
     });
   }
 
+  // The open provider page's health: a queue resumed by a probe shows as reachable
+  // without a reload (server-rendered, escaped HTML from the provider's health view).
+  function pollHealth() {
+    var el = document.querySelector('[data-role="provider-health"][data-health-url]');
+    if (!el) { return Promise.resolve(); }
+    return fetch(el.getAttribute("data-health-url"), {
+      credentials: "same-origin",
+      headers: { "Accept": "application/json" },
+      cache: "no-store"
+    }).then(function (response) {
+      if (!response.ok) { throw new Error("HTTP " + response.status); }
+      return response.json();
+    }).then(function (data) {
+      if (typeof data.html === "string") { el.innerHTML = data.html; }
+    });
+  }
+
   function schedule() {
     if (stopped) { return; }
     var wait = document.hidden ? HIDDEN_INTERVAL_MS : INTERVAL_MS;
@@ -126,7 +143,9 @@
     var ids = activeIds(elements);
     var url = progressUrl(elements);
     if (!ids.length || !url) {
-      pollTimeline().catch(function () { failures += 1; }).then(schedule);
+      Promise.all([pollTimeline(), pollHealth()]).then(function () {
+        failures = 0;
+      }).catch(function () { failures += 1; }).then(schedule);
       return;
     }
     fetch(url + "?ids=" + ids.join(","), {
@@ -147,7 +166,7 @@
     }).then(schedule);
   }
 
-  window.tcProgress = { poll: poll, pollTimeline: pollTimeline };
+  window.tcProgress = { poll: poll, pollTimeline: pollTimeline, pollHealth: pollHealth };
   if (document.readyState === "loading") {
     document.addEventListener("DOMContentLoaded", schedule);
   } else {
