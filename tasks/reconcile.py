@@ -15,7 +15,9 @@ What the answer means:
   delete the instance, which then releases everything).
 - guest present: its power state (``running``/``stopped``; ``error`` when the
   guest is half built or the create never completed); addresses refreshed;
-  pending port mappings become active if the host has them, else failed.
+  pending port mappings become active if the host has them, else failed. The
+  guest of a create that never completed keeps ``needs_reconcile`` (it may be
+  left on the host): a delete or a retried create settles it.
 """
 
 from __future__ import annotations
@@ -93,9 +95,21 @@ def _apply(instance_id: int, seen, state: GuestState, *, create_done: bool, last
             if state.ref and not instance.provider_ref:
                 instance.provider_ref = dict(state.ref)
             _settle_pending_ports(instance, state)
-        instance.needs_reconcile = False
+        # The guest of a create that never completed is still on the host (an undo that
+        # could not remove it, a create force-stopped midway): it stays flagged, so
+        # operators see it, until a delete (or a retried create) settles it. Saving
+        # still moves updated_at on, so the sweep takes it last next time.
+        leftover = state.exists and not create_done
+        instance.needs_reconcile = leftover
         instance.save()
         _record_on_last_task(instance_id, before, instance.status, state.exists)
+        if leftover:
+            logger.warning(
+                "instance %s: guest %s of a create that never completed remains on provider %s",
+                instance_id,
+                instance.guest_name,
+                instance.provider_id,
+            )
     logger.info(
         "instance %s: reconciled %s -> %s (guest exists: %s)", instance_id, before, instance.status, state.exists
     )
@@ -108,14 +122,17 @@ def _record_on_last_task(instance_id: int, before: str, after: str, exists: bool
     last = Task.objects.filter(instance_id=instance_id).order_by("-created_at", "-id").values("pk", "status").first()
     if last is None:
         return
+    message = f"reconciled with the provider: instance {before} -> {after}" + ("" if exists else " (guest not found)")
+    latest = TaskEvent.objects.filter(task_id=last["pk"]).order_by("-id").values("actor", "message").first()
+    if latest == {"actor": "system:reconcile", "message": message}:
+        return  # (a guest left behind is read again at each sweep: one row says it)
     TaskEvent.objects.create(
         task_id=last["pk"],
         kind=TaskEvent.KIND_STEP,
         from_status=last["status"],
         to_status=last["status"],
         actor="system:reconcile",
-        message=f"reconciled with the provider: instance {before} -> {after}"
-        + ("" if exists else " (guest not found)"),
+        message=message,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -135,6 +136,7 @@ class SimulatedDriver:
 
     def __init__(self, config: ProviderConfig):
         self.config = config
+        self._steps: dict[str, int] = {}  # delay steps spent per op by this driver (one per task run)
         self.options = SimulatedOptions.from_connection(config.connection)
         self.store = SimulatedStore(self.options.state_dir or default_state_dir(), config.provider_id)
         self.speed = self.options.speed if self.options.speed is not None else default_speed()
@@ -186,6 +188,7 @@ class SimulatedDriver:
         hook = type(self).step_hook
         if hook is not None:
             hook(op, name, cancel)
+        self._hold(op, name, cancel)
         ignore_cancel = op in self.options.ignore_cancel_ops
         if not ignore_cancel:
             cancel.raise_if_cancelled()
@@ -204,6 +207,32 @@ class SimulatedDriver:
             done = min(1.0, (time.monotonic() - start) / total) if total else 1.0
             progress(int(lo + (hi - lo) * done), message)
         progress(hi, message)
+
+    def _hold(self, op: str, name: str, cancel: CancelToken) -> None:
+        """Test seam across processes: ``$SIMULATED_HOLDS`` names a JSON file
+        ``{guest name: "op:n"}``. At the n-th delay step of ``op`` that this driver
+        (one task run) spends on that guest, the first run to get there anywhere
+        creates ``<file>.<guest>.held`` and then waits there until its token is
+        cancelled (a shutdown's handback, a lost lease) or its process is killed;
+        later runs pass. Tests interrupt an operation at a chosen step with it.
+        Unset in production: one dictionary update per delay step."""
+        key = f"{op}@{name}"
+        self._steps[key] = n = self._steps.get(key, 0) + 1
+        path = os.environ.get("SIMULATED_HOLDS")
+        if not path:
+            return
+        try:
+            holds = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return
+        if holds.get(name) != f"{op}:{n}":
+            return
+        try:
+            os.close(os.open(f"{path}.{name}.held", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        while True:
+            cancel.sleep(SLICE_SECONDS)
 
     def _hang(self, op: str, cancel: CancelToken) -> None:
         """A provider call that never returns (until cancelled, unless it ignores cancel)."""

@@ -21,9 +21,9 @@ from django.http import HttpRequest, JsonResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
-from django.views.decorators.cache import never_cache
 from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
+from django.views.decorators.cache import never_cache
 
 from tasks.admin.common import SCRIPTS, STYLES, SafeSelectionMixin, log_console_action
 from tasks.engine import dispatch
@@ -206,7 +206,9 @@ class ProviderAdmin(SafeSelectionMixin, admin.ModelAdmin):
         if provider.pk is None:
             return "—"
         url = reverse("admin:tasks_provider_health", args=[provider.pk])
-        return format_html('<span data-role="provider-health" data-health-url="{}">{}</span>', url, self.health(provider))
+        return format_html(
+            '<span data-role="provider-health" data-health-url="{}">{}</span>', url, self.health(provider)
+        )
 
     def health_view(self, request, object_id):
         provider = self.get_object(request, object_id)
@@ -219,7 +221,8 @@ class ProviderAdmin(SafeSelectionMixin, admin.ModelAdmin):
 
         info = self.opts.app_label, self.opts.model_name
         view = never_cache(self.admin_site.admin_view(self.health_view))
-        return [path("<path:object_id>/health/", view, name="%s_%s_health" % info), *super().get_urls()]
+        name = f"{info[0]}_{info[1]}_health"
+        return [path("<path:object_id>/health/", view, name=name), *super().get_urls()]
 
     @admin.display(description=_("health"))
     def health(self, provider: Provider):

@@ -364,7 +364,9 @@ def finish(
         if done is None:
             return False
         source, fields = done
-        ran = source in EXECUTING
+        # A resumed task waiting in pending has run before (started_at is kept): what its
+        # earlier attempt did on the provider is unknown, as for a running task.
+        ran = source in EXECUTING or task.started_at is not None
         held = fields.get("held_until")
         for name, value in fields.items():
             setattr(task, name, value)

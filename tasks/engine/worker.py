@@ -510,6 +510,10 @@ def _finish(
         kwargs["instance_updates"] = ctx.result
         kwargs["instance_status"] = ctx.instance_status
         kwargs["secret"] = ctx.secret if status == COMPLETED else None
+        if status != COMPLETED and ctx.error_note:
+            note = ctx.error_note[:1000]
+            base = str(kwargs.get("error_message") or "")[: 2000 - len(note) - 2]
+            kwargs["error_message"] = f"{base}; {note}" if base else note
     for attempt in range(5):
         try:
             return transitions.finish(

@@ -51,6 +51,9 @@ class ExecutionContext:
     instance_status: str | None = None
     # A password to hand to the owner once (stored encrypted with the completed task).
     secret: str | None = None
+    # Appended to the error message of a task that does not complete (e.g. which guest
+    # an undo could not remove), whatever ends it: a failure, a cancel or a timeout.
+    error_note: str = ""
 
 
 class Operation:

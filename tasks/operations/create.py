@@ -32,6 +32,7 @@ from tasks.operations.steps import (
     cleanup_token,
     guest_ref,
     guest_spec,
+    handed_on,
     port_specs,
     record_addresses,
     retry_base_seconds,
@@ -51,14 +52,22 @@ class CreateOperation(Operation):
         steps = Steps(ctx)
         try:
             self._create(ctx, steps)
-        except Exception as exc:
+        except Exception:
+            if handed_on(ctx):
+                # Handed back at shutdown, or fenced off because the task is resumed
+                # elsewhere: the guest stays; the next attempt finds it and finishes it.
+                logger.info(
+                    "task %s: create stopped (%s); guest left for the next attempt", ctx.task.pk, ctx.cancel.reason
+                )
+                raise
             problem = self._undo(ctx, steps)
             if problem:
-                # Say so where the operator looks: the task's error message.
-                message = f"{exc}; and the guest could not be removed again: {problem}"
-                exc.args = (message,)
-                if isinstance(exc, ProviderError):
-                    exc.message = message
+                # Say so where the operator looks: the task's error message (the worker
+                # appends it to whatever error ends the task: failure, cancel or timeout).
+                name = guest_ref(ctx.instance)["name"]
+                ctx.error_note = (
+                    f"and the guest could not be removed again: {problem}; guest {name} may remain on the provider"
+                )
             raise
 
     def _create(self, ctx: ExecutionContext, steps: Steps) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from django.conf import settings
 
 from providers.base import (
+    CANCEL_LEASE_LOST,
     CANCEL_SHUTDOWN,
     CancelToken,
     GuestSpec,
@@ -27,8 +28,8 @@ from providers.base import (
     ProviderError,
 )
 from tasks import traffic
-from tasks.engine.states import ErrorCode, InstanceStatus
-from tasks.models import PortMapping
+from tasks.engine.states import FINAL, ErrorCode, InstanceStatus
+from tasks.models import PortMapping, Task
 from tasks.operations.base import ExecutionContext, Operation
 
 if TYPE_CHECKING:
@@ -219,6 +220,32 @@ def truth_after_failure(ctx: ExecutionContext) -> GuestState | None:
     return None
 
 
+def handed_on(ctx: ExecutionContext) -> bool:
+    """Whether the task this run stopped on goes on without it: another attempt will
+    resume it from the start (DESIGN.md section 4: work is resumed, not failed).
+
+    A graceful shutdown hands the task back (CANCEL_SHUTDOWN), and a worker that lost
+    its lease was fenced off, usually because recovery resumes the task elsewhere. Then
+    the run must leave what it made in place: no undo, no cleanup. The resumed attempt
+    reads the guest and finishes the work; undoing it here would race that attempt
+    (a second worker may already be creating the same guest). Only a lease lost to a
+    task that has ended (force-stop, the timeout sweep) is not resumed: its run undoes
+    as before. When the database cannot say, the task is not treated as ended.
+    """
+    if not ctx.cancel.cancelled:
+        return False
+    if ctx.cancel.reason == CANCEL_SHUTDOWN:
+        return True
+    if ctx.cancel.reason != CANCEL_LEASE_LOST:
+        return False
+    try:
+        status = Task.objects.filter(pk=ctx.task.pk).values_list("status", flat=True).first()
+    except Exception:  # the database is away: recovery resumes the task once the lease runs out
+        logger.warning("task %s: cannot read the task after losing its lease; leaving the guest as it is", ctx.task.pk)
+        return True
+    return status is not None and status not in FINAL
+
+
 def cleanup_token(ctx: ExecutionContext) -> CancelToken:
     """A fresh token for undoing work after the task's own token was cancelled.
 
@@ -250,6 +277,11 @@ class GuestOperation(Operation):
         try:
             self.steps(ctx, steps)
         except Exception as exc:
+            if handed_on(ctx):
+                # Handed back or fenced off: the next attempt finishes the work; nothing to
+                # undo, and nothing this run reads back would be recorded.
+                logger.info("task %s: %s stopped (%s); resumed later", ctx.task.pk, self.task_type, ctx.cancel.reason)
+                raise
             if self.after_failure(ctx, steps, exc):
                 logger.info("task %s: %s finished after all (%s)", ctx.task.pk, self.task_type, exc)
                 ctx.progress(100, "done")

@@ -114,11 +114,13 @@ def test_guest_that_cannot_be_removed_keeps_its_resources_until_reconciled(alice
     assert instance.status == "error" and instance.needs_reconcile and instance.holds_resources
     assert usage(instance) == (1, 1, 1, 1)
     assert store(provider).guest(instance.guest_name) is not None
-    # Reconciliation: the guest exists, the create never completed -> error, kept.
+    assert f"guest {instance.guest_name} may remain on the provider" in task.error_message
+    # Reconciliation: the guest exists, the create never completed -> error, kept, and
+    # still flagged: the guest may stay on the host until a delete removes it.
     clear(provider)
     assert reconcile_instance(instance.pk) is True
     instance = fresh(instance)
-    assert (instance.status, instance.needs_reconcile, instance.holds_resources) == ("error", False, True)
+    assert (instance.status, instance.needs_reconcile, instance.holds_resources) == ("error", True, True)
     # The owner deletes it: now it is verifiably gone and everything comes back.
     services.request_operation(alice, instance.pk, "delete")
     run(provider)
