@@ -28,6 +28,7 @@ from django.utils.safestring import SafeString
 from django.utils.translation import gettext, gettext_lazy, gettext_noop
 from django.utils.translation import gettext as _
 
+from tasks.admin.localtime import moment as time_element
 from tasks.engine.states import FINAL, InstanceStatus, TaskStatus
 from tasks.errors import ServiceError
 from tasks.messages import translate as translate_message
@@ -173,8 +174,9 @@ def age(moment: datetime | None, now: datetime | None = None) -> str:
     return _("%(duration)s ago") % {"duration": human_duration((now or timezone.now()) - moment)}
 
 
-def exact_time(moment: datetime | None, now: datetime | None = None) -> str:
-    """To the millisecond, with how long ago (or how soon): what an operator correlates with logs."""
+def exact_time(moment: datetime | None, now: datetime | None = None) -> SafeString | str:
+    """To the millisecond in the console's time zone, with how long ago (or how soon), the
+    UTC time on hover (tasks.admin.localtime): what an operator correlates with logs."""
     if moment is None:
         return "—"
     local = timezone.localtime(moment)
@@ -183,7 +185,8 @@ def exact_time(moment: datetime | None, now: datetime | None = None) -> str:
         relative = _("%(duration)s ago") % {"duration": human_duration(delta)}
     else:
         relative = _("in %(duration)s") % {"duration": human_duration(-delta)}
-    return f"{local:%Y-%m-%d %H:%M:%S}.{local.microsecond // 1000:03d} {local:%Z} ({relative})"
+    text = f"{local:%Y-%m-%d %H:%M:%S}.{local.microsecond // 1000:03d} {local:%Z} ({relative})"
+    return time_element(moment, text)
 
 
 def redact(value: Any) -> Any:

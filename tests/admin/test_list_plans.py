@@ -132,6 +132,17 @@ def task_pages(seeded) -> list[str]:
         "instance_type=vm",
         "instance_type=container",
         f"created_at__gte={since}",
+        # triage (tasks/admin/triage.py): error code, finished within, stuck, and combinations
+        "error_code=provider_error",
+        "error_code=force_stopped&state=problem",
+        "finished=15m",
+        "finished=1h",
+        "finished=24h",
+        "finished=1h&state=problem",
+        "finished=1h&error_code=provider_error",
+        "finished=24h&status__exact=failed",
+        "finished=1h&provider__id__exact=3",
+        "stuck=yes",
     ]
     pages += [f"status__exact={s}" for s in ("pending", "completed", "failed", "cancelled", "timeout")]
     pages += [f"task_type__exact={t}" for t in TYPES]
