@@ -25,6 +25,7 @@ from django.urls import get_script_prefix, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
+from django.utils.text import capfirst
 from django.utils.translation import gettext, gettext_lazy, gettext_noop
 from django.utils.translation import gettext as _
 
@@ -81,6 +82,13 @@ class ConsolePageMixin(SafeSelectionMixin):
         if obj is not None:
             return False
         return super().has_change_permission(request)
+
+    def changelist_view(self, request, extra_context=None):
+        # Django titles the list "Select task to change" when the list-level change
+        # permission (the actions') is there, though no row can be edited: name the rows.
+        # Their own pages say "View task" (has_change_permission(obj) is False).
+        extra = {"title": capfirst(self.model._meta.verbose_name_plural), **(extra_context or {})}
+        return super().changelist_view(request, extra_context=extra)
 
 
 # A list page renders hundreds of links and badges; reverse() for each cost a third

@@ -137,8 +137,8 @@ def stuck_condition(now: datetime | None = None, p95: dict[str, float] | None = 
     return condition
 
 
-def stuck_count(now: datetime | None = None) -> int:
-    return Task.objects.filter(status__in=sorted(EXECUTING)).filter(stuck_condition(now)).count()
+def stuck_count(now: datetime | None = None, p95: dict[str, float] | None = None) -> int:
+    return Task.objects.filter(status__in=sorted(EXECUTING)).filter(stuck_condition(now, p95)).count()
 
 
 # ------------------------------------------------------------------ the error column
