@@ -93,7 +93,7 @@ def progress_json(request: HttpRequest) -> JsonResponse:
         )
     ids = {int(p) for p in parts}
     rows = Task.objects.filter(pk__in=ids).values_list(
-        "pk", "status", "progress", "status_message", "instance_id", "instance__status"
+        "pk", "status", "progress", "status_message", "instance_id", "instance__status", "error_message"
     )
     return JsonResponse(
         {
@@ -101,7 +101,10 @@ def progress_json(request: HttpRequest) -> JsonResponse:
                 "status": status,
                 "status_display": str(TaskStatus(status).label) if status in TaskStatus.values else status,
                 "progress": progress,
-                "status_message": translate_message(message),  # stored in English (tasks/messages.py)
+                # A failed task's bar says why it failed, not its last cleanup step (as the list).
+                "status_message": error
+                if status in (FAILED, TIMEOUT) and error
+                else translate_message(message),  # stored in English (tasks/messages.py)
                 "final": status in FINAL,
                 "instance_id": instance_id,
                 "instance_status": instance_status,
@@ -109,7 +112,7 @@ def progress_json(request: HttpRequest) -> JsonResponse:
                 if instance_status in InstanceStatus.values
                 else instance_status,
             }
-            for pk, status, progress, message, instance_id, instance_status in rows
+            for pk, status, progress, message, instance_id, instance_status, error in rows
         }
     )
 

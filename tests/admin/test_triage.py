@@ -137,3 +137,16 @@ def test_wait_notes_take_a_fixed_number_of_queries(root_client, alice, provider,
     for _ in range(20):
         make_task(inst)
     assert page_queries() == few
+
+
+def test_progress_json_gives_a_failed_tasks_error(root_client, web):
+    task = finished(
+        web,
+        "failed",
+        ago=timedelta(minutes=1),
+        error_code=ErrorCode.PROVIDER_ERROR,
+        error_message="disk full",
+        status_message="cleanup",
+    )
+    data = root_client.get("/admin/tasks/task/progress/", {"ids": task.pk}).json()
+    assert data[str(task.pk)]["status_message"] == "disk full"
