@@ -74,7 +74,7 @@ class ErrorCodeFilter(admin.SimpleListFilter):
 class FinishedWithinFilter(admin.SimpleListFilter):
     """Tasks finished in the last 15 min, hour or day; the list is then ordered by completion."""
 
-    title = gettext_lazy("finished in the")
+    title = gettext_lazy("finish time")
     parameter_name = "finished"
 
     def lookups(self, request, model_admin):
@@ -90,7 +90,7 @@ class FinishedWithinFilter(admin.SimpleListFilter):
 class StuckFilter(admin.SimpleListFilter):
     """Running tasks that look stuck (stuck_condition)."""
 
-    title = gettext_lazy("stuck")
+    title = gettext_lazy("stuck tasks")
     parameter_name = "stuck"
 
     def lookups(self, request, model_admin):
