@@ -4,7 +4,9 @@ An operator logs in, restarts an instance from the instance actions, watches the
 task's progress bar move without reloading the page, cancels the running task
 through the cancel action with a reason, and sees it end cancelled. A screenshot
 of the dashboard is saved to artifacts/dashboard.png; test_operator_works_in_chinese does the
-same in Simplified Chinese (artifacts/dashboard-zh.png).
+same in Simplified Chinese (artifacts/dashboard-zh.png). test_operator_triage_jobs walks
+the operator's jobs of issue 23 at 1440 px, 390 px and in dark mode, with screenshots in
+var/screenshots (SCREENSHOTS_DIR).
 
 The live server runs in a thread of this process (Django's LiveServerThread, each
 request on its own connection); a second thread plays the worker tier
@@ -457,8 +459,21 @@ def seed_console(now):
     }
 
 
+WIDEST = """() => {
+  const width = document.documentElement.clientWidth;
+  return [...document.querySelectorAll("body *")]
+    .filter(e => e.getBoundingClientRect().right > width + 1)
+    .slice(-5)
+    .map(e => `${e.tagName}.${e.className} ${Math.round(e.getBoundingClientRect().right)}px`);
+}"""
+
+
 def no_sideways_scroll(page) -> bool:
-    return page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    """The page fits its viewport's width (else the widest elements are printed, for the report)."""
+    fits = page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    if not fits:
+        print("wider than the viewport:", page.evaluate(WIDEST))
+    return fits
 
 
 def contrast(fg: str, bg: str) -> float:
@@ -502,6 +517,13 @@ def test_operator_triage_jobs(console_url, browser_page):
     # 1. Why does a task wait? Its row names the slot and the task holding it; follow the link.
     page.goto(f"{console_url}/admin/tasks/task/")
     assert no_sideways_scroll(page), "the task list scrolls sideways at 1440 px"
+    # Nor does the table inside its own scroll box (the admin's .results).
+    widths = page.evaluate(
+        "[...document.querySelectorAll('#result_list thead th')].map(th => th.className + ' ' + th.offsetWidth)"
+        " .concat([document.querySelector('#changelist .results').scrollWidth,"
+        " document.querySelector('#changelist .results').clientWidth])"
+    )
+    assert widths[-2] <= widths[-1], f"the table scrolls in its box at 1440 px: {widths}"
     shot(page, "task-list-1440")
     last = seeded["behind"][-1]
     row = page.locator("#result_list tr", has=page.locator(f'a[href$="/tasks/task/{last.pk}/change/"]'))
