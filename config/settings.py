@@ -11,6 +11,7 @@ import math
 import os
 import secrets
 import sys
+import zoneinfo
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -108,6 +109,7 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    "tasks.admin.localtime.ConsoleTimeZoneMiddleware",  # CONSOLE_TIME_ZONE under /admin/
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
@@ -154,6 +156,15 @@ LANGUAGES = [("en", "English"), ("zh-hans", "简体中文")]
 LANGUAGE_CODE = env_choice("LANGUAGE_CODE", "en", tuple(code for code, _name in LANGUAGES))
 LOCALE_PATHS = [BASE_DIR / "locale"]
 TIME_ZONE = "UTC"
+# Everything is stored and computed in UTC; the console shows times in this zone (an
+# IANA name, e.g. Asia/Shanghai), with the UTC time on hover (tasks.admin.localtime).
+CONSOLE_TIME_ZONE = env_str("CONSOLE_TIME_ZONE", "UTC").strip() or "UTC"
+try:
+    zoneinfo.ZoneInfo(CONSOLE_TIME_ZONE)
+except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+    raise ImproperlyConfigured(f"CONSOLE_TIME_ZONE={CONSOLE_TIME_ZONE!r} is not a known time zone") from exc
+# One date format across the console, whatever the language (config/formats).
+FORMAT_MODULE_PATH = ["config.formats"]
 USE_I18N = True
 USE_TZ = True
 
@@ -224,6 +235,13 @@ TASK_HANDOFF_SECONDS = env_int("TASK_HANDOFF_SECONDS", 30, minimum=0)
 TASK_SWEEP_SECONDS = env_float("TASK_SWEEP_SECONDS", 1.0, minimum=0.1)
 # A provider held as unreachable (tasks.engine.health) is probed this often by the worker tier.
 PROVIDER_PROBE_SECONDS = env_float("PROVIDER_PROBE_SECONDS", 15.0, minimum=1.0)
+# The console's health strip and "stuck" filter: a running task is stuck when it has run
+# STUCK_P95_FACTOR times its type's p95, or has reported no step for this many minutes.
+STUCK_NO_PROGRESS_MINUTES = env_int("STUCK_NO_PROGRESS_MINUTES", 10, minimum=1)
+STUCK_P95_FACTOR = env_float("STUCK_P95_FACTOR", 3.0, minimum=1.0)
+# django-q2's own admin pages (schedules, successes, failures, queued jobs) are hidden
+# from the console unless this is set: the task list is where operators look.
+SHOW_DJANGO_Q_ADMIN = env_bool("SHOW_DJANGO_Q_ADMIN", False)
 # Retention (tasks.purge.retention_job, a django-q2 schedule): finished tasks older
 # than this many days are purged in short batches; 0 keeps everything.
 TASK_RETENTION_DAYS = env_int("TASK_RETENTION_DAYS", 90, minimum=0)

@@ -83,14 +83,14 @@ class Provider(models.Model):
     probed_at = models.DateTimeField(null=True, blank=True, editable=False, verbose_name=_("probed at"))
 
     # Capacity: totals set by the operator, *_used kept by reservations.
-    cpu_total = models.PositiveIntegerField(default=64, verbose_name=_("cpu total"))
-    memory_total_mb = models.PositiveBigIntegerField(default=256 * 1024, verbose_name=_("memory total mb"))
-    disk_total_mb = models.PositiveBigIntegerField(default=4 * 1024 * 1024, verbose_name=_("disk total mb"))
+    cpu_total = models.PositiveIntegerField(default=64, verbose_name=_("CPU total"))
+    memory_total_mb = models.PositiveBigIntegerField(default=256 * 1024, verbose_name=_("Memory total (MB)"))
+    disk_total_mb = models.PositiveBigIntegerField(default=4 * 1024 * 1024, verbose_name=_("Disk total (MB)"))
     max_containers = models.PositiveIntegerField(default=200, verbose_name=_("max containers"))
     max_vms = models.PositiveIntegerField(default=100, verbose_name=_("max vms"))
-    cpu_used = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("cpu used"))
-    memory_used_mb = models.PositiveBigIntegerField(default=0, editable=False, verbose_name=_("memory used mb"))
-    disk_used_mb = models.PositiveBigIntegerField(default=0, editable=False, verbose_name=_("disk used mb"))
+    cpu_used = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("CPU used"))
+    memory_used_mb = models.PositiveBigIntegerField(default=0, editable=False, verbose_name=_("Memory used (MB)"))
+    disk_used_mb = models.PositiveBigIntegerField(default=0, editable=False, verbose_name=_("Disk used (MB)"))
     containers_used = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("containers used"))
     vms_used = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("vms used"))
 
@@ -147,18 +147,18 @@ class UserQuota(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="quota", verbose_name=_("user")
     )
     max_instances = models.PositiveIntegerField(default=10, verbose_name=_("max instances"))
-    max_cpu = models.PositiveIntegerField(default=16, verbose_name=_("max cpu"))
-    max_memory_mb = models.PositiveBigIntegerField(default=32 * 1024, verbose_name=_("max memory mb"))
-    max_disk_mb = models.PositiveBigIntegerField(default=500 * 1024, verbose_name=_("max disk mb"))
+    max_cpu = models.PositiveIntegerField(default=16, verbose_name=_("Max CPU"))
+    max_memory_mb = models.PositiveBigIntegerField(default=32 * 1024, verbose_name=_("Max memory (MB)"))
+    max_disk_mb = models.PositiveBigIntegerField(default=500 * 1024, verbose_name=_("Max disk (MB)"))
     # Host ports of the user's live mappings, counted port by port (default blocks included).
     max_ports = models.PositiveIntegerField(default=50, verbose_name=_("max ports"))
     used_instances = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("used instances"))
-    used_cpu = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("used cpu"))
-    used_memory_mb = models.PositiveBigIntegerField(default=0, editable=False, verbose_name=_("used memory mb"))
-    used_disk_mb = models.PositiveBigIntegerField(default=0, editable=False, verbose_name=_("used disk mb"))
+    used_cpu = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("CPU used"))
+    used_memory_mb = models.PositiveBigIntegerField(default=0, editable=False, verbose_name=_("Memory used (MB)"))
+    used_disk_mb = models.PositiveBigIntegerField(default=0, editable=False, verbose_name=_("Disk used (MB)"))
     # Monthly traffic (received + sent) each of the user's instances may move, in GB
     # (10^9 bytes); empty: no limit. An instance over it is stopped (tasks.traffic_counters).
-    max_traffic_gb = models.PositiveIntegerField(null=True, blank=True, verbose_name=_("max traffic gb"))
+    max_traffic_gb = models.PositiveIntegerField(null=True, blank=True, verbose_name=_("Max traffic (GB)"))
 
     class Meta:
         verbose_name = _("user quota")
@@ -171,7 +171,7 @@ class UserQuota(models.Model):
 class Instance(models.Model):
     """A container or VM on a provider. Rows are never deleted: status=deleted."""
 
-    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False, verbose_name=_("uuid"))
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False, verbose_name=_("UUID"))
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="instances", verbose_name=_("owner")
     )
@@ -189,12 +189,12 @@ class Instance(models.Model):
     status = models.CharField(
         max_length=20, choices=InstanceStatus.choices, default=InstanceStatus.CREATING, verbose_name=_("status")
     )
-    cpu = models.PositiveIntegerField(default=1, verbose_name=_("cpu"))
-    memory_mb = models.PositiveIntegerField(default=512, verbose_name=_("memory mb"))
-    disk_mb = models.PositiveIntegerField(default=10240, verbose_name=_("disk mb"))
-    bandwidth_mbps = models.PositiveIntegerField(default=100, verbose_name=_("bandwidth mbps"))
+    cpu = models.PositiveIntegerField(default=1, verbose_name=_("CPU"))
+    memory_mb = models.PositiveIntegerField(default=512, verbose_name=_("Memory (MB)"))
+    disk_mb = models.PositiveIntegerField(default=10240, verbose_name=_("Disk (MB)"))
+    bandwidth_mbps = models.PositiveIntegerField(default=100, verbose_name=_("Bandwidth (Mbit/s)"))
     addresses = models.JSONField(default=list, blank=True, verbose_name=_("addresses"))
-    ssh_port = models.PositiveIntegerField(null=True, blank=True, verbose_name=_("ssh port"))
+    ssh_port = models.PositiveIntegerField(null=True, blank=True, verbose_name=_("SSH port"))
     # Provider-native handle (LXD name, Proxmox node/vmid, Docker id), set by create.
     provider_ref = models.JSONField(default=dict, blank=True, verbose_name=_("provider ref"))
     # The one pending or running task: a unique column, so the database itself
@@ -230,7 +230,8 @@ class Instance(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.name} ({self.provider_id})"
+        # The name alone: operators read it in links and titles ("web-1", not "web-1 (2)").
+        return self.name
 
     @property
     def guest_name(self) -> str:
@@ -259,7 +260,7 @@ class Task(models.Model):
     off a late worker.
     """
 
-    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False, verbose_name=_("uuid"))
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False, verbose_name=_("UUID"))
     task_type = models.CharField(max_length=20, choices=TaskType.choices, verbose_name=_("task type"))
     status = models.CharField(
         max_length=12, choices=TaskStatus.choices, default=TaskStatus.PENDING, editable=False, verbose_name=_("status")
@@ -364,6 +365,9 @@ class Task(models.Model):
             # stats: durations and error rate of finished tasks: WHERE completed_at >= ? GROUP BY task_type, status;
             # the live part of the counts, by state and type and by owner and state, without reading rows
             models.Index(fields=["completed_at", "task_type", "status", "owner"], name="task_completed_type_owner"),
+            # the console's "finished in the last hour" list: WHERE status = ? AND completed_at >= ?
+            # ORDER BY completed_at DESC, id DESC, one final status at a time (tasks.admin.triage)
+            models.Index(fields=["status", "-completed_at", "-id"], name="task_status_completed"),
         ]
 
     def __str__(self) -> str:
@@ -500,7 +504,7 @@ class PortMapping(models.Model):
     guest_port_end = models.PositiveIntegerField(
         validators=[MinValueValidator(1), MaxValueValidator(65535)], verbose_name=_("guest port end")
     )
-    is_ssh = models.BooleanField(default=False, verbose_name=_("is ssh"))
+    is_ssh = models.BooleanField(default=False, verbose_name=_("SSH"))
     description = models.CharField(max_length=100, blank=True, default="", verbose_name=_("description"))
     status = models.CharField(max_length=10, choices=STATUS_CHOICES, default=STATUS_PENDING, verbose_name=_("status"))
     created_at = models.DateTimeField(auto_now_add=True, verbose_name=_("created at"))
@@ -555,7 +559,7 @@ class Worker(models.Model):
     name = models.CharField(max_length=200, unique=True, verbose_name=_("name"))  # node:pid
     node = models.CharField(max_length=100, verbose_name=_("node"))
     host = models.CharField(max_length=200, verbose_name=_("host"))
-    pid = models.PositiveIntegerField(verbose_name=_("pid"))
+    pid = models.PositiveIntegerField(verbose_name=_("PID"))
     queue = models.CharField(max_length=100, verbose_name=_("queue"))
     role = models.CharField(max_length=20, default="worker", verbose_name=_("role"))  # worker | supervisor
     started_at = models.DateTimeField(default=timezone.now, verbose_name=_("started at"))

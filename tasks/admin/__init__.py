@@ -10,6 +10,7 @@ tasks.admin.views, routed through TaskAdmin.get_urls. See docs/admin.md.
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import admin
 from django.urls import reverse_lazy
 
@@ -27,3 +28,20 @@ _connect_permissions()
 # The panel's own site is the front end, served elsewhere; "/" here is a 404. The
 # header's VIEW SITE link leads to what this server has for people: the API docs.
 admin.site.site_url = reverse_lazy("api-docs")
+
+
+def _hide_django_q() -> None:
+    """django-q2's own pages (schedules, successful and failed jobs, queued jobs) list the
+    broker's jobs, not tasks: they are out of the console unless SHOW_DJANGO_Q_ADMIN is set.
+    The task list and its timeline are where an operator looks."""
+    if settings.SHOW_DJANGO_Q_ADMIN:
+        return
+    import django_q.admin  # noqa: F401  (registers them; a no-op when autodiscover came first)
+    from django_q import models as q
+
+    for model in (q.Schedule, q.Success, q.Failure, q.OrmQ):
+        if admin.site.is_registered(model):
+            admin.site.unregister(model)
+
+
+_hide_django_q()

@@ -25,9 +25,11 @@ from django.urls import get_script_prefix, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
+from django.utils.text import capfirst
 from django.utils.translation import gettext, gettext_lazy, gettext_noop
 from django.utils.translation import gettext as _
 
+from tasks.admin.localtime import moment as time_element
 from tasks.engine.states import FINAL, InstanceStatus, TaskStatus
 from tasks.errors import ServiceError
 from tasks.messages import translate as translate_message
@@ -80,6 +82,13 @@ class ConsolePageMixin(SafeSelectionMixin):
         if obj is not None:
             return False
         return super().has_change_permission(request)
+
+    def changelist_view(self, request, extra_context=None):
+        # Django titles the list "Select task to change" when the list-level change
+        # permission (the actions') is there, though no row can be edited: name the rows.
+        # Their own pages say "View task" (has_change_permission(obj) is False).
+        extra = {"title": capfirst(self.model._meta.verbose_name_plural), **(extra_context or {})}
+        return super().changelist_view(request, extra_context=extra)
 
 
 # A list page renders hundreds of links and badges; reverse() for each cost a third
@@ -173,8 +182,9 @@ def age(moment: datetime | None, now: datetime | None = None) -> str:
     return _("%(duration)s ago") % {"duration": human_duration((now or timezone.now()) - moment)}
 
 
-def exact_time(moment: datetime | None, now: datetime | None = None) -> str:
-    """To the millisecond, with how long ago (or how soon): what an operator correlates with logs."""
+def exact_time(moment: datetime | None, now: datetime | None = None) -> SafeString | str:
+    """To the millisecond in the console's time zone, with how long ago (or how soon), the
+    UTC time on hover (tasks.admin.localtime): what an operator correlates with logs."""
     if moment is None:
         return "—"
     local = timezone.localtime(moment)
@@ -183,7 +193,8 @@ def exact_time(moment: datetime | None, now: datetime | None = None) -> str:
         relative = _("%(duration)s ago") % {"duration": human_duration(delta)}
     else:
         relative = _("in %(duration)s") % {"duration": human_duration(-delta)}
-    return f"{local:%Y-%m-%d %H:%M:%S}.{local.microsecond // 1000:03d} {local:%Z} ({relative})"
+    text = f"{local:%Y-%m-%d %H:%M:%S}.{local.microsecond // 1000:03d} {local:%Z} ({relative})"
+    return time_element(moment, text)
 
 
 def redact(value: Any) -> Any:

@@ -344,3 +344,20 @@ def choices_filter(field: str, title: str, choices: list[tuple[str, str]]) -> ty
     FixedChoices.title = title
     FixedChoices.__name__ = FixedChoices.__qualname__ = f"{field.title().replace('_', '')}Filter"
     return FixedChoices
+
+
+class ReachableFilter(admin.SimpleListFilter):
+    """Providers held as unreachable (tasks.engine.health), their queue waiting for an answer."""
+
+    title = _("reachability")
+    parameter_name = "reachable"
+
+    def lookups(self, request, model_admin):
+        return [("no", _("Held unreachable")), ("yes", _("Reachable"))]
+
+    def queryset(self, request, queryset):
+        if self.value() == "no":
+            return queryset.filter(unreachable_since__isnull=False)
+        if self.value() == "yes":
+            return queryset.filter(unreachable_since__isnull=True)
+        return queryset

@@ -26,6 +26,7 @@ from django.utils.translation import gettext_lazy as _
 from django.views.decorators.cache import never_cache
 
 from tasks.admin.common import SCRIPTS, STYLES, SafeSelectionMixin, log_console_action
+from tasks.admin.lists import ReachableFilter
 from tasks.engine import dispatch
 from tasks.engine import health as provider_health
 from tasks.engine.states import EXECUTING, PENDING
@@ -127,7 +128,7 @@ class ProviderAdmin(SafeSelectionMixin, admin.ModelAdmin):
         "capacity",
     )
     list_editable = CONCURRENCY_FIELDS
-    list_filter = ("provider_type", "enabled")
+    list_filter = ("provider_type", "enabled", ReachableFilter)
     search_fields = ("name",)
     actions = ("check_connectivity",)
     readonly_fields = (

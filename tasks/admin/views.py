@@ -17,18 +17,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from django import forms
+from django.conf import settings
 from django.contrib.admin import ModelAdmin
 from django.db.models import Count
 from django.db.models.functions import TruncMinute
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from tasks.admin import charts
-from tasks.admin.common import SCRIPTS, STYLES, human_duration, progress_bar, status_badge
+from tasks.admin.common import SCRIPTS, STYLES, age, human_duration, progress_bar, status_badge
+from tasks.admin.localtime import utc_text
 from tasks.admin.other_admin import worker_alive_cutoff
 from tasks.engine.states import (
     ACTIVE,
@@ -46,7 +49,7 @@ from tasks.engine.states import (
     word,
 )
 from tasks.messages import translate as translate_message
-from tasks.models import Provider, Task, Worker
+from tasks.models import Instance, Provider, Task, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +93,7 @@ def progress_json(request: HttpRequest) -> JsonResponse:
         )
     ids = {int(p) for p in parts}
     rows = Task.objects.filter(pk__in=ids).values_list(
-        "pk", "status", "progress", "status_message", "instance_id", "instance__status"
+        "pk", "status", "progress", "status_message", "instance_id", "instance__status", "error_message"
     )
     return JsonResponse(
         {
@@ -98,7 +101,10 @@ def progress_json(request: HttpRequest) -> JsonResponse:
                 "status": status,
                 "status_display": str(TaskStatus(status).label) if status in TaskStatus.values else status,
                 "progress": progress,
-                "status_message": translate_message(message),  # stored in English (tasks/messages.py)
+                # A failed task's bar says why it failed, not its last cleanup step (as the list).
+                "status_message": error
+                if status in (FAILED, TIMEOUT) and error
+                else translate_message(message),  # stored in English (tasks/messages.py)
                 "final": status in FINAL,
                 "instance_id": instance_id,
                 "instance_status": instance_status,
@@ -106,7 +112,7 @@ def progress_json(request: HttpRequest) -> JsonResponse:
                 if instance_status in InstanceStatus.values
                 else instance_status,
             }
-            for pk, status, progress, message, instance_id, instance_status in rows
+            for pk, status, progress, message, instance_id, instance_status, error in rows
         }
     )
 
@@ -257,12 +263,86 @@ def durations(now: datetime | None = None, hours: int = DURATION_WINDOW_HOURS) -
     return out
 
 
-def live_workers() -> list[Worker]:
-    return list(
+def live_workers(provider_names: dict[int, str] | None = None) -> list[Worker]:
+    """Workers with a recent heartbeat; each with ``queue_label``: its provider's name for a
+    provider queue ("provider-3" is sim-b's), else the queue's own name."""
+    workers = list(
         Worker.objects.filter(last_heartbeat__gte=worker_alive_cutoff())
         .select_related("current_task")
         .order_by("queue", "name")
     )
+    names = provider_names if provider_names is not None else dict(Provider.objects.values_list("pk", "name"))
+    for worker in workers:
+        worker.queue_label = queue_label(worker.queue, names)
+        worker.heartbeat_age = age(worker.last_heartbeat)
+    return workers
+
+
+def queue_label(queue: str, names: dict[int, str]) -> str:
+    prefix, _sep, number = queue.rpartition("-")
+    if prefix == "provider" and number.isdigit() and int(number) in names:
+        return names[int(number)]
+    return queue
+
+
+@dataclass
+class HealthItem:
+    key: str
+    label: str
+    value: str
+    url: str
+    bad: bool
+    title: str = ""
+
+
+def health_strip(now: datetime, p95: dict[str, float] | None = None) -> list[HealthItem]:
+    """What needs an operator now, each linking to the filtered list that shows it.
+
+    ``p95``: run time per task type (the dashboard's figures), for the stuck count.
+    """
+    from tasks.admin.task_admin import TaskAdmin
+    from tasks.admin.triage import stuck_count
+
+    tasks_url = reverse("admin:tasks_task_changelist")
+    unreachable = Provider.objects.filter(unreachable_since__isnull=False).count()
+    stuck = stuck_count(now, p95)
+    # (status, created_at, id) read from its oldest end: one index entry.
+    oldest = Task.objects.filter(status=PENDING).order_by("created_at", "id").values_list("pk", "created_at").first()
+    reconcile = Instance.objects.filter(needs_reconcile=True).count()
+    age_column = 1 + TaskAdmin.list_display.index("age_col")  # the list's ?o= counts the checkbox as 0
+    return [
+        HealthItem(
+            "unreachable",
+            _("providers held unreachable"),
+            str(unreachable),
+            reverse("admin:tasks_provider_changelist") + "?reachable=no",
+            unreachable > 0,
+        ),
+        HealthItem(
+            "stuck",
+            _("stuck tasks"),
+            str(stuck),
+            tasks_url + "?stuck=yes",
+            stuck > 0,
+            _("running more than %(factor)s× their type's p95, or no progress reported for %(minutes)s min")
+            % {"factor": f"{settings.STUCK_P95_FACTOR:g}", "minutes": settings.STUCK_NO_PROGRESS_MINUTES},
+        ),
+        HealthItem(
+            "oldest-pending",
+            _("oldest pending task"),
+            human_duration(now - oldest[1]) if oldest else "—",
+            f"{tasks_url}?status__exact={PENDING}&o={age_column}",
+            bool(oldest) and (now - oldest[1]).total_seconds() > 60 * settings.STUCK_NO_PROGRESS_MINUTES,
+            _("task %(id)s, created %(when)s") % {"id": oldest[0], "when": utc_text(oldest[1])} if oldest else "",
+        ),
+        HealthItem(
+            "reconcile",
+            _("instances needing reconciliation"),
+            str(reconcile),
+            reverse("admin:tasks_instance_changelist") + "?needs_reconcile__exact=1",
+            reconcile > 0,
+        ),
+    ]
 
 
 def external_stats(now: datetime | None = None) -> dict | None:
@@ -301,7 +381,7 @@ def dashboard_context(now: datetime | None = None) -> dict:
     stats = external_stats(now)
     queues = provider_queues()
     series = throughput(now)
-    workers = live_workers()
+    workers = live_workers({q.id: q.name for q in queues})
     if stats is not None:
         counts = {status: stats["by_status"].get(status, 0) for status in ALL_STATES}
         error_rate_1h = _percent(stats["error_rate"]["last_hour"]["rate"])
@@ -318,6 +398,7 @@ def dashboard_context(now: datetime | None = None) -> dict:
         error_rate_24h = error_rate(now - timedelta(hours=24))
         per_type = durations(now)
         utilization = None
+    p95 = {d["task_type"]: d["p95"] for d in per_type if d.get("p95")}
     # An x label every hour, on the bucket that starts the hour.
     x_labels = {i: f"{b['start']:%H:%M}" for i, b in enumerate(series) if b["start"].minute == 0}
     status_bars = [
@@ -345,8 +426,8 @@ def dashboard_context(now: datetime | None = None) -> dict:
     finished_6h = sum(b["finished"] for b in series)
     return {
         "now": now,
+        "health": health_strip(now, p95),
         "counts": counts,
-        "total": sum(counts.values()),
         "active": sum(counts[s] for s in ACTIVE),
         "queues": queues,
         "queue_length": sum(q.pending for q in queues),

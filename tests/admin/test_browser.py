@@ -4,7 +4,9 @@ An operator logs in, restarts an instance from the instance actions, watches the
 task's progress bar move without reloading the page, cancels the running task
 through the cancel action with a reason, and sees it end cancelled. A screenshot
 of the dashboard is saved to artifacts/dashboard.png; test_operator_works_in_chinese does the
-same in Simplified Chinese (artifacts/dashboard-zh.png).
+same in Simplified Chinese (artifacts/dashboard-zh.png). test_operator_triage_jobs walks
+the operator's jobs of issue 23 at 1440 px, 390 px and in dark mode, with screenshots in
+var/screenshots (SCREENSHOTS_DIR).
 
 The live server runs in a thread of this process (Django's LiveServerThread, each
 request on its own connection); a second thread plays the worker tier
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -351,3 +354,258 @@ def test_operator_works_in_chinese(console_url, browser_page, workers, provider_
     page.screenshot(path=str(ARTIFACTS / "dashboard-zh.png"), full_page=True)
     assert (ARTIFACTS / "dashboard-zh.png").stat().st_size > 10_000
     assert not workers.errors, workers.errors
+
+
+# ------------------------------------------------------------------ the operator's jobs (issue 23)
+
+SCREENSHOTS = Path(os.environ.get("SCREENSHOTS_DIR", Path(__file__).resolve().parents[2] / "var" / "screenshots"))
+CUSTOMERS = ("alice", "bob", "carol", "dave", "erin")
+
+
+def seed_console(now):
+    """5 simulated providers, 6 users, about 100 tasks: history with failures in the last
+    hour, a provider of one slot with a running task and pending tasks behind it, and a
+    provider held unreachable with a task waiting on it."""
+    users = [get_user_model().objects.create_user(name, f"{name}@example.com", "pass-123") for name in CUSTOMERS]
+    providers = [
+        Provider.objects.create(name=f"sim-{i}", provider_type="simulated", max_concurrent_tasks=4) for i in range(1, 6)
+    ]
+    single = providers[0]
+    Provider.objects.filter(pk=single.pk).update(allow_concurrent_tasks=False)
+    down = providers[4]
+    Provider.objects.filter(pk=down.pk).update(
+        unreachable_since=now - timedelta(minutes=7), unreachable_error="no route"
+    )
+    instances = [
+        Instance.objects.create(
+            owner=user,
+            provider=providers[i % 5],
+            name=f"{user.username}-{i}",
+            live_name=f"{user.username}-{i}",
+            image="debian/12",
+            status="running",
+        )
+        for i, user in enumerate(users * 3)
+    ]
+    rng = random.Random(23)
+    history = []
+    for n in range(90):
+        inst = instances[n % len(instances)]
+        status = "failed" if n % 9 == 0 else rng.choice(["completed"] * 6 + ["cancelled"])
+        completed = now - timedelta(minutes=rng.uniform(2, 110))
+        history.append(
+            Task(
+                task_type=rng.choice([TaskType.START, TaskType.STOP, TaskType.RESTART]),
+                status=status,
+                progress=100 if status == "completed" else 60,
+                status_message="cleanup: releasing the address",
+                error_code="provider_error" if status == "failed" else "",
+                error_message=f"simulated host rejected the request (case {n})" if status == "failed" else "",
+                owner_id=inst.owner_id,
+                initiator_id=inst.owner_id,
+                provider_id=inst.provider_id,
+                instance=inst,
+                created_at=completed - timedelta(seconds=40),
+                started_at=completed - timedelta(seconds=30),
+                completed_at=completed,
+            )
+        )
+    Task.objects.bulk_create(history)
+    on_single = [i for i in instances if i.provider_id == single.pk]
+
+    def active(inst, status, minutes, **fields):
+        return Task.objects.create(
+            task_type=TaskType.RESTART,
+            status=status,
+            owner_id=inst.owner_id,
+            initiator_id=inst.owner_id,
+            provider_id=inst.provider_id,
+            instance=inst,
+            created_at=now - timedelta(minutes=minutes),
+            **fields,
+        )
+
+    holder = active(
+        on_single[0],
+        "running",
+        9,
+        admitted_at=now - timedelta(minutes=9),
+        started_at=now - timedelta(minutes=8),
+        progress=30,
+        status_message="rebooting",
+        lease_token="t" * 32,
+        lease_expires_at=now + timedelta(hours=1),
+    )
+    behind = [active(on_single[k % len(on_single)], "pending", 6 - k) for k in range(4)]
+    stranded = active(next(i for i in instances if i.provider_id == down.pk), "pending", 5)
+    runaway = active(
+        instances[1],
+        "running",
+        12,
+        admitted_at=now - timedelta(minutes=12),
+        started_at=now - timedelta(minutes=11),
+        progress=50,
+        status_message="copying the image",
+        lease_token="r" * 32,
+        lease_expires_at=now + timedelta(hours=1),
+    )
+    return {
+        "single": single,
+        "down": down,
+        "holder": holder,
+        "behind": behind,
+        "stranded": stranded,
+        "runaway": runaway,
+    }
+
+
+WIDEST = """() => {
+  const width = document.documentElement.clientWidth;
+  return [...document.querySelectorAll("body *")]
+    .filter(e => e.getBoundingClientRect().right > width + 1)
+    .slice(-5)
+    .map(e => `${e.tagName}.${e.className} ${Math.round(e.getBoundingClientRect().right)}px`);
+}"""
+
+
+def no_sideways_scroll(page) -> bool:
+    """The page fits its viewport's width (else the widest elements are printed, for the report)."""
+    fits = page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    if not fits:
+        print("wider than the viewport:", page.evaluate(WIDEST))
+    return fits
+
+
+def contrast(fg: str, bg: str) -> float:
+    """WCAG contrast ratio of two CSS rgb()/rgba() colours."""
+
+    def luminance(css: str) -> float:
+        parts = [float(p) for p in css[css.index("(") + 1 : css.index(")")].replace("/", ",").split(",")[:3]]
+        lin = [c / 255 / 12.92 if c / 255 <= 0.03928 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in parts]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+    high, low = sorted((luminance(fg), luminance(bg)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def shot(page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    assert (SCREENSHOTS / f"{name}.png").stat().st_size > 5_000
+
+
+def test_operator_triage_jobs(console_url, browser_page):
+    """Find why a task waits, triage the last hour's failures, force-stop a running task,
+    raise a provider's limit, resume a held provider; the task list at 1440 px without
+    sideways scrolling, the task page and dashboard at 390 px, and dark mode, with
+    screenshots in var/screenshots (SCREENSHOTS_DIR)."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    now = timezone.now()
+    get_user_model().objects.create_user("root", "root@example.com", "root-pass-123", is_staff=True, is_superuser=True)
+    seeded = seed_console(now)
+    assert get_user_model().objects.count() == 6 and 95 <= Task.objects.count() <= 105
+
+    page.set_viewport_size({"width": 1440, "height": 900})
+    page.goto(f"{console_url}/admin/login/?next=/admin/")
+    page.fill("#id_username", "root")
+    page.fill("#id_password", "root-pass-123")
+    page.click('input[type="submit"]')
+    expect(page.locator("#task-console")).to_be_visible()
+
+    # 1. Why does a task wait? Its row names the slot and the task holding it; follow the link.
+    page.goto(f"{console_url}/admin/tasks/task/")
+    assert no_sideways_scroll(page), "the task list scrolls sideways at 1440 px"
+    # Nor does the table inside its own scroll box (the admin's .results).
+    widths = page.evaluate(
+        "[...document.querySelectorAll('#result_list thead th')].map(th => th.className + ' ' + th.offsetWidth)"
+        " .concat([document.querySelector('#changelist .results').scrollWidth,"
+        " document.querySelector('#changelist .results').clientWidth])"
+    )
+    assert widths[-2] <= widths[-1], f"the table scrolls in its box at 1440 px: {widths}"
+    shot(page, "task-list-1440")
+    last = seeded["behind"][-1]
+    row = page.locator("#result_list tr", has=page.locator(f'a[href$="/tasks/task/{last.pk}/change/"]'))
+    expect(row.locator(".field-note_col")).to_contain_text("slot 1/1")
+    expect(row.locator(".field-note_col")).to_contain_text("#4")
+    stranded = page.locator(
+        "#result_list tr", has=page.locator(f'a[href$="/tasks/task/{seeded["stranded"].pk}/change/"]')
+    )
+    expect(stranded.locator(".field-note_col")).to_contain_text("unreachable")
+    row.locator(f'.field-note_col a[href$="/tasks/task/{seeded["holder"].pk}/change/"]').click()
+    expect(page.locator("h1")).to_have_text("View task")
+    expect(page.locator("#content")).to_contain_text("rebooting")
+
+    # 2. Triage the last hour's failures: the error-code filter, then finished in the last hour.
+    page.goto(f"{console_url}/admin/tasks/task/")
+    page.locator("#changelist-filter a", has_text="Provider error").first.click()
+    page.locator("#changelist-filter a", has_text="last hour").first.click()
+    expect(page).to_have_url(re.compile(r"error_code=provider_error"))
+    expect(page).to_have_url(re.compile(r"finished=1h"))
+    expected = Task.objects.filter(
+        error_code="provider_error", completed_at__gte=timezone.now() - timedelta(hours=1)
+    ).count()
+    assert expected > 0
+    expect(page.locator("#result_list tbody tr")).to_have_count(expected)
+    expect(page.locator("#result_list tbody tr").first.locator(".tc-error")).to_contain_text("simulated host rejected")
+    assert no_sideways_scroll(page)
+    shot(page, "triage-last-hour-1440")
+
+    # Dark mode: the force-stop button on a running task's page must be readable.
+    runaway = seeded["runaway"]
+    page.emulate_media(color_scheme="dark")
+    page.goto(f"{console_url}/admin/tasks/task/{runaway.pk}/change/")
+    button = page.locator("a.tc-tool--danger")
+    expect(button).to_be_visible()
+    fg, bg = button.evaluate("b => [getComputedStyle(b).color, getComputedStyle(b).backgroundColor]")
+    assert contrast(fg, bg) >= 4.5, (fg, bg)
+    shot(page, "task-page-dark")
+    page.goto(f"{console_url}/admin/tasks/task/dashboard/")
+    expect(page.locator("#tc-health")).to_be_visible()
+    shot(page, "dashboard-dark")
+    page.emulate_media(color_scheme="light")
+
+    # 3. Force-stop the running task, with a reason.
+    page.goto(f"{console_url}/admin/tasks/task/{runaway.pk}/change/")
+    page.click("a.tc-tool--danger")
+    page.fill('textarea[name="reason"]', "stuck copying the image")
+    page.click('input[name="_confirm"]')
+    expect(page.locator(".messagelist")).to_contain_text("1 done")
+    runaway.refresh_from_db()
+    assert (runaway.status, runaway.error_code) == ("cancelled", "force_stopped")
+
+    # 4. Raise a provider's limit.
+    single = seeded["single"]
+    page.goto(f"{console_url}/admin/tasks/provider/{single.pk}/change/")
+    page.check("#id_allow_concurrent_tasks")
+    page.fill("#id_max_concurrent_tasks", "3")
+    page.click('input[name="_save"]')
+    expect(page.locator(".messagelist")).to_be_visible()
+    single.refresh_from_db()
+    assert (single.allow_concurrent_tasks, single.max_concurrent_tasks, single.concurrency_limit) == (True, 3, 3)
+
+    # 5. Resume the held provider: the health strip leads to it; the connectivity check resumes it.
+    page.goto(f"{console_url}/admin/tasks/task/dashboard/")
+    expect(page.locator("#tc-health-unreachable .tc-health__value")).to_have_text("1")
+    page.click("#tc-health-unreachable")
+    down = seeded["down"]
+    page.check(f'input[name="_selected_action"][value="{down.pk}"]')
+    page.select_option('select[name="action"]', "check_connectivity")
+    page.click('button[name="index"]')
+    expect(page.locator(".messagelist")).to_be_visible()
+    down.refresh_from_db()
+    assert down.unreachable_since is None
+
+    shot(page, "providers-1440")
+    page.goto(f"{console_url}/admin/tasks/task/dashboard/")
+    shot(page, "dashboard-1440")
+
+    # Phones: the task page and the dashboard at 390 px, without sideways scrolling.
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto(f"{console_url}/admin/tasks/task/{seeded['holder'].pk}/change/")
+    assert no_sideways_scroll(page), "the task page scrolls sideways at 390 px"
+    shot(page, "task-page-390")
+    page.goto(f"{console_url}/admin/tasks/task/dashboard/")
+    assert no_sideways_scroll(page), "the dashboard scrolls sideways at 390 px"
+    shot(page, "dashboard-390")

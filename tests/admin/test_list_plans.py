@@ -21,6 +21,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from tasks import stats
+from tasks.admin.task_admin import TaskAdmin
 
 pytestmark = pytest.mark.skipif(connection.vendor != "mysql", reason="query plans are checked on MariaDB")
 
@@ -28,6 +29,7 @@ USERS, PROVIDERS, INSTANCES, TASKS = 300, 10, 1500, 40_000
 STATUSES = ["completed"] * 88 + ["failed"] * 6 + ["cancelled"] * 4 + ["timeout"] * 2
 TYPES = ["create", "start", "stop", "restart", "delete", "reset", "reset-password", "create-port", "delete-port"]
 BIG_TABLES = ("tasks_task", "tasks_taskevent")
+AGE_COLUMN = 1 + TaskAdmin.list_display.index("age_col")  # ?o= counts the action checkbox as 0
 
 
 def insert(cursor, head: str, row: str, rows: list[tuple], chunk: int = 2000) -> None:
@@ -118,8 +120,8 @@ def task_pages(seeded) -> list[str]:
         "",
         "p=2",
         f"p={TASKS // 50}",  # the last page: read from the other end
-        "o=9",  # oldest first
-        "o=-9",
+        f"o={AGE_COLUMN}",  # oldest first
+        f"o=-{AGE_COLUMN}",
         f"q={seeded['task']}",
         f"q={seeded['uuid']}",
         f"q={seeded['user']}",
@@ -132,6 +134,17 @@ def task_pages(seeded) -> list[str]:
         "instance_type=vm",
         "instance_type=container",
         f"created_at__gte={since}",
+        # triage (tasks/admin/triage.py): error code, finished within, stuck, and combinations
+        "error_code=provider_error",
+        "error_code=force_stopped&state=problem",
+        "finished=15m",
+        "finished=1h",
+        "finished=24h",
+        "finished=1h&state=problem",
+        "finished=1h&error_code=provider_error",
+        "finished=24h&status__exact=failed",
+        "finished=1h&provider__id__exact=3",
+        "stuck=yes",
     ]
     pages += [f"status__exact={s}" for s in ("pending", "completed", "failed", "cancelled", "timeout")]
     pages += [f"task_type__exact={t}" for t in TYPES]

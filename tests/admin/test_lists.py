@@ -21,7 +21,7 @@ from tasks.models import PortMapping, Task, TaskEvent, UserQuota
 from tests.admin.conftest import changelist
 from tests.conftest import make_task
 
-AGE_COLUMN = 9  # list_display index of "age" (after the action checkbox)
+AGE_COLUMN = 1 + TaskAdmin.list_display.index("age_col")  # ?o= counts the action checkbox as 0
 
 
 def sql_of(query) -> str:
