@@ -508,7 +508,7 @@ def analyse(workload: Workload, providers, stops: list[dict], t_first: float) ->
     for t in tasks.values():
         by_instance[t.instance_id].append(t.pk)
     res["limit_record"], res["limit_timeline"], res["twice"], res["open_calls"] = [], [], [], Counter()
-    res["orphans"], res["mismatch"], res["calls"] = [], [], 0
+    res["orphans"], res["mismatch"], res["calls"], res["redone"] = [], [], 0, []
     for prov in providers:
         store = SimulatedStore.for_provider(prov.pk, prov.connection)
         calls = close_open_calls(store.calls(), stops, now)
@@ -542,6 +542,22 @@ def analyse(workload: Workload, providers, stops: list[dict], t_first: float) ->
                         by_instance.get(inst.pk, []) if inst else [],
                     )
                 )
+        # Resumed tasks: provider steps a later attempt applied again (not a target: the
+        # operations' convergence, issue 16's other half), and creates whose undo removed the guest.
+        execs = store.executions()
+        for t in tasks.values():
+            if t.provider_id != prov.pk or t.attempt_count < 2 or not t.completed_at:
+                continue
+            lo, hi = ts(t.created_at) - 0.5, ts(t.completed_at) + 0.5
+            mine = [e for e in execs if e["guest"] == t.instance.guest_name and lo <= e["at"] <= hi]
+            applied_by: dict[str, set[int]] = defaultdict(set)
+            for e in mine:
+                if e["applied"]:
+                    applied_by[e["op"]].add(e["pid"])
+            again = sorted(op for op, pids in applied_by.items() if len(pids) > 1)
+            undone = t.task_type == "create" and any(e["op"] == "delete" and e["applied"] for e in mine)
+            if again or undone:
+                res["redone"].append((t.pk, t.task_type, again, undone))
         # Orphans: guests and instances that do not match.
         guests = {g["name"]: g for g in store.guests()}
         live = {
@@ -625,6 +641,13 @@ def report(res: dict, workload: Workload, stops: list[dict], tasks_by_pk) -> Non
     print(f"limit violations (execution record): {len(res['limit_record'])}")
     print(f"limit violations (task timelines, claim to release): {len(res['limit_timeline'])}")
     print(f"run twice at once (overlapping calls on one guest): {len(res['twice'])}")
+    resumed = len(res["multi_attempt"])
+    undone = [r for r in res["redone"] if r[3]]
+    print(
+        f"resumed tasks whose later attempt applied a provider step again: {len(res['redone'])} of {resumed}"
+        f" (steps: {dict(Counter(op for r in res['redone'] for op in r[2]))};"
+        f" creates whose undo removed the guest before the resumption: {len(undone)})"
+    )
     print(f"orphan guests / instances without a guest: {len(res['orphans'])}")
     print(f"instances whose status or ports differ from their guest: {len(res['mismatch'])}")
     print(f"accounting drift (check_accounting findings): {len(res['accounting'])}")
@@ -676,6 +699,10 @@ def report(res: dict, workload: Workload, stops: list[dict], tasks_by_pk) -> Non
                 print(f"  {name}: {text}")
                 for tid in tids[-2:]:
                     show(tid)
+    if res["redone"]:
+        print("\nresumed tasks that redid work (task, type, steps applied again, create undone):")
+        for tid, kind, again, undone in res["redone"]:
+            print(f"  task {tid} {kind}: {', '.join(again) or '-'}{'; the undo deleted the guest' if undone else ''}")
     if res["accounting"]:
         print("\naccounting differences:")
         for line in res["accounting"]:
