@@ -487,7 +487,9 @@ def analyse(workload: Workload, providers, stops: list[dict], t_first: float) ->
     res["failed"] = sum(1 for t in tasks.values() if t.status in ("failed", "timeout"))
     res["worker_lost"] = sum(1 for t in tasks.values() if t.error_code == "worker_lost")
     res["multi_attempt"] = sorted(pk for pk, t in tasks.items() if t.attempt_count > 1)
-    resumed = TaskEvent.objects.filter(task_id__in=ids, reason__startswith="resumed:").values_list("task_id", "reason")
+    resumed = list(
+        TaskEvent.objects.filter(task_id__in=ids, reason__startswith="resumed:").values_list("task_id", "reason")
+    )
     res["resumptions"] = Counter(reason for _, reason in resumed)
     res["resumed_types"] = {
         reason: Counter(workload.types.get(tid, "?") for tid, r in resumed if r == reason)
@@ -559,7 +561,8 @@ def analyse(workload: Workload, providers, stops: list[dict], t_first: float) ->
             again = sorted(op for op, pids in applied_by.items() if len(pids) > 1)
             undone = t.task_type == "create" and any(e["op"] == "delete" and e["applied"] for e in mine)
             if again or undone:
-                res["redone"].append((t.pk, t.task_type, again, undone))
+                why = ", ".join(r.removeprefix("resumed:") for tid, r in resumed if tid == t.pk)
+                res["redone"].append((t.pk, f"{t.task_type} ({why})", again, undone))
         # Orphans: guests and instances that do not match.
         guests = {g["name"]: g for g in store.guests()}
         live = {
@@ -702,7 +705,7 @@ def report(res: dict, workload: Workload, stops: list[dict], tasks_by_pk) -> Non
                 for tid in tids[-2:]:
                     show(tid)
     if res["redone"]:
-        print("\nresumed tasks that redid work (task, type, steps applied again, create undone):")
+        print("\nresumed tasks that redid work (task, type (resumptions): steps applied again by a later attempt):")
         for tid, kind, again, undone in res["redone"]:
             print(f"  task {tid} {kind}: {', '.join(again) or '-'}{'; the undo deleted the guest' if undone else ''}")
     if res["accounting"]:
