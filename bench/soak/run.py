@@ -442,16 +442,25 @@ def attempts_from_timeline(task_ids: list[int]) -> list[dict]:
     rows = (
         TaskEvent.objects.filter(task_id__in=task_ids, kind="transition")
         .order_by("task_id", "at", "id")
-        .values("task_id", "from_status", "to_status", "actor", "at")
+        .values("task_id", "from_status", "to_status", "actor", "reason", "at")
     )
     attempts, current = [], {}
     for ev in rows:
         tid = ev["task_id"]
         if ev["to_status"] == "running" and ev["from_status"] == "pending":
-            current[tid] = {"task": tid, "start": ts(ev["at"]), "worker": ev["actor"], "end": None}
+            pid = ev["actor"].rsplit(":", 1)[-1]
+            current[tid] = {
+                "task": tid,
+                "start": ts(ev["at"]),
+                "worker": ev["actor"],
+                "pid": int(pid) if pid.isdigit() else None,
+                "end": None,
+                "why": "",
+            }
             attempts.append(current[tid])
         elif ev["from_status"] in ("running", "cancelling") and ev["to_status"] != "cancelling" and tid in current:
-            current.pop(tid)["end"] = ts(ev["at"])
+            ended = current.pop(tid)
+            ended["end"], ended["why"] = ts(ev["at"]), ev["reason"]
     now = time.time()
     for a in attempts:
         if a["end"] is None:
@@ -513,6 +522,7 @@ def analyse(workload: Workload, providers, stops: list[dict], t_first: float) ->
         by_instance[t.instance_id].append(t.pk)
     res["limit_record"], res["limit_timeline"], res["twice"], res["open_calls"] = [], [], [], Counter()
     res["orphans"], res["mismatch"], res["calls"], res["redone"] = [], [], 0, []
+    res["gaps"] = {"handback": [], "lost": []}
     for prov in providers:
         store = SimulatedStore.for_provider(prov.pk, prov.connection)
         calls = close_open_calls(store.calls(), stops, now)
@@ -546,6 +556,19 @@ def analyse(workload: Workload, providers, stops: list[dict], t_first: float) ->
                         by_instance.get(inst.pk, []) if inst else [],
                     )
                 )
+        # Each resumption in the record: the last call of the attempt that stopped (handed back,
+        # or cut by a kill: closed at the kill) against the first call of the next attempt.
+        for t in tasks.values():
+            if t.provider_id != prov.pk or t.attempt_count < 2:
+                continue
+            mine = sorted((a for a in attempts if a["task"] == t.pk), key=lambda a: a["start"])
+            guest_calls = [c for c in calls if c["guest"] == t.instance.guest_name]
+            for before, after in zip(mine, mine[1:], strict=False):
+                old = [c for c in guest_calls if c["pid"] == before["pid"] and before["start"] - 0.5 <= c["started"]]
+                new = [c for c in guest_calls if c["pid"] == after["pid"] and after["start"] - 0.5 <= c["started"]]
+                if old and new:
+                    why = "handback" if before["why"] == "resumed:handback" else "lost"
+                    res["gaps"][why].append(min(c["started"] for c in new) - max(c["ended"] for c in old))
         # Resumed tasks: provider steps a later attempt applied again (not a target: the
         # operations' convergence, issue 16's other half), and creates whose undo removed the guest.
         execs = store.executions()
@@ -646,6 +669,13 @@ def report(res: dict, workload: Workload, stops: list[dict], tasks_by_pk) -> Non
     print(f"limit violations (execution record): {len(res['limit_record'])}")
     print(f"limit violations (task timelines, claim to release): {len(res['limit_timeline'])}")
     print(f"run twice at once (overlapping calls on one guest): {len(res['twice'])}")
+    for why, gaps in res["gaps"].items():
+        if gaps:
+            print(
+                f"  {why}: {len(gaps)} resumptions with calls on both sides; the next attempt's first call began"
+                f" {min(gaps):.2f} s (least) / {pct(gaps, 0.5):.2f} s (median) after the stopped attempt's last call"
+                " ended (or its process was killed)"
+            )
     resumed = len(res["multi_attempt"])
     undone = [r for r in res["redone"] if r[3]]
     print(
