@@ -579,7 +579,9 @@ def analyse(workload: Workload, providers, stops: list[dict], t_first: float) ->
             mine = [e for e in execs if e["guest"] == t.instance.guest_name and lo <= e["at"] <= hi]
             applied_by: dict[str, set[int]] = defaultdict(set)
             for e in mine:
-                if e["applied"]:
+                # Port calls are per mapping (the record does not say which): a later attempt
+                # mapping another port, or one an undo removed, is no repetition.
+                if e["applied"] and e["op"] not in ("add_port", "remove_port"):
                     applied_by[e["op"]].add(e["pid"])
             again = sorted(op for op, pids in applied_by.items() if len(pids) > 1)
             undone = t.task_type == "create" and any(e["op"] == "delete" and e["applied"] for e in mine)
