@@ -110,6 +110,7 @@ PATTERNS = (
         re.compile(r"^(?P<what>.+): provider error, retry (?P<n>\d+) of (?P<m>\d+)$"),
         gettext_noop("%(what)s: provider error, retry %(n)s of %(m)s"),
     ),
+    (re.compile(r"^(?P<what>.+): done by an earlier attempt$"), gettext_noop("%(what)s: done by an earlier attempt")),
     (
         re.compile(r"^reconciled with the provider: instance (?P<before>\S+) -> (?P<after>\S+) \(guest not found\)$"),
         gettext_noop("reconciled with the provider: instance %(before)s -> %(after)s (guest not found)"),

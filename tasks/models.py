@@ -319,6 +319,10 @@ class Task(models.Model):
     heartbeat_at = models.DateTimeField(null=True, blank=True, editable=False, verbose_name=_("heartbeat at"))
     worker = models.CharField(max_length=200, blank=True, default="", editable=False, verbose_name=_("worker"))
     attempt_count = models.PositiveIntegerField(default=0, editable=False, verbose_name=_("attempt count"))
+    # Provider steps that change something each time they run (a reinstall, a reboot),
+    # recorded once done, with what they returned: a resumed attempt skips them
+    # (tasks.operations.steps.Steps.call, ``once``). Written under the lease token.
+    checkpoints = models.JSONField(default=dict, blank=True, editable=False, verbose_name=_("checkpoints"))
     # "Stopping" hold: set when the task was ended (force-stop, timeout sweep, recovery)
     # while its worker may still be inside a provider call: until this time (the end of
     # the revoked lease, database clock) or until that worker reports its exit, the task

@@ -418,6 +418,13 @@ def finish(
         return True
 
 
+def save_checkpoints(task_id: int, *, token: str, checkpoints: dict) -> bool:
+    """The worker records the steps done so far (Task.checkpoints); False when its lease is gone."""
+    return bool(
+        Task.objects.filter(pk=task_id, lease_token=token, status__in=EXECUTING).update(checkpoints=checkpoints)
+    )
+
+
 def report_progress(task_id: int, *, token: str, progress: int, message: str, step: bool = False) -> bool:
     """The worker's progress write; False when its lease is gone (stop working).
 

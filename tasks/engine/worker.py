@@ -418,6 +418,7 @@ def run_claimed(
             cancel=cancel,
             progress=ProgressReporter(task_id, token, cancel),
             data=dict(task.task_data),
+            checkpoints=dict(task.checkpoints or {}),
         )
         op.run(ctx)
         result = (COMPLETED, {})

@@ -54,6 +54,18 @@ class ExecutionContext:
     # Appended to the error message of a task that does not complete (e.g. which guest
     # an undo could not remove), whatever ends it: a failure, a cancel or a timeout.
     error_note: str = ""
+    # Steps an earlier attempt of this task finished (Task.checkpoints): name -> result.
+    checkpoints: dict[str, Any] = field(default_factory=dict)
+
+    def checkpoint(self, name: str, value: Any) -> None:
+        """Record a finished step for a resumed attempt; stop if the lease is gone."""
+        from providers.base import CANCEL_LEASE_LOST, OperationCancelled
+        from tasks.engine import transitions
+
+        self.checkpoints[name] = value
+        if not transitions.save_checkpoints(self.task.pk, token=self.task.lease_token, checkpoints=self.checkpoints):
+            self.cancel.cancel(CANCEL_LEASE_LOST)
+            raise OperationCancelled(CANCEL_LEASE_LOST)
 
 
 class Operation:

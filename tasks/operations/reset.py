@@ -38,7 +38,9 @@ class ResetOperation(GuestOperation):
         mappings = list(PortMapping.objects.filter(instance=instance, status=PortMapping.STATUS_ACTIVE))
         steps.sync_traffic(traffic.BEFORE_RESET, 5)
         spec = guest_spec(instance, image=image)
-        new_ref = steps.call("reinstalling from the image", lambda p: driver.rebuild(ref, spec, ctx.cancel, p), 10, 60)
+        new_ref = steps.call(
+            "reinstalling from the image", lambda p: driver.rebuild(ref, spec, ctx.cancel, p), 10, 60, once="rebuild"
+        )
         ref = {**ref, **(new_ref or {})}
         ctx.result["provider_ref"] = ref
         steps.call("starting the guest", lambda p: driver.start(ref, ctx.cancel, p), 60, 75)

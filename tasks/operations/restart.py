@@ -20,7 +20,7 @@ class RestartOperation(GuestOperation):
     def steps(self, ctx: ExecutionContext, steps: Steps) -> None:
         ref = guest_ref(ctx.instance)
         steps.sync_traffic(traffic.BEFORE_RESTART, 5)
-        steps.call("restarting the guest", lambda p: ctx.driver.restart(ref, ctx.cancel, p), 10, 85)
+        steps.call("restarting the guest", lambda p: ctx.driver.restart(ref, ctx.cancel, p), 10, 85, once="restart")
         steps.step(90, "reading the guest's state")
         state = steps.read_state()
         record_addresses(ctx, state)

@@ -140,17 +140,29 @@ class Steps:
         lo: int,
         hi: int,
         retries: int = RETRIES,
+        once: str | None = None,
     ) -> T:
         """Run a provider call; retry retryable errors with exponential backoff.
 
         Calls are idempotent ("ensure"), so retrying after an ambiguous outcome
         converges on the state we asked for instead of doing it twice.
+
+        ``once`` names a call that changes something each time it runs (a reinstall,
+        a reboot): once it has returned, the task records it (Task.checkpoints) with
+        its result, and a resumed attempt of the task skips it and gets that result.
         """
+        if once is not None and once in self.ctx.checkpoints:
+            self.step(lo, what)
+            self.ctx.progress(hi, f"{what}: done by an earlier attempt")
+            return self.ctx.checkpoints[once]
         self.step(lo, what)
         base = retry_base_seconds()
         for attempt in range(retries + 1):
             try:
-                return fn(self.span(lo, hi))
+                result = fn(self.span(lo, hi))
+                if once is not None:
+                    self.ctx.checkpoint(once, result)
+                return result
             except ProviderError as exc:
                 if not exc.retryable or attempt == retries:
                     raise

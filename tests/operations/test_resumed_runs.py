@@ -156,3 +156,44 @@ def test_a_create_whose_guest_could_not_be_removed_stays_flagged_and_names_the_g
     run(provider)
     instance = fresh(instance)
     assert (instance.status, instance.needs_reconcile, instance.holds_resources) == ("deleted", False, False)
+
+
+@pytest.mark.parametrize("how", ["shutdown", "resumed"])
+def test_a_resumed_reset_does_not_reinstall_again(alice, provider, live_instance, stop_at, how):
+    """The reinstall finished, then the run stopped (at the start that follows it): the next
+    attempt skips the reinstall (Task.checkpoints), finishes the rest, and shows the last password."""
+    seen = stop_at("start", 1, how)
+    task = services.request_operation(alice, live_instance.pk, "reset")
+    run(provider)
+    task, instance = fresh(task), fresh(live_instance)
+    assert seen["task"] == task.pk and (task.status, task.attempt_count) == ("completed", 2)
+    sim = store(provider)
+    assert sim.applied("rebuild", instance.guest_name) == 1, "reinstalled once"
+    assert "rebuild" in task.checkpoints
+    steps = list(TaskEvent.objects.filter(task=task, kind="step").values_list("message", flat=True))
+    assert "reinstalling from the image: done by an earlier attempt" in steps
+    assert instance.status == "running" and sim.guest(instance.guest_name)["status"] == "running"
+    assert sim.password_matches(instance.guest_name, password_of(task))
+
+
+def test_a_resumed_restart_does_not_reboot_again(alice, provider, live_instance, monkeypatch):
+    """Lost right after the reboot returned: the resumed attempt reads the state and ends."""
+    from tasks.operations.steps import Steps
+
+    original = Steps.step
+    lost = {}
+
+    def step(self, percent, message):
+        if message == "reading the guest's state" and not lost:
+            lost["task"] = self.task_id
+            Task.objects.filter(pk=self.task_id).update(lease_expires_at=clock.now() - timedelta(seconds=1))
+            assert transitions.recover_lost(self.task_id)
+            self.ctx.cancel.cancel(CANCEL_LEASE_LOST)
+        return original(self, percent, message)
+
+    monkeypatch.setattr(Steps, "step", step)
+    task = services.request_operation(alice, live_instance.pk, "restart")
+    run(provider)
+    task = fresh(task)
+    assert lost["task"] == task.pk and (task.status, task.attempt_count) == ("completed", 2)
+    assert store(provider).applied("restart", live_instance.guest_name) == 1, "rebooted once"
