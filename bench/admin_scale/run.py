@@ -61,8 +61,8 @@ def ensure_extras() -> None:
         if not UserQuota.objects.exists():
             c.execute(
                 "INSERT INTO tasks_userquota (user_id, max_instances, max_cpu, max_memory_mb, max_disk_mb,"
-                " used_instances, used_cpu, used_memory_mb, used_disk_mb)"
-                " SELECT u.id, 10, 40, 65536, 1048576, COUNT(i.id), COUNT(i.id), 512 * COUNT(i.id),"
+                " max_ports, used_instances, used_cpu, used_memory_mb, used_disk_mb)"
+                " SELECT u.id, 10, 40, 65536, 1048576, 50, COUNT(i.id), COUNT(i.id), 512 * COUNT(i.id),"
                 " 10240 * COUNT(i.id) FROM auth_user u LEFT JOIN tasks_instance i ON i.owner_id = u.id GROUP BY u.id"
             )
             print(f"user quotas: {c.rowcount} added")

@@ -168,8 +168,8 @@ def load(n_tasks: int) -> None:
             "INSERT INTO tasks_task (id, uuid, task_type, status, progress, status_message, error_code,"
             " error_message, cancel_reason, task_data, owner_id, initiator_id, provider_id, instance_id,"
             " port_mapping_id, timeout_seconds, created_at, admitted_at, started_at, completed_at, lease_token,"
-            " lease_expires_at, heartbeat_at, worker, attempt_count, dispatch_count)"
-            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,NULL,0,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+            " lease_expires_at, heartbeat_at, worker, attempt_count, dispatch_count, checkpoints)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,NULL,0,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,'{}')"
         )
         event_sql = (
             "INSERT INTO tasks_taskevent (task_id, kind, from_status, to_status, actor, reason, progress, message, at)"
