@@ -103,6 +103,22 @@ def _traffic_rate(name: str) -> tuple[int, int]:
     return tx * 3, tx
 
 
+def _ensure_wal(db: sqlite3.Connection) -> None:
+    """Switch the file to WAL once. Changing the journal mode needs the file to itself and
+    SQLite does not wait (busy_timeout) for that: many workers opening a new provider's
+    file at once got "database is locked". Once it is WAL (it stays so), nothing to do."""
+    for attempt in range(50):
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 49:
+                raise
+            time.sleep(0.01 + 0.01 * attempt)
+
+
 class SimulatedStore:
     """The simulated host's state: one SQLite file per provider, shared by all processes."""
 
@@ -115,7 +131,7 @@ class SimulatedStore:
             with _init_lock:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 with self._connect() as db:
-                    db.execute("PRAGMA journal_mode=WAL")
+                    _ensure_wal(db)
                     # One transaction: one sync instead of one per statement.
                     db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
                 _initialised.add(key)
