@@ -116,7 +116,8 @@ def actor_label(actor: str) -> str:
 
 
 def timeline_rows(task: Task, events: list[TaskEvent], following: TaskEvent | None = None) -> list[tuple]:
-    """(event, offset from creation, duration until the next event, actor) per event.
+    """(event, offset from creation, duration until the next event, actor, time) per event;
+    the time to the millisecond in the console's zone, the UTC instant on hover.
 
     The last event's duration runs to the task's end, or is open ("" while it runs).
     """
@@ -129,7 +130,9 @@ def timeline_rows(task: Task, events: list[TaskEvent], following: TaskEvent | No
             took = human_duration(task.completed_at - event.at)
         else:
             took = ""
-        rows.append((_shown(event), human_duration(event.at - task.created_at), took, actor_label(event.actor)))
+        local = timezone.localtime(event.at)
+        at = moment(event.at, f"{local:%Y-%m-%d %H:%M:%S}.{local.microsecond // 1000:03d}")
+        rows.append((_shown(event), human_duration(event.at - task.created_at), took, actor_label(event.actor), at))
     return rows
 
 

@@ -3,7 +3,7 @@ provider page, and what the console's actions leave in Django's admin log."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 from django.contrib.admin.models import LogEntry
 from django.urls import reverse
@@ -58,6 +58,9 @@ def test_the_open_task_page_timeline_grows_live(root_client, running_instance):
     # Reloaded: the same rows, each with its duration until the next, and no polling.
     html = root_client.get(change_url("task", task.pk)).content.decode()
     assert html.count('data-role="took"') == 4 and 'data-live="0"' in html
+    # Each row's time in the console's zone, to the millisecond, the UTC instant on hover.
+    at = timezone.localtime(first.at)
+    assert f'title="{first.at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC">{at:%Y-%m-%d %H:%M:%S}.' in html
     assert "<td>worker machine-a/3</td>" in html or 'title="worker:machine-a:3">worker machine-a/3<' in html
 
 
