@@ -248,7 +248,11 @@ class Streams:
     def __init__(self, port: int, tokens: list[str]):
         import multiprocessing
 
-        ctx = multiprocessing.get_context("fork")
+        # spawn, not fork: a forked child holds copies of this process's database sockets,
+        # and a MySQLdb object it finalizes (a dead thread's, whose descriptor number a live
+        # connection here now reuses) would close the server session under a load thread
+        # (the Redis run lost its load generators to "Lost connection" that way).
+        ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_stream_client, args=(port, tokens, child), daemon=True)
         self.proc.start()
