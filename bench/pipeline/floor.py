@@ -52,9 +52,9 @@ from tasks.models import Instance, Provider  # noqa: E402
 TASK_INSERT = (
     "INSERT INTO tasks_task (uuid, task_type, status, progress, status_message, error_code, error_message,"
     " cancel_reason, task_data, owner_id, provider_id, instance_id, timeout_seconds, created_at,"
-    " admitted_at, dispatched_at, lease_token, worker, attempt_count, dispatch_count)"
+    " admitted_at, dispatched_at, lease_token, worker, attempt_count, dispatch_count, checkpoints)"
     " VALUES (UUID(), 'restart', 'pending', 0, 'queued', '', '', '', '{{}}', {owner}, {provider}, {instance},"
-    " 0, {now}, {now}, {now}, 'token', '', 0, 1)"
+    " 0, {now}, {now}, {now}, 'token', '', 0, 1, '{{}}')"
 )
 EVENT = (
     "INSERT INTO tasks_taskevent (task_id, kind, from_status, to_status, actor, reason, progress,"
@@ -238,9 +238,9 @@ def main() -> None:
             c.execute(
                 "INSERT INTO tasks_task (uuid, task_type, status, progress, status_message, error_code, error_message,"
                 " cancel_reason, task_data, owner_id, provider_id, instance_id, timeout_seconds, created_at,"
-                " admitted_at, dispatched_at, lease_token, worker, attempt_count, dispatch_count)"
+                " admitted_at, dispatched_at, lease_token, worker, attempt_count, dispatch_count, checkpoints)"
                 " VALUES (REPLACE(UUID(), '-', ''), 'restart', 'pending', 0, 'queued', '', '', '', '{}', %s, %s, %s,"
-                " 0, %s, %s, %s, 'token', '', 0, 1)",
+                " 0, %s, %s, %s, 'token', '', 0, 1, '{}')",
                 (user.pk, provider.pk, inst.pk, now, now, now),
             )
             task_id = c.lastrowid
@@ -283,6 +283,11 @@ def main() -> None:
         t.join()
     wall = time.time() - t0
     n = ARGS.tasks
+    from tasks.models import Task
+
+    done = Task.objects.filter(provider_id=provider.pk, status="completed").count()
+    if done < n:  # a thread died (its traceback is above): no figure is better than a wrong one
+        raise SystemExit(f"floor: only {done} of {n} tasks completed")
     per_role = dict(cpu_report(before, cpu_snapshot(), n))
     server = per_role.get("database server", 0.0)
     client = per_role.get("benchmark process (producers)", 0.0)
