@@ -91,8 +91,9 @@ def seeded(django_db_setup, django_db_blocker):
             c,
             "INSERT INTO tasks_task (id, uuid, task_type, status, progress, status_message, error_code,"
             " error_message, cancel_reason, task_data, owner_id, initiator_id, provider_id, instance_id,"
-            " timeout_seconds, created_at, completed_at, lease_token, worker, attempt_count, dispatch_count)",
-            "(%s, %s, %s, %s, 0, '', '', '', '', '{}', %s, %s, %s, %s, 0, %s, %s, '', '', 0, 0)",
+            " timeout_seconds, created_at, completed_at, lease_token, worker, attempt_count, dispatch_count,"
+            " checkpoints)",
+            "(%s, %s, %s, %s, 0, '', '', '', '', '{}', %s, %s, %s, %s, 0, %s, %s, '', '', 0, 0, '{}')",
             tasks,
         )
         insert(

@@ -28,9 +28,9 @@ def bulk_finished_tasks(owner, provider, instance, n: int, days_ago: float) -> N
         cur.execute(
             "INSERT INTO tasks_task (id, uuid, task_type, status, progress, status_message, error_code, error_message,"
             " cancel_reason, task_data, owner_id, initiator_id, provider_id, instance_id, timeout_seconds, created_at,"
-            " admitted_at, started_at, completed_at, lease_token, worker, attempt_count, dispatch_count)"
+            " admitted_at, started_at, completed_at, lease_token, worker, attempt_count, dispatch_count, checkpoints)"
             f" SELECT seq + %s, REPLACE(UUID(), '-', ''), 'restart', 'completed', 100, '', '', '', '', '{{}}',"
-            f" %s, %s, %s, %s, 0, %s, %s, %s, %s, '', '', 1, 1 FROM seq_1_to_{n}",
+            f" %s, %s, %s, %s, 0, %s, %s, %s, %s, '', '', 1, 1, '{{}}' FROM seq_1_to_{n}",
             [base, owner.pk, owner.pk, provider.pk, instance.pk, done, done, done, done],
         )
         cur.execute(
