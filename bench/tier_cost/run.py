@@ -403,7 +403,7 @@ def child(broker: str) -> None:
     from tasks.models import UserQuota
 
     result: dict = {"idle": []}
-    for n in [int(x) for x in ARGS.providers.split(",")]:
+    for n in [int(x) for x in ARGS.providers.split(",") if x]:
         row = idle(n)
         print(f"[{broker}] idle, {n} providers: {row}", flush=True)
         result["idle"].append(row)

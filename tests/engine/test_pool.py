@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tasks.engine.pool import Gate, GatedQueue
 
 
@@ -80,3 +82,31 @@ def test_every_command_of_one_write_is_read_at_once():
         os.close(read_fd)
         if write_fd is not None:
             os.close(write_fd)
+
+
+@pytest.mark.django_db
+def test_the_pool_warms_what_its_forked_workers_would_each_build(monkeypatch):
+    """A worker forked from the pool finds the hot paths' tables and the models' query
+    machinery built: it does not spend its first task rebuilding them (issue 15, busy start)."""
+    from django.apps import apps
+
+    from tasks.engine import pool, sql
+
+    monkeypatch.setattr(sql, "_tables", {})
+    pool.warm()
+    models = set(apps.get_app_config("tasks").get_models())
+    assert models and models <= set(sql._tables)
+
+
+@pytest.mark.django_db
+def test_a_database_out_of_reach_leaves_the_pool_cold_but_starting(monkeypatch, caplog):
+    from django.db import OperationalError, connection
+
+    from tasks.engine import pool
+
+    def down():
+        raise OperationalError("(2003) Can't connect to MySQL server")
+
+    monkeypatch.setattr(connection, "ensure_connection", down)
+    pool.warm()  # does not raise: the workers connect for themselves later
+    assert "could not warm" in caplog.text
