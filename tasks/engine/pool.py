@@ -126,7 +126,7 @@ def warm() -> None:
         for model in apps.get_app_config("tasks").get_models():
             sql.table(model)
             model._default_manager.filter(pk=None).first()
-        connection.features.has_select_for_update  # (and the rest of what claims read)
+        sql.for_update()  # (the locking reads' clause: a backend feature read once)
     except DatabaseError as exc:
         logger.warning("pool: could not warm the database caches: %s", exc)
 
