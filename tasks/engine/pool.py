@@ -7,7 +7,8 @@ stopped again when it says so (``retire <name>``). It forks each cluster from
 itself, so an extra cluster is serving within a fraction of a second instead
 of the seconds a new interpreter takes to import Django. What it runs it
 writes to a status file (``WORKER_POOL_STATUS_FILE``: name, sentinel pid,
-workers, base) for the supervisor.
+workers, base of each cluster, and how many workers wait for a job: the most
+seen over the last IDLE_WINDOW_SECONDS) for the supervisor.
 
 Before it forks anything, this process
 
@@ -40,8 +41,9 @@ import os
 import select
 import signal
 import sys
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
@@ -131,15 +133,17 @@ def warm() -> None:
         logger.warning("pool: could not warm the database caches: %s", exc)
 
 
-def _sentinel(stop_event, start_event, workers: int, scheduler: bool) -> None:
-    """A forked cluster: django-q2's Sentinel with this many workers, its pusher gated."""
+def _sentinel(stop_event, start_event, flags: list, scheduler: bool) -> None:
+    """A forked cluster: django-q2's Sentinel with a worker per busy flag, its pusher gated."""
     from django_q.brokers import get_broker
     from django_q.conf import Conf
 
-    Conf.WORKERS = workers  # (this process's own copy: the sentinel sizes its pool from it)
+    Conf.WORKERS = len(flags)  # (this process's own copy: the sentinel sizes its pool from it)
     Conf.SCHEDULER = scheduler
     os.environ["WORKER_POOL_NAME"] = multiprocessing_name()
-    gated_sentinel_class()(stop_event, start_event, uuid.uuid4(), get_broker())
+    cls = gated_sentinel_class()
+    cls.slot_flags = flags  # (this forked process's copy of the class)
+    cls(stop_event, start_event, uuid.uuid4(), get_broker())
 
 
 class GatedQueue:
@@ -186,8 +190,6 @@ class Gate:
 
     def wait(self, timeout: float) -> bool:
         """True as soon as a worker is free for one more job; False after ``timeout``."""
-        import time
-
         deadline = time.monotonic() + timeout
         while self.free() <= 0:
             if time.monotonic() >= deadline:
@@ -209,12 +211,14 @@ def gated_sentinel_class():
     from django_q.worker import worker
 
     class GatedSentinel(Sentinel):
+        slot_flags: list | None = None  # made by the pool process, which reads them too
+
         def __init__(self, *args, **kwargs):
             from django_q.conf import Conf
 
             # One busy flag per worker slot, made before any process is forked (the pusher
             # reads them all); a slot's flag is 1 (busy) until a worker waits on it.
-            self.flags = [Value("b", 1, lock=False) for _ in range(int(Conf.WORKERS))]
+            self.flags = self.slot_flags or [Value("b", 1, lock=False) for _ in range(int(Conf.WORKERS))]
             self.slot_process: list = [None] * len(self.flags)
             super().__init__(*args, **kwargs)
 
@@ -260,6 +264,12 @@ class Member:
     start_event: object
     retiring: bool = False
     running: bool = False
+    flags: list = field(default_factory=list)  # its workers' busy flags (GatedSentinel)
+
+
+# The pool reports its idle workers as the most seen over this window: a report of none
+# means every worker stayed busy that long, not that one was between two jobs.
+IDLE_WINDOW_SECONDS = 0.3
 
 
 class Pool:
@@ -271,6 +281,8 @@ class Pool:
         self.members: list[Member] = []
         self.serial = 0
         self.stopping = False
+        self.idle_seen: list[tuple[float, int]] = []  # (monotonic, idle workers or -1: none serving)
+        self.idle_workers: int | None = None  # as last written to the status file
 
     def add(self, workers: int, *, base: bool) -> Member:
         from django.db import connections
@@ -280,11 +292,12 @@ class Pool:
         self.serial += 1
         stop_event, start_event = self.ctx.Event(), self.ctx.Event()
         scheduler = base and Conf.SCHEDULER
+        flags = [self.ctx.Value("b", 1, lock=False) for _ in range(workers)]
         process = self.ctx.Process(
-            target=_sentinel, args=(stop_event, start_event, workers, scheduler), name=f"pool-{self.serial}"
+            target=_sentinel, args=(stop_event, start_event, flags, scheduler), name=f"pool-{self.serial}"
         )
         process.start()
-        member = Member(f"pool-{self.serial}", workers, base, process, stop_event, start_event)
+        member = Member(f"pool-{self.serial}", workers, base, process, stop_event, start_event, flags=flags)
         self.members.append(member)
         self.write_status()
         return member
@@ -331,6 +344,21 @@ class Pool:
         self.members = []
         self.write_status()
 
+    def check_idle(self, now: float) -> None:
+        """Count the serving clusters' workers waiting for a job; report the most seen over
+        IDLE_WINDOW_SECONDS when that changes. The supervisor grows the pool ahead of the
+        next job when none was idle all that time (another provider's job would wait for
+        the growth), and keeps an idle extra cluster while it is the only room left."""
+        serving = [m for m in self.members if m.running and not m.retiring]
+        idle = sum(1 for m in serving for flag in m.flags if flag.value == 0) if serving else -1
+        self.idle_seen = [(t, n) for t, n in self.idle_seen if now - t < IDLE_WINDOW_SECONDS]
+        self.idle_seen.append((now, idle))
+        most = max(n for _, n in self.idle_seen)
+        reported = None if most < 0 else most
+        if reported != self.idle_workers:
+            self.idle_workers = reported
+            self.write_status()
+
     def write_status(self) -> None:
         if not self.status_file:
             return
@@ -347,7 +375,7 @@ class Pool:
         ]
         tmp = f"{self.status_file}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"pid": os.getpid(), "clusters": rows}, f)
+            json.dump({"pid": os.getpid(), "clusters": rows, "idle_workers": self.idle_workers}, f)
         os.replace(tmp, self.status_file)
 
 
@@ -396,6 +424,7 @@ def run() -> None:
             _command(pool, line.split())
         pool.check_started()
         pool.reap()
+        pool.check_idle(time.monotonic())
     pool.stop()
 
 

@@ -14,7 +14,11 @@
   and sends the waiting jobs again so the new workers take them (the first
   claim wins); an extra cluster whose workers ran nothing for
   WORKER_POOL_IDLE_SECONDS is stopped (django-q2 lets a running job end first,
-  so running tasks are never touched). A raised provider limit needs no restart;
+  so running tasks are never touched). A raised provider limit needs no restart.
+  It also grows the pool when none of its workers waited for a job over the
+  pool's last window (tasks.engine.pool.Pool.check_idle): one provider's
+  backlog can fill a small pool, and another provider's next job would wait
+  for the growth; such a cluster is kept while it is the only room;
 - follows provider changes (the queue list, the concurrency cap) and starts a
   cluster that died again;
 - sweeps every TASK_SWEEP_SECONDS: one query over the live tasks tells what
@@ -69,6 +73,9 @@ GROW_WAIT_SECONDS = 5.0
 # workers side by side (one sentinel forks its own one after another: ~15-40 ms each),
 # and an idle one is retired without waiting for the busy rest.
 GROW_CLUSTER_WORKERS = 16
+# How often a pool whose workers are all busy (none waiting for a job) may ask to grow
+# ahead of the next job when the last ask grew nothing (the demand did not call for it).
+HEADROOM_RETRY_SECONDS = 5.0
 # Jobs waiting in the broker at one check that start a grow at once (a burst); a single
 # one must still be waiting at the next check (it may be about to be taken).
 GROW_AT_ONCE = 2
@@ -165,6 +172,7 @@ class Supervisor:
         self.last_overdue = 0.0
         self.prober: threading.Thread | None = None
         self.backlog_seen = False
+        self.last_headroom = -1e9  # (monotonic) the last grow because every worker was busy
         self._lock_fd: int | None = None
         self._broker = None
 
@@ -228,13 +236,21 @@ class Supervisor:
         except (BrokenPipeError, OSError, ValueError):
             logger.warning("supervisor: the pool did not take %r (it is restarting)", line)
 
-    def clusters(self) -> list[Cluster]:
+    def pool_status(self) -> dict:
         from tasks.engine.pool import read_status
 
         status = read_status(self.status_file)
         if not self.pool_alive() or status.get("pid") != self.pool_proc.pid:
-            return []
-        return [Cluster(**row) for row in status["clusters"]]
+            return {"pid": None, "clusters": []}
+        return status
+
+    def clusters(self) -> list[Cluster]:
+        return [Cluster(**row) for row in self.pool_status()["clusters"]]
+
+    def idle_workers(self) -> int | None:
+        """Workers of the pool waiting for a job, the most seen over its last fraction of a
+        second (tasks.engine.pool.Pool.check_idle); None when it does not say."""
+        return self.pool_status().get("idle_workers")
 
     @property
     def pool_size(self) -> int:
@@ -317,6 +333,16 @@ class Supervisor:
             # Jobs wait in the broker (a gated pusher leaves them there only while every
             # worker is busy): several at once, or one at two checks in a row.
             waiting = 0 if self.grow(waiting, clusters) else waiting
+        elif (
+            not waiting
+            and all(c.running for c in clusters)
+            and now - self.last_headroom >= HEADROOM_RETRY_SECONDS
+            and self.idle_workers() == 0
+        ):
+            # Every worker stayed busy (one provider's backlog can fill a small pool):
+            # grow now, or the next job of another provider waits for the growth.
+            self.last_headroom = now
+            self.grow(0, clusters)
         self.backlog_seen = bool(waiting)
 
     def grow(self, waiting: int, clusters: list[Cluster]) -> bool:
@@ -338,8 +364,8 @@ class Supervisor:
             return False
         chunks = grow_chunks(workers)
         logger.info(
-            "supervisor: %d job(s) wait for a worker; growing the pool by %d (%d cluster(s))",
-            waiting,
+            "supervisor: %s; growing the pool by %d (%d cluster(s))",
+            f"{waiting} job(s) wait for a worker" if waiting else "every worker is busy",
             workers,
             len(chunks),
         )
@@ -348,6 +374,11 @@ class Supervisor:
         # Done once every new cluster is listed (or after GROW_WAIT_SECONDS).
         self.growing = (workers, len(clusters) + len(chunks) - 1, time.monotonic())
         return True
+
+    def headroom_fits(self) -> bool:
+        """Whether the pool is no larger than a grow would make it now (twice the demand,
+        within the cap): an idle extra cluster that is more goes, a right-sized one comes."""
+        return self.pool_size <= min(self.capacity(), 2 * self.demand())
 
     def demand(self) -> int:
         """Tasks of the served providers admitted but not claimed, and tasks running on this machine."""
@@ -382,14 +413,21 @@ class Supervisor:
             pid = name.rpartition(":")[2]
             if pid.isdigit():
                 active.add(int(pid))
+        idle = self.idle_workers()
         for cluster in extras:
             last = self.last_busy.setdefault(cluster.name, now)
             if self.backlog_seen or active & set(cluster_pids(cluster.pid)):
+                self.last_busy[cluster.name] = now
+            elif idle is not None and idle <= cluster.workers and self.headroom_fits():
+                # The rest of the pool is busy: this cluster is its room for another
+                # provider's next job (retired, it would be grown again at once).
                 self.last_busy[cluster.name] = now
             elif now - last >= settings.WORKER_POOL_IDLE_SECONDS:
                 logger.info("supervisor: cluster %s idle for %.0f s; stopping it", cluster.name, now - last)
                 self.command(f"retire {cluster.name}")
                 self.last_busy.pop(cluster.name, None)
+                if idle is not None:
+                    idle -= cluster.workers
 
     def child_pids(self) -> list[int]:
         return cluster_pids(self.pool_proc.pid) if self.pool_alive() else []

@@ -110,3 +110,45 @@ def test_a_database_out_of_reach_leaves_the_pool_cold_but_starting(monkeypatch, 
     monkeypatch.setattr(connection, "ensure_connection", down)
     pool.warm()  # does not raise: the workers connect for themselves later
     assert "could not warm" in caplog.text
+
+
+def test_the_pool_reports_its_idle_workers_the_most_seen_over_a_short_window(tmp_path):
+    """The supervisor grows the pool when none of its workers waited for a job over the
+    window (tasks.engine.supervisor): a worker between two jobs must not look like that."""
+    import json
+    from types import SimpleNamespace
+
+    from tasks.engine.pool import IDLE_WINDOW_SECONDS, Member, Pool
+
+    ctx = multiprocessing.get_context("fork")
+    status = tmp_path / "pool.json"
+    pool = Pool(str(status))
+
+    def member(name, workers, **kw):
+        flags = [ctx.Value("b", 1, lock=False) for _ in range(workers)]
+        m = Member(name, workers, True, SimpleNamespace(pid=1), None, None, flags=flags, **kw)
+        pool.members.append(m)
+        return m
+
+    def reported():
+        return json.loads(status.read_text())["idle_workers"]
+
+    starting = member("pool-1", 2)
+    pool.check_idle(0.0)
+    assert not status.exists() and pool.idle_workers is None, "no cluster serves yet: nothing to say"
+    starting.running = True
+    pool.check_idle(0.1)
+    assert reported() == 0, "both workers busy"
+    starting.flags[0].value = 0
+    pool.check_idle(0.2)
+    assert reported() == 1
+    starting.flags[0].value = 1  # it took a job
+    pool.check_idle(0.3)
+    assert reported() == 1, "one was idle within the window"
+    pool.check_idle(0.2 + IDLE_WINDOW_SECONDS + 0.01)
+    assert reported() == 0, "busy for a whole window"
+    retiring = member("pool-2", 3, running=True, retiring=True)
+    for flag in retiring.flags:
+        flag.value = 0
+    pool.check_idle(1.0)
+    assert reported() == 0, "a retiring cluster takes no job: not room"

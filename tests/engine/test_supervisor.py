@@ -16,8 +16,10 @@ class FakePool:
     def __init__(self, supervisor, workers=2):
         self.commands = []
         self.rows = [sup.Cluster(name="pool-1", pid=os.getpid(), workers=workers, base=True, running=True)]
+        self.idle = None  # its workers waiting for a job, as the pool reports them (None: unknown)
         supervisor.pool_alive = lambda: True
         supervisor.clusters = lambda: list(self.rows)
+        supervisor.idle_workers = lambda: self.idle
         supervisor.command = self.commands.append
 
     def grown(self, name, workers):
@@ -368,3 +370,79 @@ def test_a_large_grow_is_split_into_clusters_that_start_side_by_side(supervisor,
     pool.grown("pool-6", 15)
     supervisor.reconcile_pool()
     assert supervisor.growing is None and len(pool.commands) == 5, "all listed, and 80 workers: at the cap"
+
+
+def running_here(alice, provider, n, settings):
+    """n tasks of ``provider`` running on this machine."""
+    from tasks.models import Instance, Task
+
+    for _ in range(n):
+        name = f"r{Instance.objects.count()}"
+        instance = Instance.objects.create(owner=alice, provider=provider, name=name, live_name=name, image="x")
+        Task.objects.create(
+            task_type="start",
+            owner=alice,
+            initiator=alice,
+            provider=provider,
+            instance=instance,
+            status="running",
+            worker=f"{settings.WORKER_NODE}:1",
+        )
+
+
+def test_a_pool_whose_workers_are_all_busy_grows_before_another_providers_job_waits(
+    supervisor, monkeypatch, alice, settings
+):
+    """Provider A's backlog fills the two base workers (its limit is 2): without a free
+    worker, B's next job would wait in the broker until a grow. The pool says none of its
+    workers waited for a job over its last window, and the supervisor grows it then."""
+    a = Provider.objects.create(name="a", allow_concurrent_tasks=True, max_concurrent_tasks=2)
+    Provider.objects.create(name="b", allow_concurrent_tasks=True, max_concurrent_tasks=2)
+    supervisor.refresh_providers(force=True)
+    pool = FakePool(supervisor)
+    monkeypatch.setattr(supervisor, "backlog", lambda: 0)
+    running_here(alice, a, 2, settings)
+    pool.idle = 1
+    supervisor.reconcile_pool()
+    assert pool.commands == [], "a worker is free"
+    pool.idle = 0
+    pool.rows[0].running = False
+    supervisor.reconcile_pool()
+    assert pool.commands == [], "a cluster still starting: its workers are not counted yet"
+    pool.rows[0].running = True
+    supervisor.reconcile_pool()
+    assert pool.commands == ["grow 2"], "2 running, doubled: 4, within the cap of 4 (the sum of the limits)"
+    pool.grown("pool-2", 2)
+    supervisor.reconcile_pool()
+    supervisor.last_headroom = -1e9
+    supervisor.reconcile_pool()
+    assert pool.commands == ["grow 2"], "at the cap: no more, whatever the pool says"
+
+
+def test_an_idle_extra_cluster_stays_while_it_is_the_pools_only_room(supervisor, monkeypatch, alice, settings):
+    settings.WORKER_POOL_IDLE_SECONDS = 60.0
+    a = Provider.objects.create(name="a", allow_concurrent_tasks=True, max_concurrent_tasks=2)
+    Provider.objects.create(name="b", allow_concurrent_tasks=True, max_concurrent_tasks=20)
+    supervisor.refresh_providers(force=True)
+    pool = FakePool(supervisor)
+    pool.grown("pool-2", 2)
+    running_here(alice, a, 2, settings)  # on the base cluster's two workers
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(sup.time, "monotonic", lambda: clock["now"])
+    pool.idle = 2  # the extra cluster's two
+    supervisor.retire_idle()
+    clock["now"] += 61
+    supervisor.retire_idle()
+    assert pool.commands == [], "retired, the next job of another provider would wait for a grow"
+    pool.idle = 4  # A's backlog is done: the base cluster's workers wait too
+    clock["now"] += 61
+    supervisor.retire_idle()
+    assert pool.commands == ["retire pool-2"]
+    # A cluster larger than the room a grow would make (twice the demand) goes all the same.
+    pool.rows[1:] = []
+    pool.grown("pool-3", 16)
+    pool.idle = 16
+    supervisor.retire_idle()
+    clock["now"] += 61
+    supervisor.retire_idle()
+    assert pool.commands[-1] == "retire pool-3", "16 idle workers for 2 running tasks: a grow of 2 replaces them"
