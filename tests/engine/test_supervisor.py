@@ -63,29 +63,26 @@ def test_worker_providers_places_queues_on_chosen_machines(supervisor, settings)
     assert read_queues(supervisor.queues_file) == sorted([a.queue_name, c.queue_name])
 
 
+def tasks_on(alice, provider, n, **fields):
+    """n start tasks of ``provider`` (``fields`` their state), each on an instance of its own."""
+    from tasks.models import Instance, Task
+
+    for _ in range(n):
+        name = f"i{Instance.objects.count()}"
+        instance = Instance.objects.create(owner=alice, provider=provider, name=name, live_name=name, image="x")
+        Task.objects.create(
+            task_type="start", owner=alice, initiator=alice, provider=provider, instance=instance, **fields
+        )
+
+
 def admitted(alice, provider, n):
     """n tasks admitted and not claimed (their jobs sent a second ago)."""
     from datetime import timedelta
 
     from django.utils import timezone
 
-    from tasks.models import Instance, Task
-
     sent = timezone.now() - timedelta(seconds=1)
-    for _ in range(n):
-        name = f"i{Instance.objects.count()}"
-        instance = Instance.objects.create(owner=alice, provider=provider, name=name, live_name=name, image="x")
-        Task.objects.create(
-            task_type="start",
-            owner=alice,
-            initiator=alice,
-            provider=provider,
-            instance=instance,
-            status="pending",
-            admitted_at=sent,
-            dispatched_at=sent,
-            lease_token="t",
-        )
+    tasks_on(alice, provider, n, status="pending", admitted_at=sent, dispatched_at=sent, lease_token="t")
 
 
 def test_the_pool_grows_when_jobs_wait_by_what_the_database_says_within_the_cap(supervisor, monkeypatch, alice):
@@ -374,20 +371,7 @@ def test_a_large_grow_is_split_into_clusters_that_start_side_by_side(supervisor,
 
 def running_here(alice, provider, n, settings):
     """n tasks of ``provider`` running on this machine."""
-    from tasks.models import Instance, Task
-
-    for _ in range(n):
-        name = f"r{Instance.objects.count()}"
-        instance = Instance.objects.create(owner=alice, provider=provider, name=name, live_name=name, image="x")
-        Task.objects.create(
-            task_type="start",
-            owner=alice,
-            initiator=alice,
-            provider=provider,
-            instance=instance,
-            status="running",
-            worker=f"{settings.WORKER_NODE}:1",
-        )
+    tasks_on(alice, provider, n, status="running", worker=f"{settings.WORKER_NODE}:1")
 
 
 def test_a_pool_whose_workers_are_all_busy_grows_before_another_providers_job_waits(
