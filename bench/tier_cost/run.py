@@ -68,7 +68,10 @@ def parse():
     # phase, lets the drift fall on both.
     p.add_argument("--isolation-rounds", type=int, default=3)
     p.add_argument("--child", help=argparse.SUPPRESS)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.isolation_rounds < 1 or args.samples // max(1, args.isolation_rounds) < 20:
+        p.error("--isolation-rounds: at least 1, with at least 20 samples per round (--samples)")
+    return args
 
 
 ARGS = parse()
@@ -389,14 +392,16 @@ def isolation(user) -> dict:
             with lock:
                 backlog.append(t.pk)
 
+        per = ARGS.samples // ARGS.isolation_rounds
         for r in range(ARGS.isolation_rounds):
-            per = ARGS.samples // ARGS.isolation_rounds
             quiet = sample([next(b_left) for _ in range(per)])
             backlog.clear()
             in_threads(4, a_instances, queue)
             time.sleep(2)  # the pool has grown for A if it needed to
             busy_ = sample([next(b_left) for _ in range(per)], backlog_of=a)
             left = Task.objects.filter(pk__in=backlog, status="pending").count()
+            if not busy_:
+                raise SystemExit(f"round {r + 1}: A's backlog of {ARGS.backlog} drained before any loaded sample")
             rounds.append((pct(quiet, 0.95), pct(busy_, 0.95), len(quiet), len(busy_)))
             print(
                 f"  isolation round {r + 1}: p95 {rounds[-1][0] * 1000:.1f} ms unloaded, "

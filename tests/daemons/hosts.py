@@ -23,8 +23,11 @@ DIR = Path(os.environ.get("DAEMONS_DIR", "/tmp/cloudhost-daemons"))
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "daemons"
 GUEST_PAGE = "cloudhost-guest"
 NAMES = ("docker", "podman", "lxd", "incus")
-# Host port ranges per daemon, apart, so the four never compete for a host port.
-PORT_RANGES = {"docker": (41000, 41199), "podman": (41200, 41399), "lxd": (41400, 41599), "incus": (41600, 41799)}
+# Host port ranges per daemon, apart, so the four never compete for a host port; and below
+# Linux's ephemeral ports (ip_local_port_range, 32768-60999): a client socket of this machine
+# (the test's own database connection) that got such a port as its local port makes the
+# daemon's bind of 0.0.0.0:<port> fail with "address already in use" for as long as it lives.
+PORT_RANGES = {"docker": (21000, 21199), "podman": (21200, 21399), "lxd": (21400, 21599), "incus": (21600, 21799)}
 
 
 def http_get(port: int, seconds: float = 10.0) -> str:
