@@ -141,9 +141,7 @@ def _sentinel(stop_event, start_event, flags: list, scheduler: bool) -> None:
     Conf.WORKERS = len(flags)  # (this process's own copy: the sentinel sizes its pool from it)
     Conf.SCHEDULER = scheduler
     os.environ["WORKER_POOL_NAME"] = multiprocessing_name()
-    cls = gated_sentinel_class()
-    cls.slot_flags = flags  # (this forked process's copy of the class)
-    cls(stop_event, start_event, uuid.uuid4(), get_broker())
+    gated_sentinel_class()(flags, stop_event, start_event, uuid.uuid4(), get_broker())
 
 
 class GatedQueue:
@@ -211,14 +209,11 @@ def gated_sentinel_class():
     from django_q.worker import worker
 
     class GatedSentinel(Sentinel):
-        slot_flags: list | None = None  # made by the pool process, which reads them too
-
-        def __init__(self, *args, **kwargs):
-            from django_q.conf import Conf
-
-            # One busy flag per worker slot, made before any process is forked (the pusher
-            # reads them all); a slot's flag is 1 (busy) until a worker waits on it.
-            self.flags = self.slot_flags or [Value("b", 1, lock=False) for _ in range(int(Conf.WORKERS))]
+        def __init__(self, flags: list, *args, **kwargs):
+            # One busy flag per worker slot, made by the pool process before it forked this
+            # cluster (the pool and the pusher read them all); a slot's flag is 1 (busy)
+            # until a worker waits on it.
+            self.flags = flags
             self.slot_process: list = [None] * len(self.flags)
             super().__init__(*args, **kwargs)
 
