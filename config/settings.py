@@ -239,6 +239,11 @@ PROVIDER_PROBE_SECONDS = env_float("PROVIDER_PROBE_SECONDS", 15.0, minimum=1.0)
 # STUCK_P95_FACTOR times its type's p95, or has reported no step for this many minutes.
 STUCK_NO_PROGRESS_MINUTES = env_int("STUCK_NO_PROGRESS_MINUTES", 10, minimum=1)
 STUCK_P95_FACTOR = env_float("STUCK_P95_FACTOR", 3.0, minimum=1.0)
+# A host port the host refused to bind ("address already in use": something outside the
+# panel holds it) is skipped by automatic allocation for this long; a create that hit one
+# retries on another block, at most TASK_CREATE_PORT_ATTEMPTS blocks in all.
+HOST_PORT_BUSY_SECONDS = env_int("HOST_PORT_BUSY_SECONDS", 3600, minimum=0)
+TASK_CREATE_PORT_ATTEMPTS = env_int("TASK_CREATE_PORT_ATTEMPTS", 3, minimum=1, maximum=10)
 # django-q2's own admin pages (schedules, successes, failures, queued jobs) are hidden
 # from the console unless this is set: the task list is where operators look.
 SHOW_DJANGO_Q_ADMIN = env_bool("SHOW_DJANGO_Q_ADMIN", False)

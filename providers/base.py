@@ -8,6 +8,7 @@ in is success, so a step repeated after a crash or a retry converges.
 from __future__ import annotations
 
 import importlib
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -61,6 +62,32 @@ class NotFoundError(PermanentError):
 
 class ConflictError(PermanentError):
     """Exists with a different definition; a port already bound."""
+
+
+class HostPortBusy(ConflictError):
+    """The host refused to bind a host port the guest's mapping needs: something outside
+    the panel holds it (a program listening on it, or one of the host's outgoing
+    connections using it as its local port).
+
+    ``ports`` are the numbers the daemon's message names; they may include numbers
+    that are not ports (addresses, times), so callers keep only the ones they asked for.
+    """
+
+    def __init__(self, message: str, *, ports: tuple[int, ...] = (), **kw: Any):
+        super().__init__(message, **kw)
+        self.ports = tuple(ports)
+
+
+# What Docker, Podman, LXD and Incus say when a host port cannot be bound.
+BUSY_PORT_MESSAGES = ("address already in use", "port is already allocated")
+
+
+def host_port_busy(text: str, message: str, **kw: Any) -> HostPortBusy | None:
+    """A HostPortBusy for a daemon's ``message`` that says a host port is taken, else None."""
+    if not any(needle in message.lower() for needle in BUSY_PORT_MESSAGES):
+        return None
+    ports = sorted({int(n) for n in re.findall(r":(\d{1,5})(?!\d)", message) if 0 < int(n) < 65536})
+    return HostPortBusy(text, ports=tuple(ports), **kw)
 
 
 class UnsupportedError(PermanentError):

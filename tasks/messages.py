@@ -120,6 +120,10 @@ PATTERNS = (
         gettext_noop("reconciled with the provider: instance %(before)s -> %(after)s"),
     ),
     (re.compile(r"^downloading image (?P<image>\S+)$"), gettext_noop("downloading image %(image)s")),
+    (
+        re.compile(r"^host port (?P<ports>[\d,]+) is in use on the host; trying the block from port (?P<start>\d+)$"),
+        gettext_noop("host port %(ports)s is in use on the host; trying the block from port %(start)s"),
+    ),
     (re.compile(r"^mapping (?P<port>\S+)$"), gettext_noop("mapping %(port)s")),
     (re.compile(r"^unmapping (?P<port>\S+)$"), gettext_noop("unmapping %(port)s")),
     (re.compile(r"^mapped (?P<mapping>.+)$"), gettext_noop("mapped %(mapping)s")),

@@ -540,6 +540,34 @@ class PortMapping(models.Model):
         return ("tcp", "udp") if self.protocol == Protocol.BOTH else (self.protocol,)
 
 
+class BusyHostPort(models.Model):
+    """A host port of a provider that something outside the panel holds.
+
+    Recorded when the host refused to bind it ("address already in use": a program
+    listening on it, or one of the host's outgoing connections using it as its
+    local port). Automatic allocation skips it until ``expires_at``; a port asked
+    for by number is still tried. Not a mapping: it never counts against a quota.
+    """
+
+    provider = models.ForeignKey(
+        Provider, on_delete=models.CASCADE, related_name="busy_host_ports", verbose_name=_("provider")
+    )
+    port = models.PositiveIntegerField(
+        validators=[MinValueValidator(1), MaxValueValidator(65535)], verbose_name=_("host port")
+    )
+    message = models.CharField(max_length=300, blank=True, default="", verbose_name=_("host's message"))
+    seen_at = models.DateTimeField(default=timezone.now, verbose_name=_("last seen busy"))
+    expires_at = models.DateTimeField(verbose_name=_("skipped until"))
+
+    class Meta:
+        verbose_name = _("busy host port")
+        verbose_name_plural = _("busy host ports")
+        constraints = [models.UniqueConstraint(fields=["provider", "port"], name="busy_port_provider_port")]
+
+    def __str__(self) -> str:
+        return f"{self.provider_id}:{self.port}"
+
+
 class TaskSecret(models.Model):
     """A password produced by a task, encrypted, readable once by the task's owner."""
 

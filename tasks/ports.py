@@ -7,10 +7,14 @@ the IMMEDIATE transaction serialises them the same way.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from tasks.errors import InvalidInput, PortConflict
-from tasks.models import Instance, PortMapping, Protocol, Provider
+from tasks.models import BusyHostPort, Instance, PortMapping, Protocol, Provider
 
 MAX_RANGE = 1000
 
@@ -34,7 +38,11 @@ def overlapping(provider_id: int, protocol: str, start: int, end: int):
 def find_free(
     provider: Provider, protocol: str, count: int, exclude: list[tuple[int, int]] | None = None
 ) -> int | None:
-    """First host port of a free run of ``count`` ports in the provider's range."""
+    """First host port of a free run of ``count`` ports in the provider's range.
+
+    Free: no live mapping of the provider has it, and the host did not lately refuse
+    to bind it (BusyHostPort, whatever the protocol).
+    """
     protos = set(_protocols(protocol)) | {Protocol.BOTH}
     taken = list(
         PortMapping.objects.filter(
@@ -47,7 +55,13 @@ def find_free(
         .order_by("host_port_start")
         .values_list("host_port_start", "host_port_end")
     )
-    taken = sorted(taken + list(exclude or []))
+    busy = BusyHostPort.objects.filter(
+        provider_id=provider.pk,
+        expires_at__gt=timezone.now(),
+        port__gte=provider.port_range_start,
+        port__lte=provider.port_range_end,
+    ).values_list("port", flat=True)
+    taken = sorted(taken + [(port, port) for port in busy] + list(exclude or []))
     candidate = provider.port_range_start
     for start, end in taken:
         if candidate + count - 1 < start:
@@ -127,12 +141,14 @@ def reserve(
     )
 
 
-def reserve_default_block(provider: Provider, instance: Instance) -> list[PortMapping]:
+def reserve_default_block(
+    provider: Provider, instance: Instance, exclude: list[tuple[int, int]] | None = None
+) -> list[PortMapping]:
     """The block every new instance gets: first host port -> SSH (22/tcp), the rest 1:1 tcp+udp."""
     size = provider.default_port_block
     if size == 0:
         return []
-    start = find_free(provider, Protocol.BOTH, size)
+    start = find_free(provider, Protocol.BOTH, size, exclude)
     if start is None:
         raise PortConflict(
             _("provider %(name)s has no block of %(size)s free host ports") % {"name": provider.name, "size": size},
@@ -150,3 +166,20 @@ def reserve_default_block(provider: Provider, instance: Instance) -> list[PortMa
             )
         )
     return mappings
+
+
+def listed(numbers: list[int]) -> str:
+    """Ports for a message: 21000,21003."""
+    return ",".join(str(n) for n in numbers)
+
+
+def record_busy(provider_id: int, ports: list[int], message: str) -> None:
+    """Remember host ports the host refused to bind, so automatic allocation skips them
+    for HOST_PORT_BUSY_SECONDS (a hint, not a reservation: no lock, last writer wins)."""
+    seconds = settings.HOST_PORT_BUSY_SECONDS
+    if not ports or seconds <= 0:
+        return
+    now = timezone.now()
+    fields = {"message": message[:300], "seen_at": now, "expires_at": now + timedelta(seconds=seconds)}
+    for port in sorted(set(ports)):
+        BusyHostPort.objects.update_or_create(provider_id=provider_id, port=port, defaults=fields)

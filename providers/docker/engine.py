@@ -30,6 +30,7 @@ from providers.base import (
     ProgressCallback,
     ProviderError,
     RetryableError,
+    host_port_busy,
 )
 from tasks.engine.states import InstanceStatus
 
@@ -98,13 +99,14 @@ def classify(exc: BaseException, op: str, *, mutation: bool = False, creating: b
         low = message.lower()
         if status in (401, 403):
             return AuthError(text, **kw)
+        busy = host_port_busy(text, message, **kw)
+        if busy is not None:
+            return busy
         if status == 404:
             return NotFoundError(text, **kw)
         if status == 409:
             if "in progress" in low:  # "removal of container x is already in progress"
                 return RetryableError(text, **kw)
-            return ConflictError(text, **kw)
-        if "port is already allocated" in low or "address already in use" in low:
             return ConflictError(text, **kw)
         if status in (502, 503, 504):
             return AmbiguousOutcome(text, **kw) if mutation else RetryableError(text, **kw)

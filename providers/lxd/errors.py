@@ -14,6 +14,7 @@ from providers.base import (
     PermanentError,
     ProviderError,
     RetryableError,
+    host_port_busy,
 )
 
 OP_FAILURE = 400
@@ -49,6 +50,9 @@ def classify_http(status: int, message: str, *, op: str, create: bool = False) -
     kw = {"op": op, "remote_status": status, "remote_message": message}
     if matches(message, RETRYABLE_MESSAGES):
         return RetryableError(text, **kw)
+    busy = host_port_busy(text, message, **kw)
+    if busy is not None:
+        return busy
     if status in (401, 403):
         return AuthError(text, **kw)
     if status == 404:
@@ -71,6 +75,9 @@ def classify_op_failure(message: str, *, op: str) -> ProviderError:
     kw = {"op": op, "remote_status": OP_FAILURE, "remote_message": message}
     if matches(message, RETRYABLE_MESSAGES):
         return RetryableError(text, **kw)
+    busy = host_port_busy(text, message, **kw)
+    if busy is not None:
+        return busy
     if matches(message, CONFLICT_MESSAGES):
         return ConflictError(text, **kw)
     return PermanentError(text, **kw)

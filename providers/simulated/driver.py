@@ -29,6 +29,7 @@ from providers.base import (
     ServerInfo,
     UnreachableError,
     UnsupportedError,
+    host_port_busy,
 )
 from providers.simulated.options import MUTATING_OPS, SimulatedOptions, default_speed, default_state_dir
 from providers.simulated.store import SimulatedStore, _guest_id, _hash_password, addresses_for
@@ -500,6 +501,7 @@ class SimulatedDriver:
         with self._recording(op, name, {}):
             self._spend(op, name, cancel, progress, DELAYS["port"], 0, 100, f"mapping {port.handle}")
             conflict = ""
+            held = [p for p in self.options.host_ports_in_use if port.host_port_start <= p <= port.host_port_end]
             with self.store.transaction() as db:
                 same = db.execute("SELECT * FROM ports WHERE guest = ? AND handle = ?", (name, port.handle)).fetchone()
                 clash = db.execute(
@@ -517,6 +519,8 @@ class SimulatedDriver:
                         f"host port(s) {port.host_port_start}-{port.host_port_end}/{port.protocol} already"
                         f" bound by {clash['guest']} ({clash['handle']})"
                     )
+                elif same is None and held:
+                    conflict = f"listen {port.protocol} 0.0.0.0:{held[0]}: bind: address already in use"
                 elif same is None:
                     db.execute(
                         "INSERT INTO ports (guest, handle, protocol, host_start, host_end, guest_start, guest_end,"
@@ -534,7 +538,10 @@ class SimulatedDriver:
                     )
             if conflict:
                 # Raised outside the store transaction: recording it opens its own.
-                raise ConflictError(conflict, op=op, remote_status=409)
+                text = f"{op}: {conflict}"
+                raise host_port_busy(
+                    text, conflict, op=op, remote_status=500, remote_message=conflict
+                ) or ConflictError(conflict, op=op, remote_status=409)
             applied = same is None
         self._finish(op, name, applied=applied, ambiguous=ambiguous)
 

@@ -79,6 +79,9 @@ class SimulatedOptions:
     delete_leaves_guest: bool = False
     graceful_stop_fails: bool = False
     unreachable: bool = False
+    # Host ports something outside the panel holds on the simulated host: mapping one
+    # fails with "address already in use", as on a real host.
+    host_ports_in_use: tuple[int, ...] = ()
     traffic: str = "none"
     pmacct: dict[str, Any] = field(default_factory=dict)
     # (traffic and pmacct belong to tasks.traffic; they are accepted here so the
@@ -92,7 +95,7 @@ class SimulatedOptions:
         data = dict(connection or {})
         opts = cls()
         for key, value in data.items():
-            if key in ("fail_rate_ops", "hang_ops", "ignore_cancel_ops"):
+            if key in ("fail_rate_ops", "hang_ops", "ignore_cancel_ops", "host_ports_in_use"):
                 value = tuple(value)
             elif key == "fail_times":
                 value = {k: int(v) for k, v in value.items()}
@@ -153,6 +156,11 @@ def validate_connection(connection: dict[str, Any]) -> list[str]:
     for key in ("delete_leaves_guest", "graceful_stop_fails", "unreachable"):
         if key in connection and not isinstance(connection[key], bool):
             errors.append(f"{key} must be true or false")
+    in_use = connection.get("host_ports_in_use", [])
+    if not isinstance(in_use, list) or any(
+        isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 65535 for n in in_use
+    ):
+        errors.append("host_ports_in_use must be a list of port numbers (1-65535)")
     if "traffic" in connection and not isinstance(connection["traffic"], str):
         errors.append("traffic must be the name of a traffic accounting (none, pmacct)")
     if "pmacct" in connection and not isinstance(connection["pmacct"], dict):

@@ -44,7 +44,7 @@ from tasks.admin.lists import (
     users_matching,
 )
 from tasks.engine.states import ALLOWED_INSTANCE_STATUS, TaskType
-from tasks.models import Instance, InstanceTraffic, PortMapping, Task
+from tasks.models import BusyHostPort, Instance, InstanceTraffic, PortMapping, Task
 
 logger = logging.getLogger(__name__)
 
@@ -448,4 +448,32 @@ class PortMappingAdmin(SafeSelectionMixin, IndexedListMixin, admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(BusyHostPort)
+class BusyHostPortAdmin(SafeSelectionMixin, IndexedListMixin, admin.ModelAdmin):
+    """Host ports the host refused to bind (tasks.ports.record_busy). Automatic allocation
+    skips them until "skipped until"; deleting a row makes its port eligible again at once
+    (for an operator who freed the port on the host)."""
+
+    list_display = ("port", "provider", "seen_at", "expires_at", "message")
+    list_filter = ("provider",)
+    search_fields = ("port__exact",)
+    search_help_text = _("A host port.")
+    list_select_related = ("provider",)
+    ordering = ("-id",)
+    sortable_by = ()
+    readonly_fields = [f.name for f in BusyHostPort._meta.fields]
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        return (queryset.filter(port=int(term)) if term.isdigit() else queryset.none()), False
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
         return False

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import logging
 
+from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
-from providers.base import CANCEL_LEASE_LOST, OperationCancelled, ProviderError, no_progress
-from tasks import crypto, resources, traffic
+from providers.base import CANCEL_LEASE_LOST, HostPortBusy, OperationCancelled, ProviderError, no_progress
+from tasks import crypto, ports, resources, traffic
 from tasks.engine.states import CANCELLED, COMPLETED, EXECUTING, InstanceStatus, TaskType
-from tasks.models import Instance, PortMapping, Task
+from tasks.models import Instance, PortMapping, Protocol, Provider, Task
 from tasks.operations import register
 from tasks.operations.base import ExecutionContext, Operation, Outcome
 from tasks.operations.steps import (
@@ -50,25 +52,83 @@ class CreateOperation(Operation):
 
     def run(self, ctx: ExecutionContext) -> None:
         steps = Steps(ctx)
-        try:
-            self._create(ctx, steps)
-        except Exception:
-            if handed_on(ctx):
-                # Handed back at shutdown, or fenced off because the task is resumed
-                # elsewhere: the guest stays; the next attempt finds it and finishes it.
-                logger.info(
-                    "task %s: create stopped (%s); guest left for the next attempt", ctx.task.pk, ctx.cancel.reason
-                )
-                raise
-            problem = self._undo(ctx, steps)
-            if problem:
-                # Say so where the operator looks: the task's error message (the worker
-                # appends it to whatever error ends the task: failure, cancel or timeout).
-                name = guest_ref(ctx.instance)["name"]
-                ctx.error_note = (
-                    f"and the guest could not be removed again: {problem}; guest {name} may remain on the provider"
-                )
-            raise
+        attempts = settings.TASK_CREATE_PORT_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            try:
+                self._create(ctx, steps)
+                return
+            except Exception as exc:
+                if handed_on(ctx):
+                    # Handed back at shutdown, or fenced off because the task is resumed
+                    # elsewhere: the guest stays; the next attempt finds it and finishes it.
+                    logger.info(
+                        "task %s: create stopped (%s); guest left for the next attempt", ctx.task.pk, ctx.cancel.reason
+                    )
+                    raise
+                busy = self._busy_ports(ctx, exc)
+                problem = self._undo(ctx, steps)
+                if problem:
+                    # Say so where the operator looks: the task's error message (the worker
+                    # appends it to whatever error ends the task: failure, cancel or timeout).
+                    name = guest_ref(ctx.instance)["name"]
+                    ctx.error_note = (
+                        f"and the guest could not be removed again: {problem}; guest {name} may remain on the provider"
+                    )
+                    raise
+                if not busy:
+                    raise
+                start = self._move_ports(ctx, busy) if attempt < attempts else None
+                if start is None:
+                    ctx.error_note = (
+                        f"host port {ports.listed(busy)} is in use on the host, outside the panel; tried {attempt} port"
+                        f" block(s)"
+                    )
+                    raise
+            steps.step(5, f"host port {ports.listed(busy)} is in use on the host; trying the block from port {start}")
+            # The guest is verified gone and the ports moved: the next attempt starts afresh
+            # (a cancel before this point ends the task with the guest known gone).
+            ctx.instance_status = None
+
+    def _busy_ports(self, ctx: ExecutionContext, exc: Exception) -> list[int]:
+        """The instance's own host ports that the host refused to bind, recorded so that
+        automatic allocation skips them; [] for any other error."""
+        if not isinstance(exc, HostPortBusy) or ctx.cancel.cancelled:
+            return []
+        mappings = PortMapping.objects.filter(instance=ctx.instance, status=PortMapping.STATUS_PENDING)
+        ranges = list(mappings.values_list("host_port_start", "host_port_end"))
+        busy = [port for port in exc.ports if any(lo <= port <= hi for lo, hi in ranges)]
+        ports.record_busy(ctx.provider.pk, busy, exc.remote_message or str(exc))
+        return busy
+
+    def _move_ports(self, ctx: ExecutionContext, busy: list[int]) -> int | None:
+        """Give the instance a new default block that avoids ``busy``: its pending mappings
+        turn ``failed`` and new ones are reserved, under the provider row lock (the
+        system's lock order) and only while this run still holds the task's lease.
+        Returns the new block's first port (the SSH port), None when none is free."""
+        instance = ctx.instance
+        with transaction.atomic():
+            provider = Provider.objects.select_for_update().get(pk=ctx.provider.pk)
+            exclude = [(port, port) for port in busy]
+            if ports.find_free(provider, Protocol.BOTH, provider.default_port_block, exclude) is None:
+                return None
+            PortMapping.objects.filter(instance=instance, status=PortMapping.STATUS_PENDING).update(
+                status=PortMapping.STATUS_FAILED
+            )
+            start = ports.reserve_default_block(provider, instance, exclude)[0].host_port_start
+            held = Task.objects.filter(pk=ctx.task.pk, lease_token=ctx.task.lease_token, status__in=EXECUTING).values(
+                "pk"
+            )
+            if not Instance.objects.filter(pk=instance.pk, active_task_id__in=held).update(ssh_port=start):
+                raise OperationCancelled(CANCEL_LEASE_LOST)  # (rolls the new block back)
+            instance.ssh_port = start
+        logger.warning(
+            "task %s: host port(s) %s of %s in use on the host; moved to the block from %s",
+            ctx.task.pk,
+            ports.listed(busy),
+            ctx.provider.name,
+            instance.ssh_port,
+        )
+        return instance.ssh_port
 
     def _create(self, ctx: ExecutionContext, steps: Steps) -> None:
         instance = ctx.instance

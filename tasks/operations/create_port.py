@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 
-from providers.base import no_progress
+from providers.base import HostPortBusy, no_progress
+from tasks import ports
 from tasks.engine.states import COMPLETED, TaskType
 from tasks.models import PortMapping
 from tasks.operations import register
@@ -71,6 +72,15 @@ class CreatePortOperation(GuestOperation):
             undo = port_specs(task_mapping(ctx))
         except LookupError:
             undo = []
+        if isinstance(exc, HostPortBusy) and undo:
+            # Something outside the panel holds the port: remember it, so that a request
+            # without a host port gets another one, and say so.
+            busy = [port for port in exc.ports if undo[0].host_port_start <= port <= undo[0].host_port_end]
+            if busy:
+                ports.record_busy(ctx.provider.pk, busy, exc.remote_message or str(exc))
+                ctx.error_note = (
+                    f"host port {ports.listed(busy)} is in use on the host, outside the panel; choose another one"
+                )
         # Removal is idempotent and the host ports are ours (reserved under the
         # provider lock), so unmapping every protocol undoes whatever was mapped.
         for port in undo:

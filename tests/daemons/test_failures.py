@@ -19,7 +19,7 @@ from tasks import services
 from tasks.engine import health
 from tasks.engine.worker import run_admitted_inline
 from tasks.errors import InvalidInput
-from tasks.models import PortMapping, Provider, Task
+from tasks.models import BusyHostPort, PortMapping, Provider, Task
 from tests.daemons.hosts import http_get, refused
 from tests.daemons.tier_hooks import HELD
 
@@ -139,7 +139,9 @@ def test_a_busy_host_port_fails_cleanly_and_the_instance_stays_as_it_was(alice, 
     mapping.refresh_from_db()
     instance.refresh_from_db()
     assert task.status == "failed", task.error_message
+    assert f"host port {busy} is in use on the host, outside the panel" in task.error_message
     assert mapping.status == PortMapping.STATUS_FAILED
+    assert BusyHostPort.objects.filter(provider=provider, port=busy).exists()
     # The instance as it was: running, its SSH port answering, its data and one guest.
     assert instance.status == "running" and daemon.status(guest) == "running"
     assert http_get(ssh.host_port_start)
@@ -150,6 +152,29 @@ def test_a_busy_host_port_fails_cleanly_and_the_instance_stays_as_it_was(alice, 
     task = runner.run(provider, task)
     assert task.status == "completed", task.error_message
     assert http_get(busy)
+
+
+def test_a_create_whose_host_port_is_busy_moves_to_another_block(alice, daemon, provider_for, request, engine):
+    provider = provider_for(daemon)
+    runner = engine()
+    busy = provider.port_range_start  # the SSH port of the first block (default_port_block 2)
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind(("0.0.0.0", busy))  # another program on the host holds it (no traffic is sent to it)
+    blocker.listen(1)
+    try:
+        instance = created(alice, daemon, provider, request, runner)
+    finally:
+        blocker.close()
+    # The daemon refused the port; the task removed that guest and made it again on the next block.
+    assert instance.ssh_port == busy + 1
+    assert http_get(instance.ssh_port)
+    assert BusyHostPort.objects.filter(provider=provider, port=busy).exists()
+    assert daemon.leftovers(instance.guest_name) in (
+        [f"/{instance.guest_name}", f"{instance.guest_name}-data"],
+        [instance.guest_name],
+        [f"/1.0/instances/{instance.guest_name}"],
+    )
 
 
 def test_a_stopped_daemon_holds_the_provider_and_its_return_resumes_it(alice, daemon, provider_for, request, engine):

@@ -175,7 +175,7 @@ def test_graceful_stop_that_hangs_is_forced_after_the_timeout(tmp_path):
 def test_bad_settings_are_refused_with_a_readable_reason(alice, provider):
     assert validate_connection({"fail_rate": 2, "fial_ops": {}, "hang_ops": ["boot"]}) == [
         "unknown key 'fial_ops' (known: delete_leaves_guest, fail_epoch, fail_kind, fail_ops, fail_rate, "
-        "fail_rate_ops, fail_times, graceful_stop_fails, hang_ops, hang_seconds, ignore_cancel_ops, pmacct, "
+        "fail_rate_ops, fail_times, graceful_stop_fails, hang_ops, hang_seconds, host_ports_in_use, ignore_cancel_ops, pmacct, "
         "seed, slow, speed, state_dir, traffic, unreachable)",
         "fail_rate must be between 0.0 and 1.0",
         "hang_ops must be a list of operations from create, start, stop, restart, delete, rebuild, "
