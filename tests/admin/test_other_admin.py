@@ -115,3 +115,22 @@ def test_add_a_provider_with_secrets(root_client):
     assert provider.get_secrets() == {"token_secret": "s3cr3t-value"}
     assert provider.connection == {"endpoint": "https://pve:8006", "node": "pve"}
     assert "s3cr3t-value" not in root_client.get(change_url("provider", provider.pk)).content.decode()
+
+
+def test_busy_host_ports_are_listed_searchable_and_can_be_freed(root_client, provider):
+    from tasks import ports
+    from tasks.models import BusyHostPort
+
+    ports.record_busy(provider.pk, [20002, 20007], "listen tcp 0.0.0.0:20002: bind: address already in use")
+    response = root_client.get(changelist("busyhostport"), {"q": "20007"})
+    assert [b.port for b in response.context["cl"].result_list] == [20007]
+    assert list(root_client.get(changelist("busyhostport"), {"q": "ssh"}).context["cl"].result_list) == []
+    html = root_client.get(changelist("busyhostport")).content.decode()
+    assert "address already in use" in html and "20002" in html
+    assert root_client.get(changelist("busyhostport") + "add/").status_code == 403
+    # Freed on the host: deleting the row makes the port eligible again at once.
+    assert ports.find_free(provider, "tcp", 1) == 20000 and ports.find_free(provider, "tcp", 3) == 20003
+    busy = BusyHostPort.objects.get(port=20002)
+    post_action(root_client, "busyhostport", "delete_selected", [busy.pk], post="yes")
+    assert list(BusyHostPort.objects.values_list("port", flat=True)) == [20007]
+    assert ports.find_free(provider, "tcp", 3) == 20000
