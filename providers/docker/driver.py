@@ -21,6 +21,7 @@ from providers.base import (
     ConflictError,
     GuestSpec,
     GuestState,
+    HostPortBusy,
     NotFoundError,
     PermanentError,
     PortSpec,
@@ -333,7 +334,10 @@ class DockerDriver(EngineApi, ContainerSwap):
         try:
             self._swap(container, name, new_config, cancel, progress, op, commit=commit)
         except ConflictError as exc:
-            raise ConflictError(f"{op}: {exc.remote_message or exc}", op=op, remote_message=exc.remote_message) from exc
+            text = f"{op}: {exc.remote_message or exc}"
+            if isinstance(exc, HostPortBusy):  # (the task layer records the port it names)
+                raise HostPortBusy(text, op=op, remote_message=exc.remote_message, ports=exc.ports) from exc
+            raise ConflictError(text, op=op, remote_message=exc.remote_message) from exc
 
     def get_state(self, ref: dict[str, Any]) -> GuestState:
         op = "get_state"

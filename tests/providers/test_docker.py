@@ -25,6 +25,7 @@ from providers.base import (
     CancelToken,
     ConflictError,
     GuestSpec,
+    HostPortBusy,
     NotFoundError,
     OperationCancelled,
     PermanentError,
@@ -259,7 +260,7 @@ def test_start_errors(driver, fake):
     assert err.value.retryable
     fake.busy_host_ports.add("tcp/20022")
     driver.add_port(ref, SSH, CancelToken(), Progress())  # never started: no conflict until it starts
-    with pytest.raises(ConflictError, match="port is already allocated"):
+    with pytest.raises(HostPortBusy, match="port is already allocated"):
         driver.start(ref, CancelToken(), Progress())
     fake.busy_host_ports.clear()
     driver.start(ref, CancelToken(), Progress())
@@ -452,8 +453,9 @@ def test_port_conflict_restores_the_old_container(driver, fake):
     ref = make(driver)
     old_id = fake.by_name(NAME).id
     fake.busy_host_ports.add("tcp/20022")
-    with pytest.raises(ConflictError, match="already allocated"):
+    with pytest.raises(HostPortBusy, match="already allocated") as err:
         driver.add_port(ref, SSH, CancelToken(), Progress())
+    assert SSH.host_port_start in err.value.ports  # the port, for the task layer to record
     restored = fake.by_name(NAME)
     assert restored.id == old_id and restored.status == "running"
     assert not restored.host_config.get("PortBindings")
