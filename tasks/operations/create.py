@@ -109,7 +109,8 @@ class CreateOperation(Operation):
         with transaction.atomic():
             provider = Provider.objects.select_for_update().get(pk=ctx.provider.pk)
             exclude = [(port, port) for port in busy]
-            if ports.find_free(provider, Protocol.BOTH, provider.default_port_block, exclude) is None:
+            size = provider.default_port_block  # (as it is now: an operator may have changed it)
+            if size == 0 or ports.find_free(provider, Protocol.BOTH, size, exclude) is None:
                 return None
             PortMapping.objects.filter(instance=instance, status=PortMapping.STATUS_PENDING).update(
                 status=PortMapping.STATUS_FAILED

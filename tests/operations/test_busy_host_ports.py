@@ -111,6 +111,19 @@ def test_create_gives_up_after_its_attempts_and_releases_everything(alice, provi
     assert sorted(BusyHostPort.objects.values_list("port", flat=True)) == [20001, 20005, 20008]
 
 
+def test_no_block_to_move_to_fails_the_create_cleanly(alice, provider):
+    inject(provider, host_ports_in_use=[20000])
+    instance, task = services.create_instance(alice, provider=provider, image="debian/12", cpu=2)
+    provider.port_range_end = 20004  # meanwhile the operator narrowed the range to this one block
+    provider.save(update_fields=["port_range_end"])
+    run(provider)
+    task, instance = fresh(task), fresh(instance)
+    assert task.status == "failed"
+    assert "host port 20000 is in use on the host, outside the panel; tried 1 port block(s)" in task.error_message
+    assert instance.status == "failed" and usage(instance) == (0, 0, 0, 0) and _live_ranges(instance) == []
+    assert store(provider).guest(instance.guest_name) is None
+
+
 def test_a_busy_port_outside_the_instance_block_is_not_blamed(alice, provider):
     """An error that names no port of the instance's block is an ordinary failure."""
     inject(provider, fail_ops={"add_port": "permanent"})
