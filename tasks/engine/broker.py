@@ -194,6 +194,10 @@ class OrmBroker(ORM):
             cur.execute(ready, [*names, self._time(timezone.now())])
             return {key: int(n) for key, n in cur.fetchall()}
 
+    def ready_total(self, names) -> int:
+        """Jobs waiting to be pulled over these keys (the supervisor's backlog check)."""
+        return sum(self.ready_counts(names).values())
+
     def _pull(self) -> list[tuple[int, str]]:
         statements = self._statements()
         names = self.queues.names()
@@ -276,6 +280,24 @@ class RedisBroker(Redis):
         for name in names:
             pipe.llen(redis_key(name))
         return {name: int(n) for name, n in zip(names, pipe.execute(), strict=True) if n}
+
+    def ready_total(self, names) -> int:
+        """Jobs waiting to be pulled over these keys, summed by Redis: one command whatever
+        the number of keys. The supervisor asks four times a second; a pipeline of one
+        LLEN per key cost the idle tier 0.8% of a core more at 100 providers than at 1."""
+        if not names:
+            return 0
+        script = getattr(self, "_sum_script", None)
+        if script is None:
+            script = self._sum_script = self.connection.register_script(SUM_LENGTHS)
+        keys = getattr(self, "_sum_keys", None)
+        if keys is None or keys[0] != names:
+            keys = self._sum_keys = (list(names), [redis_key(n) for n in names])
+        return int(script(keys=keys[1]))
+
+
+# Server-side sum of the lengths of KEYS (EVALSHA; redis-py loads it again after a flush).
+SUM_LENGTHS = "local n = 0 for _, key in ipairs(KEYS) do n = n + redis.call('LLEN', key) end return n"
 
 
 def redis_key(name: str) -> str:

@@ -309,7 +309,7 @@ class Supervisor:
         """Jobs of this machine's provider queues waiting in the broker for a worker."""
         names = [p.queue for p in self.providers]
         try:
-            return sum(self.broker().ready_counts(names).values())
+            return self.broker().ready_total(names)
         except Exception:
             self._broker = None
             raise

@@ -116,6 +116,7 @@ def test_a_pool_takes_from_every_listed_queue_oldest_first_and_follows_the_list(
         None,
     ]
     assert pool.ready_counts(["provider-1", "provider-3"]) == {"provider-3": 1}
+    assert pool.ready_total(["provider-1", "provider-3"]) == 1
     write_queues(queues_file, ["provider-1", "provider-2", "provider-3"])
     assert pool.dequeue()[0][1] == "not served here", "a provider added while running is served at once"
     assert OrmBroker(list_key="provider-1").queues.names() == ["provider-1"], "a producer serves nothing else"
@@ -164,6 +165,10 @@ def test_the_redis_pool_reads_all_keys_in_one_call_rotating_so_none_starves(queu
         assert len(calls) == 4 and all(len(keys) == 4 for keys in calls), "one call over every key"
         assert len({keys[0] for keys in calls}) == 4, "each key comes first in turn"
         assert pool.ready_counts(names) == {"provider-1": 18}
+        client.rpush(redis_key("provider-3"), "3-1", "3-2")
+        assert pool.ready_total(names) == 20 and pool.ready_total(names[1:]) == 2 and pool.ready_total([]) == 0
+        client.script_flush()  # (a restarted Redis has no script: it is loaded again)
+        assert pool.ready_total(names) == 20
     finally:
         client.flushdb()
 
