@@ -173,6 +173,13 @@ def listed(numbers: list[int]) -> str:
     return ",".join(str(n) for n in numbers)
 
 
+def record_refused(provider_id: int, exc, ranges: list[tuple[int, int]]) -> list[int]:
+    """The ports of ``ranges`` that a HostPortBusy names, recorded as busy (see record_busy)."""
+    busy = [port for port in exc.ports if any(lo <= port <= hi for lo, hi in ranges)]
+    record_busy(provider_id, busy, exc.remote_message or str(exc))
+    return busy
+
+
 def record_busy(provider_id: int, ports: list[int], message: str) -> None:
     """Remember host ports the host refused to bind, so automatic allocation skips them
     for HOST_PORT_BUSY_SECONDS (a hint, not a reservation: no lock, last writer wins)."""

@@ -290,10 +290,7 @@ class RedisBroker(Redis):
         script = getattr(self, "_sum_script", None)
         if script is None:
             script = self._sum_script = self.connection.register_script(SUM_LENGTHS)
-        keys = getattr(self, "_sum_keys", None)
-        if keys is None or keys[0] != names:
-            keys = self._sum_keys = (list(names), [redis_key(n) for n in names])
-        return int(script(keys=keys[1]))
+        return int(script(keys=[redis_key(n) for n in names]))
 
 
 # Server-side sum of the lengths of KEYS (EVALSHA; redis-py loads it again after a flush).

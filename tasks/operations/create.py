@@ -26,7 +26,8 @@ from django.utils import timezone
 from providers.base import CANCEL_LEASE_LOST, HostPortBusy, OperationCancelled, ProviderError, no_progress
 from tasks import crypto, ports, resources, traffic
 from tasks.engine.states import CANCELLED, COMPLETED, EXECUTING, InstanceStatus, TaskType
-from tasks.models import Instance, PortMapping, Protocol, Provider, Task
+from tasks.errors import PortConflict
+from tasks.models import Instance, PortMapping, Provider, Task
 from tasks.operations import register
 from tasks.operations.base import ExecutionContext, Operation, Outcome
 from tasks.operations.steps import (
@@ -95,10 +96,9 @@ class CreateOperation(Operation):
         if not isinstance(exc, HostPortBusy) or ctx.cancel.cancelled:
             return []
         mappings = PortMapping.objects.filter(instance=ctx.instance, status=PortMapping.STATUS_PENDING)
-        ranges = list(mappings.values_list("host_port_start", "host_port_end"))
-        busy = [port for port in exc.ports if any(lo <= port <= hi for lo, hi in ranges)]
-        ports.record_busy(ctx.provider.pk, busy, exc.remote_message or str(exc))
-        return busy
+        return ports.record_refused(
+            ctx.provider.pk, exc, list(mappings.values_list("host_port_start", "host_port_end"))
+        )
 
     def _move_ports(self, ctx: ExecutionContext, busy: list[int]) -> int | None:
         """Give the instance a new default block that avoids ``busy``: its pending mappings
@@ -106,22 +106,24 @@ class CreateOperation(Operation):
         system's lock order) and only while this run still holds the task's lease.
         Returns the new block's first port (the SSH port), None when none is free."""
         instance = ctx.instance
-        with transaction.atomic():
-            provider = Provider.objects.select_for_update().get(pk=ctx.provider.pk)
-            exclude = [(port, port) for port in busy]
-            size = provider.default_port_block  # (as it is now: an operator may have changed it)
-            if size == 0 or ports.find_free(provider, Protocol.BOTH, size, exclude) is None:
-                return None
-            PortMapping.objects.filter(instance=instance, status=PortMapping.STATUS_PENDING).update(
-                status=PortMapping.STATUS_FAILED
-            )
-            start = ports.reserve_default_block(provider, instance, exclude)[0].host_port_start
-            held = Task.objects.filter(pk=ctx.task.pk, lease_token=ctx.task.lease_token, status__in=EXECUTING).values(
-                "pk"
-            )
-            if not Instance.objects.filter(pk=instance.pk, active_task_id__in=held).update(ssh_port=start):
-                raise OperationCancelled(CANCEL_LEASE_LOST)  # (rolls the new block back)
-            instance.ssh_port = start
+        try:
+            with transaction.atomic():
+                provider = Provider.objects.select_for_update().get(pk=ctx.provider.pk)
+                if provider.default_port_block == 0:  # (as it is now: an operator may have changed it)
+                    return None
+                PortMapping.objects.filter(instance=instance, status=PortMapping.STATUS_PENDING).update(
+                    status=PortMapping.STATUS_FAILED
+                )
+                exclude = [(port, port) for port in busy]
+                start = ports.reserve_default_block(provider, instance, exclude)[0].host_port_start
+                held = Task.objects.filter(
+                    pk=ctx.task.pk, lease_token=ctx.task.lease_token, status__in=EXECUTING
+                ).values("pk")
+                if not Instance.objects.filter(pk=instance.pk, active_task_id__in=held).update(ssh_port=start):
+                    raise OperationCancelled(CANCEL_LEASE_LOST)  # (rolls the new block back)
+        except PortConflict:
+            return None  # no free block left (rolled back: the old block stays pending)
+        instance.ssh_port = start
         logger.warning(
             "task %s: host port(s) %s of %s in use on the host; moved to the block from %s",
             ctx.task.pk,

@@ -75,9 +75,8 @@ class CreatePortOperation(GuestOperation):
         if isinstance(exc, HostPortBusy) and undo:
             # Something outside the panel holds the port: remember it, so that a request
             # without a host port gets another one, and say so.
-            busy = [port for port in exc.ports if undo[0].host_port_start <= port <= undo[0].host_port_end]
+            busy = ports.record_refused(ctx.provider.pk, exc, [(undo[0].host_port_start, undo[0].host_port_end)])
             if busy:
-                ports.record_busy(ctx.provider.pk, busy, exc.remote_message or str(exc))
                 ctx.error_note = (
                     f"host port {ports.listed(busy)} is in use on the host, outside the panel; choose another one"
                 )
