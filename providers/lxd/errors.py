@@ -6,10 +6,13 @@ Messages are matched whatever HTTP status carries them: the daemons return
 
 from __future__ import annotations
 
+import re
+
 from providers.base import (
     AmbiguousOutcome,
     AuthError,
     ConflictError,
+    HostPortBusy,
     NotFoundError,
     PermanentError,
     ProviderError,
@@ -39,6 +42,27 @@ CONFLICT_MESSAGES = ("already exists", "already in use")
 WAIT_EXPIRED = ("deadline exceeded", "timed out", "timeout")
 
 
+# The proxy device's listener process died before it handed its socket over. Its own
+# error ("bind: address already in use") is then lost: Incus reports this instead, depending
+# on timing. A port mapping's listener that fails to come up is a port the host would not
+# give, so it is treated as busy; the port is the one the device's name carries.
+PROXY_LISTENER_FAILED = ("failed to receive fd from listener process",)
+PORT_DEVICE = re.compile(r'device "pm-(?:tcp|udp)-(\d{1,5})(?:-(\d{1,5}))?"')
+
+
+def busy_port(text: str, message: str, **kw) -> HostPortBusy | None:
+    """A HostPortBusy if ``message`` says a host port could not be bound, else None."""
+    busy = host_port_busy(text, message, **kw)
+    if busy is not None or not matches(message, PROXY_LISTENER_FAILED):
+        return busy
+    device = PORT_DEVICE.search(message)
+    if device is None:
+        return None
+    start = int(device.group(1))
+    end = int(device.group(2) or start)
+    return HostPortBusy(text, ports=tuple(range(start, end + 1)), **kw)
+
+
 def matches(message: str, needles: tuple[str, ...]) -> bool:
     low = message.lower()
     return any(n in low for n in needles)
@@ -50,7 +74,7 @@ def classify_http(status: int, message: str, *, op: str, create: bool = False) -
     kw = {"op": op, "remote_status": status, "remote_message": message}
     if matches(message, RETRYABLE_MESSAGES):
         return RetryableError(text, **kw)
-    busy = host_port_busy(text, message, **kw)
+    busy = busy_port(text, message, **kw)
     if busy is not None:
         return busy
     if status in (401, 403):
@@ -75,7 +99,7 @@ def classify_op_failure(message: str, *, op: str) -> ProviderError:
     kw = {"op": op, "remote_status": OP_FAILURE, "remote_message": message}
     if matches(message, RETRYABLE_MESSAGES):
         return RetryableError(text, **kw)
-    busy = host_port_busy(text, message, **kw)
+    busy = busy_port(text, message, **kw)
     if busy is not None:
         return busy
     if matches(message, CONFLICT_MESSAGES):

@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from providers.base import CANCEL_USER, ConflictError, HostPortBusy, host_port_busy
+from providers.base import CANCEL_USER, ConflictError, HostPortBusy, PermanentError, host_port_busy
 from providers.docker.engine import classify as docker_classify
 from providers.lxd.errors import classify_http, classify_op_failure
 from providers.simulated.options import validate_connection
@@ -221,6 +221,24 @@ def test_docker_and_lxd_answers_map_to_busy_ports():
     assert classify_op_failure(LXD_BIND, op="add port").ports == (21001,)
     assert isinstance(classify_http(500, LXD_BIND, op="add port", create=True), HostPortBusy)
     assert type(classify_op_failure("device already exists", op="add port")) is ConflictError
+
+
+# Incus, depending on timing, loses the listener's own bind error and says only this.
+INCUS_LISTENER = (
+    'Failed to start device "pm-tcp-21798": Error occurred when starting proxy device: '
+    "Error: Failed to receive fd from listener process: "
+    "Failed to receive file descriptor via abstract unix socket"
+)
+
+
+def test_a_port_listener_that_never_came_up_is_a_busy_port():
+    error = classify_op_failure(INCUS_LISTENER, op="add port")
+    assert isinstance(error, HostPortBusy) and error.ports == (21798,)
+    ranged = INCUS_LISTENER.replace("pm-tcp-21798", "pm-udp-21800-21802")
+    assert classify_http(500, ranged, op="start", create=True).ports == (21800, 21801, 21802)
+    # The same failure on a device the panel does not manage names no port it could move.
+    other = INCUS_LISTENER.replace("pm-tcp-21798", "web")
+    assert type(classify_op_failure(other, op="start")) is PermanentError
 
 
 def test_simulated_host_ports_in_use_is_validated():
