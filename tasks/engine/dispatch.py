@@ -214,10 +214,15 @@ def redispatch_stale(cutoff=None, provider_ids=None) -> list[int]:
     The token stays the same: whichever copy arrives first claims the task, the
     other finds it no longer pending and does nothing. Only providers that accept
     work: a disabled or unreachable provider's admitted tasks wait for it without
-    a copy each sweep. Without ``cutoff`` (the sweep) each task's re-sends back off:
-    after n sends the next waits TASK_DISPATCH_TIMEOUT_SECONDS x 2^(n-1), up to
-    TASK_REDISPATCH_MAX_SECONDS, so a queue no machine serves gains a copy per task
-    a few times an hour, not every sweep. Times are the database's (tasks.engine.clock).
+    a copy each sweep. Without ``cutoff`` (the sweep) each task's re-sends back off
+    while its provider's queue holds jobs: after n sends the next waits
+    TASK_DISPATCH_TIMEOUT_SECONDS x 2^(n-1), up to TASK_REDISPATCH_MAX_SECONDS, so a
+    queue no machine serves gains a copy per task a few times an hour, not every
+    sweep. An empty queue has no copy left to wait for, so its tasks are sent again
+    TASK_DISPATCH_TIMEOUT_SECONDS after the last send, however many sends came before
+    (startup re-sends by several machines, a resumption, a job its worker failed
+    during a database outage would otherwise put minutes between the outage and the
+    run). Times are the database's (tasks.engine.clock).
     """
     now = clock.now()
     base = float(settings.TASK_DISPATCH_TIMEOUT_SECONDS)
@@ -235,8 +240,12 @@ def redispatch_stale(cutoff=None, provider_ids=None) -> list[int]:
     if provider_ids is not None:
         stale = stale.filter(provider_id__in=provider_ids)
     fields = ("id", "lease_token", "timeout_seconds", "task_type", "provider_id", "dispatched_at", "dispatch_count")
-    for task in stale.order_by("dispatch_count", "dispatched_at").only(*fields)[:500]:
-        if backoff:
+    candidates = list(stale.order_by("dispatch_count", "dispatched_at").only(*fields)[:500])
+    waiting = jobs_waiting({task.provider_id for task in candidates}) if backoff and candidates else {}
+    for task in candidates:
+        # An empty queue holds no copy of the job: it was lost (a broker restart) or its
+        # worker failed before the claim. Only copies that may still wait there back off.
+        if backoff and waiting.get(task.provider_id, 1) > 0:
             wait = min(float(settings.TASK_REDISPATCH_MAX_SECONDS), base * 2 ** max(0, task.dispatch_count - 1))
             if task.dispatched_at > now - timedelta(seconds=wait):
                 continue
@@ -248,6 +257,24 @@ def redispatch_stale(cutoff=None, provider_ids=None) -> list[int]:
             enqueue_job(task.pk, task.lease_token, f"provider-{task.provider_id}", task.effective_timeout)
             sent.append(task.pk)
     return sent
+
+
+def jobs_waiting(provider_ids) -> dict[int, int]:
+    """Jobs waiting in the broker to be pulled, per provider queue, where the broker can
+    say (this package's brokers can; django-q2's own, or a broker that is away, cannot:
+    those providers are left out)."""
+    names = {f"provider-{pid}": pid for pid in provider_ids}
+    if not names:
+        return {}
+    try:
+        counts = getattr(_broker(next(iter(names))), "ready_counts", None)
+        if counts is None:
+            return {}
+        found = counts(list(names))
+    except Exception:
+        logger.warning("re-dispatch: the broker's queue lengths could not be read", exc_info=True)
+        return {}
+    return {pid: int(found.get(name, 0)) for name, pid in names.items()}
 
 
 def queue_info(task: Task, provider: Provider | None = None) -> dict:

@@ -35,7 +35,7 @@ import threading
 import time
 
 from django.conf import settings
-from django.db import connection
+from django.db import InterfaceError, OperationalError, connection
 from django.utils import timezone
 from django_q.timeout import TimeoutHandler
 
@@ -378,12 +378,53 @@ def execute(task_id: int, token: str, *, heartbeat: bool = True, handoff: Handof
         return "draining"
     registry = _registry_due()
     leased_at = time.monotonic()
-    task = transitions.claim_task(task_id, token=token, worker=name, registry=registry)
+    task = _claim(task_id, token, name, registry)
     if task is None:
         logger.info("task %s: job not claimable (duplicate, late or revoked); dropped", task_id)
         return "dropped"
     _registry_claimed(registry)
     return run_claimed(task, heartbeat=heartbeat, handoff=handoff, leased_at=leased_at)
+
+
+# MySQL client errors that mean the connection is gone, not that the statement was wrong:
+# can't connect (2002 socket, 2003 TCP), server has gone away, lost connection during
+# a query, lost connection at handshake.
+DISCONNECTED = frozenset({2002, 2003, 2006, 2013, 2055})
+
+
+def disconnected(exc: BaseException) -> bool:
+    """Whether a database error says the connection was lost or could not be made."""
+    if isinstance(exc, InterfaceError):
+        return True
+    return isinstance(exc, OperationalError) and bool(exc.args) and exc.args[0] in DISCONNECTED
+
+
+def _claim(task_id: int, token: str, name: str, registry: dict | None) -> Task | None:
+    """The claim, waiting out a database that is away for a moment.
+
+    A job this worker holds is the task's only copy until the sweep sends another,
+    TASK_DISPATCH_TIMEOUT_SECONDS after admission at the soonest (and later with each
+    re-send). Failing it on a connection that died while the worker idled (a database
+    restart, a proxy that cut it) or during a short outage would leave the admitted
+    task waiting that long for nothing. So a lost or refused connection is closed and
+    the claim tried again on a new one, with backoff, for up to
+    TASK_DISPATCH_TIMEOUT_SECONDS. Nothing is claimed twice: the claim is one
+    compare-and-set transaction on the job's token; if its commit was sent but its
+    answer lost, the retry finds the task no longer pending and drops the job, and the
+    lease that nobody renews sends the task to recovery, as for any lost worker.
+    """
+    give_up = time.monotonic() + float(settings.TASK_DISPATCH_TIMEOUT_SECONDS)
+    delay = 0.1
+    while True:
+        try:
+            return transitions.claim_task(task_id, token=token, worker=name, registry=registry)
+        except (OperationalError, InterfaceError) as exc:
+            if not disconnected(exc) or connection.in_atomic_block or time.monotonic() + delay > give_up:
+                raise
+            logger.warning("task %s: claim failed, database unreachable (%s); retrying", task_id, exc)
+            connection.close()
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def run_claimed(

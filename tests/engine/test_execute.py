@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from django.db import OperationalError, connection, connections
 
 from tasks import services
 from tasks.engine import dispatch, transitions
@@ -253,3 +254,68 @@ def test_progress_reported_during_the_run_ends_at_100_on_completion(alice, runni
     task = Task.objects.get(pk=known.pk)
     assert (task.status, task.progress) == ("completed", 100)
     assert task.events.filter(kind="transition").order_by("id").last().progress == 100
+
+
+@pytest.mark.mariadb
+@pytest.mark.django_db(transaction=True)
+def test_a_job_on_a_connection_that_died_while_the_worker_idled_is_still_claimed(alice, running_instance):
+    # A database restart or a proxy that cut idle connections: the worker's next statement
+    # meets "Lost connection" (2013) or "gone away" (2006). The job is the task's only copy.
+    task = services.request_operation(alice, running_instance.pk, "stop")
+    dispatch.admit(running_instance.provider_id)
+    task.refresh_from_db()
+    with connection.cursor() as cur:
+        cur.execute("SELECT CONNECTION_ID()")
+        victim = cur.fetchone()[0]
+    with connections.create_connection("default").cursor() as other:
+        other.execute("KILL %s", [victim])
+    assert execute(task.pk, task.lease_token) == "completed"
+    task.refresh_from_db()
+    assert task.status == "completed" and task.attempt_count == 1
+
+
+@pytest.mark.django_db(transaction=True)  # (a claim inside the test's transaction is never retried)
+def test_a_claim_waits_out_a_short_outage_then_gives_up_to_the_sweep(alice, running_instance, monkeypatch, settings):
+    task = services.request_operation(alice, running_instance.pk, "stop")
+    dispatch.admit(running_instance.provider_id)
+    task.refresh_from_db()
+    real, failures = transitions.claim_task, []
+
+    def away(*args, **kwargs):
+        if len(failures) < 2:
+            failures.append(1)
+            raise OperationalError(2003, "Can't connect to MySQL server on '127.0.0.1' (111)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transitions, "claim_task", away)
+    assert execute(task.pk, task.lease_token) == "completed" and len(failures) == 2
+
+    # Away for longer than the sweep's re-send delay: the job fails, the task stays admitted.
+    second = services.request_operation(alice, running_instance.pk, "start")
+    dispatch.admit(running_instance.provider_id)
+    second.refresh_from_db()
+    settings.TASK_DISPATCH_TIMEOUT_SECONDS = 0.5
+    failures.clear()
+    monkeypatch.setattr(
+        transitions, "claim_task", _always(OperationalError(2006, "MySQL server has gone away"), failures)
+    )
+    with pytest.raises(OperationalError):
+        execute(second.pk, second.lease_token)
+    assert 2 <= len(failures) <= 5
+    second.refresh_from_db()
+    assert second.status == "pending" and second.admitted_at is not None
+
+    # A statement the database refused is not an outage: no retry.
+    failures.clear()
+    monkeypatch.setattr(transitions, "claim_task", _always(OperationalError(1054, "Unknown column"), failures))
+    with pytest.raises(OperationalError):
+        execute(second.pk, second.lease_token)
+    assert len(failures) == 1
+
+
+def _always(exc, calls):
+    def fail(*args, **kwargs):
+        calls.append(1)
+        raise exc
+
+    return fail

@@ -181,10 +181,12 @@ def test_a_hung_database_call_in_the_heartbeat_fences_the_worker(alice, running_
 def test_redispatch_backs_off_and_sends_nothing_for_a_disabled_provider(alice, provider, make_instance, monkeypatch):
     sent = []
     monkeypatch.setattr(dispatch, "enqueue_job", lambda *args: sent.append(args[0]))
+    # Nobody serves the queue: every copy sent stays in it.
+    monkeypatch.setattr(dispatch, "jobs_waiting", lambda ids: {pid: len(sent) for pid in ids})
     task = admitted(services.request_operation(alice, make_instance(alice, provider).pk, "stop"))
     assert task.admitted_at is not None
     base = clock.now()
-    # Nobody serves the queue: a sweep every 10 s for ten minutes.
+    # A sweep every 10 s for ten minutes.
     for k in range(1, 61):
         monkeypatch.setattr(clock, "now", lambda k=k: base + timedelta(seconds=10 * k + 0.5))
         dispatch.redispatch_stale()
@@ -195,6 +197,29 @@ def test_redispatch_backs_off_and_sends_nothing_for_a_disabled_provider(alice, p
         monkeypatch.setattr(clock, "now", lambda k=k: base + timedelta(seconds=10 * k + 0.5))
         dispatch.redispatch_stale()
     assert sent == []
+
+
+def test_a_job_lost_from_its_queue_is_sent_again_without_waiting_out_the_backoff(
+    alice, provider, make_instance, monkeypatch, settings, django_capture_on_commit_callbacks
+):
+    """Earlier copies (several machines' start-up re-sends, a resumption) must not put
+    minutes between a lost job and its next copy when the queue shows none is left."""
+    from django_q.models import OrmQ
+
+    with django_capture_on_commit_callbacks(execute=True):  # the job goes out on commit
+        task = admitted(services.request_operation(alice, make_instance(alice, provider).pk, "stop"))
+    Task.objects.filter(pk=task.pk).update(dispatch_count=6)  # the backoff would be 5 x 2^5 s
+    base = clock.now()
+    monkeypatch.setattr(clock, "now", lambda: base + timedelta(seconds=settings.TASK_DISPATCH_TIMEOUT_SECONDS + 1))
+    assert OrmQ.objects.filter(key=provider.queue_name).count() == 1
+    assert dispatch.jobs_waiting([provider.pk]) == {provider.pk: 1}
+    assert dispatch.redispatch_stale() == []  # its copy still waits in the queue: back off
+    OrmQ.objects.filter(key=provider.queue_name).delete()  # the broker lost it
+    assert dispatch.jobs_waiting([provider.pk]) == {provider.pk: 0}
+    assert dispatch.redispatch_stale() == [task.pk]
+    assert OrmQ.objects.filter(key=provider.queue_name).count() == 1
+    task.refresh_from_db()
+    assert task.dispatch_count == 7 and task.status == "pending"
 
 
 # ----------------------------------------------------------------- create's provider ref

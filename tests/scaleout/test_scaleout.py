@@ -43,6 +43,7 @@ def redis_server(tmp_path, monkeypatch):
     # This process enqueues to the same Redis as the workers.
     monkeypatch.setattr(Conf, "ORM", None)
     monkeypatch.setattr(Conf, "REDIS", server.url)
+    monkeypatch.setattr(Conf, "BROKER_CLASS", "tasks.engine.broker.RedisBroker")
     dispatch._brokers.clear()
     yield server
     dispatch._brokers.clear()
@@ -64,6 +65,20 @@ def tier_env(redis_server, db_proxy) -> dict:
         "REDIS_URL": redis_server.url,
         "DATABASE_URL": f"mysql://{d['USER']}:{d['PASSWORD']}@127.0.0.1:{db_proxy.port}/{d['NAME']}",
     }
+
+
+def wait_all_terminal(ids: list[int], timeout: float) -> None:
+    """Wait for every task of ``ids`` to end; on a timeout, say where the others stand."""
+    try:
+        wait_until(lambda: not Task.objects.filter(pk__in=ids).exclude(status__in=FINAL).exists(), timeout, 0.5)
+    except AssertionError:
+        stuck = Task.objects.filter(pk__in=ids).exclude(status__in=FINAL).order_by("pk")
+        rows = [
+            f"{t.pk} p{t.provider_id} {t.status} admitted={t.admitted_at} dispatched={t.dispatched_at}"
+            f" started={t.started_at} lease={t.lease_expires_at} worker={t.worker} msg={t.status_message!r}"
+            for t in stuck[:20]
+        ]
+        raise AssertionError(f"{stuck.count()} tasks not terminal after {timeout} s:\n" + "\n".join(rows)) from None
 
 
 def setup_providers(owner, per_provider: int) -> list[tuple[Provider, list[Instance]]]:
@@ -149,9 +164,7 @@ def test_three_machines_share_the_limits(alice, tmp_path, redis_server, db_proxy
                         alice, instances[n].pk, "restart", task_data={"sleep": rng.uniform(0, 0.05)}
                     ).pk
                 )
-        wait_until(
-            lambda: not Task.objects.filter(pk__in=ids).exclude(status__in=FINAL).exists(), 240, 0.5, "600 tasks"
-        )
+        wait_all_terminal(ids, 240)
     finally:
         for tier in tiers:
             tier.stop()
@@ -218,9 +231,7 @@ def test_faults_kill_redis_restart_and_database_outage(alice, tmp_path, redis_se
         db_proxy.outage(3)
         producer.join(120)
         assert producing.is_set()
-        wait_until(
-            lambda: not Task.objects.filter(pk__in=ids).exclude(status__in=FINAL).exists(), 240, 0.5, "all terminal"
-        )
+        wait_all_terminal(ids, 240)
     finally:
         for tier in tiers:  # (the killed one only has its log closed)
             tier.stop()
