@@ -46,6 +46,11 @@ class Protocol(models.TextChoices):
     BOTH = "both", _("TCP and UDP")
 
 
+def provider_queue(provider_id: int) -> str:
+    """The queue (django-q2 cluster name, broker key) of the provider with this id."""
+    return f"provider-{provider_id}"
+
+
 class Provider(models.Model):
     """A host (LXD, Incus, Proxmox VE, Docker or simulated) with its own task queue."""
 
@@ -131,7 +136,7 @@ class Provider(models.Model):
     @property
     def queue_name(self) -> str:
         """The django-q2 cluster name that serves this provider."""
-        return f"provider-{self.pk}"
+        return provider_queue(self.pk)
 
     def get_secrets(self) -> dict:
         return crypto.decrypt_json(self.secrets_encrypted)

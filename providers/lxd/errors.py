@@ -19,6 +19,7 @@ from providers.base import (
     RetryableError,
     host_port_busy,
 )
+from providers.lxd.devices import PORT_DEVICE_PREFIX
 
 OP_FAILURE = 400
 
@@ -47,7 +48,7 @@ WAIT_EXPIRED = ("deadline exceeded", "timed out", "timeout")
 # on timing. A port mapping's listener that fails to come up is a port the host would not
 # give, so it is treated as busy; the port is the one the device's name carries.
 PROXY_LISTENER_FAILED = ("failed to receive fd from listener process",)
-PORT_DEVICE = re.compile(r'device "pm-(?:tcp|udp)-(\d{1,5})(?:-(\d{1,5}))?"')
+PORT_DEVICE = re.compile(rf'device "{re.escape(PORT_DEVICE_PREFIX)}(?:tcp|udp)-(\d{{1,5}})(?:-(\d{{1,5}}))?"')
 
 
 def busy_port(text: str, message: str, **kw) -> HostPortBusy | None:

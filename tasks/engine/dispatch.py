@@ -28,7 +28,7 @@ from django.utils.translation import gettext_noop
 from tasks.engine import clock, sql
 from tasks.engine.states import COMPLETED, EXECUTING, PENDING
 from tasks.engine.transitions import claim_locked, new_token, retry_on_deadlock
-from tasks.models import Provider, Task, effective_timeout
+from tasks.models import Provider, Task, effective_timeout, provider_queue
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def redispatch_stale(cutoff=None, provider_ids=None) -> list[int]:
         ).update(dispatched_at=now, dispatch_count=F("dispatch_count") + 1)
         if rows == 1:
             logger.warning("task %s: job sent %s ago but never claimed; sent again", task.pk, now - task.dispatched_at)
-            enqueue_job(task.pk, task.lease_token, f"provider-{task.provider_id}", task.effective_timeout)
+            enqueue_job(task.pk, task.lease_token, provider_queue(task.provider_id), task.effective_timeout)
             sent.append(task.pk)
     return sent
 
@@ -263,7 +263,7 @@ def jobs_waiting(provider_ids) -> dict[int, int]:
     """Jobs waiting in the broker to be pulled, per provider queue, where the broker can
     say (this package's brokers can; django-q2's own, or a broker that is away, cannot:
     those providers are left out)."""
-    names = {f"provider-{pid}": pid for pid in provider_ids}
+    names = {provider_queue(pid): pid for pid in provider_ids}
     if not names:
         return {}
     try:

@@ -403,8 +403,8 @@ def _claim(task_id: int, token: str, name: str, registry: dict | None) -> Task |
     """The claim, waiting out a database that is away for a moment.
 
     A job this worker holds is the task's only copy until the sweep sends another,
-    TASK_DISPATCH_TIMEOUT_SECONDS after admission at the soonest (and later with each
-    re-send). Failing it on a connection that died while the worker idled (a database
+    TASK_DISPATCH_TIMEOUT_SECONDS after admission at the soonest (later while the
+    provider's queue holds other jobs: dispatch.redispatch_stale). Failing it on a connection that died while the worker idled (a database
     restart, a proxy that cut it) or during a short outage would leave the admitted
     task waiting that long for nothing. So a lost or refused connection is closed and
     the claim tried again on a new one, with backoff, for up to
